@@ -1,0 +1,43 @@
+# Two commands for a new user on a fresh machine with only Python and pip:
+#   make demo   - venv + install + the DeepSeek-shaped CPU benchmark with its result table
+#   make test   - venv + install + the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.9.0
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+
+.PHONY: all venv install test demo bench info verify cuda-check clean
+
+all: test
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Installed once per venv; re-run when the build description changes.
+$(VENV)/.installed: $(VENV)/bin/activate setup.py pyproject.toml build_ext_config.py
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q "triton==$(TRITON_VERSION)" numpy pybind11 setuptools wheel pytest hypothesis matplotlib tqdm
+	$(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+venv install: $(VENV)/.installed
+
+test: install
+	@if [ -n "$(NVCC)" ] && [ -d csrc/cuda ] && ls csrc/cuda/*.cu >/dev/null 2>&1; then $(MAKE) cuda-check; else echo "cuda-check: skipped (no nvcc or no CUDA sources)"; fi
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m bench.reference_targets
+
+info: install
+	$(PY) -m attention.info
+
+cuda-check:
+	@echo "cuda-check: nothing to compile yet"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

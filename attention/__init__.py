@@ -1,0 +1,19 @@
+"""attention: one selective (sparse / latent) attention op for every chip.
+
+``attention.selective_attention`` computes SPEC.md section 1 on the CPU (pure PyTorch), NVIDIA GPUs
+(Triton) and Ascend NPUs (AscendC), chosen by a backend registry; it is also registered as
+``torch.ops.attention.selective_attention``.
+"""
+
+from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .api import selective_attention
+from .inputs import SelectiveAttentionInputs, validate
+from .ops import selective_attention_op
+from .registry import Backend, backends, choose_backend, get_backend, register_backend, unregister_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "selective_attention", "selective_attention_op", "SelectiveAttentionInputs", "validate", "Backend",
+    "backends", "choose_backend", "get_backend", "register_backend", "unregister_backend", "__version__",
+]

@@ -1,0 +1,59 @@
+"""``python -m attention.info``: every backend, whether it can run here, and why not."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+import attention
+from attention.registry import backends
+
+
+def _devices_here():
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs.append("cuda")
+    npu = getattr(torch, "npu", None)
+    if npu is not None and npu.is_available():
+        devs.append("npu")
+    return devs
+
+
+def report() -> str:
+    lines = [
+        f"attention {attention.__version__}  torch {torch.__version__}  python {platform.python_version()}  "
+        f"{platform.machine()}",
+        f"devices here: {', '.join(_devices_here())}",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"cuda device: {torch.cuda.get_device_name()}")
+    lines.append("")
+    rows = [("backend", "devices", "status", "priority (cpu/cuda/npu)", "detail")]
+    for b in backends():
+        why = b.unavailable_reasons()
+        status = "available" if not why else "unavailable"
+        devs = ",".join(sorted(b.device_types())) or "-"
+        prio = "/".join(str(b.priority_for(d)) for d in ("cpu", "cuda", "npu"))
+        rows.append((b.name, devs, status, prio, "; ".join(why) or b.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+    for b in backends():
+        extra = b.info()
+        if extra:
+            lines.append("")
+            lines.append(f"[{b.name}]")
+            for k, v in extra.items():
+                lines.append(f"  {k}: {v}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The equivalence matrix: named cases of SPEC.md section 1, the float64 oracle, tolerances.
+
+Shipped inside the package (not only in tests/) because ``python -m attention.verify`` runs it on a
+machine that only ``pip install``ed us. Every case builds its inputs deterministically from its name,
+rounds them to the dtype under test, and is compared with ``python_ref.selective_attention_dense``
+evaluated in float64 on the CPU from those same rounded inputs.
+
+Garbage that must never be read is planted on purpose: rows of a contiguous cache past the last
+sequence and every page no sequence needs hold NaN, and block tables are padded with -1.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import python_ref
+
+# SPEC.md section 4: max |out - ref| and max |lse - ref| per dtype.
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (5e-3, 1e-2),
+    torch.bfloat16: (3e-2, 1e-2),
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One point of the matrix. Sequences are (query tokens, kv length) pairs."""
+
+    name: str
+    seqs: Tuple[Tuple[int, int], ...] = ((3, 40),)
+    H: int = 4
+    Hkv: int = 1
+    Dqk: int = 32
+    Dv: Optional[int] = 16  # latent: d_v (None = whole row); separate: v's width
+    latent: bool = True
+    Dr: int = 0
+    K: int = 12
+    block_size: int = 1
+    page_size: int = 0  # 0 = contiguous cache
+    causal: bool = False
+    sink: bool = False
+    shared_indices: bool = False  # indices [T, 1, K]
+    index_mode: str = "mixed"  # "mixed" (some out of range / negative), "valid", "dup", "none_valid"
+    sm_scale: Optional[float] = None
+    index_dtype: torch.dtype = torch.int32
+    strided: bool = False
+    varlen_api: bool = False  # pass cu_seqlens even for one sequence
+    tags: Tuple[str, ...] = field(default=())
+
+    @property
+    def T(self) -> int:
+        return sum(lq for lq, _ in self.seqs)
+
+    def make(self, dtype: torch.dtype = torch.float32, device="cpu") -> Dict[str, object]:
+        """Keyword arguments of ``attention.selective_attention`` (q, kv, indices included)."""
+        g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
+        rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        B = len(self.seqs)
+        T = self.T
+        lens = [lk for _, lk in self.seqs]
+        q = rn(T, self.H, self.Dqk)
+        q_rope = rn(T, self.H, self.Dr) if self.Dr else None
+        args: Dict[str, object] = {}
+        widths = [self.Dqk] + ([self.Dr] if self.Dr else []) + ([] if self.latent else [self.Dv])
+
+        if self.page_size:
+            P_needed = [max(1, math.ceil(lk / self.page_size)) for lk in lens]
+            spare = 3  # unused pages, filled with NaN
+            P = sum(P_needed) + spare
+            perm = torch.randperm(P, generator=g)
+            max_pages = max(P_needed) + 1  # one padding column of -1
+            table = torch.full((B, max_pages), -1, dtype=torch.int32)
+            used = []
+            k = 0
+            for b in range(B):
+                for j in range(P_needed[b]):
+                    table[b, j] = int(perm[k])
+                    used.append(int(perm[k]))
+                    k += 1
+            stores = []
+            for w in widths:
+                x = torch.full((P, self.page_size, self.Hkv, w), float("nan"))
+                for b in range(B):
+                    for j in range(P_needed[b]):
+                        pg = int(table[b, j])
+                        x[pg] = rn(self.page_size, self.Hkv, w)
+                        # rows of the last page past the sequence end are garbage too
+                        tail = lens[b] - j * self.page_size
+                        if tail < self.page_size:
+                            x[pg, max(tail, 0):] = float("nan")
+                stores.append(x)
+            args["block_table"] = table
+            args["seqlens_k"] = torch.tensor(lens, dtype=torch.int32)
+            if B > 1 or self.varlen_api:
+                args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
+        else:
+            # With cu_seqlens_k, 5 garbage rows past the last sequence; without, S is the length.
+            with_cu = B > 1 or self.varlen_api
+            S = sum(lens) + (5 if with_cu else 0)
+            stores = []
+            for w in widths:
+                x = rn(S, self.Hkv, w)
+                x[sum(lens):] = float("nan")
+                stores.append(x)
+            if B > 1 or self.varlen_api:
+                args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
+                args["cu_seqlens_k"] = _cu(lens)
+        kv = stores[0]
+        kv_rope = stores[1] if self.Dr else None
+        v = None if self.latent else stores[-1]
+
+        G = 1 if self.shared_indices else self.Hkv
+        idx_rows = []
+        for b, (lq, lk) in enumerate(self.seqs):
+            n_units = max(1, math.ceil(lk / self.block_size))
+            if self.index_mode == "valid":
+                r = torch.randint(0, n_units, (lq, G, self.K), generator=g)
+            elif self.index_mode == "dup":
+                base = torch.randint(0, n_units, (lq, G, max(1, self.K // 3)), generator=g)
+                r = base.repeat(1, 1, 3)[..., :self.K]
+            elif self.index_mode == "none_valid":
+                r = torch.where(torch.rand(lq, G, self.K, generator=g) < 0.5,
+                                torch.full((lq, G, self.K), -1), torch.full((lq, G, self.K), n_units + 7))
+            else:  # mixed: mostly valid, some negative, some past the end
+                r = torch.randint(-2, n_units + 3, (lq, G, self.K), generator=g)
+            idx_rows.append(r)
+        indices = torch.cat(idx_rows) if idx_rows else torch.zeros(0, G, self.K, dtype=torch.int64)
+        indices = indices.to(self.index_dtype)
+
+        sink = rn(self.H) if self.sink else None
+
+        def cast(x):
+            if x is None:
+                return None
+            x = x.to(dtype)
+            if self.strided:  # same values, non-contiguous storage
+                x = torch.cat([x, x], dim=-1)[..., : x.shape[-1]]
+            return x.to(device)
+
+        args.update(q=cast(q), kv=cast(kv), indices=indices.to(device), v=cast(v), q_rope=cast(q_rope),
+                    kv_rope=cast(kv_rope), attn_sink=None if sink is None else sink.to(device),
+                    block_size=self.block_size, causal=self.causal)
+        if self.latent and self.Dv is not None:
+            args["d_v"] = self.Dv
+        if self.sm_scale is not None:
+            args["sm_scale"] = self.sm_scale
+        for k in ("cu_seqlens_q", "cu_seqlens_k", "block_table", "seqlens_k"):
+            if k in args:
+                args[k] = args[k].to(device)
+        return {k: v for k, v in args.items() if v is not None}
+
+
+def _cu(lengths: Sequence[int]) -> torch.Tensor:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+# The matrix. Names are test ids; keep shapes small enough for the Triton interpreter.
+_BASE = Case("base")
+CASES: List[Case] = [
+    replace(_BASE, name="mqa_latent"),
+    replace(_BASE, name="mqa_latent_full_row", Dv=None),
+    replace(_BASE, name="mha_separate_v", H=2, Hkv=2, latent=False, Dv=24),
+    replace(_BASE, name="gqa_separate_v", H=8, Hkv=2, latent=False, Dv=16),
+    replace(_BASE, name="gqa_latent", H=8, Hkv=2),
+    replace(_BASE, name="gqa_shared_indices", H=8, Hkv=2, shared_indices=True),
+    replace(_BASE, name="gqa_separate_v_shared_indices", H=6, Hkv=3, latent=False, Dv=8, shared_indices=True),
+    replace(_BASE, name="mha_many_heads", H=16, Hkv=16, K=6, latent=False, Dv=16),
+    replace(_BASE, name="rope_latent", Dr=8),
+    replace(_BASE, name="rope_separate_v", H=4, Hkv=2, Dr=16, latent=False, Dv=32),
+    replace(_BASE, name="causal", causal=True, seqs=((6, 20),)),
+    replace(_BASE, name="causal_queries_exceed_keys", causal=True, seqs=((6, 4),), K=5),
+    replace(_BASE, name="block2", block_size=2, K=8),
+    replace(_BASE, name="block4_causal", block_size=4, K=6, causal=True, seqs=((5, 37),)),
+    replace(_BASE, name="block_causal_varlen", block_size=4, K=5, causal=True,
+            seqs=((3, 17), (1, 9), (4, 30)), H=4, Hkv=2),
+    replace(_BASE, name="varlen", seqs=((2, 11), (3, 25), (1, 7))),
+    replace(_BASE, name="varlen_causal_gqa", seqs=((2, 11), (3, 25), (2, 2)), causal=True, H=4, Hkv=2),
+    replace(_BASE, name="varlen_empty_sequence", seqs=((2, 11), (0, 5), (2, 9))),
+    replace(_BASE, name="paged", page_size=8),
+    replace(_BASE, name="paged_varlen", page_size=4, seqs=((2, 10), (1, 3), (3, 16))),
+    replace(_BASE, name="paged_latent_rope_sink_causal", page_size=8, Dr=8, sink=True, causal=True,
+            seqs=((2, 19), (3, 33)), H=8),
+    replace(_BASE, name="paged_block_spans_pages", page_size=6, block_size=4, K=5, seqs=((3, 22),)),
+    replace(_BASE, name="paged_separate_v_gqa", page_size=4, latent=False, Dv=8, H=4, Hkv=2),
+    replace(_BASE, name="sink", sink=True),
+    replace(_BASE, name="sink_all_dropped", sink=True, index_mode="none_valid"),
+    replace(_BASE, name="all_dropped", index_mode="none_valid"),
+    replace(_BASE, name="duplicates", index_mode="dup"),
+    replace(_BASE, name="valid_only", index_mode="valid"),
+    replace(_BASE, name="k_zero", K=0),
+    replace(_BASE, name="k_one", K=1),
+    replace(_BASE, name="k_large_odd", K=77, seqs=((2, 50),)),
+    replace(_BASE, name="odd_widths", Dqk=24, Dv=20, latent=False, Dr=12, H=3, Hkv=1),
+    replace(_BASE, name="deepseek_widths", Dqk=576, Dv=512, H=4, K=16, seqs=((2, 40),)),
+    replace(_BASE, name="deepseek_split_rope", Dqk=512, Dv=512, Dr=64, H=4, K=16, seqs=((2, 40),)),
+    replace(_BASE, name="negative_scale", sm_scale=-0.3),
+    replace(_BASE, name="int64_indices", index_dtype=torch.int64),
+    replace(_BASE, name="strided_inputs", strided=True, Dr=8, H=4, Hkv=2, latent=False, Dv=16),
+    replace(_BASE, name="single_token", seqs=((1, 40),), varlen_api=True),
+]
+CASES_BY_NAME: Dict[str, Case] = {c.name: c for c in CASES}
+assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"
+
+
+def oracle(args: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 evaluation of SPEC.md section 1 on the CPU from the same (rounded) inputs."""
+    a = dict(args)
+    q, kv, idx = a.pop("q"), a.pop("kv"), a.pop("indices")
+    a.pop("backend", None)
+    return python_ref.selective_attention_dense(q, kv, idx, **a)
+
+
+@dataclass
+class CaseResult:
+    backend: str
+    case: str
+    dtype: str
+    ok: bool
+    out_err: float = float("nan")
+    lse_err: float = float("nan")
+    deterministic: bool = True
+    message: str = ""
+    skipped: bool = False
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| where both are finite-equal; inf where one is non-finite and the other not."""
+    x = x.detach().to("cpu", torch.float64)
+    if x.shape != ref.shape:
+        return float("inf")
+    if x.numel() == 0:
+        return 0.0
+    same_inf = (x == ref) & torch.isinf(ref)
+    d = (x - ref).abs()
+    d = torch.where(same_inf, torch.zeros_like(d), d)
+    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+    return float(d.max())
+
+
+def run_case(backend: str, case: Case, dtype: torch.dtype, device="cpu", repeats: int = 2,
+             expected: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> CaseResult:
+    """Run ``case`` through ``backend`` twice and compare with the float64 oracle."""
+    import attention  # local: keep this module importable without initialising backends
+
+    name = DTYPE_NAMES[dtype]
+    args = case.make(dtype, device)
+    inp = attention.validate(**args)
+    reasons = attention.get_backend(backend).not_supported_reasons(inp)
+    if reasons:
+        return CaseResult(backend, case.name, name, ok=True, skipped=True, message="; ".join(reasons))
+    ref_out, ref_lse = expected if expected is not None else oracle(args)
+    outs = []
+    for _ in range(max(1, repeats)):
+        outs.append(attention.selective_attention(**args, return_lse=True, backend=backend))
+    out, lse = outs[0]
+    tol_out, tol_lse = TOLERANCES[dtype]
+    problems = []
+    if out.dtype != dtype or tuple(out.shape) != tuple(ref_out.shape):
+        problems.append(f"out is {tuple(out.shape)} {out.dtype}, expected {tuple(ref_out.shape)} {dtype}")
+    if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(ref_lse.shape):
+        problems.append(f"lse is {tuple(lse.shape)} {lse.dtype}, expected {tuple(ref_lse.shape)} float32")
+    out_err = _max_err(out, ref_out)
+    lse_err = _max_err(lse, ref_lse)
+    if not out_err <= tol_out:
+        problems.append(f"max |out - ref| = {out_err:.3g} > {tol_out}")
+    if not lse_err <= tol_lse:
+        problems.append(f"max |lse - ref| = {lse_err:.3g} > {tol_lse}")
+    deterministic = all(torch.equal(o.cpu(), out.cpu()) and torch.equal(l_.cpu(), lse.cpu()) for o, l_ in outs[1:])
+    if not deterministic:
+        problems.append("two runs gave different bits")
+    return CaseResult(backend, case.name, name, ok=not problems, out_err=out_err, lse_err=lse_err,
+                      deterministic=deterministic, message="; ".join(problems))

@@ -1,0 +1,13 @@
+"""Pure-PyTorch reference of the `attention` package's contract (SPEC.md).
+
+`selective_attention` is the fast, chunked reference (the CPU production path);
+`selective_attention_dense` is the float64 oracle the equivalence suite compares against.
+"""
+from .selective_attention import (  # noqa: F401
+    DEFAULT_CHUNK_BYTES,
+    selective_attention,
+    selective_attention_backward,
+    selective_attention_dense,
+    token_metadata,
+    tokens_per_chunk,
+)

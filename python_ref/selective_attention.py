@@ -1,0 +1,483 @@
+"""The selective-attention contract (SPEC.md section 1) in pure PyTorch.
+
+Two implementations of the same definition live here:
+
+* :func:`selective_attention` - the chunked gather formulation. It is the CPU production path and
+  the fallback on every device, so it is written to be fast and memory-bounded: it gathers only the
+  selected rows, computes in float32, and walks the query tokens in chunks whose working set is
+  capped (``chunk_bytes``), so a 2048-token prefill with top-k 2048 never builds the
+  [T, K, Dqk] gather. It never synchronises with the device (no ``.item()``), so it also runs
+  inside CUDA graphs and ``torch.compile``.
+* :func:`selective_attention_dense` - the oracle. A deliberately different formulation: per
+  sequence, count how many times each position is a kept candidate and take a weighted softmax over
+  *all* positions. It loops over sequences on the host and is meant for tests in float64.
+
+Both take already-validated arguments (``attention.selective_attention`` validates); they do not
+check shapes themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["selective_attention", "selective_attention_backward", "selective_attention_dense", "token_metadata",
+           "tokens_per_chunk", "DEFAULT_CHUNK_BYTES"]
+
+# Working-set cap per chunk of query tokens (gathered rows + scores). 256 MiB keeps a DeepSeek
+# prefill (K=2048, Dqk=576) at ~25 tokens per chunk: large enough for efficient batched GEMMs,
+# small enough that the whole call stays far below the 1.5 GB extra-memory budget.
+DEFAULT_CHUNK_BYTES = 256 << 20
+
+
+def token_metadata(
+    T: int,
+    S_or_none: Optional[int],
+    device: torch.device,
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    seqlens_k: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Per query token: (sequence id, sequence length L_b, query position q_pos, kv base row).
+
+    All int64 tensors of length T computed with device ops only (no host sync). The base row is the
+    first row of the sequence in a contiguous cache (``None`` for a paged cache).
+    """
+    t = torch.arange(T, device=device, dtype=torch.int64)
+    if cu_seqlens_q is None:
+        seq = torch.zeros(T, device=device, dtype=torch.int64)
+        q_start = torch.zeros(T, device=device, dtype=torch.int64)
+        Lq = torch.full((T,), T, device=device, dtype=torch.int64)
+    else:
+        cq = cu_seqlens_q.to(torch.int64)
+        # token t belongs to the sequence b with cq[b] <= t < cq[b+1]
+        seq = torch.searchsorted(cq[1:].contiguous(), t, right=True).clamp_(max=cq.numel() - 2)
+        q_start = cq[seq]
+        Lq = cq[seq + 1] - q_start
+    if seqlens_k is not None:  # paged
+        L = seqlens_k.to(torch.int64)[seq]
+        base = None
+    elif cu_seqlens_k is not None:
+        ck = cu_seqlens_k.to(torch.int64)
+        base = ck[seq]
+        L = ck[seq + 1] - base
+    else:
+        L = torch.full((T,), int(S_or_none), device=device, dtype=torch.int64)
+        base = torch.zeros(T, device=device, dtype=torch.int64)
+    q_pos = L - Lq + (t - q_start)
+    return seq, L, q_pos, base
+
+
+def tokens_per_chunk(H: int, Hkv: int, n: int, row_width: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Query tokens per chunk so that one chunk's working set stays under ``chunk_bytes``.
+
+    Per token: ``n`` gathered rows of ``row_width`` values per kv head (float32, plus the
+    low-precision copy made before the upcast) and a few [H, n] float32 score buffers.
+    """
+    per_token = Hkv * n * row_width * 6 + H * n * 4 * 4
+    return max(1, int(chunk_bytes // max(1, per_token)))
+
+
+class _Call:
+    """Per-call constants: sizes, flattened storages, and the per-token sequence facts.
+
+    The per-token facts are Python ints when the call holds one contiguous sequence (the decode
+    fast path: no metadata tensors at all), else int64 tensors computed on the device.
+    """
+
+    def __init__(self, q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q,
+                 cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens):
+        Tc, H, Dqk = q.shape
+        self.Tc, self.H, self.Dqk = Tc, H, Dqk
+        self.T = Tc + token_offset if total_tokens is None else total_tokens
+        self.t0 = token_offset
+        self.paged = kv.dim() == 4
+        self.Hkv = kv.shape[-2]
+        self.Hg = H // self.Hkv
+        self.Dr = 0 if q_rope is None else q_rope.shape[-1]
+        self.scale = float((Dqk + self.Dr) ** -0.5 if sm_scale is None else sm_scale)
+        self.Dv = v.shape[-1] if v is not None else (Dqk if d_v is None else int(d_v))
+        self.device = q.device
+        self.compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.block_size = int(block_size)
+        self.causal = bool(causal)
+        self.G, self.K = indices.shape[1], indices.shape[2]
+        self.n = self.K * self.block_size
+        if self.paged:
+            self.num_pages, self.page_size = kv.shape[0], kv.shape[1]
+            S = self.num_pages * self.page_size
+        else:
+            self.num_pages, self.page_size = 0, 0
+            S = kv.shape[0]
+        self.S = S
+        self.kv_flat = kv.reshape(S, self.Hkv, Dqk)
+        self.v_flat = None if v is None else v.reshape(S, self.Hkv, self.Dv)
+        self.kvr_flat = None if kv_rope is None else kv_rope.reshape(S, self.Hkv, self.Dr)
+        self.block_table = block_table if self.paged else None
+        self.sink = None if attn_sink is None else attn_sink.to(self.compute_dtype).reshape(1, self.Hkv, self.Hg, 1)
+        # On the CPU a host-side test ("was anything dropped?") is free and lets the common case skip
+        # two masking passes; elsewhere it would be a device sync, so always mask there. Tracing
+        # (torch.compile, opcheck) must not see it either: plain tensors only.
+        self.host = (self.device.type == "cpu" and type(q) is torch.Tensor
+                     and not torch.compiler.is_compiling())
+        if cu_seqlens_q is None and not self.paged and cu_seqlens_k is None:
+            self.uniform = True  # one contiguous sequence: L = S, base = 0
+            self.L, self.base, self.seq = S, 0, None
+        else:
+            self.uniform = False
+            seq, L, q_pos, base = token_metadata(self.T, S, self.device, cu_seqlens_q, cu_seqlens_k,
+                                                 seqlens_k if self.paged else None)
+            r = slice(self.t0, self.t0 + Tc)
+            self.seq, self.L, self._q_pos = seq[r], L[r], q_pos[r]
+            self.base = None if base is None else base[r]
+
+    def facts(self, c0: int, c1: int):
+        """(L, q_pos, base, seq) for local tokens [c0, c1), broadcastable against [c, G, n]."""
+        if self.uniform:
+            q_pos = None
+            if self.causal:
+                t = torch.arange(self.t0 + c0, self.t0 + c1, device=self.device, dtype=torch.int64)
+                q_pos = (t + (self.L - self.T))[:, None, None]
+            return self.L, q_pos, self.base, None
+        b3 = lambda x: x[c0:c1, None, None]  # noqa: E731
+        return (b3(self.L), b3(self._q_pos) if self.causal else None,
+                None if self.base is None else b3(self.base), self.seq[c0:c1])
+
+
+def _select(call: _Call, idx: Tensor, c0: int, c1: int):
+    """Storage rows [c, G, n] of the candidates of tokens [c0, c1) and the kept mask.
+
+    Dropped candidates point at row 0 (never dereferenced as data: their rows are zeroed after the
+    gather). The mask is ``None`` when nothing was dropped (known only on the CPU).
+    """
+    L, q_pos, base, seq = call.facts(c0, c1)
+    bs = call.block_size
+    if call.host and call.uniform and bs == 1 and q_pos is None:
+        # Decode fast path: one min/max read tells whether anything at all is dropped.
+        if idx.numel() == 0:
+            return idx, None
+        lo, hi = torch.aminmax(idx)
+        if int(lo) >= 0 and int(hi) < L:
+            return idx, None
+    if bs > 1:
+        # Range-check the block index before multiplying: idx * block_size could overflow.
+        idx = idx.to(torch.int64)
+        keep = (idx >= 0) & (idx < (L + (bs - 1)) // bs)
+        idx = torch.where(keep, idx, 0)
+        r = torch.arange(bs, device=idx.device, dtype=torch.int64)
+        pos = (idx[..., None] * bs + r).flatten(-2)
+        keep = keep.repeat_interleave(bs, dim=-1) & (pos < L)
+    else:
+        pos = idx
+        keep = (idx >= 0) & (idx < L)
+    if q_pos is not None:
+        keep = keep & (pos <= q_pos)
+    if call.paged:
+        pos = torch.where(keep, pos, 0).to(torch.int64)
+        table = call.block_table[seq].to(torch.int64)  # [c, max_pages]
+        c, G, n = pos.shape
+        page_idx = (pos // call.page_size).reshape(c, G * n).clamp_(max=table.shape[1] - 1)
+        page = torch.gather(table, 1, page_idx).reshape(c, G, n)
+        # A table entry outside the cache is never dereferenced (its candidate is dropped instead).
+        keep = keep & (page >= 0) & (page < call.num_pages)
+        rows = page * call.page_size + pos % call.page_size
+    else:
+        rows = pos if isinstance(base, int) and base == 0 else pos + base
+    if call.host and bool(keep.all()):
+        return rows, None
+    return torch.where(keep, rows, 0), keep
+
+
+def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """storage [N, Hkv, D], rows/keep [c, G, n] -> [c, Hkv, n, D] in ``dtype``, dropped rows zeroed."""
+    c, G, n = rows.shape
+    Hkv, D = storage.shape[1], storage.shape[2]
+    if G == 1:
+        # One selection shared by every kv head: one row gather serves them all.
+        x = torch.index_select(storage, 0, rows.reshape(-1)).view(c, n, Hkv, D)
+        x = x.transpose(1, 2) if Hkv > 1 else x.view(c, 1, n, D)
+    else:
+        x = storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]]  # [c, Hkv, n, D]
+    x = x.to(dtype)
+    if keep is not None:
+        # Dropped candidates may point at garbage (NaN/inf in an unused page): zero their rows so
+        # that 0-probability x value stays 0 and no NaN reaches a gradient either.
+        x = x.masked_fill(~keep[..., None], 0.0)
+    return x
+
+
+def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1):
+    """Gathered operands and masked scores of tokens [c0, c1): s [c, Hkv, Hg, n] (scaled)."""
+    rows, keep = _select(call, indices[c0:c1], c0, c1)
+    c, cd = c1 - c0, call.compute_dtype
+    keys = _gather(call.kv_flat, rows, keep, cd)  # [c, Hkv, n, Dqk]
+    qc = q[c0:c1].view(c, call.Hkv, call.Hg, call.Dqk) if q.is_contiguous() else q[c0:c1].reshape(c, call.Hkv, call.Hg, call.Dqk)
+    if qc.dtype != cd:
+        qc = qc.to(cd)
+    s = torch.matmul(qc * call.scale, keys.transpose(-1, -2))
+    kr = qr = None
+    if call.kvr_flat is not None:
+        kr = _gather(call.kvr_flat, rows, keep, cd)
+        qr = q_rope[c0:c1].to(cd).reshape(c, call.Hkv, call.Hg, call.Dr)
+        s = s + torch.matmul(qr * call.scale, kr.transpose(-1, -2))
+    if call.v_flat is None:
+        vals = keys[..., :call.Dv] if call.Dv < call.Dqk else keys
+    else:
+        vals = _gather(call.v_flat, rows, keep, cd)
+    if keep is not None:
+        s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
+    return dict(rows=rows, keep=keep, keys=keys, vals=vals, kr=kr, qc=qc, qr=qr, s=s,
+                nonempty=keep is None and call.n > 0)
+
+
+def _softmax(call: _Call, s: Tensor, nonempty: bool = False):
+    """Online-softmax pieces of masked scores s [c, Hkv, Hg, n] (consumed in place).
+
+    Returns (lse, e, l, denom): lse [.., 1] natural log (-inf for an empty row); e = exp(s - m) with
+    m the row max (0 for an empty row, so e = 0 there, never NaN); l = sum(e); and the output
+    denominator denom = l + exp(sink - m), so that out = (e @ v) / denom. A non-empty row has l >= 1
+    (its max term is exp(0)), so clamping denom at 1 changes nothing there and turns an empty row's
+    0 / 0 into 0. ``nonempty=True`` (every row known to keep a candidate) skips the -inf guard.
+    """
+    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
+    if not nonempty:
+        m = torch.nan_to_num(m, neginf=0.0)
+    e = s.sub_(m).exp_()
+    l = e.sum(dim=-1, keepdim=True)
+    lse = m + torch.log(l)
+    denom = l if call.sink is None else l + torch.exp(call.sink - m)
+    if not nonempty or call.sink is not None:
+        denom = denom.clamp_min(1.0)
+    return lse, e, l, denom
+
+
+def selective_attention(
+    q: Tensor,
+    kv: Tensor,
+    indices: Tensor,
+    *,
+    v: Optional[Tensor] = None,
+    d_v: Optional[int] = None,
+    q_rope: Optional[Tensor] = None,
+    kv_rope: Optional[Tensor] = None,
+    sm_scale: Optional[float] = None,
+    block_size: int = 1,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    seqlens_k: Optional[Tensor] = None,
+    causal: bool = False,
+    attn_sink: Optional[Tensor] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    token_offset: int = 0,
+    total_tokens: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Reference forward. Returns ``(out [T, H, Dv] in q.dtype, lse [T, H] float32)``.
+
+    ``q``, ``q_rope`` and ``indices`` may be a slice of the call's query tokens starting at global
+    token ``token_offset`` out of ``total_tokens``.
+    """
+    call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
+                 block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens)
+    Tc, H, Dv = call.Tc, call.H, call.Dv
+    chunk = tokens_per_chunk(H, call.Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
+    outs, lses = [], []
+    for c0 in range(0, Tc, chunk):
+        c1 = min(Tc, c0 + chunk)
+        x = _chunk_scores(call, q, q_rope, indices, c0, c1)
+        lse, e, _, denom = _softmax(call, x["s"], x["nonempty"])
+        o = torch.matmul(e, x["vals"]).div_(denom)  # [c, Hkv, Hg, Dv]
+        outs.append(o.reshape(c1 - c0, H, Dv).to(q.dtype))
+        lses.append(lse.reshape(c1 - c0, H).to(torch.float32))
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    if not outs:
+        return q.new_empty(0, H, Dv), q.new_empty(0, H, dtype=torch.float32)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def selective_attention_backward(
+    grad_out: Optional[Tensor],
+    grad_lse: Optional[Tensor],
+    q: Tensor,
+    kv: Tensor,
+    indices: Tensor,
+    *,
+    v: Optional[Tensor] = None,
+    d_v: Optional[int] = None,
+    q_rope: Optional[Tensor] = None,
+    kv_rope: Optional[Tensor] = None,
+    sm_scale: Optional[float] = None,
+    block_size: int = 1,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    seqlens_k: Optional[Tensor] = None,
+    causal: bool = False,
+    attn_sink: Optional[Tensor] = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+):
+    """Gradients ``(dq, dkv, dv, dq_rope, dkv_rope, dattn_sink)`` of (out, lse), chunk by chunk.
+
+    With P = softmax over kept candidates and P' = exp(s) / (exp(lse) + exp(sink)) the weights
+    that produced out = P' @ V (P' = P without a sink), the usual attention backward applies:
+    dS = P' * (dO @ V^T - rowsum(dO * out)) + dlse * P;  dq = scale * dS @ K;
+    dK = scale * dS^T @ q;  dV = P'^T @ dO;  dsink = -sum_t rowsum(dO * out) * exp(sink) / (exp(lse) + exp(sink)).
+    Key/value rows are scattered back into the cache with ``index_put_(accumulate=True)``;
+    dropped candidates have P = 0 and contribute exactly nothing. Entries for absent inputs are None.
+    """
+    call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
+                 block_table, seqlens_k, causal, attn_sink, 0, None)
+    cd = call.compute_dtype
+    Tc, H, Hkv, Hg, Dv = call.Tc, call.H, call.Hkv, call.Hg, call.Dv
+    dq = torch.zeros(q.shape, device=q.device, dtype=cd)
+    dkv = torch.zeros(call.kv_flat.shape, device=q.device, dtype=cd)
+    dv = None if v is None else torch.zeros(call.v_flat.shape, device=q.device, dtype=cd)
+    dqr = None if q_rope is None else torch.zeros(q_rope.shape, device=q.device, dtype=cd)
+    dkvr = None if kv_rope is None else torch.zeros(call.kvr_flat.shape, device=q.device, dtype=cd)
+    dsink = None if attn_sink is None else torch.zeros(1, Hkv, Hg, 1, device=q.device, dtype=cd)
+    heads = torch.arange(Hkv, device=q.device)[None, :, None]
+    chunk = tokens_per_chunk(H, Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
+
+    def scatter(dst, rows, val):  # val [c, Hkv, n, D] -> dst [S, Hkv, D] at (rows, head)
+        r = rows.expand(rows.shape[0], Hkv, rows.shape[2])
+        dst.index_put_((r, heads.expand_as(r)), val, accumulate=True)
+
+    for c0 in range(0, Tc, chunk):
+        c1 = min(Tc, c0 + chunk)
+        c = c1 - c0
+        x = _chunk_scores(call, q, q_rope, indices, c0, c1)
+        lse, e, l, denom = _softmax(call, x["s"], x["nonempty"])
+        pp = e / denom  # P' = the weights that produced out (sink included)
+        p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
+        vals = x["vals"]
+        if grad_out is not None:
+            do = grad_out[c0:c1].to(cd).reshape(c, Hkv, Hg, Dv)
+            o = torch.matmul(pp, vals)
+            delta = (do * o).sum(-1, keepdim=True)
+            ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
+            dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c, Hkv, n, Dv]
+            if dsink is not None:
+                # d out / d sink = -out * exp(sink - m) / denom = -out * (1 - l / denom)
+                dsink -= (delta * (1 - l / denom)).sum(0, keepdim=True)
+        else:
+            ds = torch.zeros_like(p)
+            dvals = None
+        if grad_lse is not None:
+            gl = grad_lse[c0:c1].to(cd).reshape(c, Hkv, Hg, 1)
+            gl = torch.where(torch.isfinite(lse), gl, 0.0)  # an empty row's lse is the constant -inf
+            ds = ds + gl * p
+        ds = ds * call.scale
+        dq[c0:c1] = torch.matmul(ds, x["keys"]).reshape(c, H, call.Dqk)
+        dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c, Hkv, n, Dqk]
+        if dvals is not None:
+            if v is None:
+                dkeys[..., :Dv] += dvals
+            else:
+                scatter(dv, x["rows"], dvals)
+        scatter(dkv, x["rows"], dkeys)
+        if q_rope is not None:
+            dqr[c0:c1] = torch.matmul(ds, x["kr"]).reshape(c, H, call.Dr)
+            scatter(dkvr, x["rows"], torch.matmul(ds.transpose(-1, -2), x["qr"]))
+    return (
+        dq.to(q.dtype),
+        dkv.reshape(kv.shape).to(kv.dtype),
+        None if v is None else dv.reshape(v.shape).to(v.dtype),
+        None if q_rope is None else dqr.to(q_rope.dtype),
+        None if kv_rope is None else dkvr.reshape(kv_rope.shape).to(kv_rope.dtype),
+        None if attn_sink is None else dsink.reshape(H).to(attn_sink.dtype),
+    )
+
+
+def selective_attention_dense(
+    q: Tensor,
+    kv: Tensor,
+    indices: Tensor,
+    *,
+    v: Optional[Tensor] = None,
+    d_v: Optional[int] = None,
+    q_rope: Optional[Tensor] = None,
+    kv_rope: Optional[Tensor] = None,
+    sm_scale: Optional[float] = None,
+    block_size: int = 1,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    seqlens_k: Optional[Tensor] = None,
+    causal: bool = False,
+    attn_sink: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, Tensor]:
+    """The oracle: SPEC.md section 1 evaluated densely in ``dtype`` (float64 by default).
+
+    For every query, a multiplicity count C[p] of each logical position p of its sequence is built
+    from the candidate multiset; then lse = log sum_p C[p] exp(s_p) and
+    out = sum_p C[p] exp(s_p) v_p / (exp(lse) [+ exp(sink)]). Only positions < L_b are read, with
+    plain Python loops over sequences: slow, simple, and independent of the gather formulation.
+    Returns ``(out, lse)`` in ``dtype`` on the CPU.
+    """
+    cpu = torch.device("cpu")
+    f = lambda x: None if x is None else x.to(cpu, dtype)  # noqa: E731  (autograd flows: grads can be checked)
+    i64 = lambda x: None if x is None else x.detach().to(cpu, torch.int64)  # noqa: E731
+    qd, kvd, vd, qr, kvr = f(q), f(kv), f(v), f(q_rope), f(kv_rope)
+    idx = i64(indices)
+    T, H, Dqk = qd.shape
+    Hkv = kvd.shape[-2]
+    Hg = H // Hkv
+    Dr = 0 if qr is None else qr.shape[-1]
+    scale = (Dqk + Dr) ** -0.5 if sm_scale is None else float(sm_scale)
+    Dv = vd.shape[-1] if vd is not None else (Dqk if d_v is None else int(d_v))
+    paged = kvd.dim() == 4
+
+    cq = [0, T] if cu_seqlens_q is None else i64(cu_seqlens_q).tolist()
+    B = len(cq) - 1
+    if paged:
+        lens = i64(seqlens_k).tolist()
+        table = i64(block_table)
+        page = kvd.shape[1]
+    else:
+        ck = [0, kvd.shape[0]] if cu_seqlens_k is None else i64(cu_seqlens_k).tolist()
+        lens = [ck[b + 1] - ck[b] for b in range(B)]
+
+    def seq_rows(b: int, x: Tensor) -> Tensor:  # logical positions 0..L_b-1 of sequence b
+        Lb = lens[b]
+        if paged:
+            p = torch.arange(Lb)
+            return x[table[b, p // page], p % page]
+        return x[ck[b]:ck[b] + Lb]
+
+    out = torch.zeros(T, H, Dv, dtype=dtype)
+    lse = torch.full((T, H), float("-inf"), dtype=dtype)
+    sink = None if attn_sink is None else f(attn_sink)
+    for b in range(B):
+        Lb = lens[b]
+        keys = seq_rows(b, kvd)  # [Lb, Hkv, Dqk]
+        vals = keys[..., :Dv] if vd is None else seq_rows(b, vd)
+        kr = None if kvr is None else seq_rows(b, kvr)
+        for t in range(cq[b], cq[b + 1]):
+            q_pos = Lb - (cq[b + 1] - cq[b]) + (t - cq[b])
+            for g in range(Hkv):
+                gi = g if idx.shape[1] == Hkv else 0
+                j = idx[t, gi]
+                j = j[(j >= 0) & (j <= Lb // block_size)]  # beyond that, every position is >= Lb
+                p = (j[:, None] * block_size + torch.arange(block_size)).flatten()
+                p = p[(p < Lb) & ((p <= q_pos) if causal else True)]
+                count = torch.bincount(p, minlength=Lb).to(dtype)
+                for hh in range(Hg):
+                    h = g * Hg + hh
+                    sel = count > 0
+                    if not bool(sel.any()):
+                        continue  # out 0, lse -inf
+                    s = scale * (keys[sel, g] @ qd[t, h])
+                    if kr is not None:
+                        s = s + scale * (kr[sel, g] @ qr[t, h])
+                    w = count[sel]
+                    m = s.max()
+                    e = w * torch.exp(s - m)
+                    z = e.sum()
+                    lse[t, h] = m + torch.log(z)
+                    denom = z + (torch.exp(sink[h] - m) if sink is not None else 0.0)
+                    out[t, h] = (e @ vals[sel, g]) / denom
+    return out, lse
