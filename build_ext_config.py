@@ -1,23 +1,35 @@
 """Which native extensions to build on this machine (imported by setup.py).
 
-Sections are filled in by the backend that owns them; each returns [] when its toolchain is missing.
+Each native directory owns its build description in ``csrc/<name>/build_ext.py``, which defines
+``extensions() -> list`` (setuptools Extension objects) and returns [] when its toolchain is missing,
+so a machine without nvcc or CANN still installs cleanly.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 
-def _ascendc_extensions():
-    return []
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cuda_extensions():
-    return []
+def _load(name: str):
+    path = os.path.join(HERE, "csrc", name, "build_ext.py")
+    if not os.path.exists(path):
+        return []
+    spec = importlib.util.spec_from_file_location(f"_attention_build_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        return list(mod.extensions())
+    except Exception as e:  # a broken optional toolchain must not break the install
+        warnings.warn(f"csrc/{name}: extension skipped: {e}")
+        return []
 
 
 def extensions_and_cmdclass():
-    exts = []
-    exts += _ascendc_extensions()
-    exts += _cuda_extensions()
+    exts = _load("ascend") + _load("cuda")
     cmdclass = {}
     if exts:
         try:
