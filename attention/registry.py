@@ -55,6 +55,8 @@ class Backend:
 
     # ---- per call ----
     def not_supported_reasons(self, inp: SelectiveAttentionInputs) -> List[str]:
+        """Why these inputs cannot run here. Must depend only on the inputs' device, dtypes,
+        features and shapes (automatic choices are cached on exactly that signature)."""
         reasons = list(self.unavailable_reasons())
         dev = inp.device.type
         if not self.runs_on(dev):
@@ -125,11 +127,13 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     if backend.name in _BACKENDS and not replace:
         raise ValueError(f"backend {backend.name!r} is already registered")
     _BACKENDS[backend.name] = backend
+    _choice_cache.clear()
     return backend
 
 
 def unregister_backend(name: str) -> None:
     _BACKENDS.pop(name, None)
+    _choice_cache.clear()
 
 
 def backends() -> List[Backend]:
@@ -163,14 +167,45 @@ def check_backend_name(name: Optional[str]) -> None:
         get_backend(name)
 
 
+# The automatic choice is made on every decode step of every layer, so it is cached per input
+# signature: device, dtypes, features and every tensor's shape. Backends must decide support from
+# exactly that (tensor *contents* cannot matter: reading them would be a device sync). Any registry
+# change clears the cache; it is bounded because a growing contiguous cache changes S every step.
+_choice_cache: Dict[tuple, Backend] = {}
+_CACHE_LIMIT = 4096
+
+
+def _signature(inp: SelectiveAttentionInputs) -> tuple:
+    shapes = tuple(None if t is None else tuple(t.shape) for t in
+                   (inp.q, inp.kv, inp.v, inp.q_rope, inp.indices, inp.cu_seqlens_q, inp.block_table))
+    return (inp.device.type, inp.dtype, inp.indices.dtype, inp.features, shapes, inp.d_v, inp.block_size)
+
+
 def choose_backend(inp: SelectiveAttentionInputs) -> Backend:
     forced = forced_backend_name(inp)
+    if forced is None:
+        key = _signature(inp)
+        b = _choice_cache.get(key)
+        if b is None:
+            b = _choose_automatic(inp)
+            if len(_choice_cache) >= _CACHE_LIMIT:
+                _choice_cache.clear()
+            _choice_cache[key] = b
+        return b
+    return _choose_forced(inp, forced)
+
+
+def _choose_forced(inp: SelectiveAttentionInputs, forced: str) -> Backend:
     if forced is not None:
         b = get_backend(forced)
         reasons = b.not_supported_reasons(inp)
         if reasons:
             raise ValueError(f"backend {forced!r} cannot run these inputs ({inp.describe()}): {'; '.join(reasons)}")
         return b
+    raise AssertionError("unreachable")
+
+
+def _choose_automatic(inp: SelectiveAttentionInputs) -> Backend:
     dev = inp.device.type
     declined: List[Tuple[Backend, List[str]]] = []
     for b in backends_for(dev):
