@@ -46,14 +46,14 @@ _lib = torch.library.Library("attention", "DEF")
 _lib.define("selective_attention" + SCHEMA)
 
 
-def _impl(q, kv, indices, v=None, d_v=None, q_rope=None, kv_rope=None, sm_scale=None, block_size=1,
-          cu_seqlens_q=None, cu_seqlens_k=None, block_table=None, seqlens_k=None, causal=False,
-          attn_sink=None, backend=None):
-    inp = validate(q, kv, indices, v=v, d_v=d_v, q_rope=q_rope, kv_rope=kv_rope, sm_scale=sm_scale,
-                   block_size=block_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                   block_table=block_table, seqlens_k=seqlens_k, causal=causal, attn_sink=attn_sink,
-                   backend=backend)
-    return run_backend(inp)
+def _validated(args: tuple, check_contents=None) -> SelectiveAttentionInputs:
+    """The schema's positional arguments -> one validated inputs object."""
+    kw = dict(zip(ARG_NAMES[3:], args[3:]))
+    return validate(*args[:3], **kw, check_contents=check_contents)
+
+
+def _impl(*args):
+    return run_backend(_validated(args))
 
 
 # One implementation for every device: the registry picks the backend from the inputs' device.
@@ -63,15 +63,10 @@ selective_attention_op = torch.ops.attention.selective_attention.default
 
 
 @torch.library.register_fake("attention::selective_attention")
-def _fake(q, kv, indices, v=None, d_v=None, q_rope=None, kv_rope=None, sm_scale=None, block_size=1,
-          cu_seqlens_q=None, cu_seqlens_k=None, block_table=None, seqlens_k=None, causal=False,
-          attn_sink=None, backend=None):
-    inp = validate(q, kv, indices, v=v, d_v=d_v, q_rope=q_rope, kv_rope=kv_rope, sm_scale=sm_scale,
-                   block_size=block_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                   block_table=block_table, seqlens_k=seqlens_k, causal=causal, attn_sink=attn_sink,
-                   backend=backend, check_contents=False)
-    T, H = q.shape[0], q.shape[1]
-    return q.new_empty(T, H, inp.d_v), q.new_empty(T, H, dtype=torch.float32)
+def _fake(*args):
+    inp = _validated(args, check_contents=False)  # same shape/dtype errors at trace time
+    q = inp.q
+    return q.new_empty(q.shape[0], q.shape[1], inp.d_v), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- autograd
