@@ -217,10 +217,64 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a.reshape(c * h, x, y), b.reshape(c * h, y, z)).view(c, h, x, z)
 
 
-def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1):
+def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int) -> Optional[Tensor]:
+    """Sorted distinct storage rows kept by a chunk, when attending over them densely is cheaper.
+
+    In a prefill, neighbouring tokens select mostly the same positions (top-2048 of a 4K context):
+    gathering K rows per token then multiplies [Hg, D] x [D, K] per token, which is bound by the
+    gather's memory traffic. Over the chunk's union of rows instead, one gather serves every token
+    and the GEMMs have c*Hg rows. Used on the CPU only (``unique`` is a host sync elsewhere) and
+    when the union is at most half the candidates and its score matrices fit the chunk budget.
+    """
+    c, _, n = rows.shape
+    if not call.host or c < 2 or n == 0:
+        return None
+    # A count per storage row (cheaper than torch.unique's sort): rows with a kept candidate.
+    ones = torch.ones((), dtype=torch.int32).expand(rows.numel()) if keep is None else keep.reshape(-1).to(torch.int32)
+    count = torch.zeros(call.S, dtype=torch.int32).index_add_(0, rows.reshape(-1), ones)
+    u = count.nonzero().squeeze(1)
+    U = u.numel()
+    if U == 0 or 2 * U > c * n or 2 * c * call.H * U * 4 > chunk_bytes:
+        return None
+    return u
+
+
+def _chunk_union(call: _Call, q, q_rope, c0, c1, rows, keep, u):
+    """(out [c, Hkv, Hg, Dv], lse) of tokens [c0, c1) by dense scores over the union rows ``u``.
+
+    Scores of each token's own candidates are gathered from the dense [c, Hkv, Hg, U] matrix (so
+    duplicates and masks behave exactly as in the gather path), and the softmax weights are
+    scattered back (``scatter_add_`` sums duplicates) before one [c*Hg, U] x [U, Dv] GEMM per kv head.
+    """
+    c, cd = c1 - c0, call.compute_dtype
+    Hkv, Hg, D, Dv, U = call.Hkv, call.Hg, call.Dqk, call.Dv, u.numel()
+    inv = torch.searchsorted(u, rows).clamp_(max=U - 1)  # dropped candidates: any column, masked below
+    index = inv[:, :, None, :].expand(c, Hkv, Hg, rows.shape[2])
+
+    def dense(x_flat, qx, width):  # [c, Hkv, Hg, U] scores of qx against the union rows
+        xu = x_flat[u].to(cd)  # [U, Hkv, width]
+        qh = qx[c0:c1].to(cd).reshape(c, Hkv, Hg, width).transpose(0, 1).reshape(Hkv, c * Hg, width)
+        return torch.bmm(qh * call.scale, xu.permute(1, 2, 0)), xu
+
+    sd, ku = dense(call.kv_flat, q, D)
+    if call.kvr_flat is not None:
+        sd = sd + dense(call.kvr_flat, q_rope, call.Dr)[0]
+    s = torch.gather(sd.view(Hkv, c, Hg, U).transpose(0, 1), -1, index)
+    if keep is not None:
+        s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
+    lse, e, _, denom = _softmax(call, s, keep is None)
+    w = torch.zeros(c, Hkv, Hg, U, dtype=cd, device=e.device).scatter_add_(-1, index, e)
+    vu = ku[..., :Dv] if call.v_flat is None else call.v_flat[u].to(cd)  # [U, Hkv, Dv]
+    o = torch.bmm(w.transpose(0, 1).reshape(Hkv, c * Hg, U), vu.transpose(0, 1))
+    return o.view(Hkv, c, Hg, Dv).transpose(0, 1).div_(denom), lse
+
+
+def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
     """Gathered operands and masked scores of tokens [c0, c1): s [c, Hkv, Hg, n] (scaled)."""
     whole = c0 == 0 and c1 == call.Tc  # one chunk (decode): skip the slicing
-    rows, keep = _select(call, indices if whole else indices[c0:c1], c0, c1)
+    if selected is None:
+        selected = _select(call, indices if whole else indices[c0:c1], c0, c1)
+    rows, keep = selected
     c, cd = c1 - c0, call.compute_dtype
     keys = _gather(call.kv_flat, rows, keep, cd)  # [c, Hkv, n, Dqk]
     qc = (q if whole else q[c0:c1]).reshape(c, call.Hkv, call.Hg, call.Dqk)
@@ -296,9 +350,14 @@ def selective_attention(
     outs, lses = [], []
     for c0 in range(0, Tc, chunk):
         c1 = min(Tc, c0 + chunk)
-        x = _chunk_scores(call, q, q_rope, indices, c0, c1)
-        lse, e, _, denom = _softmax(call, x["s"], x["nonempty"])
-        o = _bmm(e, x["vals"]).div_(denom)  # [c, Hkv, Hg, Dv]
+        selected = _select(call, indices if Tc == c1 - c0 else indices[c0:c1], c0, c1)
+        u = _union_rows(call, *selected, chunk_bytes)
+        if u is not None:
+            o, lse = _chunk_union(call, q, q_rope, c0, c1, *selected, u)
+        else:
+            x = _chunk_scores(call, q, q_rope, indices, c0, c1, selected)
+            lse, e, _, denom = _softmax(call, x["s"], x["nonempty"])
+            o = _bmm(e, x["vals"]).div_(denom)  # [c, Hkv, Hg, Dv]
         o = o.reshape(c1 - c0, H, Dv)
         lse = lse.reshape(c1 - c0, H)
         outs.append(o if o.dtype == q.dtype else o.to(q.dtype))
