@@ -336,6 +336,7 @@ def npu_lightning_indexer(
     next_tokens: int = _DEFAULT_WINDOW,
     return_value: bool = False,
     prefer_vendor: bool = False,
+    backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """torch_npu.npu_lightning_indexer. Returns ``(sparse_indices, sparse_values)``.
 
@@ -345,7 +346,8 @@ def npu_lightning_indexer(
     [T1, 1, sparse_count] ("TND") int32: valid positions first in descending score order (ties: lower
     position first), -1 at the tail; query padding rows are all -1. sparse_values: the scores of those
     positions in the query's dtype (-inf at -1 slots) with ``return_value=True``, else an empty [0]
-    tensor, as torch_npu returns it.
+    tensor, as torch_npu returns it. ``backend`` names a selection backend (passed to
+    ``attention.select`` / ``lightning_indexer`` / ``topk_indices``).
     """
     if prefer_vendor:
         torch_npu = _vendor()
@@ -382,11 +384,12 @@ def npu_lightning_indexer(
     kw = dict(scale=1.0, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
               block_table=plan.block_table, seqlens_k=plan.seqlens_k, max_seqlen_k=plan.max_seqlen_k,
               causal=SPARSE_MODES[sparse_mode])
+    bk = {} if backend is None else {"backend": backend}
     if not return_value:
-        idx = api.select(q, k, w, sparse_count, **kw)  # [T, 1, K] int32, fused: no [T, L] score matrix
+        idx = api.select(q, k, w, sparse_count, **kw, **bk)  # [T, 1, K] int32, fused: no [T, L] score matrix
         return _q_unflat(idx, plan), torch.empty(0, device=query.device, dtype=query.dtype)
-    scores = api.lightning_indexer(q, k, w, **kw)  # [T, W] float32, -inf where invalid
-    idx = api.topk_indices(scores, sparse_count)  # [T, 1, K]
+    scores = api.lightning_indexer(q, k, w, **kw, **bk)  # [T, W] float32, -inf where invalid
+    idx = api.topk_indices(scores, sparse_count, **bk)  # [T, 1, K]
     vals = torch.gather(scores, 1, idx[:, 0, :].clamp_min(0).to(torch.int64))
     vals = vals.masked_fill(idx[:, 0, :] < 0, float("-inf")).unsqueeze(1).to(query.dtype)
     return _q_unflat(idx, plan), _q_unflat(vals, plan)
