@@ -393,3 +393,26 @@ def test_errors_name_the_argument():
         fm.flash_mla_sparse_fwd(qs, kv, sidx, sc, d_v=dv, topk_length=torch.ones(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="indexer_topk"):
         fm.flash_mla_sparse_fwd(qs, kv, sidx, sc, d_v=dv, indexer_topk=sidx.shape[-1] + 1)
+
+
+def test_no_host_reads_meta_tensors():
+    """Every path runs on meta tensors, which hold no data: any host read of a length, index or table
+    (a device sync on a GPU/NPU) would raise here."""
+    dev, bf = "meta", torch.bfloat16
+    q = torch.empty(5, 4, 32, device=dev, dtype=bf)
+    kv = torch.empty(40, 1, 32, device=dev, dtype=bf)
+    idx = torch.empty(5, 1, 8, dtype=torch.int32, device=dev)
+    tl = torch.empty(5, dtype=torch.int32, device=dev)
+    out, mx, lse, lse_i = fm.flash_mla_sparse_fwd(q, kv, idx, 0.1, d_v=16, topk_length=tl, indexer_topk=4)
+    assert out.shape == (5, 4, 16) and mx.shape == lse.shape == lse_i.shape == (5, 4)
+    qd = torch.empty(2, 2, 4, 32, device=dev, dtype=bf)
+    cache = torch.empty(6, 8, 1, 32, device=dev, dtype=bf)
+    bt = torch.empty(2, 3, dtype=torch.int32, device=dev)
+    sl = torch.empty(2, dtype=torch.int32, device=dev)
+    out, lse = fm.flash_mla_with_kvcache(qd, cache, bt, sl, 16, None, causal=True)
+    assert out.shape == (2, 2, 4, 16) and lse.shape == (2, 4, 2)
+    si = torch.empty(2, 2, 8, dtype=torch.int32, device=dev)
+    out, lse = fm.flash_mla_with_kvcache(qd, cache, None, None, 16, None, indices=si, topk_length=sl,
+                                         attn_sink=torch.empty(4, device=dev), extra_k_cache=cache,
+                                         extra_indices_in_kvcache=si, extra_topk_length=sl)
+    assert out.shape == (2, 2, 4, 16) and lse.shape == (2, 4, 2)

@@ -489,3 +489,35 @@ def test_lightning_indexer_errors_name_the_argument():
         npu.npu_lightning_indexer(query, key, weights[..., :2], **kw)
     with pytest.raises(ValueError, match="key must have one head"):
         npu.npu_lightning_indexer(query, torch.cat([key, key], dim=2), weights, **kw)
+
+
+def test_no_host_reads_meta_tensors():
+    """Every layout translation runs on meta tensors, which hold no data: a host read of a length or a
+    table (a device sync on an NPU) would raise here."""
+    dev, bf, i32 = "meta", torch.bfloat16, torch.int32
+    e = lambda *s, dtype=bf: torch.empty(*s, device=dev, dtype=dtype)  # noqa: E731
+    q, qr = e(5, 4, 32), e(5, 4, 8)
+    k_pa, kr_pa = e(6, 8, 1, 32), e(6, 8, 1, 8)
+    bt, lens, cum = e(2, 3, dtype=i32), e(2, dtype=i32), e(2, dtype=i32)
+    idx = e(5, 1, 8, dtype=i32)
+    out, mx, sm = npu.npu_sparse_flash_attention(
+        q, k_pa, k_pa, idx, 0.1, block_table=bt, actual_seq_lengths_query=cum, actual_seq_lengths_kv=lens,
+        query_rope=qr, key_rope=kr_pa, layout_query="TND", layout_kv="PA_BSND", return_softmax_lse=True,
+        sinks=e(4, dtype=torch.float32))
+    assert out.shape == (5, 4, 32) and mx.shape == sm.shape == (1, 5, 4)
+    qb, kb, ib = e(2, 3, 4, 32), e(2, 10, 1, 32), e(2, 3, 1, 8, dtype=i32)
+    out, mx, _ = npu.npu_sparse_flash_attention(qb, kb, kb, ib, 0.1, actual_seq_lengths_query=lens,
+                                                actual_seq_lengths_kv=lens, return_softmax_lse=True)
+    assert out.shape == (2, 3, 4, 32) and mx.shape == (2, 1, 3, 4)
+    kt = e(12, 1, 32)
+    out, _, _ = npu.npu_sparse_flash_attention(q, kt, kt, idx, 0.1, actual_seq_lengths_query=cum,
+                                               actual_seq_lengths_kv=cum, layout_query="TND", layout_kv="TND",
+                                               sparse_block_size=2, sparse_mode=0)
+    assert out.shape == (5, 4, 32)
+    if HAVE_SELECTION:
+        w = e(5, 4)
+        for rv in (False, True):
+            ind, val = npu.npu_lightning_indexer(q, k_pa, w, actual_seq_lengths_query=cum, actual_seq_lengths_key=lens,
+                                                 block_table=bt, layout_query="TND", layout_key="PA_BSND",
+                                                 sparse_count=8, return_value=rv)
+            assert ind.shape == (5, 1, 8) and val.shape == ((5, 1, 8) if rv else (0,))

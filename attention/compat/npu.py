@@ -8,7 +8,8 @@ op_plugin/ops/opapi/*KernelNpuOpApi.cpp; CANN ops-transformer attention/*/README
 hardware limits (KV_N = 1, D = 512 + 64, N1 in {1..128}, valid indices packed first, power-of-two
 sparse_block_size, ...) are not inherited. docs/migration.md lists every difference.
 
-Layouts are translated without reading any length on the host: "BSND" tensors are viewed as
+Layouts are translated without reading any length on the host and without host-to-device copies
+(every helper tensor is made by device ops, so the shims can be captured in a CUDA/NPU graph): "BSND" tensors are viewed as
 B * S rows, a "BSND" kv as a paged cache of B pages of S2 rows, "TND" lengths (prefix sums) become
 ``cu_seqlens`` by a concatenation on the device, and the padding rows of a "BSND" query (those past
 ``actual_seq_lengths_query[b]``) become sequences of their own with no keys, so they output zeros
@@ -98,7 +99,7 @@ def _plan_query(layout_query: str, query: Tensor, actual_q: Optional[Tensor], ra
         bounds = torch.stack([starts + a, starts + S1], dim=1).reshape(-1)
         cu = torch.cat([torch.zeros(1, device=dev, dtype=torch.int64), bounds]).to(torch.int32)
         return _Plan(T=B * S1, B=B, seq_batch=torch.arange(B, device=dev).repeat_interleave(2),
-                     seq_pad=torch.tensor([False, True], device=dev).repeat(B), cu_seqlens_q=cu,
+                     seq_pad=torch.arange(2 * B, device=dev) % 2 == 1, cu_seqlens_q=cu,
                      query_shape=(B, S1))
     need_rank(rank_name, query, 3, "[T1, N1, D] with layout_query='TND'")
     if actual_q is None:
@@ -173,7 +174,7 @@ def _plan_kv(plan: _Plan, layout_kv: str, key: Tensor, actual_kv: Optional[Tenso
         plan.max_seqlen_k = block_table.shape[1] * key.shape[1]
     if not plan.paged and plan.cu_seqlens_q is None:
         # one contiguous sequence: give cu_seqlens_q so that cu_seqlens_k is accepted
-        plan.cu_seqlens_q = torch.tensor([0, plan.T], device=dev, dtype=torch.int32)
+        plan.cu_seqlens_q = torch.arange(2, device=dev, dtype=torch.int32) * plan.T
 
 
 def _q_flat(t: Optional[Tensor], layout_query: str) -> Optional[Tensor]:
