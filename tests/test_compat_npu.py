@@ -332,6 +332,15 @@ def test_sparse_flash_attention_separate_value_tensor_equal_to_key():
     assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
+def test_attention_mode_0_and_2_compute_the_same():
+    """torch_npu supports only attention_mode=2 (its signature defaults to 0); both are accepted here
+    and mean the same formula."""
+    pos, kw, _ = make_sfa(SFA_CASES[6], torch.float32)
+    a, _, _ = npu.npu_sparse_flash_attention(*pos, **dict(kw, attention_mode=2))
+    b, _, _ = npu.npu_sparse_flash_attention(*pos, **dict(kw, attention_mode=0))
+    assert torch.equal(a, b) and not torch.isnan(a).any()
+
+
 def test_prefer_vendor_without_torch_npu_is_a_clear_error():
     pos, kw, _ = make_sfa(SFA_CASES[0], torch.float32)
     with pytest.raises(RuntimeError, match="torch_npu"):
