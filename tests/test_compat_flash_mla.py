@@ -268,6 +268,67 @@ def test_kvcache_sparse(backend, case, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# flash_mla_with_kvcache: FlashMLA's FP8 cache (V3.2 layout, README "FP8 KV Cache")
+# ---------------------------------------------------------------------------------------------
+
+def quantize_fp8_v32(cache):
+    """bf16 [nb, page, 1, 576] -> FlashMLA's 656-byte records: 512 float8_e4m3 (4 tiles of 128, each
+    scaled by its own float32), 4 float32 scales, 64 bfloat16 rope values. Blocks are padded by one
+    record in memory (a non-contiguous cache, as FlashMLA's own quantizer lays it out)."""
+    nb, page = cache.shape[:2]
+    x = cache[:, :, 0].float()
+    nope, rope = x[..., :512].reshape(nb, page, 4, 128), cache[:, :, 0, 512:]
+    amax = nope.abs().amax(-1).clamp_min(1e-4)
+    scale = torch.pow(2.0, torch.ceil(torch.log2(amax / 448.0)))  # power of two, so the round trip is exact-ish
+    q8 = (nope / scale[..., None]).to(torch.float8_e4m3fn).reshape(nb, page, 512)
+    rec = torch.cat([q8.view(torch.uint8), scale.contiguous().view(torch.uint8).reshape(nb, page, 16),
+                     rope.contiguous().view(torch.uint8).reshape(nb, page, 128)], dim=-1)
+    store = torch.zeros(nb, page + 1, 656, dtype=torch.uint8)
+    store[:, :page] = rec
+    deq = torch.cat([(q8.float().reshape(nb, page, 4, 128) * scale[..., None]).reshape(nb, page, 512)
+                     .to(torch.bfloat16), rope], dim=-1)
+    return store[:, :page].view(torch.float8_e4m3fn).unsqueeze(2), deq.unsqueeze(2)
+
+
+@pytest.mark.parametrize("case", ["mqa", "sink_topk_length", "extra_cache"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_sparse_fp8(backend, case):
+    q, cache, idx, scale, d_v, sink, tl, extra = _make_decode_sparse(case, torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    b, s_q, h_q, _ = q.shape
+    q = torch.randn(b, s_q, h_q, 576, generator=g).to(torch.bfloat16)
+    cache = torch.randn(cache.shape[0], cache.shape[1], 1, 576, generator=g).to(torch.bfloat16)
+    fp8, deq = quantize_fp8_v32(cache)
+    assert not fp8.is_contiguous() and fp8.shape[-1] == 656
+    kw = dict(indices=idx, attn_sink=sink, topk_length=tl)
+    caches, idxs, tls = [deq], [idx], [tl]
+    if extra is not None:
+        e8, edeq = quantize_fp8_v32(torch.randn(3, 4, 1, 576, generator=g).to(torch.bfloat16))
+        kw.update(extra_k_cache=e8, extra_indices_in_kvcache=extra[1], extra_topk_length=extra[2])
+        caches.append(edeq), idxs.append(extra[1]), tls.append(extra[2])
+    meta, _ = fm.get_mla_metadata()
+    out, lse = _skip_if_declined(backend, lambda: fm.flash_mla_with_kvcache(
+        q, fp8, None, None, 512, meta, None, is_fp8_kvcache=True, backend=backend, **kw))
+    r_out, r_lse = oracle_sparse_decode(q, caches, idxs, tls, 576 ** -0.5, 512, sink)
+    _check(out, r_out, torch.bfloat16, "out")
+    _check(lse, r_lse, torch.bfloat16, "lse", "lse")
+    # the same call on the dequantized bfloat16 cache gives the same numbers
+    kw_bf = dict(kw)
+    if extra is not None:
+        kw_bf["extra_k_cache"] = edeq
+    out_bf, lse_bf = fm.flash_mla_with_kvcache(q, deq, None, None, 512, None, backend=backend, **kw_bf)
+    assert torch.allclose(out.float(), out_bf.float(), atol=1e-2, rtol=0)
+    assert _err(lse, lse_bf.double()) <= 1e-4
+
+
+def test_fp8_cache_of_another_layout_is_an_error():
+    q, cache, idx, scale, d_v, *_ = _make_decode_sparse("mqa", torch.bfloat16)
+    bad = torch.zeros(cache.shape[0], cache.shape[1], 1, 584, dtype=torch.uint8)  # not the 656-byte V3.2 record
+    with pytest.raises(ValueError, match="656"):
+        fm.flash_mla_with_kvcache(q, bad, None, None, d_v, None, indices=idx, is_fp8_kvcache=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # flash_mla_with_kvcache: dense decode through a block table
 # ---------------------------------------------------------------------------------------------
 
@@ -370,8 +431,11 @@ def test_errors_name_the_argument():
     q, cache, idx, scale, d_v, *_ = _make_decode_sparse("mqa", torch.float32)
     with pytest.raises(ValueError, match="causal"):
         fm.flash_mla_with_kvcache(q, cache, None, None, d_v, None, indices=idx, causal=True)
-    with pytest.raises(ValueError, match="is_fp8_kvcache"):
+    with pytest.raises(ValueError, match="is_fp8_kvcache"):  # a bfloat16 cache is not the FP8 layout
         fm.flash_mla_with_kvcache(q, cache, None, None, d_v, None, indices=idx, is_fp8_kvcache=True)
+    with pytest.raises(ValueError, match="is_fp8_kvcache"):
+        fm.flash_mla_with_kvcache(q, cache, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32),
+                                  d_v, None, is_fp8_kvcache=True)
     with pytest.raises(ValueError, match="block_table and cache_seqlens"):
         fm.flash_mla_with_kvcache(q, cache, None, None, d_v, None)
     bt = torch.zeros(q.shape[0], 2, dtype=torch.int32)
@@ -416,3 +480,8 @@ def test_no_host_reads_meta_tensors():
                                          attn_sink=torch.empty(4, device=dev), extra_k_cache=cache,
                                          extra_indices_in_kvcache=si, extra_topk_length=sl)
     assert out.shape == (2, 2, 4, 16) and lse.shape == (2, 4, 2)
+    q576 = torch.empty(2, 2, 4, 576, device=dev, dtype=bf)
+    fp8 = torch.empty(6, 8, 1, 656, device=dev, dtype=torch.float8_e4m3fn)
+    out, lse = fm.flash_mla_with_kvcache(q576, fp8, None, None, 512, None, indices=si, topk_length=sl,
+                                         is_fp8_kvcache=True)
+    assert out.shape == (2, 2, 4, 512) and lse.shape == (2, 4, 2)

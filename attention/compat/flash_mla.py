@@ -9,8 +9,8 @@ Conventions kept from FlashMLA (docstring of ``flash_mla_interface.py`` and ``te
 LSE; a query row with no valid index returns out = 0, lse = +inf and max_logits = -inf; the attention
 sink scales the output only (lse and max_logits ignore it); decode LSE is laid out [b, h_q, s_q].
 Restrictions dropped: any head count, any kv head count dividing it, any top-k, any d_v <= d_qk, any
-float dtype, a bf16 (or fp16/fp32) cache on the sparse decode path. docs/migration.md lists every
-difference.
+float dtype, a bf16 (or fp16/fp32) cache on the sparse decode path besides FlashMLA's FP8 one.
+docs/migration.md lists every difference.
 """
 
 from __future__ import annotations
@@ -177,16 +177,18 @@ def flash_mla_with_kvcache(
     ``cache_seqlens[i]`` of sequence i through ``block_table``, ``causal`` bottom-right aligned.
     Returns ``(out [b, s_q, h_q, head_dim_v] q.dtype, lse [b, h_q, s_q] float32)``.
     ``num_splits`` is ignored (FlashMLA requires None; the old interface passed a tensor).
+    ``is_fp8_kvcache=True`` (sparse path only) reads FlashMLA's V3.2 FP8 cache,
+    [num_blocks, page_block_size, 1, 656] bytes per token: the selected records are gathered and
+    dequantized to bfloat16 before the op runs.
     """
     need_tensor("q", q)
     need_tensor("k_cache", k_cache)
     need_rank("q", q, 4, "[batch_size, seq_len_q, num_heads_q, head_dim]")
     need_rank("k_cache", k_cache, 4, "[num_blocks, page_block_size, num_heads_k, head_dim]")
     b, s_q, h_q, d = q.shape
-    if is_fp8_kvcache:
-        raise ValueError("is_fp8_kvcache=True (FlashMLA's 656-byte FP8 cache format) is not supported by this "
-                         "shim: pass the bfloat16 cache [num_blocks, page_block_size, h_k, head_dim] with "
-                         "is_fp8_kvcache=False")
+    if is_fp8_kvcache and indices is None:
+        raise ValueError("is_fp8_kvcache=True needs indices (FlashMLA's FP8 cache is a sparse-decode format); "
+                         "the dense path takes a bfloat16 cache")
     if softmax_scale is None:
         softmax_scale = d ** -0.5  # FlashMLA: 1/sqrt(head_dim of q), rope columns included
     topk = None if indices is None else indices.shape[-1]
@@ -212,22 +214,22 @@ def flash_mla_with_kvcache(
         raise ValueError("extra_topk_length needs extra_k_cache and extra_indices_in_kvcache")
     if extra_k_cache is None:
         out, lse = _sparse_part("indices", "k_cache", "topk_length", q_flat, k_cache, indices, topk_length, b, s_q,
-                                head_dim_v, softmax_scale, attn_sink, backend)
+                                head_dim_v, softmax_scale, attn_sink, backend, is_fp8_kvcache)
     else:
         # Two caches: two calls without the sink, merged by their LSEs, the sink applied to the union.
         parts = [
             _sparse_part("indices", "k_cache", "topk_length", q_flat, k_cache, indices, topk_length, b, s_q,
-                         head_dim_v, softmax_scale, None, backend),
+                         head_dim_v, softmax_scale, None, backend, is_fp8_kvcache),
             _sparse_part("extra_indices_in_kvcache", "extra_k_cache", "extra_topk_length", q_flat, extra_k_cache,
                          extra_indices_in_kvcache, extra_topk_length, b, s_q, head_dim_v, softmax_scale, None,
-                         backend),
+                         backend, is_fp8_kvcache),
         ]
         out, lse = _merge(parts, attn_sink, h_q, q.dtype)
     return out.reshape(b, s_q, h_q, head_dim_v), _lonely_to_inf(lse).reshape(b, s_q, h_q).transpose(1, 2)
 
 
 def _sparse_part(idx_name, cache_name, len_name, q_flat, cache, idx, topk_length, b, s_q, head_dim_v, scale,
-                 attn_sink, backend):
+                 attn_sink, backend, fp8=False):
     need_tensor(idx_name, idx)
     need_tensor(cache_name, cache)
     need_rank(cache_name, cache, 4, "[num_blocks, page_block_size, num_heads_k, head_dim]")
@@ -236,9 +238,6 @@ def _sparse_part(idx_name, cache_name, len_name, q_flat, cache, idx, topk_length
         raise ValueError(f"{idx_name} must have shape ({b}, {s_q}, topk) like q's batch and seq_len_q, "
                          f"got {tuple(idx.shape)}")
     T = b * s_q
-    # The whole cache is one flat row space (slot = page * page_block_size + offset), and one index
-    # list serves every kv head: FlashMLA's indices carry no kv-head dimension.
-    flat = cache.reshape(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
     idx = idx.reshape(T, 1, idx.shape[-1])
     if topk_length is not None:
         need_int_tensor(len_name, topk_length, 1, "[batch_size]")
@@ -247,10 +246,52 @@ def _sparse_part(idx_name, cache_name, len_name, q_flat, cache, idx, topk_length
         j = torch.arange(idx.shape[-1], device=idx.device)
         per_token = topk_length.to(idx.device).repeat_interleave(s_q)
         idx = torch.where(j < per_token[:, None, None], idx, -1).to(idx.dtype)
+    if fp8:
+        flat, idx = _gather_fp8(cache_name, cache, idx, q_flat.dtype)
+    else:
+        # The whole cache is one flat row space (slot = page * page_block_size + offset), and one index
+        # list serves every kv head: FlashMLA's indices carry no kv-head dimension.
+        flat = cache.reshape(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
     # No cu_seqlens: one "sequence" whose length is the whole cache, so exactly the slots outside
     # [0, num_blocks * page_block_size) are dropped, as FlashMLA's invalid-index rule says.
     return selective_attention(q_flat, flat, idx, d_v=head_dim_v, sm_scale=scale, attn_sink=attn_sink,
                                return_lse=True, backend=backend)
+
+
+# FlashMLA's "FP8 with scale" token record (README, "FP8 KV Cache"; V3.2 layout): 512 float8_e4m3
+# values, 4 float32 scales (one per 128 values), 64 bfloat16 rope values.
+_FP8_NOPE, _FP8_TILE, _FP8_ROPE = 512, 128, 64
+_FP8_RECORD = _FP8_NOPE + 4 * (_FP8_NOPE // _FP8_TILE) + 2 * _FP8_ROPE  # 656 bytes
+
+
+def _gather_fp8(cache_name, cache, idx, dtype):
+    """Gather and dequantize only the records the indices select -> (kv [T*K, 1, 576], indices into it).
+
+    The op needs a float cache; dequantizing the whole cache would cost its full size on every call,
+    so the selected records are gathered first (T * K rows, what the op gathers anyway) and the new
+    indices point at them in order, -1 where the original index was invalid. Record rows are read by
+    (page, offset), so a cache whose blocks are padded in memory (as FlashMLA's own quantizer lays
+    them out) is read correctly.
+    """
+    if cache.element_size() != 1 or cache.shape[2] != 1 or cache.shape[3] != _FP8_RECORD:
+        raise ValueError(f"{cache_name} with is_fp8_kvcache=True must be FlashMLA's V3.2 FP8 layout "
+                         f"[num_blocks, page_block_size, 1, {_FP8_RECORD}] of 1-byte elements, got "
+                         f"{tuple(cache.shape)} {str(cache.dtype).replace('torch.', '')}")
+    nb, page = cache.shape[0], cache.shape[1]
+    T, _, K = idx.shape
+    i = idx.reshape(-1).to(torch.int64)
+    valid = (i >= 0) & (i < nb * page)
+    safe = torch.where(valid, i, 0)
+    rec = cache[safe // page, safe % page, 0].view(torch.uint8)  # [T*K, 656] bytes
+    nope = rec[:, :_FP8_NOPE].view(torch.float8_e4m3fn).to(torch.float32)
+    scales = rec[:, _FP8_NOPE:_FP8_NOPE + 16].contiguous().view(torch.float32)  # [N, 4]
+    rope = rec[:, _FP8_NOPE + 16:].contiguous().view(torch.bfloat16)  # [N, 64]
+    nope = (nope.view(-1, _FP8_NOPE // _FP8_TILE, _FP8_TILE) * scales[:, :, None]).reshape(-1, _FP8_NOPE)
+    # bfloat16 first, as FlashMLA dequantizes to bfloat16 before its bfloat16 matmuls
+    kv = torch.cat([nope.to(torch.bfloat16), rope], dim=-1).to(dtype).reshape(T * K, 1, _FP8_NOPE + _FP8_ROPE)
+    new_idx = torch.arange(T * K, device=idx.device, dtype=torch.int32)
+    new_idx = torch.where(valid, new_idx, -1).reshape(T, 1, K)
+    return kv, new_idx
 
 
 def _merge(parts, attn_sink, h_q, dtype):
