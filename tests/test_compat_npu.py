@@ -530,3 +530,53 @@ def test_no_host_reads_meta_tensors():
                                                  block_table=bt, layout_query="TND", layout_key="PA_BSND",
                                                  sparse_count=8, return_value=rv)
             assert ind.shape == (5, 1, 8) and val.shape == ((5, 1, 8) if rv else (0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Vendor equivalence: only on an NPU machine with torch_npu (never ran where this was written)
+# ---------------------------------------------------------------------------------------------
+
+def _npu_available():
+    import importlib.util
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    try:
+        import torch_npu  # noqa: F401
+    except Exception:
+        return False
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+ON_NPU = pytest.mark.skipif(not _npu_available(), reason="needs torch_npu and an NPU (prefer_vendor=True)")
+
+
+def _to(x, dev):
+    return x.to(dev) if isinstance(x, torch.Tensor) else x
+
+
+@ON_NPU
+def test_vendor_sparse_flash_attention_matches_ours_on_npu():
+    """torch_npu's own op and ours on the same data, inside torch_npu's limits (N2=1, D=512+64,
+    block_size 16, valid indices first, attention_mode=2)."""
+    case = next(c for c in SFA_CASES if c.name == "deepseek_absorb_512_64")
+    pos, kw, _ = make_sfa(case, torch.bfloat16)
+    pos = tuple(_to(x, "npu") for x in pos)
+    kw = {k: _to(v, "npu") for k, v in kw.items()}
+    pos = (pos[0], pos[1], pos[1], pos[3], pos[4])  # value is key (MLA-absorb)
+    theirs = npu.npu_sparse_flash_attention(*pos, prefer_vendor=True, **kw)[0]
+    ours = npu.npu_sparse_flash_attention(*pos, **kw)[0]
+    assert torch.allclose(theirs.float().cpu(), ours.float().cpu(), atol=TOLERANCES[torch.bfloat16][0], rtol=0)
+
+
+@ON_NPU
+def test_vendor_lightning_indexer_matches_ours_on_npu():
+    case = LiCase("vendor_li", layout_query="TND", layout_key="PA_BSND", q_lens=(2, 3), kv_lens=(40, 70), N1=8,
+                  D=128, K=16, page=16)
+    pos, kw, _ = make_li(case, torch.bfloat16)
+    pos = tuple(_to(x, "npu") for x in pos)
+    kw = {k: _to(v, "npu") for k, v in kw.items()}
+    theirs = npu.npu_lightning_indexer(*pos, prefer_vendor=True, **kw)[0].cpu()
+    ours = npu.npu_lightning_indexer(*pos, **kw)[0].cpu()
+    # bfloat16 inputs, float32 scores on both sides: compare the selected sets (order can differ on near-ties)
+    same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(theirs.reshape(-1, case.K), ours.reshape(-1, case.K))]
+    assert sum(same) >= 0.9 * len(same)
