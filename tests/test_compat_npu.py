@@ -10,7 +10,7 @@ scale, top-k descending with ties to the lower position, -1 / -inf at the tail.
 
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import pytest

@@ -9,9 +9,9 @@ hardware limits (KV_N = 1, D = 512 + 64, N1 in {1..128}, valid indices packed fi
 sparse_block_size, ...) are not inherited. docs/migration.md lists every difference.
 
 Layouts are translated without reading any length on the host and without host-to-device copies
-(every helper tensor is made by device ops, so the shims can be captured in a CUDA/NPU graph): "BSND" tensors are viewed as
-B * S rows, a "BSND" kv as a paged cache of B pages of S2 rows, "TND" lengths (prefix sums) become
-``cu_seqlens`` by a concatenation on the device, and the padding rows of a "BSND" query (those past
+(every helper tensor is made by device ops, so the shims can be captured in a CUDA/NPU graph):
+"BSND" tensors are viewed as B * S rows, a "BSND" kv as a paged cache of B pages of S2 rows, "TND"
+lengths (prefix sums) become ``cu_seqlens`` by a concatenation on the device, and the padding rows of a "BSND" query (those past
 ``actual_seq_lengths_query[b]``) become sequences of their own with no keys, so they output zeros
 and select nothing.
 
