@@ -485,3 +485,18 @@ def test_no_host_reads_meta_tensors():
     out, lse = fm.flash_mla_with_kvcache(q576, fp8, None, None, 512, None, indices=si, topk_length=sl,
                                          is_fp8_kvcache=True)
     assert out.shape == (2, 2, 4, 512) and lse.shape == (2, 4, 2)
+
+
+def test_sparse_fwd_gradients_match_the_native_op():
+    """The shim adds only index masking around the op: gradients w.r.t. q and kv are the op's."""
+    q, kv, idx, scale, d_v, sink, tl, _ = _make_sparse("topk_length", torch.float32)
+    q1, kv1 = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out, mx, lse = fm.flash_mla_sparse_fwd(q1, kv1, idx, scale, d_v=d_v, topk_length=tl)
+    assert mx.grad_fn is None  # the row max is a statistic
+    (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
+    q2, kv2 = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    idx_n = torch.where(torch.arange(idx.shape[-1])[None, None, :] < tl[:, None, None], idx, -1)
+    out2 = attention.selective_attention(q2, kv2, idx_n, d_v=d_v, sm_scale=scale)
+    (out2 * torch.arange(out2.numel()).reshape(out2.shape).sin()).sum().backward()
+    assert torch.equal(q1.grad, q2.grad) and torch.equal(kv1.grad, kv2.grad)
+    assert q1.grad.abs().sum() > 0

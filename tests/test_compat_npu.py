@@ -332,6 +332,18 @@ def test_sparse_flash_attention_separate_value_tensor_equal_to_key():
     assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
+def test_lengths_as_python_lists():
+    """actual_seq_lengths_* given as lists of ints (host data) mean the same as int32 tensors."""
+    pos, kw, _ = make_sfa(SFA_CASES[6], torch.float32)  # TND / PA_BSND
+    a, _, _ = npu.npu_sparse_flash_attention(*pos, **kw)
+    kl = dict(kw, actual_seq_lengths_query=kw["actual_seq_lengths_query"].tolist(),
+              actual_seq_lengths_kv=kw["actual_seq_lengths_kv"].tolist())
+    b, _, _ = npu.npu_sparse_flash_attention(*pos, **kl)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="actual_seq_lengths_kv"):
+        npu.npu_sparse_flash_attention(*pos, **dict(kw, actual_seq_lengths_kv=[1.5, 2.0]))
+
+
 def test_attention_mode_0_and_2_compute_the_same():
     """torch_npu supports only attention_mode=2 (its signature defaults to 0); both are accepted here
     and mean the same formula."""
@@ -580,3 +592,18 @@ def test_vendor_lightning_indexer_matches_ours_on_npu():
     # bfloat16 inputs, float32 scores on both sides: compare the selected sets (order can differ on near-ties)
     same = [set(a.tolist()) == set(b.tolist()) for a, b in zip(theirs.reshape(-1, case.K), ours.reshape(-1, case.K))]
     assert sum(same) >= 0.9 * len(same)
+
+
+def test_sparse_flash_attention_gradients_match_the_native_op():
+    """The layout translation is views and index tensors only: query's gradient is the op's."""
+    case = next(c for c in SFA_CASES if c.name == "tnd_tnd_causal")
+    pos, kw, facts = make_sfa(case, torch.float32)
+    query, key, value, idx, scale = pos
+    q1 = query.clone().requires_grad_()
+    out, _, _ = npu.npu_sparse_flash_attention(q1, key, value, idx, scale, **kw)
+    w = torch.arange(out.numel()).reshape(out.shape).cos()
+    (out * w).sum().backward()
+    q2 = query.clone().requires_grad_()
+    rows, n_out, _ = native_sfa(case, (q2, key, value, idx, scale), kw, facts, None)
+    (n_out * torch.stack([w[r] for r in rows])).sum().backward()
+    assert torch.allclose(q1.grad, q2.grad, atol=1e-6, rtol=0) and q1.grad.abs().sum() > 0

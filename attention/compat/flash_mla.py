@@ -135,7 +135,8 @@ def flash_mla_sparse_fwd(
     out, lse = selective_attention(q, kv, indices, d_v=d_v, attn_sink=attn_sink, return_lse=True, **common)
     mx = None
     if compute_max_logits:
-        mx = _max_logits(q, kv, indices, sm_scale=float(sm_scale))
+        with torch.no_grad():  # a statistic: no gradient flows through the row max
+            mx = _max_logits(q, kv, indices, sm_scale=float(sm_scale))
     result = (out, mx, _lonely_to_inf(lse))
     if indexer_topk > 0:
         # FlashMLA computes this inside the same kernel; here it is a second call on the prefix.

@@ -51,6 +51,16 @@ def _vendor():
             f"call with prefer_vendor=False to run this package's implementation") from e
 
 
+def _lengths(name: str, x, dev) -> Optional[Tensor]:
+    """torch_npu documents these as int32 tensors; model code often holds them as Python lists, which
+    are host data already, so a list becomes a tensor on the query's device (a copy, not a sync)."""
+    if isinstance(x, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in x):
+            raise TypeError(f"{name} must be an int tensor or a list of ints, got {x!r}")
+        return torch.tensor(x, dtype=torch.int32, device=dev)
+    return x
+
+
 def _check_window(name: str, value) -> None:
     if value is not None and value != _DEFAULT_WINDOW:
         raise ValueError(f"{name} must be 2^63-1 (the default, no window; torch_npu supports only that value), "
@@ -252,8 +262,12 @@ def npu_sparse_flash_attention(
     if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)):
         raise TypeError(f"scale_value must be a float, got {type(scale_value).__name__}")
 
+    actual_seq_lengths_query = _lengths("actual_seq_lengths_query", actual_seq_lengths_query, query.device)
+    actual_seq_lengths_kv = _lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, query.device)
     plan = _plan_query(layout_query, query, actual_seq_lengths_query, "query")
     _plan_kv(plan, layout_kv, key, actual_seq_lengths_kv, block_table, "actual_seq_lengths_kv", "layout_kv")
+    if query.shape[-2] % key.shape[-2] != 0:
+        raise ValueError(f"query's head count N1={query.shape[-2]} must be a multiple of key's N2={key.shape[-2]}")
     if value.shape[:-1] != key.shape[:-1]:
         raise ValueError(f"value must have key's shape except the last dimension {tuple(key.shape[:-1])}, "
                          f"got {tuple(value.shape)}")
@@ -289,7 +303,8 @@ def npu_sparse_flash_attention(
         empty = torch.empty(0, device=query.device, dtype=torch.float32)
         return out, empty, empty.clone()
     kw.pop("v"), kw.pop("d_v")
-    mx = _max_logits(q, key, idx, **kw)  # [T, N1]
+    with torch.no_grad():  # a statistic: no gradient flows through the row max
+        mx = _max_logits(q, key, idx, **kw)  # [T, N1]
     finite = torch.isfinite(mx)
     ssum = torch.where(finite, torch.exp(lse - torch.where(finite, mx, 0.0)), 0.0)
     N1, N2 = query.shape[-2], key.shape[-2]
@@ -369,6 +384,8 @@ def npu_lightning_indexer(
         raise ValueError(f"sparse_count must be an int >= 1, got {sparse_count!r}")
     api = _selection_api()
 
+    actual_seq_lengths_query = _lengths("actual_seq_lengths_query", actual_seq_lengths_query, query.device)
+    actual_seq_lengths_key = _lengths("actual_seq_lengths_key", actual_seq_lengths_key, query.device)
     plan = _plan_query(layout_query, query, actual_seq_lengths_query, "query")
     _plan_kv(plan, layout_key, key, actual_seq_lengths_key, block_table, "actual_seq_lengths_key", "layout_key")
     if key.shape[-2] != 1:
