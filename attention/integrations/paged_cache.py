@@ -104,33 +104,43 @@ class PagedLatentCache:
         if len(lengths) != self.batch_size or sum(lengths) != n or min(lengths) < 0:
             raise ValueError(f"append: lengths {lengths} must be {self.batch_size} counts >= 0 summing to {n}")
 
-        page_ids: List[int] = []
-        rows: List[int] = []
+        # Host-side allocation (no device reads); the new table entries go in with one indexed write.
+        new_b: List[int] = []
+        new_slot: List[int] = []
+        new_page: List[int] = []
         for b, m in enumerate(lengths):
             if m == 0:
                 continue
-            start = self._lengths[b]
-            end = start + m
+            end = self._lengths[b] + m
             pages_needed = -(-end // self.page_size) - len(self._pages[b])
             if pages_needed > len(self._free):
                 self._grow_pool(pages_needed - len(self._free))
             for _ in range(pages_needed):
-                self._pages[b].append(self._free.pop(0))
-            pos = range(start, end)
-            page_ids.extend(self._pages[b][p // self.page_size] for p in pos)
-            rows.extend(p % self.page_size for p in pos)
-            self._lengths[b] = end
-        if n:
-            page_t = torch.tensor(page_ids, dtype=torch.long, device=self.device)
-            row_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-            self.kv[page_t, row_t, 0] = latent.to(self.dtype)
-            self.kv_rope[page_t, row_t, 0] = rope.to(self.dtype)
+                new_b.append(b)
+                new_slot.append(len(self._pages[b]))
+                new_page.append(self._free.pop(0))
+                self._pages[b].append(new_page[-1])
         width = max((len(p) for p in self._pages), default=0)
-        table = torch.full((self.batch_size, width), -1, dtype=torch.int32)
-        for b, pages in enumerate(self._pages):
-            if pages:
-                table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.block_table = table.to(self.device)
+        if width > self.block_table.shape[1]:
+            # Widen by doubling so a decode loop re-allocates the table O(log L) times, not per page.
+            grow = max(width, 2 * self.block_table.shape[1]) - self.block_table.shape[1]
+            pad = torch.full((self.batch_size, grow), -1, dtype=torch.int32, device=self.device)
+            self.block_table = torch.cat([self.block_table, pad], dim=1)
+        if new_b:
+            self.block_table[torch.tensor(new_b), torch.tensor(new_slot)] = torch.tensor(
+                new_page, dtype=torch.int32).to(self.device)
+        if n:
+            counts = torch.tensor(lengths, device=self.device)
+            b_idx = torch.repeat_interleave(torch.arange(self.batch_size, device=self.device), counts)
+            first = torch.cumsum(counts, 0) - counts
+            old = torch.tensor(self._lengths, device=self.device)
+            pos = old[b_idx] + torch.arange(n, device=self.device) - first[b_idx]
+            page = self.block_table[b_idx, pos // self.page_size].long()
+            row = pos % self.page_size
+            self.kv[page, row, 0] = latent.to(self.dtype)
+            self.kv_rope[page, row, 0] = rope.to(self.dtype)
+        for b, m in enumerate(lengths):
+            self._lengths[b] += m
         self.seqlens_k = torch.tensor(self._lengths, dtype=torch.int32, device=self.device)
 
     def reset(self) -> None:
