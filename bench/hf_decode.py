@@ -97,17 +97,20 @@ def decode(model, cache, tokens, context):
 
 
 def cache_bytes(cache):
-    """(latent / K-V storage, indexer keys) bytes of an HF cache or of our paged layers."""
-    main = idx = 0
+    """(allocated latent / K-V storage, part of it sequences hold, indexer keys) bytes of an HF cache
+    or of our paged layers."""
+    main = used = idx = 0
     for layer in cache.layers:
         if hasattr(layer, "memory_bytes"):
             main += layer.memory_bytes()
+            used += layer.paged.used_bytes()
         else:
             for t in (layer.keys, layer.values):
                 main += t.numel() * t.element_size()
+                used += t.numel() * t.element_size()
         if getattr(layer, "indexer_keys", None) is not None:
             idx += layer.indexer_keys.numel() * layer.indexer_keys.element_size()
-    return main, idx
+    return main, used, idx
 
 
 def main(argv=None):
@@ -189,11 +192,12 @@ def main(argv=None):
         ("decode step, whole model (ms)", med["hf_eager"][0] * 1e3, med["absorb_mla"][0] * 1e3),
         ("decode step, attention modules (ms)", med["hf_eager"][1] * 1e3, med["absorb_mla"][1] * 1e3),
         ("values per token per layer (K,V / latent)", per_token_eager, per_token_latent),
-        ("cache storage, all layers (MiB)", e["cache"][0] / 2**20, a["cache"][0] / 2**20),
+        ("cache storage allocated, all layers (MiB)", e["cache"][0] / 2**20, a["cache"][0] / 2**20),
+        ("  of which sequences hold (MiB)", e["cache"][1] / 2**20, a["cache"][1] / 2**20),
         ("per-head K,V materialised per layer-step (MiB)", e["expanded"] / 2**20, a["expanded"] / 2**20),
         ("peak K/V working set: cache + 1 layer's K,V (MiB)",
          (e["cache"][0] + e["expanded"]) / 2**20, (a["cache"][0] + a["expanded"]) / 2**20),
-        ("indexer key cache, all layers (MiB, same both)", e["cache"][1] / 2**20, a["cache"][1] / 2**20),
+        ("indexer key cache, all layers (MiB, same both)", e["cache"][2] / 2**20, a["cache"][2] / 2**20),
     ]
     w = max(len(r[0]) for r in rows)
     print(f"\n{'metric':<{w}}  {'hf_eager':>10}  {'absorb_mla':>10}  {'ratio':>7}")
