@@ -174,7 +174,7 @@ def test_absorb_mla_generate_matches_eager(model, left_padded, eager_tokens, bac
     assert torch.equal(out.sequences, eager_tokens)
     # The cache generate() used holds paged latents: real tokens only, kv_lora_rank + rope values each.
     layers = out.cache.layers
-    assert all(type(layer).__name__ == "PagedLatentCacheLayer" for layer in layers)
+    assert all(isinstance(layer, sat.PagedLatentCacheLayer) for layer in layers)
     real = int(left_padded[1].sum()) + 3 * (NEW_TOKENS - 1)  # the last token is never fed back
     for layer in layers:
         assert sum(layer.paged.lengths) == real

@@ -164,10 +164,6 @@ def _layer_base():
     return DynamicIndexedLayer
 
 
-class PagedLatentCacheLayer:
-    """Placeholder replaced by the real class on first use (transformers is an optional import)."""
-
-
 def _make_layer_class():
     base = _layer_base()
 
@@ -253,11 +249,18 @@ _LAYER_CLASS = None
 
 
 def _layer_class():
-    global _LAYER_CLASS, PagedLatentCacheLayer
+    global _LAYER_CLASS
     if _LAYER_CLASS is None:
         _LAYER_CLASS = _make_layer_class()
-        PagedLatentCacheLayer = _LAYER_CLASS
     return _LAYER_CLASS
+
+
+def __getattr__(name):
+    # `PagedLatentCacheLayer` subclasses a transformers class, so it is built on first access
+    # (PEP 562) rather than at import: importing this module must not require transformers.
+    if name == "PagedLatentCacheLayer":
+        return _layer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------
