@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.9.0
+# transformers is test-only (the Hugging Face integration tests)
+TRANSFORMERS_VERSION ?= 5.24.0
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
@@ -20,7 +22,7 @@ $(VENV)/bin/activate:
 # Installed once per venv; re-run when the build description changes.
 $(VENV)/.installed: $(VENV)/bin/activate setup.py pyproject.toml build_ext_config.py
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q "triton==$(TRITON_VERSION)" numpy pybind11 setuptools wheel pytest hypothesis matplotlib tqdm
+	$(PIP) install -q "triton==$(TRITON_VERSION)" numpy pybind11 setuptools wheel pytest hypothesis matplotlib tqdm "transformers==$(TRANSFORMERS_VERSION)"
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 
