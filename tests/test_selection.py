@@ -135,6 +135,17 @@ def _cpu_backends(op):
     return out
 
 
+def _skip_unless_supported(backend, op, case, a):
+    """Unsupported combinations skip with the backend's own reason (STYLE.md rule 5)."""
+    from attention.selection import _SELECTION_BACKENDS, validate_selection
+
+    inp = validate_selection(op, a["q_idx"], a["k_idx"], a["weights"], case.k, block_size=case.block_size,
+                             block_reduce=case.block_reduce, **_indexer_kw(a))
+    reasons = _SELECTION_BACKENDS[backend].not_supported_reasons(inp)
+    if reasons:
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+
+
 def _indexer_kw(a):
     return {n: v for n, v in a.items() if n not in ("q_idx", "k_idx", "weights")}
 
@@ -193,6 +204,7 @@ def test_topk_of_indexer_matches_oracle(backend, case):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_select_matches_oracle(backend, case):
     a = case.make()
+    _skip_unless_supported(backend, "select", case, a)
     got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
                            backend=backend)
     exp = _expected_select(case, a)
