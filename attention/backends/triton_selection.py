@@ -161,7 +161,7 @@ if triton is not None:
         best = tl.zeros([K_PAD], dtype=tl.int64) + sentinel
         row = scratch_ptr + t * K_PAD
         for c0 in range(0, end_slots, K_PAD):
-            for sub in tl.static_range(0, K_PAD, SUB):
+            for sub in range(0, K_PAD, SUB):  # a loop, not unrolled: K_PAD/SUB is up to 64
                 s, pos = _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base,
                                      (c0 + sub) * BS, num_pages, page_size, max_pages, Di, scale, CAUSAL, PAGED,
                                      UPCAST, IEEE, BLOCK_N, BLOCK_D)
