@@ -369,3 +369,48 @@ def test_bad_scores():
         attention.topk_indices(torch.zeros(3), 2)
     with pytest.raises(ValueError, match="k"):
         validate_scores(torch.zeros(3, 4), -2)
+
+
+# ----------------------------------------------------------------------------- on a GPU (skipped here)
+_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@_gpu
+@pytest.mark.parametrize("backend", ["cuda", "reference"])
+@pytest.mark.parametrize("rows,W,k", [(3, 37, 5), (4, 1000, 2048), (5, 4096, 100), (2, 131072, 2048)])
+def test_gpu_topk_matches_oracle(backend, rows, W, k):
+    from attention.selection import _SELECTION_BACKENDS
+
+    why = _SELECTION_BACKENDS[backend].unavailable_reasons()
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+    g = torch.Generator().manual_seed(W + k)
+    s = torch.randn(rows, W, generator=g)
+    s[0, W // 3:] = float("-inf")
+    if rows > 1:
+        s[1] = torch.randint(-2, 3, (W,), generator=g).float()  # ties everywhere
+    if rows > 2:
+        s[2, ::7] = float("nan")
+    got = attention.topk_indices(s.cuda(), k, backend=backend)
+    assert torch.equal(got.cpu(), python_ref.topk_indices_dense(s, k))
+    # the op's CUDA kernel (the CUDA C++ one when built) gives the same
+    assert torch.equal(torch.ops.attention.topk_indices(s.cuda(), k).cpu(), got.cpu())
+
+
+@_gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gpu_select_and_indexer_match_oracle(backend, case):
+    a = case.make(device="cuda")
+    _skip_unless_supported(backend, "select", case, a)
+    got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
+                           backend=backend)
+    a_cpu = case.make()
+    assert torch.equal(got.cpu(), _expected_select(case, a_cpu))
+    if case.block_size == 1:
+        sc = attention.lightning_indexer(**a, backend=backend).cpu()
+        ref = _oracle_scores(a_cpu)
+        assert torch.equal(torch.isinf(sc), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        if fin.any():
+            assert (sc.double() - ref)[fin].abs().max() <= 1e-4 * (1 + ref[fin].abs().max())
