@@ -173,6 +173,16 @@ class _Indexer:
         # where, not multiply: a garbage row (NaN in an unused page) must not leak into the score.
         return torch.where(valid, s, float("-inf"))
 
+    def limit(self, t0: int, t1: int) -> int:
+        """Positions [limit, W) are invalid for every token of [t0, t1) - known without a sync only for
+        one contiguous sequence: past L, or (causal) past the last token's position."""
+        if not self.uniform:
+            return self.W
+        end = min(self.W, self.L)
+        if self.causal:
+            end = min(end, max(0, (t1 - 1) + self.L - self.T + 1))
+        return end
+
     def token_chunk(self, positions: int, chunk_bytes: int) -> int:
         per_token = positions * (self.Hi * 4 + 16) + (0 if self.uniform else positions * self.Di * 8)
         return max(1, int(chunk_bytes // max(1, per_token)))
@@ -190,14 +200,60 @@ def _reduce_blocks(s: Tensor, block_size: int, block_reduce: str) -> Tensor:
     return torch.where(cnt > 0, tot / cnt.clamp_min(1).to(s.dtype), float("-inf"))
 
 
+def _split_by_sequence(q_idx: Tensor, per_sequence: Optional[bool], cu_seqlens_q, cu_seqlens_k, block_table) -> bool:
+    """Run varlen/paged CPU calls one sequence at a time on the one-sequence fast path?
+
+    On the CPU the lengths can be read for free, and then each sequence is a plain GEMM against its
+    own keys (paged keys are gathered once per sequence: O(L) memory). The per-token gather path stays
+    for devices, where reading the lengths would be a sync.
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None or block_table is not None
+    if per_sequence is not None:
+        return bool(per_sequence) and varlen
+    return (varlen and q_idx.device.type == "cpu" and type(q_idx) is Tensor
+            and not torch.compiler.is_compiling())
+
+
+def _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k):
+    """(t0, t1, keys of the sequence [L_b, Di]) per sequence with at least one query token."""
+    T = q_idx.shape[0]
+    cq = [0, T] if cu_seqlens_q is None else cu_seqlens_q.tolist()
+    paged = k_idx.dim() == 3
+    if paged:
+        lens = seqlens_k.tolist()
+        page = k_idx.shape[1]
+        k_flat = k_idx.reshape(-1, k_idx.shape[-1])
+    else:
+        ck = [0, k_idx.shape[0]] if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        if cq[b + 1] == cq[b]:
+            continue
+        if paged:
+            pos = torch.arange(lens[b], device=k_idx.device)
+            keys = k_flat[block_table[b].to(torch.int64)[pos // page] * page + pos % page]
+        else:
+            keys = k_idx[ck[b]:ck[b + 1]]
+        yield cq[b], cq[b + 1], keys
+
+
 # ----------------------------------------------------------------------------- production functions
 def lightning_indexer(
     q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, scale: Optional[float] = None,
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
     max_seqlen_k: Optional[int] = None, causal: bool = True, chunk_bytes: int = SELECT_CHUNK_BYTES,
+    per_sequence: Optional[bool] = None,
 ) -> Tensor:
     """Index scores [T, W] float32 (float64 for float64 inputs), -inf where invalid."""
+    if _split_by_sequence(q_idx, per_sequence, cu_seqlens_q, cu_seqlens_k, block_table):
+        W = score_width(k_idx, cu_seqlens_k, seqlens_k, max_seqlen_k)
+        cd = torch.float64 if q_idx.dtype == torch.float64 else torch.float32
+        out = torch.full((q_idx.shape[0], W), float("-inf"), device=q_idx.device, dtype=cd)
+        for t0, t1, keys in _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k):
+            n = min(W, keys.shape[0])
+            out[t0:t1, :n] = lightning_indexer(q_idx[t0:t1], keys, weights[t0:t1], scale=scale, causal=causal,
+                                               chunk_bytes=chunk_bytes, max_seqlen_k=n)
+        return out
     ix = _Indexer(q_idx, k_idx, weights, scale, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
                   max_seqlen_k, causal)
     out = torch.empty(ix.T, ix.W, device=ix.device, dtype=ix.cd)
@@ -207,8 +263,10 @@ def lightning_indexer(
     tc = ix.token_chunk(pc, chunk_bytes)
     for t0 in range(0, ix.T, tc):
         t1 = min(ix.T, t0 + tc)
-        for p0 in range(0, ix.W, pc):
-            p1 = min(ix.W, p0 + pc)
+        end = ix.limit(t0, t1)
+        out[t0:t1, end:] = float("-inf")
+        for p0 in range(0, end, pc):
+            p1 = min(end, p0 + pc)
             out[t0:t1, p0:p1] = ix.tile(t0, t1, p0, p1)
     return out
 
@@ -241,6 +299,7 @@ def select(
     block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
     max_seqlen_k: Optional[int] = None, causal: bool = True, block_size: int = 1,
     block_reduce: str = "max", chunk_bytes: int = SELECT_CHUNK_BYTES, key_chunk: int = 4096,
+    per_sequence: Optional[bool] = None,
 ) -> Tensor:
     """Fused indexer + top-k: [T, 1, k] int32 position (block_size=1) or block indices.
 
@@ -249,6 +308,15 @@ def select(
     but the packing makes the merge order irrelevant anyway. Memory: O(c * (k + chunk)) per chunk of
     c query tokens, never O(T * W).
     """
+    if _split_by_sequence(q_idx, per_sequence, cu_seqlens_q, cu_seqlens_k, block_table):
+        out = torch.full((q_idx.shape[0], 1, k), -1, device=q_idx.device, dtype=torch.int32)
+        W = score_width(k_idx, cu_seqlens_k, seqlens_k, max_seqlen_k)
+        for t0, t1, keys in _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k):
+            n = min(W, keys.shape[0])
+            out[t0:t1] = select(q_idx[t0:t1], keys, weights[t0:t1], k, scale=scale, causal=causal,
+                                block_size=block_size, block_reduce=block_reduce, chunk_bytes=chunk_bytes,
+                                key_chunk=key_chunk, max_seqlen_k=n)
+        return out
     ix = _Indexer(q_idx, k_idx, weights, scale, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
                   max_seqlen_k, causal)
     T, b = ix.T, int(block_size)
@@ -262,16 +330,14 @@ def select(
     outs = []
     for t0 in range(0, T, tc):
         t1 = min(T, t0 + tc)
-        best = None
-        for j0 in range(0, nb, blocks_per_chunk):
+        best = torch.empty(t1 - t0, 0, device=ix.device, dtype=torch.int64)
+        for j0 in range(0, -(-ix.limit(t0, t1) // b), blocks_per_chunk):
             j1 = min(nb, j0 + blocks_per_chunk)
             s = ix.tile(t0, t1, j0 * b, j1 * b)
             if b > 1:
                 s = _reduce_blocks(s, b, block_reduce)
             ids = torch.arange(j0, j1, device=ix.device, dtype=torch.int64)
-            keys = pack_keys(s, ids[None, :])
-            if best is not None:
-                keys = torch.cat([best, keys], dim=1)
+            keys = torch.cat([best, pack_keys(s, ids[None, :])], dim=1)
             if keys.shape[1] > k:
                 keys = torch.topk(keys, k, dim=1, largest=True, sorted=False).values
             best = keys

@@ -216,13 +216,29 @@ def test_select_matches_oracle(backend, case):
     assert torch.equal(got, again)
 
 
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["per_token_gather", "per_sequence"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.k > 0], ids=lambda c: c.name)
-def test_reference_select_streams_in_small_chunks(case):
-    """Many key chunks and one-token query chunks: the running merge must give the same answer."""
+def test_reference_select_streams_in_small_chunks(case, per_sequence):
+    """Many key chunks and one-token query chunks: the running merge must give the same answer.
+    Both varlen strategies: per-token gathers (the sync-free device path) and per sequence (CPU)."""
     a = case.make()
     got = python_ref.select(a.pop("q_idx"), a.pop("k_idx"), a.pop("weights"), case.k, block_size=case.block_size,
-                            block_reduce=case.block_reduce, chunk_bytes=1, key_chunk=case.block_size * 3, **a)
+                            block_reduce=case.block_reduce, chunk_bytes=1, key_chunk=case.block_size * 3,
+                            per_sequence=per_sequence, **a)
     assert torch.equal(got, _expected_select(case, case.make()))
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["per_token_gather", "per_sequence"])
+@pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: c.name)
+def test_reference_indexer_both_varlen_strategies(case, per_sequence):
+    a = case.make()
+    got = python_ref.lightning_indexer(a.pop("q_idx"), a.pop("k_idx"), a.pop("weights"), chunk_bytes=1,
+                                       per_sequence=per_sequence, **a)
+    ref = _oracle_scores(case.make())
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    if fin.any():
+        assert (got.double() - ref)[fin].abs().max() <= 1e-4 * (1 + ref[fin].abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
