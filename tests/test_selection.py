@@ -241,6 +241,22 @@ def test_reference_indexer_both_varlen_strategies(case, per_sequence):
         assert (got.double() - ref)[fin].abs().max() <= 1e-4 * (1 + ref[fin].abs().max())
 
 
+@pytest.mark.skipif("triton" not in _cpu_backends("select"), reason="triton not runnable here")
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in (
+    "single_causal", "decode_one_token", "varlen_causal", "paged_varlen", "ties_integer", "block2_max",
+    "block4_max_varlen_paged", "k_exceeds_valid", "max_seqlen_wider")], ids=lambda c: c.name)
+def test_triton_select_split_keys(case, monkeypatch):
+    """The key-range split (decode path on a GPU) merges exactly: force 3 splits under the interpreter."""
+    from attention.selection import _SELECTION_BACKENDS
+
+    monkeypatch.setattr(_SELECTION_BACKENDS["triton"], "splits_override", 3)
+    a = case.make()
+    _skip_unless_supported("triton", "select", case, a)
+    got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
+                           backend="triton")
+    assert torch.equal(got, _expected_select(case, a))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", _cpu_backends("select"))
 def test_low_precision_inputs(backend, dtype):

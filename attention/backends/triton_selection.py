@@ -35,7 +35,7 @@ from typing import List
 import torch
 
 import python_ref
-from python_ref.selection import _INVALID_MAX, score_width
+from python_ref.selection import _INVALID_MAX, _finish, score_width
 
 from ..selection import SelectionBackend
 
@@ -136,12 +136,17 @@ if triton is not None:
     @triton.jit
     def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
                        stride_qt, stride_qh, stride_k, stride_wt, stride_tb, W, k, Hi, Di, scale,
-                       num_pages, page_size, max_pages, invalid_max, sentinel, CAUSAL: tl.constexpr,
+                       num_pages, page_size, max_pages, invalid_max, sentinel, span, CAUSAL: tl.constexpr,
                        PAGED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, BS: tl.constexpr,
-                       MEAN: tl.constexpr):
+                       MEAN: tl.constexpr, SPLITS: tl.constexpr):
         # Units: a "slot" is a position (BS == 1) or a block of BS positions (NSA block selection).
+        # Program (t, sp) handles slots [sp * span, sp * span + span) of token t (span: a multiple of
+        # K_PAD). With SPLITS > 1 it writes its packed top-K_PAD to out_ptr[t, sp, :] (int64) and the
+        # host merges the splits with one torch.topk; a decode step (few tokens, 128K keys) then
+        # fills the GPU instead of running one long program per token.
         t = tl.program_id(0).to(tl.int64)
+        sp = tl.program_id(1).to(tl.int64)
         L = tl.minimum(tl.load(L_ptr + t), W)  # positions >= W are outside the score row
         q_pos = tl.load(qpos_ptr + t)
         if PAGED:
@@ -159,8 +164,8 @@ if triton is not None:
         j = tl.arange(0, K_PAD)
         SUB: tl.constexpr = BLOCK_N // BS  # slots per score tile
         best = tl.zeros([K_PAD], dtype=tl.int64) + sentinel
-        row = scratch_ptr + t * K_PAD
-        for c0 in range(0, end_slots, K_PAD):
+        row = scratch_ptr + (t * SPLITS + sp) * K_PAD
+        for c0 in range(sp * span, tl.minimum(sp * span + span, end_slots), K_PAD):
             for sub in range(0, K_PAD, SUB):  # a loop, not unrolled: K_PAD/SUB is up to 64
                 s, pos = _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base,
                                      (c0 + sub) * BS, num_pages, page_size, max_pages, Di, scale, CAUSAL, PAGED,
@@ -181,9 +186,12 @@ if triton is not None:
             if tl.max(keys, axis=0) > tl.min(best, axis=0):  # else nothing of this chunk enters the top-k
                 srt = tl.sort(keys, descending=True)
                 best = tl.sort(tl.maximum(best, tl.flip(srt, 0)), descending=True)
-        pos = 4294967295 - (best & 4294967295)
-        res = tl.where(best > invalid_max, pos, -1).to(tl.int32)
-        tl.store(out_ptr + t * k + j, res, mask=j < k)
+        if SPLITS == 1:
+            pos = 4294967295 - (best & 4294967295)
+            res = tl.where(best > invalid_max, pos, -1).to(tl.int32)
+            tl.store(out_ptr + t * k + j, res, mask=j < k)
+        else:
+            tl.store(out_ptr + (t * SPLITS + sp) * K_PAD + j, best)
 
 
 class TritonSelection(SelectionBackend):
@@ -261,13 +269,35 @@ class TritonSelection(SelectionBackend):
         K_PAD = _p2(k)
         bs = inp.block_size
         BLOCK_N = max(min(K_PAD * bs, 64), bs)  # positions per score tile: whole blocks
-        scratch = torch.empty(T, K_PAD, device=a["q"].device, dtype=torch.float32)
-        _select_kernel[(T,)](
-            a["q"], a["k"], a["w"], out, scratch, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
+        slots = -(-W // bs)
+        chunks = max(1, -(-slots // K_PAD))
+        splits = self.num_splits(T, chunks, a["q"].device)
+        span = -(-chunks // splits) * K_PAD
+        splits = max(1, -(-slots // span))  # no empty split
+        scratch = torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.float32)
+        dst = out if splits == 1 else torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.int64)
+        _select_kernel[(T, splits)](
+            a["q"], a["k"], a["w"], dst, scratch, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
             a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"],
             W, k, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
-            _INVALID_MAX, _SENTINEL, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs, MEAN=inp.block_reduce == "mean", num_warps=8 if K_PAD >= 1024 else 4, **meta)
+            _INVALID_MAX, _SENTINEL, span, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs, MEAN=inp.block_reduce == "mean",
+            SPLITS=splits, num_warps=8 if K_PAD >= 1024 else 4, **meta)
+        if splits > 1:
+            # Packed keys are unique and ordered, so one int64 top-k merges the splits exactly.
+            return _finish(dst.view(T, splits * K_PAD), k)
         return out
+
+    #: tests set this to force a split count (the interpreter has no SMs to fill)
+    splits_override = None
+
+    def num_splits(self, T: int, chunks: int, device) -> int:
+        """Key-range splits per token: enough programs for ~2 waves over the SMs, each at least 2 chunks."""
+        if self.splits_override is not None:
+            return max(1, min(int(self.splits_override), chunks))
+        if device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(-(-2 * sms // max(T, 1)), chunks // 2))
 
 
 SELECTION_BACKEND = TritonSelection() if triton is not None else None
