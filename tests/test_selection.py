@@ -120,6 +120,8 @@ CASES = [
     SelCase("block3_mean_ties_integer", block_size=3, block_reduce="mean", integer=True, scale=1.0, k=7,
             seqs=((4, 31),)),
     SelCase("block8_k_exceeds_blocks", block_size=8, seqs=((2, 20),), k=6),
+    SelCase("block64_max_nsa", block_size=64, k=3, seqs=((2, 300),)),  # NSA's block size: one block per tile
+    SelCase("block128_mean_paged", block_size=128, block_reduce="mean", k=2, page_size=32, seqs=((1, 400), (1, 130))),
 ]
 INDEXER_CASES = [c for c in CASES if c.block_size == 1]
 
