@@ -285,6 +285,7 @@ def block_scores(scores: Tensor, block_size: int, block_reduce: str = "max") -> 
     return _reduce_blocks(s.contiguous(), block_size, block_reduce)
 
 
+@torch.no_grad()  # indices are not differentiable; no autograd graph may hold the chunks alive
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """[T, W] scores -> [T, 1, k] int32: valid (> -inf, not NaN) positions by descending score,
     ties to the lower position, then -1."""
@@ -293,6 +294,7 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
     return _finish(pack_keys(scores, pos[None, :]), k)
 
 
+@torch.no_grad()  # indices are not differentiable; a graph would keep every chunk's logits alive
 def select(
     q_idx: Tensor, k_idx: Tensor, weights: Tensor, k: int, *, scale: Optional[float] = None,
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,

@@ -448,3 +448,10 @@ def test_gpu_select_and_indexer_match_oracle(backend, case):
         fin = torch.isfinite(ref)
         if fin.any():
             assert (sc.double() - ref)[fin].abs().max() <= 1e-4 * (1 + ref[fin].abs().max())
+
+
+def test_select_with_inputs_requiring_grad_keeps_no_graph():
+    a = SelCase("grad", seqs=((3, 30),)).make()
+    q = a.pop("q_idx").requires_grad_()
+    got = attention.select(q, a.pop("k_idx"), a.pop("weights"), 5, **a)
+    assert not got.requires_grad and got.grad_fn is None
