@@ -11,3 +11,14 @@ from .selective_attention import (  # noqa: F401
     token_metadata,
     tokens_per_chunk,
 )
+from .selection import (  # noqa: F401
+    SELECT_CHUNK_BYTES,
+    block_scores,
+    block_scores_dense,
+    lightning_indexer,
+    lightning_indexer_dense,
+    select,
+    select_dense,
+    topk_indices,
+    topk_indices_dense,
+)

@@ -1,0 +1,311 @@
+"""Triton kernels for selection (SPEC.md section 2): the lightning-indexer scores and the fused select.
+
+Layout: one program per query token. The indexer heads are the M dimension of the tile
+(``[Hi, Di] x [Di, BLOCK_N]``, DeepSeek-V3.2 has Hi = 64), so a program never mixes sequences and
+varlen/paged inputs need no host-side tile schedule: the per-token sequence facts (length, causal
+position, first row or block-table row) come from ``python_ref.token_metadata`` on the device,
+without a sync. Positions are masked before any load, so a garbage row (NaN in an unused page) or a
+-1 table entry is never read.
+
+Fused select: the program streams over the keys in chunks of ``K_PAD`` positions (k rounded up to a
+power of two). Each chunk's scores are computed ``BLOCK_N`` at a time on chip and parked in a
+per-token scratch row of ``K_PAD`` floats (L1/L2 resident; memory O(T * k), never O(T * W)), then
+packed into int64 keys (score order-preserving bits << 32 | ~position, exactly
+python_ref.selection.pack_keys), sorted, and merged with the running top-``K_PAD`` by the bitonic
+trick ``max(best, flip(chunk_sorted))`` followed by one more sort. A chunk whose best key cannot
+enter the running top-k is skipped without sorting. Packed keys are unique, so the result is exact
+and equal to the reference bit for bit, ties included.
+
+Dots: float32 inputs use ``input_precision="ieee"`` (TF32 would reorder near-equal scores against
+the reference); float16/bfloat16 use their native tensor-core dot on the GPU and are upcast under
+``TRITON_INTERPRET=1`` because the interpreter's bfloat16 ``tl.dot`` is wrong (TRAPS.md).
+
+Block selection (``block_size = b > 1``, b a power of two <= 128): each score tile holds whole
+blocks and is reduced to block scores ("max" or "mean" over valid positions) before it is parked.
+Not implemented here (the registry falls back to the reference, which runs on the GPU with torch
+ops): other block sizes, and k > 4096. ``topk_indices`` on CUDA is the CUDA C++
+kernel (attention/backends/cuda_topk.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+
+import python_ref
+from python_ref.selection import _INVALID_MAX, _finish, score_width
+
+from ..selection import SelectionBackend
+
+try:
+    import triton
+    import triton.language as tl
+    _TRITON_ERROR = None
+except Exception as e:  # pragma: no cover - triton missing
+    triton = None
+    _TRITON_ERROR = str(e)
+
+MAX_K = 4096
+MAX_BLOCK = 128  # block selection: power-of-two blocks up to this size
+_SENTINEL = -(1 << 63)  # smaller than every packed key: an empty slot of the running top-k
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _new(*shape, device, dtype):
+    """Output buffer; with ATTENTION_NAN_FILL=1 (the test suite) pre-filled with NaN / -2, values no
+    kernel writes, so an element a kernel forgets cannot pass a comparison."""
+    if os.environ.get("ATTENTION_NAN_FILL", "0") not in ("", "0"):
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -2, device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _p2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base, p0, num_pages, page_size,
+                    max_pages, Di, scale, CAUSAL: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Scores [BLOCK_N] of positions p0 + [0, BLOCK_N) for one token (q [BLOCK_H, BLOCK_D])."""
+        pos = p0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        valid = pos < L
+        if CAUSAL:
+            valid = valid & (pos <= q_pos)
+        if PAGED:
+            pidx = tl.minimum(pos // page_size, max_pages - 1)
+            page = tl.load(table_ptr + seq * stride_tb + pidx, mask=valid, other=0).to(tl.int64)
+            valid = valid & (page >= 0) & (page < num_pages)
+            rows = page * page_size + pos % page_size
+        else:
+            rows = base + pos
+        rows = tl.where(valid, rows, 0)
+        d = tl.arange(0, BLOCK_D)
+        keys = tl.load(k_ptr + rows[:, None] * stride_k + d[None, :], mask=valid[:, None] & (d[None, :] < Di),
+                       other=0.0)
+        if UPCAST:
+            keys = keys.to(tl.float32)
+        if IEEE:
+            logits = tl.dot(q, tl.trans(keys), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
+        else:
+            logits = tl.dot(q, tl.trans(keys))
+        logits = tl.maximum(logits * scale, 0.0)
+        s = tl.sum(w[:, None] * logits, axis=0)
+        return tl.where(valid, s, float("-inf")), pos
+
+    @triton.jit
+    def _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :],
+                    mask=(h[:, None] < Hi) & (d[None, :] < Di), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        w = tl.load(w_ptr + t * stride_wt + h, mask=h < Hi, other=0.0).to(tl.float32)
+        return q, w
+
+    @triton.jit
+    def _indexer_kernel(q_ptr, k_ptr, w_ptr, out_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
+                        stride_qt, stride_qh, stride_k, stride_wt, stride_ot, stride_tb, W, Hi, Di, scale,
+                        num_pages, page_size, max_pages, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
+                        UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        p0 = tl.program_id(1).to(tl.int64) * BLOCK_N
+        L = tl.load(L_ptr + t)
+        q_pos = tl.load(qpos_ptr + t)
+        if PAGED:
+            seq = tl.load(seq_ptr + t)
+            base = 0
+        else:
+            seq = 0
+            base = tl.load(base_ptr + t)
+        q, w = _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST, BLOCK_H, BLOCK_D)
+        s, pos = _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base, p0, num_pages,
+                             page_size, max_pages, Di, scale, CAUSAL, PAGED, UPCAST, IEEE, BLOCK_N, BLOCK_D)
+        tl.store(out_ptr + t * stride_ot + pos, s, mask=pos < W)
+
+    @triton.jit
+    def _pack(s, pos):
+        """int64 keys: higher score first, then lower position (python_ref.selection.pack_keys)."""
+        s = tl.where(s != s, float("-inf"), s) + 0.0  # NaN counts as -inf; -0.0 becomes +0.0
+        b = s.to(tl.int32, bitcast=True)
+        k32 = b ^ ((b >> 31) & 0x7FFFFFFF)
+        return k32.to(tl.int64) * 4294967296 + (4294967295 - pos)
+
+    @triton.jit
+    def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
+                       stride_qt, stride_qh, stride_k, stride_wt, stride_tb, W, k, Hi, Di, scale,
+                       num_pages, page_size, max_pages, invalid_max, sentinel, span, CAUSAL: tl.constexpr,
+                       PAGED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, BS: tl.constexpr,
+                       MEAN: tl.constexpr, SPLITS: tl.constexpr):
+        # Units: a "slot" is a position (BS == 1) or a block of BS positions (NSA block selection).
+        # Program (t, sp) handles slots [sp * span, sp * span + span) of token t (span: a multiple of
+        # K_PAD). With SPLITS > 1 it writes its packed top-K_PAD to out_ptr[t, sp, :] (int64) and the
+        # host merges the splits with one torch.topk; a decode step (few tokens, 128K keys) then
+        # fills the GPU instead of running one long program per token.
+        t = tl.program_id(0).to(tl.int64)
+        sp = tl.program_id(1).to(tl.int64)
+        L = tl.minimum(tl.load(L_ptr + t), W)  # positions >= W are outside the score row
+        q_pos = tl.load(qpos_ptr + t)
+        if PAGED:
+            seq = tl.load(seq_ptr + t)
+            base = 0
+        else:
+            seq = 0
+            base = tl.load(base_ptr + t)
+        # Nothing past the sequence (or past the query, when causal) can score: stop there.
+        end = L
+        if CAUSAL:
+            end = tl.minimum(end, q_pos + 1)
+        end_slots = (end + BS - 1) // BS
+        q, w = _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST, BLOCK_H, BLOCK_D)
+        j = tl.arange(0, K_PAD)
+        SUB: tl.constexpr = BLOCK_N // BS  # slots per score tile
+        best = tl.zeros([K_PAD], dtype=tl.int64) + sentinel
+        row = scratch_ptr + (t * SPLITS + sp) * K_PAD
+        for c0 in range(sp * span, tl.minimum(sp * span + span, end_slots), K_PAD):
+            for sub in range(0, K_PAD, SUB):  # a loop, not unrolled: K_PAD/SUB is up to 64
+                s, pos = _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base,
+                                     (c0 + sub) * BS, num_pages, page_size, max_pages, Di, scale, CAUSAL, PAGED,
+                                     UPCAST, IEEE, BLOCK_N, BLOCK_D)
+                if BS > 1:
+                    s2 = tl.reshape(s, [SUB, BS])
+                    if MEAN:  # mean over the block's valid positions, as python_ref.block_scores
+                        ok = s2 > float("-inf")
+                        cnt = tl.sum(ok.to(tl.float32), axis=1)
+                        tot = tl.sum(tl.where(ok, s2, 0.0), axis=1)
+                        s = tl.where(cnt > 0, tot / tl.maximum(cnt, 1.0), float("-inf"))
+                    else:
+                        s = tl.max(s2, axis=1)
+                tl.store(row + sub + tl.arange(0, SUB), s)
+            tl.debug_barrier()  # the chunk's scores, written by every thread, are read back below
+            keys = _pack(tl.load(row + j), c0 + j.to(tl.int64))
+            tl.debug_barrier()  # before the next chunk overwrites the scratch row
+            if tl.max(keys, axis=0) > tl.min(best, axis=0):  # else nothing of this chunk enters the top-k
+                srt = tl.sort(keys, descending=True)
+                best = tl.sort(tl.maximum(best, tl.flip(srt, 0)), descending=True)
+        if SPLITS == 1:
+            pos = 4294967295 - (best & 4294967295)
+            res = tl.where(best > invalid_max, pos, -1).to(tl.int32)
+            tl.store(out_ptr + t * k + j, res, mask=j < k)
+        else:
+            tl.store(out_ptr + (t * SPLITS + sp) * K_PAD + j, best)
+
+
+class TritonSelection(SelectionBackend):
+    name = "triton"
+    ops = frozenset({"lightning_indexer", "select"})
+    priority = 10
+
+    @property
+    def devices(self):  # CPU tensors only through the interpreter (tests / CI)
+        return frozenset({"cuda", "cpu"}) if _interpreting() else frozenset({"cuda"})
+
+    def unavailable_reasons(self) -> List[str]:
+        if triton is None:
+            return [f"triton not importable ({_TRITON_ERROR})"]
+        if not torch.cuda.is_available() and not _interpreting():
+            return ["no CUDA device (CPU tensors need TRITON_INTERPRET=1)"]
+        return []
+
+    def priority_for(self, device_type):
+        return 10 if device_type == "cuda" else 100  # on the CPU the reference (0) stays first
+
+    def not_supported_reasons(self, inp) -> List[str]:
+        reasons = super().not_supported_reasons(inp)
+        if inp.op == "select":
+            b = inp.block_size
+            if b & (b - 1) or b > MAX_BLOCK:
+                reasons.append(f"block_size={b}: triton needs a power of two <= {MAX_BLOCK}")
+            if inp.k > MAX_K:
+                reasons.append(f"k={inp.k} > {MAX_K}")
+        return reasons
+
+    # ---- launch ----
+    def _common(self, inp):
+        q, kx, w = inp.q_idx, inp.k_idx, inp.weights
+        T, Hi, Di = q.shape
+        if q.stride(2) != 1:
+            q = q.contiguous()
+        if kx.stride(-1) != 1 or (kx.dim() == 3 and kx.stride(0) != kx.shape[1] * kx.stride(1)):
+            kx = kx.contiguous()
+        paged = kx.dim() == 3
+        k_flat = kx.reshape(-1, Di) if paged else kx
+        w = w.to(torch.float32)
+        seq, L, q_pos, base = python_ref.token_metadata(T, None if paged else kx.shape[0], q.device,
+                                                        inp.cu_seqlens_q, inp.cu_seqlens_k,
+                                                        inp.seqlens_k if paged else None)
+        table = inp.block_table.to(torch.int32).contiguous() if paged else L  # dummy pointer when contiguous
+        W = score_width(kx, inp.cu_seqlens_k, inp.seqlens_k if paged else None, inp.max_seqlen_k)
+        lowp = q.dtype in (torch.float16, torch.bfloat16)
+        meta = dict(CAUSAL=inp.causal, PAGED=paged, UPCAST=_interpreting() or not lowp,
+                    IEEE=not lowp or _interpreting(), BLOCK_H=_p2(Hi), BLOCK_D=_p2(Di))
+        args = dict(q=q, k=k_flat, w=w, L=L, q_pos=q_pos, base=L if base is None else base, seq=seq, table=table,
+                    T=T, Hi=Hi, Di=Di, W=W, scale=float(Di ** -0.5 if inp.scale is None else inp.scale),
+                    num_pages=kx.shape[0] if paged else 0, page_size=kx.shape[1] if paged else 1,
+                    max_pages=table.shape[1] if paged else 1, stride_tb=table.stride(0) if paged else 0)
+        return args, meta
+
+    def run(self, inp):
+        a, meta = self._common(inp)
+        T, W = a["T"], a["W"]
+        if inp.op == "lightning_indexer":
+            out = _new(T, W, device=a["q"].device, dtype=torch.float32)
+            if T == 0 or W == 0:
+                return out
+            BLOCK_N = 64
+            _indexer_kernel[(T, triton.cdiv(W, BLOCK_N))](
+                a["q"], a["k"], a["w"], out, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
+                a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), out.stride(0), a["stride_tb"],
+                W, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
+                BLOCK_N=BLOCK_N, **meta)
+            return out
+        k = inp.k
+        out = _new(T, 1, k, device=a["q"].device, dtype=torch.int32)
+        if T == 0 or k == 0:
+            return out
+        K_PAD = _p2(k)
+        bs = inp.block_size
+        BLOCK_N = max(min(K_PAD * bs, 64), bs)  # positions per score tile: whole blocks
+        slots = -(-W // bs)
+        chunks = max(1, -(-slots // K_PAD))
+        splits = self.num_splits(T, chunks, a["q"].device)
+        span = -(-chunks // splits) * K_PAD
+        splits = max(1, -(-slots // span))  # no empty split
+        scratch = torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.float32)
+        dst = out if splits == 1 else torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.int64)
+        _select_kernel[(T, splits)](
+            a["q"], a["k"], a["w"], dst, scratch, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
+            a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"],
+            W, k, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
+            _INVALID_MAX, _SENTINEL, span, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs, MEAN=inp.block_reduce == "mean",
+            SPLITS=splits, num_warps=8 if K_PAD >= 1024 else 4, **meta)
+        if splits > 1:
+            # Packed keys are unique and ordered, so one int64 top-k merges the splits exactly.
+            return _finish(dst.view(T, splits * K_PAD), k)
+        return out
+
+    #: tests set this to force a split count (the interpreter has no SMs to fill)
+    splits_override = None
+
+    def num_splits(self, T: int, chunks: int, device) -> int:
+        """Key-range splits per token: enough programs for ~2 waves over the SMs, each at least 2 chunks."""
+        if self.splits_override is not None:
+            return max(1, min(int(self.splits_override), chunks))
+        if device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(-(-2 * sms // max(T, 1)), chunks // 2))
+
+
+SELECTION_BACKEND = TritonSelection() if triton is not None else None

@@ -1,0 +1,424 @@
+"""Selection (SPEC.md section 2): ``lightning_indexer``, ``topk_indices`` and the fused ``select``.
+
+Each call is validated once into a :class:`SelectionInputs` (errors name the argument) and handed to
+the first selection backend, by priority for the inputs' device, that can run it - the same
+declarative scheme as ``attention/registry.py`` for the attention op, on a table of its own because
+the ops differ (a backend may implement only some of them: the CUDA C++ one is top-k only):
+
+=========== ======== ============================================== ===================================
+backend     devices  ops                                            notes
+=========== ======== ============================================== ===================================
+cuda        cuda     topk_indices                                   csrc/cuda radix select; when built
+triton      cuda     lightning_indexer, select (+ topk via ref.)    CPU tensors only when forced under
+                                                                    TRITON_INTERPRET=1 (tests)
+reference   any      all                                            python_ref; first on the CPU
+=========== ======== ============================================== ===================================
+
+``backend=`` (or ``ATTENTION_SELECTION_BACKEND``) forces one; a forced backend that cannot run
+raises with its reasons. ``torch.ops.attention.topk_indices`` is the torch.library op; its CUDA
+kernel is the CUDA C++ top-k when the extension is built.
+
+Block selection (NSA-style): ``select(..., block_size=b, block_reduce="max" | "mean")`` returns
+*block* indices for ``selective_attention(block_size=b)``; a block's score is the max (default) or
+the mean of its valid positions' index scores (see python_ref.selection.block_scores).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, List, Optional
+
+import torch
+from torch import Tensor
+
+import python_ref
+from python_ref.selection import BLOCK_REDUCES
+
+from .inputs import FLOAT_DTYPES, _dt, _is_fake, _need_int_tensor, _need_rank, _need_tensor, debug_checks_enabled
+
+__all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "SelectionInputs", "validate_selection",
+           "selection_backends", "choose_selection_backend", "SelectionBackend"]
+
+OPS = ("lightning_indexer", "topk_indices", "select")
+
+
+@dataclass
+class SelectionInputs:
+    """Validated arguments of one selection call (``q_idx`` is None for ``topk_indices``)."""
+
+    op: str
+    q_idx: Optional[Tensor] = None
+    k_idx: Optional[Tensor] = None
+    weights: Optional[Tensor] = None
+    scores: Optional[Tensor] = None
+    k: int = 0
+    scale: Optional[float] = None
+    cu_seqlens_q: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+    block_table: Optional[Tensor] = None
+    seqlens_k: Optional[Tensor] = None
+    max_seqlen_k: Optional[int] = None
+    causal: bool = True
+    block_size: int = 1
+    block_reduce: str = "max"
+    backend: Optional[str] = None
+
+    @property
+    def device(self) -> torch.device:
+        return (self.scores if self.q_idx is None else self.q_idx).device
+
+    @property
+    def paged(self) -> bool:
+        return self.k_idx is not None and self.k_idx.dim() == 3
+
+    def indexer_kwargs(self) -> dict:
+        return dict(scale=self.scale, cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
+                    block_table=self.block_table, seqlens_k=self.seqlens_k, max_seqlen_k=self.max_seqlen_k,
+                    causal=self.causal)
+
+    def describe(self) -> str:
+        if self.q_idx is None:
+            return f"topk_indices scores={tuple(self.scores.shape)} k={self.k}"
+        return (f"{self.op} q_idx={tuple(self.q_idx.shape)} k_idx={tuple(self.k_idx.shape)} k={self.k} "
+                f"block={self.block_size} {'paged' if self.paged else 'contiguous'}")
+
+
+# ----------------------------------------------------------------------------- validation
+def _need_int(name: str, x, lo: int = 0):
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+
+
+def _check_backend(backend):
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+
+
+def validate_scores(scores, k, backend=None) -> SelectionInputs:
+    _need_tensor("scores", scores)
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a float tensor, got {_dt(scores.dtype)}")
+    _need_rank("scores", scores, (2,), "[T, W]")
+    _need_int("k", k)
+    _check_backend(backend)
+    return SelectionInputs(op="topk_indices", scores=scores, k=k, backend=backend)
+
+
+def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                       block_table=None, seqlens_k=None, max_seqlen_k=None, causal=True, block_size=1,
+                       block_reduce="max", backend=None, check_contents: Optional[bool] = None) -> SelectionInputs:
+    """Every shape, dtype, device and range rule of SPEC.md section 2 (and section 1's for kv)."""
+    for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("weights", weights)):
+        _need_tensor(name, x)
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                    ("block_table", block_table), ("seqlens_k", seqlens_k)):
+        _need_tensor(name, x, optional=True)
+    if q_idx.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q_idx must be float32, float16 or bfloat16, got {_dt(q_idx.dtype)}")
+    if k_idx.dtype != q_idx.dtype:
+        raise TypeError(f"k_idx must have q_idx's dtype {_dt(q_idx.dtype)}, got {_dt(k_idx.dtype)}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a float tensor, got {_dt(weights.dtype)}")
+    dev = q_idx.device
+    for name, x in (("k_idx", k_idx), ("weights", weights), ("cu_seqlens_q", cu_seqlens_q),
+                    ("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table), ("seqlens_k", seqlens_k)):
+        if x is not None and x.device != dev:
+            raise ValueError(f"{name} must be on q_idx's device {dev}, got {x.device}")
+    _need_rank("q_idx", q_idx, (3,), "[T, Hi, Di]")
+    T, Hi, Di = q_idx.shape
+    if Hi < 1 or Di < 1:
+        raise ValueError(f"q_idx must have Hi >= 1 and Di >= 1, got shape {tuple(q_idx.shape)}")
+    _need_rank("k_idx", k_idx, (2, 3), "[S, Di] or paged [P, page, Di]")
+    if k_idx.shape[-1] != Di:
+        raise ValueError(f"k_idx's last dimension must equal q_idx's width Di={Di}, got {k_idx.shape[-1]}")
+    paged = k_idx.dim() == 3
+    if paged and k_idx.shape[1] < 1:
+        raise ValueError(f"k_idx's page size must be >= 1, got shape {tuple(k_idx.shape)}")
+    if weights.dim() != 2 or tuple(weights.shape) != (T, Hi):
+        raise ValueError(f"weights must have shape [T, Hi]=({T}, {Hi}), got {tuple(weights.shape)}")
+    if op != "lightning_indexer":
+        _need_int("k", k)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _need_int("block_size", block_size, 1)
+    if block_reduce not in BLOCK_REDUCES:
+        raise ValueError(f"block_reduce must be one of {BLOCK_REDUCES}, got {block_reduce!r}")
+    if max_seqlen_k is not None:
+        _need_int("max_seqlen_k", max_seqlen_k)
+    _check_backend(backend)
+
+    if cu_seqlens_q is not None:
+        _need_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B+1]")
+        if cu_seqlens_q.shape[0] < 2:
+            raise ValueError(f"cu_seqlens_q must have B+1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
+    B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else 1
+    if paged:
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k is for a contiguous k_idx; a paged k_idx takes block_table and seqlens_k")
+        if block_table is None:
+            raise ValueError("block_table is required with a paged k_idx [P, page, Di]")
+        if seqlens_k is None:
+            raise ValueError("seqlens_k is required with a paged k_idx [P, page, Di]")
+        _need_int_tensor("block_table", block_table, 2, "[B, max_pages]")
+        _need_int_tensor("seqlens_k", seqlens_k, 1, "[B]")
+        if block_table.shape[0] != B:
+            raise ValueError(f"block_table must have B={B} rows, got shape {tuple(block_table.shape)}")
+        if seqlens_k.shape[0] != B:
+            raise ValueError(f"seqlens_k must have B={B} entries, got shape {tuple(seqlens_k.shape)}")
+    else:
+        if block_table is not None:
+            raise ValueError("block_table is for a paged k_idx [P, page, Di]; k_idx is contiguous [S, Di]")
+        if seqlens_k is not None:
+            raise ValueError("seqlens_k is for a paged k_idx; a contiguous k_idx takes cu_seqlens_k")
+        if cu_seqlens_k is not None:
+            _need_int_tensor("cu_seqlens_k", cu_seqlens_k, 1, "[B+1]")
+            if cu_seqlens_k.shape[0] != B + 1:
+                raise ValueError(f"cu_seqlens_k must have B+1={B + 1} entries like cu_seqlens_q, "
+                                 f"got shape {tuple(cu_seqlens_k.shape)}")
+        elif B != 1:
+            raise ValueError(f"cu_seqlens_k is required with a contiguous k_idx when cu_seqlens_q describes "
+                             f"B={B} sequences")
+    inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale,
+                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
+                          seqlens_k=seqlens_k, max_seqlen_k=max_seqlen_k, causal=causal, block_size=block_size,
+                          block_reduce=block_reduce, backend=backend)
+    if check_contents is None:
+        check_contents = dev.type == "cpu" or debug_checks_enabled()
+    if check_contents and not _is_fake(q_idx):
+        _check_contents(inp)
+    return inp
+
+
+def _check_contents(inp: SelectionInputs) -> None:
+    """Content rules (host reads of the small metadata tensors: free on the CPU, a sync elsewhere)."""
+    T = inp.q_idx.shape[0]
+    if inp.cu_seqlens_q is not None:
+        cq = inp.cu_seqlens_q.detach().cpu().to(torch.int64)
+        if cq[0].item() != 0 or cq[-1].item() != T:
+            raise ValueError(f"cu_seqlens_q must start at 0 and end at T={T}, got {cq.tolist()}")
+        if bool((cq[1:] < cq[:-1]).any()):
+            raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cq.tolist()}")
+    if inp.paged:
+        P, page = inp.k_idx.shape[0], inp.k_idx.shape[1]
+        table = inp.block_table.detach().cpu().to(torch.int64)
+        lens = inp.seqlens_k.detach().cpu().to(torch.int64)
+        cap = table.shape[1] * page
+        if bool((lens < 0).any()):
+            raise ValueError(f"seqlens_k must be >= 0, got {lens.tolist()}")
+        if bool((lens > cap).any()):
+            raise ValueError(f"seqlens_k must be at most the block table's capacity max_pages*page={cap}, "
+                             f"got {lens.tolist()}")
+        used = torch.arange(table.shape[1])[None, :] < ((lens + page - 1) // page)[:, None]
+        bad = used & ((table < 0) | (table >= P))
+        if bool(bad.any()):
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} names no page of k_idx (P={P})")
+    else:
+        if inp.cu_seqlens_k is not None:
+            S = inp.k_idx.shape[0]
+            ck = inp.cu_seqlens_k.detach().cpu().to(torch.int64)
+            if ck[0].item() != 0 or ck[-1].item() > S:
+                raise ValueError(f"cu_seqlens_k must start at 0 and end at or below S={S}, got {ck.tolist()}")
+            if bool((ck[1:] < ck[:-1]).any()):
+                raise ValueError(f"cu_seqlens_k must be non-decreasing, got {ck.tolist()}")
+            lens = ck[1:] - ck[:-1]
+        else:
+            lens = torch.tensor([inp.k_idx.shape[0]])
+    if inp.max_seqlen_k is not None and lens.numel() and int(lens.max()) > inp.max_seqlen_k:
+        raise ValueError(f"max_seqlen_k must be at least the longest sequence {int(lens.max())}, "
+                         f"got {inp.max_seqlen_k}")
+
+
+# ----------------------------------------------------------------------------- backends
+class SelectionBackend:
+    """A selection backend: which ops, on which devices, and why not (STYLE.md rule 3)."""
+
+    name: str = ""
+    devices: FrozenSet[str] = frozenset()
+    ops: FrozenSet[str] = frozenset()
+    priority: int = 100
+
+    def unavailable_reasons(self) -> List[str]:
+        return []
+
+    def priority_for(self, device_type: str) -> int:
+        return self.priority
+
+    def runs_on(self, device_type: str) -> bool:
+        return "*" in self.devices or device_type in self.devices
+
+    def not_supported_reasons(self, inp: SelectionInputs) -> List[str]:
+        reasons = list(self.unavailable_reasons())
+        if inp.op not in self.ops:
+            reasons.append(f"op {inp.op} not implemented")
+        if not self.runs_on(inp.device.type):
+            reasons.append(f"device {inp.device.type} not in {sorted(self.devices)}")
+        return reasons
+
+    def run(self, inp: SelectionInputs) -> Tensor:
+        raise NotImplementedError
+
+
+class ReferenceSelection(SelectionBackend):
+    name = "reference"
+    devices = frozenset({"*"})
+    ops = frozenset(OPS)
+    priority = 1000
+
+    def priority_for(self, device_type):
+        return 0 if device_type == "cpu" else self.priority
+
+    def run(self, inp):
+        if inp.op == "topk_indices":
+            return python_ref.topk_indices(inp.scores, inp.k)
+        if inp.op == "lightning_indexer":
+            return python_ref.lightning_indexer(inp.q_idx, inp.k_idx, inp.weights, **inp.indexer_kwargs())
+        return python_ref.select(inp.q_idx, inp.k_idx, inp.weights, inp.k, block_size=inp.block_size,
+                                 block_reduce=inp.block_reduce, **inp.indexer_kwargs())
+
+
+_SELECTION_BACKENDS: Dict[str, SelectionBackend] = {}
+
+
+def register_selection_backend(b: SelectionBackend) -> SelectionBackend:
+    _SELECTION_BACKENDS[b.name] = b
+    return b
+
+
+def selection_backends() -> List[SelectionBackend]:
+    return list(_SELECTION_BACKENDS.values())
+
+
+def choose_selection_backend(inp: SelectionInputs) -> SelectionBackend:
+    forced = inp.backend or os.environ.get("ATTENTION_SELECTION_BACKEND", "").strip() or None
+    if forced is not None:
+        if forced not in _SELECTION_BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(_SELECTION_BACKENDS)}, got {forced!r}")
+        b = _SELECTION_BACKENDS[forced]
+        reasons = b.not_supported_reasons(inp)
+        if reasons:
+            raise ValueError(f"backend {forced!r} cannot run {inp.describe()}: {'; '.join(reasons)}")
+        return b
+    dev = inp.device.type
+    for b in sorted((b for b in _SELECTION_BACKENDS.values() if b.runs_on(dev)), key=lambda b: b.priority_for(dev)):
+        if not b.not_supported_reasons(inp):
+            return b
+    lines = "\n".join(f"  {b.name}: {'; '.join(b.not_supported_reasons(inp))}" for b in _SELECTION_BACKENDS.values())
+    raise ValueError(f"no selection backend can run {inp.describe()} on device {dev}:\n{lines}")
+
+
+register_selection_backend(ReferenceSelection())
+for _mod in ("triton_selection", "cuda_topk"):
+    try:  # optional backends never break import attention; they report their own unavailability
+        _m = __import__(f"attention.backends.{_mod}", fromlist=["SELECTION_BACKEND"])
+        if getattr(_m, "SELECTION_BACKEND", None) is not None:
+            register_selection_backend(_m.SELECTION_BACKEND)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith(f"attention.backends.{_mod}"):
+            import warnings
+            warnings.warn(f"attention: selection backend {_mod!r} failed to import: {e}", RuntimeWarning)
+
+
+# ----------------------------------------------------------------------------- torch.library op
+# A FRAGMENT of the "attention" namespace that attention/ops.py defines. Plain define/impl rather than
+# @custom_op: ~7 us against ~20 us per call (TRAPS.md), and decode calls this once per layer per step.
+_lib = torch.library.Library("attention", "FRAGMENT")
+_lib.define("topk_indices(Tensor scores, int k, str? backend=None) -> Tensor")
+
+
+def _topk_impl(scores, k, backend=None):
+    inp = validate_scores(scores, k, backend)
+    return choose_selection_backend(inp).run(inp)
+
+
+_lib.impl("topk_indices", _topk_impl, "CompositeExplicitAutograd")
+
+
+def _register_cuda_kernel() -> None:
+    """The CUDA C++ radix select as the op's CUDA kernel, when the extension is built."""
+    b = _SELECTION_BACKENDS.get("cuda")
+    if b is None or b.unavailable_reasons():
+        return
+
+    def _cuda(scores, k, backend=None):
+        if backend in (None, "cuda") and not os.environ.get("ATTENTION_SELECTION_BACKEND"):
+            inp = validate_scores(scores, k, backend)
+            if not b.not_supported_reasons(inp):
+                return b.run(inp)
+        return _topk_impl(scores, k, backend)
+
+    _lib.impl("topk_indices", _cuda, "CUDA")
+
+
+_register_cuda_kernel()
+
+
+@torch.library.register_fake("attention::topk_indices")
+def _topk_fake(scores, k, backend=None):
+    validate_scores(scores, k, backend)
+    return scores.new_empty(scores.shape[0], 1, k, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------- public API
+def lightning_indexer(q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, scale: Optional[float] = None,
+                      cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                      block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
+                      max_seqlen_k: Optional[int] = None, causal: bool = True,
+                      backend: Optional[str] = None) -> Tensor:
+    """DeepSeek-V3.2 index scores [T, W] float32, -inf where the position is not a valid key.
+
+    I[t, s] = sum_j weights[t, j] * relu(scale * q_idx[t, j] . k_idx[s]); scale defaults to Di ** -0.5.
+    k_idx is [S, Di] (contiguous, ``cu_seqlens_k``) or [P, page, Di] (paged, ``block_table`` +
+    ``seqlens_k``), laid out like ``kv`` in SPEC.md section 1. W = ``max_seqlen_k`` or the longest
+    sequence (a host read on a device: serving code passes ``max_seqlen_k``).
+    """
+    inp = validate_selection("lightning_indexer", q_idx, k_idx, weights, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                             cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
+                             max_seqlen_k=max_seqlen_k, causal=causal, backend=backend)
+    return choose_selection_backend(inp).run(inp).to(torch.float32)
+
+
+def topk_indices(scores: Tensor, k: int, *, backend: Optional[str] = None) -> Tensor:
+    """[T, W] scores -> [T, 1, k] int32: valid (> -inf) positions by descending score, ties to the lower
+    position, then -1. Runs ``torch.ops.attention.topk_indices``."""
+    validate_scores(scores, k, backend)
+    return torch.ops.attention.topk_indices(scores, k, backend)
+
+
+def block_scores(scores: Tensor, block_size: int, block_reduce: str = "max") -> Tensor:
+    """[T, W] position scores -> [T, ceil(W / block_size)] NSA-style block scores ("max" or "mean" over
+    each block's valid positions; -inf for a block with none)."""
+    validate_scores(scores, 0)
+    _need_int("block_size", block_size, 1)
+    if block_reduce not in BLOCK_REDUCES:
+        raise ValueError(f"block_reduce must be one of {BLOCK_REDUCES}, got {block_reduce!r}")
+    return python_ref.block_scores(scores, block_size, block_reduce)
+
+
+def select(q_idx: Tensor, k_idx: Tensor, weights: Tensor, k: int, *, scale: Optional[float] = None,
+           cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+           block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
+           max_seqlen_k: Optional[int] = None, causal: bool = True, block_size: int = 1,
+           block_reduce: str = "max", backend: Optional[str] = None) -> Tensor:
+    """Fused indexer + top-k: [T, 1, k] int32, ready for ``selective_attention(indices=...)``.
+
+    Same arguments and order as ``topk_indices(lightning_indexer(...), k)`` but never builds the
+    [T, W] score matrix. ``block_size=b > 1`` selects blocks of b positions (block j = positions
+    [j*b, j*b + b)) scored by ``block_reduce`` ("max": best position, the default; "mean": mean of
+    the valid positions); pass the same ``block_size`` to ``selective_attention``.
+    """
+    inp = validate_selection("select", q_idx, k_idx, weights, k, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                             cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
+                             max_seqlen_k=max_seqlen_k, causal=causal, block_size=block_size,
+                             block_reduce=block_reduce, backend=backend)
+    return choose_selection_backend(inp).run(inp)

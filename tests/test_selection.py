@@ -1,0 +1,457 @@
+"""Selection (SPEC.md section 2) against its float64 oracle, on every selection backend this machine
+can run (reference; triton under TRITON_INTERPRET=1; the CUDA C++ top-k only on a GPU).
+
+Exactness: on inputs without near ties the indices must equal the oracle's exactly. Random float
+inputs are checked for near ties first (a guard, so a flaky seed fails loudly instead of silently);
+tie order is tested on integer-valued inputs, whose float32 scores are exact, so the ties are real.
+Unused pages and rows past the last sequence hold NaN and block tables are padded with -1: garbage
+that must never reach a score.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import pytest
+import torch
+
+import attention
+import python_ref
+from attention.selection import selection_backends, validate_scores
+
+
+@dataclass(frozen=True)
+class SelCase:
+    name: str
+    seqs: Tuple[Tuple[int, int], ...] = ((4, 40),)  # (query tokens, kv length)
+    Hi: int = 4
+    Di: int = 16
+    k: int = 8
+    page_size: int = 0
+    causal: bool = True
+    integer: bool = False  # integer-valued inputs: exact float32 scores, many exact ties
+    varlen_api: bool = False
+    max_seqlen_k: Optional[int] = None
+    block_size: int = 1
+    block_reduce: str = "max"
+    scale: Optional[float] = None
+
+    def make(self, dtype=torch.float32, device="cpu"):
+        g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
+        T = sum(lq for lq, _ in self.seqs)
+        lens = [lk for _, lk in self.seqs]
+        B = len(self.seqs)
+        if self.integer:
+            rnd = lambda *s: torch.randint(-2, 3, s, generator=g).float()  # noqa: E731
+        else:
+            rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        q = rnd(T, self.Hi, self.Di)
+        w = rnd(T, self.Hi)
+        a = {}
+        if self.page_size:
+            need = [max(1, math.ceil(lk / self.page_size)) for lk in lens]
+            P = sum(need) + 2
+            perm = torch.randperm(P, generator=g)
+            table = torch.full((B, max(need) + 1), -1, dtype=torch.int32)
+            kx = torch.full((P, self.page_size, self.Di), float("nan"))
+            j = 0
+            for b in range(B):
+                for i in range(need[b]):
+                    pg = int(perm[j]); j += 1
+                    table[b, i] = pg
+                    kx[pg] = rnd(self.page_size, self.Di)
+                    tail = lens[b] - i * self.page_size
+                    if tail < self.page_size:
+                        kx[pg, max(tail, 0):] = float("nan")
+            a.update(block_table=table, seqlens_k=torch.tensor(lens, dtype=torch.int32))
+            if B > 1 or self.varlen_api:
+                a["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
+        else:
+            with_cu = B > 1 or self.varlen_api
+            kx = rnd(sum(lens) + (5 if with_cu else 0), self.Di)
+            kx[sum(lens):] = float("nan")
+            if with_cu:
+                a["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
+                a["cu_seqlens_k"] = _cu(lens)
+        a = {n: t.to(device) for n, t in a.items()}
+        a.update(q_idx=q.to(dtype).to(device), k_idx=kx.to(dtype).to(device), weights=w.to(device),
+                 causal=self.causal)
+        if self.max_seqlen_k is not None:
+            a["max_seqlen_k"] = self.max_seqlen_k
+        if self.scale is not None:
+            a["scale"] = self.scale
+        return a
+
+
+def _cu(lengths):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+CASES = [
+    SelCase("single_causal"),
+    SelCase("single_not_causal", causal=False),
+    SelCase("prefill_causal", seqs=((12, 30),), k=6),
+    SelCase("decode_one_token", seqs=((1, 70),), k=16),
+    SelCase("varlen_causal", seqs=((3, 11), (4, 25), (1, 7)), k=9),
+    SelCase("varlen_empty_sequence", seqs=((2, 11), (0, 5), (2, 9)), k=5),
+    SelCase("varlen_not_causal", seqs=((2, 13), (3, 20)), causal=False),
+    SelCase("queries_exceed_keys", seqs=((6, 4),), k=5),
+    SelCase("k_exceeds_valid", seqs=((3, 6), (2, 3)), k=10),
+    SelCase("k_zero", k=0),
+    SelCase("k_one", k=1),
+    SelCase("paged", page_size=8, k=10),
+    SelCase("paged_varlen", page_size=4, seqs=((2, 10), (1, 3), (3, 17)), k=7),
+    SelCase("paged_one_seq_varlen_api", page_size=16, seqs=((3, 40),), varlen_api=True),
+    SelCase("max_seqlen_wider", seqs=((2, 11), (2, 20)), max_seqlen_k=33),
+    SelCase("negative_scale", scale=-0.5),
+    SelCase("wide_heads", Hi=8, Di=64, seqs=((3, 50),), k=12),
+    SelCase("ties_integer", integer=True, scale=1.0, seqs=((5, 60),), k=20),
+    SelCase("ties_integer_varlen_paged", integer=True, scale=1.0, page_size=8, seqs=((3, 30), (2, 19)), k=12),
+    SelCase("block2_max", block_size=2, k=6, seqs=((4, 41),)),
+    SelCase("block4_mean", block_size=4, block_reduce="mean", k=5, seqs=((5, 37),)),
+    SelCase("block4_max_varlen_paged", block_size=4, page_size=6, seqs=((3, 22), (2, 9)), k=4),
+    SelCase("block3_mean_ties_integer", block_size=3, block_reduce="mean", integer=True, scale=1.0, k=7,
+            seqs=((4, 31),)),
+    SelCase("block8_k_exceeds_blocks", block_size=8, seqs=((2, 20),), k=6),
+    SelCase("block64_max_nsa", block_size=64, k=3, seqs=((2, 300),)),  # NSA's block size: one block per tile
+    SelCase("block128_mean_paged", block_size=128, block_reduce="mean", k=2, page_size=32, seqs=((1, 400), (1, 130))),
+]
+INDEXER_CASES = [c for c in CASES if c.block_size == 1]
+
+
+def _cpu_backends(op):
+    """Selection backends this machine can exercise on CPU tensors for ``op``."""
+    out = []
+    for b in selection_backends():
+        if op not in b.ops or b.unavailable_reasons():
+            continue
+        if b.runs_on("cpu") or (b.name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+            out.append(b.name)
+    return out
+
+
+def _skip_unless_supported(backend, op, case, a):
+    """Unsupported combinations skip with the backend's own reason (STYLE.md rule 5)."""
+    from attention.selection import _SELECTION_BACKENDS, validate_selection
+
+    inp = validate_selection(op, a["q_idx"], a["k_idx"], a["weights"], case.k, block_size=case.block_size,
+                             block_reduce=case.block_reduce, **_indexer_kw(a))
+    reasons = _SELECTION_BACKENDS[backend].not_supported_reasons(inp)
+    if reasons:
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+
+
+def _indexer_kw(a):
+    return {n: v for n, v in a.items() if n not in ("q_idx", "k_idx", "weights")}
+
+
+def _oracle_scores(a):
+    return python_ref.lightning_indexer_dense(a["q_idx"], a["k_idx"], a["weights"], **_indexer_kw(a))
+
+
+def _no_near_ties(s64: torch.Tensor, k: int, rel: float = 1e-5):
+    """Guard: among each row's best k+1 valid scores, no two differ by less than rel (but aren't equal)."""
+    for row in s64:
+        v = row[row > float("-inf")].sort(descending=True).values[: k + 1]
+        if v.numel() < 2:
+            continue
+        gap = (v[:-1] - v[1:]).abs()
+        near = (gap > 0) & (gap < rel * (1 + v[:-1].abs()))
+        assert not bool(near.any()), "test input has near ties: pick another case name"
+
+
+def _expected_select(case: SelCase, a):
+    s = _oracle_scores(a)
+    if case.block_size > 1:
+        s = python_ref.block_scores_dense(s, case.block_size, case.block_reduce)
+    if not case.integer:
+        _no_near_ties(s, case.k)
+    return python_ref.topk_indices_dense(s, case.k)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("lightning_indexer"))
+@pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: c.name)
+def test_indexer_matches_oracle(backend, case):
+    a = case.make()
+    got = attention.lightning_indexer(**a, backend=backend)
+    ref = _oracle_scores(a)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)), "-inf pattern differs (masking)"
+    fin = torch.isfinite(ref)
+    assert not bool(torch.isnan(got).any())
+    err = (got.double() - ref)[fin].abs().max().item() if fin.any() else 0.0
+    assert err <= 1e-4 * (1 + ref[fin].abs().max().item() if fin.any() else 1), err
+    if case.integer:
+        assert torch.equal(got.double(), ref), "integer inputs give exact float32 scores"
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("topk_indices"))
+@pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: c.name)
+def test_topk_of_indexer_matches_oracle(backend, case):
+    a = case.make()
+    scores = attention.lightning_indexer(**a)
+    got = attention.topk_indices(scores, case.k, backend=backend)
+    assert got.dtype == torch.int32 and tuple(got.shape) == (scores.shape[0], 1, case.k)
+    assert torch.equal(got, _expected_select(case, a))
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("select"))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_select_matches_oracle(backend, case):
+    a = case.make()
+    _skip_unless_supported(backend, "select", case, a)
+    got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
+                           backend=backend)
+    exp = _expected_select(case, a)
+    assert got.dtype == torch.int32 and got.shape == exp.shape
+    assert torch.equal(got, exp)
+    # twice: deterministic
+    again = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
+                             backend=backend)
+    assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["per_token_gather", "per_sequence"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.k > 0], ids=lambda c: c.name)
+def test_reference_select_streams_in_small_chunks(case, per_sequence):
+    """Many key chunks and one-token query chunks: the running merge must give the same answer.
+    Both varlen strategies: per-token gathers (the sync-free device path) and per sequence (CPU)."""
+    a = case.make()
+    got = python_ref.select(a.pop("q_idx"), a.pop("k_idx"), a.pop("weights"), case.k, block_size=case.block_size,
+                            block_reduce=case.block_reduce, chunk_bytes=1, key_chunk=case.block_size * 3,
+                            per_sequence=per_sequence, **a)
+    assert torch.equal(got, _expected_select(case, case.make()))
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["per_token_gather", "per_sequence"])
+@pytest.mark.parametrize("case", INDEXER_CASES, ids=lambda c: c.name)
+def test_reference_indexer_both_varlen_strategies(case, per_sequence):
+    a = case.make()
+    got = python_ref.lightning_indexer(a.pop("q_idx"), a.pop("k_idx"), a.pop("weights"), chunk_bytes=1,
+                                       per_sequence=per_sequence, **a)
+    ref = _oracle_scores(case.make())
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    if fin.any():
+        assert (got.double() - ref)[fin].abs().max() <= 1e-4 * (1 + ref[fin].abs().max())
+
+
+@pytest.mark.skipif("triton" not in _cpu_backends("select"), reason="triton not runnable here")
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in (
+    "single_causal", "decode_one_token", "varlen_causal", "paged_varlen", "ties_integer", "block2_max",
+    "block4_max_varlen_paged", "k_exceeds_valid", "max_seqlen_wider")], ids=lambda c: c.name)
+def test_triton_select_split_keys(case, monkeypatch):
+    """The key-range split (decode path on a GPU) merges exactly: force 3 splits under the interpreter."""
+    from attention.selection import _SELECTION_BACKENDS
+
+    monkeypatch.setattr(_SELECTION_BACKENDS["triton"], "splits_override", 3)
+    a = case.make()
+    _skip_unless_supported("triton", "select", case, a)
+    got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
+                           backend="triton")
+    assert torch.equal(got, _expected_select(case, a))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", _cpu_backends("select"))
+def test_low_precision_inputs(backend, dtype):
+    """Integer-valued inputs are exact in float16/bfloat16: the answer must be the exact one."""
+    case = SelCase("lowp", integer=True, scale=1.0, seqs=((3, 25), (2, 40)), k=9, page_size=8)
+    a = case.make(dtype)
+    got = attention.select(**a, k=case.k, backend=backend)
+    assert torch.equal(got, _expected_select(case, a))
+
+
+def test_tie_order_is_lower_position_first():
+    scores = torch.tensor([[1.0, 3.0, 3.0, float("-inf"), 3.0, 0.0, -0.0, float("nan")]])
+    got = attention.topk_indices(scores, 8)
+    assert got.tolist() == [[[1, 2, 4, 0, 5, 6, -1, -1]]]
+    assert torch.equal(got, python_ref.topk_indices_dense(scores, 8))
+
+
+def test_topk_pads_and_k_zero():
+    s = torch.tensor([[2.0, float("-inf"), 1.0]])
+    assert attention.topk_indices(s, 5).tolist() == [[[0, 2, -1, -1, -1]]]
+    assert attention.topk_indices(s, 0).shape == (1, 1, 0)
+    assert attention.topk_indices(torch.zeros(0, 7), 3).shape == (0, 1, 3)
+
+
+def test_block_scores_match_oracle():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(4, 23, generator=g)
+    s[:, 17:] = float("-inf")
+    s[1, 4:8] = float("-inf")
+    for b in (1, 2, 4, 5):
+        for red in ("max", "mean"):
+            got = attention.block_scores(s, b, red)
+            ref = python_ref.block_scores_dense(s.double(), b, red)
+            assert torch.equal(torch.isinf(got), torch.isinf(ref))
+            fin = torch.isfinite(ref)
+            assert (got.double()[fin] - ref[fin]).abs().max() <= 1e-6
+
+
+def test_op_schema_and_opcheck():
+    s = torch.randn(5, 33)
+    assert torch.equal(torch.ops.attention.topk_indices(s, 7), python_ref.topk_indices_dense(s, 7))
+    torch.library.opcheck(torch.ops.attention.topk_indices.default, (s, 7))
+
+
+def test_select_output_feeds_selective_attention():
+    """Token and block selection feed selective_attention directly and equal attention over the
+    oracle's choice."""
+    case = SelCase("wire", seqs=((3, 40), (2, 26)), page_size=8, k=8)
+    a = case.make()
+    g = torch.Generator().manual_seed(5)
+    T = a["q_idx"].shape[0]
+    P, page = a["k_idx"].shape[:2]
+    kv = torch.randn(P, page, 1, 32, generator=g)
+    q = torch.randn(T, 4, 32, generator=g)
+    for bs, red in ((1, "max"), (4, "max"), (4, "mean")):
+        idx = attention.select(**a, k=case.k, block_size=bs, block_reduce=red)
+        exp = _expected_select(replace(case, block_size=bs, block_reduce=red), a)
+        kw = dict(block_table=a["block_table"], seqlens_k=a["seqlens_k"], cu_seqlens_q=a["cu_seqlens_q"],
+                  causal=True, block_size=bs)
+        out = attention.selective_attention(q, kv, idx, **kw)
+        ref, _ = python_ref.selective_attention_dense(q, kv, exp, **kw)
+        assert (out.double() - ref).abs().max() <= 1e-4
+
+
+def test_select_memory_does_not_build_score_matrix():
+    """The reference select's working set is bounded by chunk_bytes, not T * W (checked by counting
+    the largest tensor it allocates through a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, t.numel() * t.element_size())
+            return out
+
+    T, W, k = 64, 4096, 32
+    g = torch.Generator().manual_seed(3)
+    q, kx, w = torch.randn(T, 2, 8, generator=g), torch.randn(W, 8, generator=g), torch.randn(T, 2, generator=g)
+    with Largest():
+        python_ref.select(q, kx, w, k, chunk_bytes=64 << 10, key_chunk=512)
+    assert Largest.biggest < T * W * 4 // 4, Largest.biggest  # score matrix would be T * W * 4 bytes
+
+
+# ----------------------------------------------------------------------------- bad input
+def _args():
+    return SelCase("bad", seqs=((2, 10), (2, 12)), page_size=4).make()
+
+
+BAD = [
+    ("q_idx", TypeError, lambda a: a.update(q_idx=a["q_idx"].int())),
+    ("q_idx", ValueError, lambda a: a.update(q_idx=a["q_idx"][:, 0])),
+    ("k_idx", TypeError, lambda a: a.update(k_idx=a["k_idx"].double())),
+    ("k_idx", ValueError, lambda a: a.update(k_idx=a["k_idx"][..., :3])),
+    ("weights", ValueError, lambda a: a.update(weights=a["weights"][:, :2])),
+    ("weights", TypeError, lambda a: a.update(weights=a["weights"].long())),
+    ("block_table", ValueError, lambda a: a.pop("block_table")),
+    ("seqlens_k", ValueError, lambda a: a.update(seqlens_k=torch.tensor([3, 99], dtype=torch.int32))),
+    ("block_table", ValueError, lambda a: a["block_table"].__setitem__((0, 0), 1000)),
+    ("cu_seqlens_q", ValueError, lambda a: a.update(cu_seqlens_q=torch.tensor([0, 3, 2], dtype=torch.int32))),
+    ("cu_seqlens_k", ValueError, lambda a: a.update(cu_seqlens_k=torch.tensor([0, 1, 2], dtype=torch.int32))),
+    ("scale", ValueError, lambda a: a.update(scale=float("inf"))),
+    ("causal", TypeError, lambda a: a.update(causal=1)),
+    ("max_seqlen_k", ValueError, lambda a: a.update(max_seqlen_k=5)),
+    ("max_seqlen_k", TypeError, lambda a: a.update(max_seqlen_k=5.0)),
+    ("backend", ValueError, lambda a: a.update(backend="nope")),
+]
+
+
+@pytest.mark.parametrize("name,exc,mutate", BAD, ids=[f"{n}-{e.__name__}-{i}" for i, (n, e, _) in enumerate(BAD)])
+@pytest.mark.parametrize("fn", ["lightning_indexer", "select"])
+def test_bad_input_names_the_argument(fn, name, exc, mutate):
+    a = _args()
+    mutate(a)
+    call = getattr(attention, fn)
+    with pytest.raises(exc, match=name):
+        if fn == "select":
+            call(**a, k=4)
+        else:
+            call(**a)
+
+
+@pytest.mark.parametrize("kw,exc,name", [
+    (dict(k=-1), ValueError, "k"), (dict(k=2.0), TypeError, "k"), (dict(block_size=0), ValueError, "block_size"),
+    (dict(block_reduce="sum"), ValueError, "block_reduce"),
+])
+def test_bad_select_scalars(kw, exc, name):
+    a = _args()
+    args = dict(k=4)
+    args.update(kw)
+    with pytest.raises(exc, match=name):
+        attention.select(**a, **args)
+
+
+def test_bad_scores():
+    with pytest.raises(TypeError, match="scores"):
+        attention.topk_indices(torch.zeros(3, 4, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="scores"):
+        attention.topk_indices(torch.zeros(3), 2)
+    with pytest.raises(ValueError, match="k"):
+        validate_scores(torch.zeros(3, 4), -2)
+
+
+# ----------------------------------------------------------------------------- on a GPU (skipped here)
+_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@_gpu
+@pytest.mark.parametrize("backend", ["cuda", "reference"])
+@pytest.mark.parametrize("rows,W,k", [(3, 37, 5), (4, 1000, 2048), (5, 4096, 100), (2, 131072, 2048)])
+def test_gpu_topk_matches_oracle(backend, rows, W, k):
+    from attention.selection import _SELECTION_BACKENDS
+
+    why = _SELECTION_BACKENDS[backend].unavailable_reasons()
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+    g = torch.Generator().manual_seed(W + k)
+    s = torch.randn(rows, W, generator=g)
+    s[0, W // 3:] = float("-inf")
+    if rows > 1:
+        s[1] = torch.randint(-2, 3, (W,), generator=g).float()  # ties everywhere
+    if rows > 2:
+        s[2, ::7] = float("nan")
+    got = attention.topk_indices(s.cuda(), k, backend=backend)
+    assert torch.equal(got.cpu(), python_ref.topk_indices_dense(s, k))
+    # the op's CUDA kernel (the CUDA C++ one when built) gives the same
+    assert torch.equal(torch.ops.attention.topk_indices(s.cuda(), k).cpu(), got.cpu())
+
+
+@_gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gpu_select_and_indexer_match_oracle(backend, case):
+    a = case.make(device="cuda")
+    _skip_unless_supported(backend, "select", case, a)
+    got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
+                           backend=backend)
+    a_cpu = case.make()
+    assert torch.equal(got.cpu(), _expected_select(case, a_cpu))
+    if case.block_size == 1:
+        sc = attention.lightning_indexer(**a, backend=backend).cpu()
+        ref = _oracle_scores(a_cpu)
+        assert torch.equal(torch.isinf(sc), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        if fin.any():
+            assert (sc.double() - ref)[fin].abs().max() <= 1e-4 * (1 + ref[fin].abs().max())
+
+
+def test_select_with_inputs_requiring_grad_keeps_no_graph():
+    a = SelCase("grad", seqs=((3, 30),)).make()
+    q = a.pop("q_idx").requires_grad_()
+    got = attention.select(q, a.pop("k_idx"), a.pop("weights"), 5, **a)
+    assert not got.requires_grad and got.grad_fn is None
