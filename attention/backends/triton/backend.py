@@ -42,6 +42,16 @@ class TritonBackend(Backend):
         # On the CPU the reference (priority 0) stays first: the interpreter is for tests only.
         return 50 if device_type == "cpu" else self.priority
 
+    def not_supported_reasons(self, inp) -> List[str]:
+        reasons = super().not_supported_reasons(inp)
+        if reasons:
+            return reasons
+        # Launch-geometry limits (CUDA grid axes 1/2 hold at most 65535 programs; offsets inside a
+        # candidate list are int32). Everything else of SPEC section 1 is handled by the kernel.
+        from . import limits
+
+        return limits.reasons(inp)
+
     def forward(self, inp):
         from .launch import forward
 

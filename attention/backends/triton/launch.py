@@ -5,9 +5,9 @@ only kernel launches (and output allocations): no ``.item()``, no ``.cpu()``, no
 sequences. That is what makes the op capturable in a CUDA graph and free of sync points.
 
 Config resolution (see attention/tuning/__init__.py): an exact shape-bucket hit in the tuned-config
-store wins; on a GPU a miss goes to ``triton.autotune`` over the configs of :func:`autotune_configs`
-(pruned by the device's shared memory) unless ``ATTENTION_TRITON_AUTOTUNE=0``, which takes the
-store's per-device default instead. Under the interpreter (CPU tensors) the store's CPU entry is
+store wins; otherwise the store's per-device default. With ``ATTENTION_TRITON_AUTOTUNE=1`` a GPU
+call without a tuned entry goes to ``triton.autotune`` over :func:`autotune_configs` (keyed on the
+shape constants, pruned by the device's shared memory) instead. Under the interpreter (CPU tensors) the store's CPU entry is
 always used: benchmarking configs there would be meaningless and slow.
 """
 
@@ -22,6 +22,7 @@ import torch
 import triton
 
 from ... import tuning
+from . import limits
 from .kernels import LOG2E, selective_attention_combine_kernel, selective_attention_fwd_kernel
 
 BACKEND_NAME = "triton"
@@ -38,7 +39,12 @@ def _p2(x: int) -> int:
 def device_name(device: torch.device) -> str:
     if device.type == "cpu":
         return tuning.CPU_DEVICE
-    return torch.cuda.get_device_name(device)
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,10 +75,10 @@ def shape_bucket(inp) -> str:
 def autotune_configs():
     """The search space shared by triton.autotune and ``python -m attention.tune``."""
     out = []
-    for bn in (16, 32, 64):
+    for bn in (32, 64):
         for bd in (64, 128):
             for warps in (4, 8):
-                for stages in (1, 2, 3):
+                for stages in (1, 2):
                     out.append(dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages))
     return out
 
@@ -129,6 +135,14 @@ def plan(inp, cfg: Dict) -> Dict:
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
     bdr = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.rope_dim))) if inp.rope_dim else 16
     bdv = max(16, min(_p2(cfg["BLOCK_DV"]), _p2(inp.d_v)))
+    # Grid axis 1 holds at most 65535 programs: widen head/value blocks for extreme head counts.
+    while Hkv * triton.cdiv(hg, bh) * triton.cdiv(inp.d_v, bdv) > limits.MAX_GRID_Y and (bh < 128 or bdv < 512):
+        if bh < min(128, _p2(hg)):
+            bh *= 2
+        elif bdv < min(512, _p2(inp.d_v)):
+            bdv *= 2
+        else:
+            break
     num_hb, num_dvb = triton.cdiv(hg, bh), triton.cdiv(inp.d_v, bdv)
     programs = T * Hkv * num_hb * num_dvb
     splits = int(cfg.get("num_splits", 0))
@@ -170,8 +184,10 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     p = plan(inp, cfg)
     on_cpu = inp.device.type == "cpu"
     if autotune is None:
-        autotune = (not on_cpu and source in ("built-in fallback", "default")
-                    and os.environ.get("ATTENTION_TRITON_AUTOTUNE", "1") not in ("0", ""))
+        # Opt-in: autotuning benchmarks on the first call of every shape key (seconds of compiles,
+        # and syncs that would break a CUDA-graph capture); tuned store entries are the normal path.
+        autotune = (not on_cpu and source != "tuned"
+                    and os.environ.get("ATTENTION_TRITON_AUTOTUNE", "0") not in ("0", ""))
     q, kv, idx = inp.q, inp.kv, inp.indices
     v = kv if inp.v is None else inp.v  # latent: values are the first d_v columns of the key rows
     paged = inp.paged
