@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Dict, FrozenSet, List
 
@@ -29,9 +30,14 @@ class TritonBackend(Backend):
     priority = 10
 
     def __init__(self):
-        self._import_error = _triton_import_error()
+        # Triton is imported lazily, not when `attention` is imported: whether its kernels run in the
+        # interpreter is fixed at triton's import, and `python -m attention.tune --device cpu` must be
+        # able to set TRITON_INTERPRET=1 after `attention` itself was imported.
+        self._import_error = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
 
     def unavailable_reasons(self) -> List[str]:
+        if self._import_error is None:
+            self._import_error = _triton_import_error()
         return [self._import_error] if self._import_error else []
 
     def device_types(self) -> FrozenSet[str]:
@@ -58,7 +64,7 @@ class TritonBackend(Backend):
         return forward(inp)
 
     def info(self) -> Dict[str, str]:
-        if self._import_error:
+        if self.unavailable_reasons():
             return {}
         import triton
 
