@@ -115,22 +115,37 @@ def flops(args: Dict) -> float:
 
 
 def search_space(inp, full: bool = False) -> List[Dict]:
+    """Configs to measure. The quick space (default) is sized for bench/gpu_check.sh's time budget:
+    each distinct set of block sizes is a separate Triton compile of a 576-wide kernel."""
     hg = inp.num_heads // inp.num_kv_heads
+    decode = inp.num_tokens * inp.num_kv_heads <= 128
     if inp.device.type == "cpu":
         grid = dict(BLOCK_N=[16, 32], BLOCK_D=[64, 128], BLOCK_H=[16], BLOCK_DV=[512], num_warps=[1],
                     num_stages=[1], num_splits=[0, 2])
+        space = _product(grid)
     elif full:
         grid = dict(BLOCK_N=[16, 32, 64], BLOCK_D=[32, 64, 128], BLOCK_H=[32, 64, 128], BLOCK_DV=[128, 256, 512],
-                    num_warps=[4, 8], num_stages=[1, 2, 3], num_splits=[0, 2, 4, 8, 16])
+                    num_warps=[4, 8], num_stages=[1, 2, 3], num_splits=[0, 2, 4, 8, 16] if decode else [0])
+        # An fp32 accumulator of BLOCK_H x BLOCK_DV above 64 x 512 cannot stay in registers.
+        space = [c for c in _product(grid) if c["BLOCK_H"] * c["BLOCK_DV"] <= 64 * 512]
     else:
-        grid = dict(BLOCK_N=[32, 64], BLOCK_D=[64], BLOCK_H=[64], BLOCK_DV=[256, 512], num_warps=[4, 8],
-                    num_stages=[2], num_splits=[0])
-        if inp.num_tokens * inp.num_kv_heads <= 128:
-            grid["num_splits"] = [0, 4, 16]
-    if hg < 64:
-        grid["BLOCK_H"] = sorted({min(b, max(16, 1 << (hg - 1).bit_length())) for b in grid["BLOCK_H"]})
-    keys = list(grid)
-    space = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+        tiles = [(64, 256), (64, 512), (128, 256)]  # (BLOCK_H, BLOCK_DV)
+        space = []
+        for bh, bdv in tiles:
+            for bn in ([32] if decode else [32, 64]):
+                for splits in ([0, 4, 16] if decode else [0]):
+                    space.append(dict(BLOCK_N=bn, BLOCK_D=64, BLOCK_H=bh, BLOCK_DV=bdv, num_warps=8, num_stages=2,
+                                      num_splits=splits))
+    if hg < 64:  # small groups: head blocks no larger than the group (min 16 for tl.dot)
+        cap = max(16, 1 << (hg - 1).bit_length())
+        seen, uniq = set(), []
+        for c in space:
+            c = dict(c, BLOCK_H=min(c["BLOCK_H"], cap))
+            key = tuple(sorted(c.items()))
+            if key not in seen:
+                seen.add(key)
+                uniq.append(c)
+        space = uniq
     if inp.device.type == "cuda":
         from .backends.triton import launch
 
@@ -138,6 +153,11 @@ def search_space(inp, full: bool = False) -> List[Dict]:
         elem = inp.q.element_size()
         space = [c for c in space if launch.smem_estimate(c, c["BLOCK_H"], c["BLOCK_DV"], elem) <= limit] or space[:1]
     return space
+
+
+def _product(grid: Dict[str, list]) -> List[Dict]:
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
 
 
 def _time(fn, device: str, repeats: int) -> float:
