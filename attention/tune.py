@@ -129,7 +129,9 @@ def search_space(inp, full: bool = False) -> List[Dict]:
         # An fp32 accumulator of BLOCK_H x BLOCK_DV above 64 x 512 cannot stay in registers.
         space = [c for c in _product(grid) if c["BLOCK_H"] * c["BLOCK_DV"] <= 64 * 512]
     else:
-        tiles = [(64, 256), (64, 512), (128, 256)]  # (BLOCK_H, BLOCK_DV)
+        # (BLOCK_H, BLOCK_DV): value blocks recompute the scores, head blocks re-gather the keys, and
+        # wgmma wants M >= 64; which costs least is what this measures.
+        tiles = [(64, 256), (64, 512), (128, 256), (32, 512)]
         space = []
         for bh, bdv in tiles:
             for bn in ([32] if decode else [32, 64]):

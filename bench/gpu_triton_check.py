@@ -183,26 +183,46 @@ def _dense_inputs(args: dict, preset: tune.Preset):
 
 
 def _sdpa(qd, k, v, causal: bool, scale: float):
-    """Dense SDPA, flash backend first; returns (fn, backend name) or (None, reasons)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Dense SDPA on the same data, flash backend first; returns (fn, backend name) or (None, reasons).
 
+    Flash (and cudnn) refuse head width 576 and Dv != Dqk, so on the DeepSeek shapes a later backend
+    runs and the report names it. One kv head and no causal mask (decode): the heads are folded into
+    the query length, which is exact and avoids GQA expansion (the math backend would materialise
+    128 copies of a 32K cache).
+    """
     import warnings
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     F = torch.nn.functional
+    B, H, lq, D = qd.shape
+    fold = k.shape[1] == 1 and H > 1 and not (causal and lq > 1)
+    q_in = qd.reshape(B, 1, H * lq, D) if fold else qd
+    gqa = (not fold) and k.shape[1] != H
     tried = []
     for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH):
         def fn(be=be):
             with sdpa_kernel([be]):
-                return F.scaled_dot_product_attention(qd, k, v, is_causal=causal and qd.shape[2] > 1, scale=scale,
-                                                      enable_gqa=k.shape[1] != qd.shape[1])
+                kw = dict(enable_gqa=True) if gqa else {}
+                if causal and lq > 1 and lq != k.shape[2]:
+                    # SPEC causal is bottom-right aligned; SDPA's is_causal is top-left.
+                    from torch.nn.attention.bias import causal_lower_right
+
+                    kw["attn_mask"] = causal_lower_right(lq, k.shape[2])
+                else:
+                    kw["is_causal"] = causal and lq > 1
+                return F.scaled_dot_product_attention(q_in, k, v, scale=scale, **kw)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "flash not used because...": the reason is recorded below
                 fn()
-            return fn, be.name
+            note = "; ".join(tried)
+            return fn, be.name + (" (heads folded into queries)" if fold else "") + (f" [refused: {note}]" if note else "")
         except Exception as e:
-            tried.append(f"{be.name}: {str(e).splitlines()[0][:120]}")
+            tried.append(f"{be.name}: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}")
+            if qd.is_cuda:
+                torch.cuda.empty_cache()
     return None, "; ".join(tried)
 
 
@@ -312,8 +332,14 @@ def write_report(out: Path, device: str) -> Path:
                      f"{f(r.get('us_kernel'))} | {f(r.get('us_op'))} | {f(r.get('tflops'), '{:.2f}')} | "
                      f"{f(r.get('pct_of_matmul_peak'))} | {r.get('target_tflops', '-')} "
                      f"{'met' if r.get('meets_tflops_target') else ('missed' if 'meets_tflops_target' in r else '')} | "
-                     f"{r.get('dense_backend') or r.get('dense_error', '-')[:60]} | {f(r.get('us_dense'))} | "
+                     f"{(r.get('dense_backend') or 'none').split(' [')[0]} | {f(r.get('us_dense'))} | "
                      f"{f(r.get('speedup_vs_dense'), '{:.2f}x')} |")
+        L.append("")
+        for r in b["rows"]:
+            if r.get("dense_backend") and " [" in r["dense_backend"]:
+                L.append(f"- {r['preset']}: dense SDPA {r['dense_backend']}")
+            elif r.get("dense_error"):
+                L.append(f"- {r['preset']}: no dense SDPA backend ran: {r['dense_error']}")
     path = d / f"{slug(name)}.md"
     path.write_text("\n".join(L) + "\n")
     return path

@@ -61,3 +61,25 @@ def test_shell_script_parses():
     for needed in ("pip install --no-deps --no-build-isolation -e .", "gpu_selection_check.py", "OUT=",
                    "gpu_triton_check.py check", "gpu_triton_check.py tune", "gpu_triton_check.py bench"):
         assert needed in text
+
+
+@pytest.mark.parametrize("q_per_seq,causal", [(1, False), (3, True)])
+def test_dense_sdpa_baseline_computes_the_same_attention(q_per_seq, causal):
+    """With every visible position selected, the sparse op and the benchmark's dense SDPA agree:
+    the speedup compares like with like (same data, scale, causal alignment, head folding)."""
+    import dataclasses
+
+    import attention
+    from attention import tune
+
+    p = dataclasses.replace(tune.PRESETS["tiny"], q_per_seq=q_per_seq, context=32, K=32, causal=causal)
+    args = tune.make_inputs(p, "cpu")
+    inp = attention.validate(**args)
+    out, _ = attention.selective_attention(**args, backend="triton", return_lse=True)
+    qd, k, v = gc._dense_inputs(args, p)
+    fn, be = gc._sdpa(qd, k, v, p.causal, inp.sm_scale)
+    assert fn is not None, be
+    dense = fn()  # [B, H, lq, Dv], or [B, 1, H * lq, Dv] when heads were folded
+    dense = dense.reshape(p.seqs, p.H, p.q_per_seq, p.Dv).permute(0, 2, 1, 3).reshape(out.shape)
+    assert ("folded" in be) == (not causal)
+    assert (dense - out).abs().max() < 1e-4
