@@ -184,3 +184,21 @@ def test_tune_cli_on_the_interpreter(store, capsys):
 def test_backend_info_names_the_store():
     info = BACKEND.info()
     assert "tuning store" in info and "triton" in info
+
+
+def test_tune_module_entry_point_selects_the_interpreter(tmp_path):
+    """`python -m attention.tune --device cpu` in a fresh process: `attention` is imported before the
+    CLI can set TRITON_INTERPRET, so the backend must not import triton at package import time."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(ATTENTION_TUNING_DIR=str(tmp_path), PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-m", "attention.tune", "--device", "cpu", "--preset", "tiny", "--repeats",
+                        "1", "--no-save"], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tiny" in r.stdout and "best config" in r.stdout
+    assert not list(tmp_path.glob("*.json"))  # --no-save
