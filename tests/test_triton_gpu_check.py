@@ -63,6 +63,7 @@ def test_shell_script_parses():
         assert needed in text
 
 
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need the interpreter")
 @pytest.mark.parametrize("q_per_seq,causal", [(1, False), (3, True)])
 def test_dense_sdpa_baseline_computes_the_same_attention(q_per_seq, causal):
     """With every visible position selected, the sparse op and the benchmark's dense SDPA agree:

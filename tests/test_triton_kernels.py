@@ -64,7 +64,7 @@ def test_automatic_split_for_few_queries_over_many_candidates():
 
 
 @pytest.mark.parametrize("override", [
-    dict(BLOCK_H=16, BLOCK_DV=16, BLOCK_D=16, BLOCK_N=16),  # several head and value blocks, 576 in 36 chunks
+    dict(BLOCK_H=16, BLOCK_DV=16, BLOCK_D=32, BLOCK_N=16),  # several head and value blocks, 576 in 18 chunks
     dict(BLOCK_H=16, BLOCK_DV=128, BLOCK_D=64, BLOCK_N=64, num_splits=2),
 ], ids=["small_blocks", "split_wide"])
 @pytest.mark.parametrize("case_name", ["mha_many_heads", "deepseek_widths", "odd_widths", "paged_separate_v_gqa"])

@@ -1,6 +1,7 @@
 """The tuned-config store (attention/tuning) and ``python -m attention.tune`` on the interpreter."""
 
 import json
+import os
 import multiprocessing as mp
 import threading
 import warnings
@@ -17,6 +18,9 @@ triton = pytest.importorskip("triton")
 from attention.backends.triton import BACKEND, launch  # noqa: E402
 
 VERSION = launch.KERNEL_VERSION
+# Tests that launch kernels on CPU tensors need the interpreter (always the case in CI).
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="launches on CPU tensors: needs TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +57,7 @@ def _inp(name="mqa_latent", dtype=torch.float32):
     return args, attention.validate(**args)
 
 
+@needs_interpreter
 def test_tuned_entry_is_selected_and_runs():
     args, inp = _inp("gqa_latent")
     bucket = launch.shape_bucket(inp)
@@ -167,6 +172,7 @@ def test_prune_by_shared_memory(monkeypatch):
         assert launch.smem_estimate(d, 64, 256, 2) <= 60 * 1024
 
 
+@needs_interpreter
 def test_tune_cli_on_the_interpreter(store, capsys):
     from attention import tune
 
