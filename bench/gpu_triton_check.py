@@ -104,35 +104,47 @@ def step_check(device: str) -> dict:
     out, lse = call()
     _sync(device)
     if device == "cuda":
-        try:
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                out, lse = call()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-            _sync(device)
-            res["sync_free"] = dict(ok=True)
-        except Exception as e:
-            res["sync_free"] = dict(ok=False, error=f"{type(e).__name__}: {e}")
-        try:
-            static_q = args["q"].clone()
-            a2 = dict(args, q=static_q)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                attention.selective_attention(**a2, backend="triton", return_lse=True)  # warm-up (compiles)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                g_out, g_lse = attention.selective_attention(**a2, backend="triton", return_lse=True)
-            static_q.mul_(0.5)
-            g.replay()
+        # Two inputs: the matrix's paged/rope/sink/causal case (one kernel) and a decode shape whose
+        # plan splits the candidates (kernel + combine, with partial buffers allocated per call).
+        decode = tune.Preset("graph-decode", seqs=2, q_per_seq=1, context=2048, H=16, Hkv=1, Dqk=576, Dv=512,
+                             K=1024, page_size=64)
+        inputs = {"paged_rope_sink_causal": args, "decode_split": tune.make_inputs(decode, device)}
+        plan = launch.plan(attention.validate(**inputs["decode_split"]),
+                           launch.resolve_config(attention.validate(**inputs["decode_split"]))[0])
+        res["decode_split_plan"] = dict(ok=plan["num_splits"] > 1, num_splits=plan["num_splits"])
+        for name, a in inputs.items():
+            attention.selective_attention(**a, backend="triton", return_lse=True)  # compile first
             torch.cuda.synchronize()
-            e_out, e_lse = attention.selective_attention(**dict(args, q=static_q), backend="triton", return_lse=True)
-            same = torch.equal(g_out, e_out) and torch.equal(g_lse, e_lse)
-            res["cuda_graph"] = dict(ok=bool(same), replay_matches_eager=bool(same))
-        except Exception as e:
-            res["cuda_graph"] = dict(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
+            try:
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    attention.selective_attention(**a, backend="triton", return_lse=True)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+                res[f"sync_free_{name}"] = dict(ok=True)
+            except Exception as e:
+                res[f"sync_free_{name}"] = dict(ok=False, error=f"{type(e).__name__}: {e}")
+            try:
+                static_q = a["q"].clone()
+                a2 = dict(a, q=static_q)
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    attention.selective_attention(**a2, backend="triton", return_lse=True)  # warm-up
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    g_out, g_lse = attention.selective_attention(**a2, backend="triton", return_lse=True)
+                static_q.mul_(0.5)  # new data in the captured input: the replay must see it
+                g.replay()
+                torch.cuda.synchronize()
+                e_out, e_lse = attention.selective_attention(**a2, backend="triton", return_lse=True)
+                same = torch.equal(g_out, e_out) and torch.equal(g_lse, e_lse)
+                res[f"cuda_graph_{name}"] = dict(ok=bool(same), replay_matches_eager=bool(same))
+            except Exception as e:
+                res[f"cuda_graph_{name}"] = dict(ok=False, error=f"{type(e).__name__}: {e}",
+                                                 trace=traceback.format_exc()[-2000:])
         try:
             os.environ["ATTENTION_TRITON_AUTOTUNE"] = "1"
             a3 = testing.CASES_BY_NAME["deepseek_widths"].make(dt, device)
