@@ -1,0 +1,81 @@
+"""Backend declaration of the Triton kernels (capabilities, priority, availability)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Dict, FrozenSet, List
+
+from ...registry import Backend
+
+
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return ""
+
+
+def interpreting() -> bool:
+    """Triton decides at import time whether @triton.jit functions run in the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = ("Triton kernels: heads of a kv group packed into tl.dot's M dimension, split-K "
+                   "(flash-decoding) for few queries over many candidates; cuda, or cpu under TRITON_INTERPRET=1")
+    priority = 10
+
+    def __init__(self):
+        # Triton is imported lazily, not when `attention` is imported: whether its kernels run in the
+        # interpreter is fixed at triton's import, and `python -m attention.tune --device cpu` must be
+        # able to set TRITON_INTERPRET=1 after `attention` itself was imported.
+        self._import_error = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+    def unavailable_reasons(self) -> List[str]:
+        if self._import_error is None:
+            self._import_error = _triton_import_error()
+        return [self._import_error] if self._import_error else []
+
+    def device_types(self) -> FrozenSet[str]:
+        # CPU tensors run only through the interpreter (tests); never a CPU production path.
+        return frozenset({"cuda", "cpu"}) if interpreting() else frozenset({"cuda"})
+
+    def priority_for(self, device_type: str) -> int:
+        # On the CPU the reference (priority 0) stays first: the interpreter is for tests only.
+        return 50 if device_type == "cpu" else self.priority
+
+    def not_supported_reasons(self, inp) -> List[str]:
+        reasons = super().not_supported_reasons(inp)
+        if reasons:
+            return reasons
+        # Launch-geometry limits (CUDA grid axes 1/2 hold at most 65535 programs; offsets inside a
+        # candidate list are int32). Everything else of SPEC section 1 is handled by the kernel.
+        from . import limits
+
+        return limits.reasons(inp)
+
+    def forward(self, inp):
+        from .launch import forward
+
+        return forward(inp)
+
+    def info(self) -> Dict[str, str]:
+        if self.unavailable_reasons():
+            return {}
+        import triton
+
+        from ...tuning import store_path
+
+        lines = {"triton": triton.__version__, "interpreter": str(interpreting())}
+        try:
+            lines["tuning store"] = str(store_path())
+        except Exception as e:  # pragma: no cover - info must never fail
+            lines["tuning store"] = f"unavailable ({e})"
+        return lines
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,246 @@
+"""Host side of the Triton forward: pick a config, size the grid, launch. Never reads device data.
+
+Everything here is computed from shapes, dtypes and the device's name/properties, so a call issues
+only kernel launches (and output allocations): no ``.item()``, no ``.cpu()``, no loop over
+sequences. That is what makes the op capturable in a CUDA graph and free of sync points.
+
+Config resolution (see attention/tuning/__init__.py): an exact shape-bucket hit in the tuned-config
+store wins; otherwise the store's per-device default. With ``ATTENTION_TRITON_AUTOTUNE=1`` a GPU
+call without a tuned entry goes to ``triton.autotune`` over :func:`autotune_configs` (keyed on the
+shape constants, pruned by the device's shared memory) instead. Under the interpreter (CPU tensors) the store's CPU entry is
+always used: benchmarking configs there would be meaningless and slow.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+
+from ... import tuning
+from . import limits
+from .kernels import LOG2E, selective_attention_combine_kernel, selective_attention_fwd_kernel
+
+BACKEND_NAME = "triton"
+# Bump when the kernel's meaning of a config changes: tuned entries of another version are ignored.
+KERNEL_VERSION = "fwd-1"
+
+MAX_SPLITS = 64
+
+
+def _p2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cpu":
+        return tuning.CPU_DEVICE
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem(index: int) -> int:
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        return int(props["max_shared_mem"])
+    except Exception:  # older/other drivers: a conservative Ampere-class figure
+        return 163 * 1024
+
+
+def shape_bucket(inp) -> str:
+    """Store key of a call's shape: exact widths and group size, power-of-two candidate count,
+    and decode (few query tokens, where split-K matters) versus prefill."""
+    hg = inp.num_heads // inp.num_kv_heads
+    n = inp.topk * inp.block_size
+    phase = "decode" if inp.num_tokens * inp.num_kv_heads <= 128 else "prefill"
+    dt = str(inp.dtype).replace("torch.", "")
+    return (f"hg{_p2(hg)}-dqk{inp.head_dim}-dv{inp.d_v}-dr{inp.rope_dim}-n{_p2(max(n, 1))}-"
+            f"{'paged' if inp.paged else 'contig'}-{phase}-{dt}")
+
+
+def autotune_configs():
+    """The search space shared by triton.autotune and ``python -m attention.tune``."""
+    out = []
+    for bn in (32, 64):
+        for bd in (64, 128):
+            for warps in (4, 8):
+                for stages in (1, 2):
+                    out.append(dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages))
+    return out
+
+
+def smem_estimate(cfg: Dict, block_h: int, block_dv: int, elem: int) -> int:
+    """Bytes of shared memory a config needs: pipelined q/key chunks, the value tile, scores."""
+    bn, bd, stages = cfg["BLOCK_N"], cfg["BLOCK_D"], max(1, cfg.get("num_stages", 1))
+    return stages * (bn * bd + block_h * bd) * elem + bn * block_dv * elem + block_h * bn * 4
+
+
+def _prune(configs, named_args, **kwargs):
+    """early_config_prune for triton.autotune: drop configs that do not fit the device's smem."""
+    q = named_args["Q"]
+    limit = _max_shared_mem(q.device.index or 0)
+    bh, bdv = kwargs.get("BLOCK_H", named_args.get("BLOCK_H", 64)), kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 512))
+    elem = q.element_size()
+    kept = []
+    for c in configs:
+        d = dict(c.kwargs, num_stages=c.num_stages)
+        if smem_estimate(d, bh, bdv, elem) <= limit:
+            kept.append(c)
+    return kept or configs[:1]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_kernel():
+    configs = [triton.Config({"BLOCK_N": c["BLOCK_N"], "BLOCK_D": c["BLOCK_D"]}, num_warps=c["num_warps"],
+                             num_stages=c["num_stages"]) for c in autotune_configs()]
+    return triton.autotune(
+        configs=configs,
+        key=["HG", "DQK", "DV", "DR", "BLOCK_SIZE", "PAGED", "SPLIT", "BLOCK_H", "BLOCK_DV", "F32_DOT"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(selective_attention_fwd_kernel)
+
+
+def resolve_config(inp, override: Optional[Dict] = None) -> Tuple[Dict, str]:
+    """(config, where it came from). ``override`` keys replace the resolved ones (tests, tune)."""
+    found = tuning.lookup(BACKEND_NAME, device_name(inp.device), KERNEL_VERSION, shape_bucket(inp))
+    cfg, source = found if found is not None else (dict(tuning.FALLBACK_CONFIG), "built-in fallback")
+    cfg = dict(tuning.FALLBACK_CONFIG, **cfg)
+    if override:
+        cfg.update(override)
+        source = "override"
+    return cfg, source
+
+
+def plan(inp, cfg: Dict) -> Dict:
+    """Block sizes clamped to the shape (power-of-two, >= 16 for tl.dot) and the split count."""
+    T, H, Hkv = inp.num_tokens, inp.num_heads, inp.num_kv_heads
+    hg = H // Hkv
+    n = inp.topk * inp.block_size
+    bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))
+    bn = max(16, _p2(cfg["BLOCK_N"]))
+    bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
+    bdr = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.rope_dim))) if inp.rope_dim else 16
+    bdv = max(16, min(_p2(cfg["BLOCK_DV"]), _p2(inp.d_v)))
+    # Grid axis 1 holds at most 65535 programs: widen head/value blocks for extreme head counts.
+    while Hkv * triton.cdiv(hg, bh) * triton.cdiv(inp.d_v, bdv) > limits.MAX_GRID_Y and (bh < 128 or bdv < 512):
+        if bh < min(128, _p2(hg)):
+            bh *= 2
+        elif bdv < min(512, _p2(inp.d_v)):
+            bdv *= 2
+        else:
+            break
+    num_hb, num_dvb = triton.cdiv(hg, bh), triton.cdiv(inp.d_v, bdv)
+    programs = T * Hkv * num_hb * num_dvb
+    splits = int(cfg.get("num_splits", 0))
+    if splits <= 0:  # split-K when the grid is too small to fill the device and there is work to share
+        if inp.device.type == "cuda":
+            target = int(cfg.get("target_programs", 0)) or 2 * _sm_count(inp.device.index or 0)
+        else:
+            target = int(cfg.get("target_programs", 0)) or 1
+        min_per_split = max(bn, int(cfg.get("min_per_split", 256)))
+        splits = 1
+        if programs and programs < target and n >= 2 * min_per_split:
+            splits = min(math.ceil(target / programs), n // min_per_split)
+    splits = max(1, min(splits, MAX_SPLITS, max(1, math.ceil(n / bn))))
+    per_split = math.ceil(max(n, 1) / splits / bn) * bn
+    splits = max(1, math.ceil(n / per_split)) if n else 1
+    return dict(BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DR=bdr, BLOCK_DV=bdv, NUM_HB=num_hb, NUM_DVB=num_dvb,
+                num_splits=splits, cand_per_split=per_split, num_warps=int(cfg.get("num_warps", 4)),
+                num_stages=int(cfg.get("num_stages", 1)))
+
+
+def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
+    """(page, row, head, dim) strides of a kv-like tensor; zeros for an absent one."""
+    if x is None:
+        return (0,) * n
+    if n == 4:
+        return tuple(x.stride()) if paged else (0,) + tuple(x.stride())
+    return tuple(x.stride())
+
+
+def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = None):
+    """Run the kernels; returns (out [T, H, Dv] q.dtype, lse [T, H] float32)."""
+    from ...registry import Backend
+
+    out, lse = Backend.new_outputs(inp)
+    T, H = inp.num_tokens, inp.num_heads
+    if T == 0:
+        return out, lse
+    cfg, source = resolve_config(inp, override)
+    p = plan(inp, cfg)
+    on_cpu = inp.device.type == "cpu"
+    if autotune is None:
+        # Opt-in: autotuning benchmarks on the first call of every shape key (seconds of compiles,
+        # and syncs that would break a CUDA-graph capture); tuned store entries are the normal path.
+        autotune = (not on_cpu and source != "tuned"
+                    and os.environ.get("ATTENTION_TRITON_AUTOTUNE", "0") not in ("0", ""))
+    q, kv, idx = inp.q, inp.kv, inp.indices
+    v = kv if inp.v is None else inp.v  # latent: values are the first d_v columns of the key rows
+    paged = inp.paged
+    dummy = q
+    B = inp.num_seqs
+    n = inp.topk * inp.block_size
+    split = p["num_splits"] > 1
+    if split:
+        opart = torch.empty((p["num_splits"], T, H, inp.d_v), device=q.device, dtype=torch.float32)
+        lpart = torch.empty((p["num_splits"], T, H), device=q.device, dtype=torch.float32)
+    else:
+        opart, lpart = dummy, dummy
+    S_total = 0 if paged else kv.shape[0]
+    num_pages = kv.shape[0] if paged else 0
+    bt = inp.block_table
+    args = [
+        q, kv, v, inp.q_rope if inp.q_rope is not None else dummy, inp.kv_rope if inp.kv_rope is not None else dummy,
+        idx, inp.attn_sink if inp.attn_sink is not None else dummy, bt if bt is not None else dummy,
+        inp.cu_seqlens_q if inp.cu_seqlens_q is not None else dummy,
+        inp.cu_seqlens_k if inp.cu_seqlens_k is not None else dummy,
+        inp.seqlens_k if inp.seqlens_k is not None else dummy,
+        out, lse, opart, lpart,
+        float(inp.sm_scale) * LOG2E, T, B, S_total, num_pages, bt.shape[1] if bt is not None else 0, n,
+        p["cand_per_split"],
+        *q.stride(), *_strides(kv, paged, 4), *_strides(v, paged, 4), *_strides(inp.q_rope, paged, 3),
+        *_strides(inp.kv_rope, paged, 4),
+        idx.stride(0), 0 if idx.shape[1] == 1 else idx.stride(1), idx.stride(2),
+        *(bt.stride() if bt is not None else (0, 0)),
+        *out.stride(), *lse.stride(),
+        *(opart.stride() if split else (0, 0, 0, 0)), *(lpart.stride() if split else (0, 0, 0)),
+    ]
+    meta = dict(
+        HG=H // inp.num_kv_heads, DQK=inp.head_dim, DV=inp.d_v, DR=inp.rope_dim, BLOCK_SIZE=inp.block_size,
+        PAGE_SIZE=inp.page_size if paged else 1, VARLEN=inp.cu_seqlens_q is not None,
+        HAS_CUK=inp.cu_seqlens_k is not None, PAGED=paged, CAUSAL=inp.causal, HAS_SINK=inp.attn_sink is not None,
+        SPLIT=split, SEARCH_STEPS=max(1, B.bit_length() + 1),
+        F32_DOT=on_cpu or inp.dtype == torch.float32,
+        NUM_HB=p["NUM_HB"], NUM_DVB=p["NUM_DVB"], BLOCK_H=p["BLOCK_H"], BLOCK_DV=p["BLOCK_DV"],
+        BLOCK_DR=p["BLOCK_DR"],
+    )
+    grid = (T, inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"], p["num_splits"])
+    if autotune:
+        _autotuned_kernel()[grid](*args, **meta)
+    else:
+        selective_attention_fwd_kernel[grid](*args, **meta, BLOCK_N=p["BLOCK_N"], BLOCK_D=p["BLOCK_D"],
+                                             num_warps=p["num_warps"], num_stages=p["num_stages"])
+    if split:
+        bh = min(16, _p2(H))
+        bdv = min(_p2(inp.d_v), 128)
+        cgrid = (T, triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv))
+        selective_attention_combine_kernel[cgrid](
+            opart, lpart, inp.attn_sink if inp.attn_sink is not None else dummy, out, lse, H, p["num_splits"],
+            *opart.stride(), *lpart.stride(), *out.stride(), *lse.stride(),
+            DV=inp.d_v, HAS_SINK=inp.attn_sink is not None, BLOCK_H=bh, BLOCK_DV=bdv,
+        )
+    return out, lse

@@ -1,0 +1,401 @@
+"""GPU checks of the Triton backend (the Python part of bench/gpu_check.sh).
+
+    python bench/gpu_triton_check.py matrix --dtype bfloat16 --out OUT   # equivalence matrix on cuda
+    python bench/gpu_triton_check.py check --out OUT    # sync-free call, CUDA graph, autotune path
+    python bench/gpu_triton_check.py tune --out OUT     # python -m attention.tune on the DeepSeek presets
+    python bench/gpu_triton_check.py bench --out OUT    # vs dense SDPA and the matmul peak; writes the report
+    python bench/gpu_triton_check.py all --device cpu --out OUT   # dry run: interpreter, tiny shapes (CI)
+
+Every step writes ``OUT/triton_<step>.json``; ``bench`` also writes
+``OUT/docs/benchmarks/<gpu>.md`` and ``.json`` from every JSON present. Correctness is checked
+before anything is timed, and every ratio is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+os.environ.setdefault("ATTENTION_NAN_FILL", "1")  # unwritten outputs fail the comparisons
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import attention  # noqa: E402
+from attention import testing, tune  # noqa: E402
+from attention.backends.triton import launch  # noqa: E402
+
+TARGETS = {"deepseek-prefill": 450.0, "deepseek-decode": 300.0}  # TFLOP/s (issue 3, bf16 on an H200)
+SPEEDUP_TARGET = 5.0  # vs dense flash SDPA at 32K context
+
+
+def _dev_name(device: str) -> str:
+    return launch.device_name(torch.device(device))
+
+
+def _write(out: Path, step: str, data: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"triton_{step}.json").write_text(json.dumps(data, indent=1, default=str))
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bench(fn, device: str, reps: int = 3) -> float:
+    """Median seconds per call."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=100) * 1e-3
+    fn()
+    ts = []
+    for _ in range(max(1, reps)):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+# ---------------------------------------------------------------------------------------------
+def step_matrix(device: str, dtypes, cases=None) -> dict:
+    rows = []
+    cases = cases or testing.CASES
+    t0 = time.time()
+    for dt in dtypes:
+        for case in cases:
+            try:
+                r = testing.run_case("triton", case, dt, device, repeats=2)
+                rows.append(r.as_dict())
+            except Exception as e:
+                rows.append(dict(backend="triton", case=case.name, dtype=testing.DTYPE_NAMES[dt], ok=False,
+                                 message=f"{type(e).__name__}: {e}"))
+            r = rows[-1]
+            print(f"  {'ok ' if r['ok'] else 'FAIL'} {r['dtype']:9s} {r['case']:32s} {r.get('message', '')}", flush=True)
+    passed = sum(1 for r in rows if r["ok"] and not r.get("skipped"))
+    return dict(device=_dev_name(device), passed=passed, failed=sum(1 for r in rows if not r["ok"]),
+                skipped=sum(1 for r in rows if r.get("skipped")), seconds=round(time.time() - t0, 1), rows=rows)
+
+
+def step_check(device: str) -> dict:
+    """No host sync in a call; capture + replay in a CUDA graph; the opt-in triton.autotune path."""
+    res = {}
+    case = testing.CASES_BY_NAME["paged_latent_rope_sink_causal"]
+    dt = torch.bfloat16
+    args = case.make(dt, device)
+    ref_out, ref_lse = testing.oracle(args)
+    tol = testing.TOLERANCES[dt]
+
+    def call():
+        return attention.selective_attention(**args, backend="triton", return_lse=True)
+
+    out, lse = call()
+    _sync(device)
+    if device == "cuda":
+        # Two inputs: the matrix's paged/rope/sink/causal case (one kernel) and a decode shape whose
+        # plan splits the candidates (kernel + combine, with partial buffers allocated per call).
+        decode = tune.Preset("graph-decode", seqs=2, q_per_seq=1, context=2048, H=16, Hkv=1, Dqk=576, Dv=512,
+                             K=1024, page_size=64)
+        inputs = {"paged_rope_sink_causal": args, "decode_split": tune.make_inputs(decode, device)}
+        plan = launch.plan(attention.validate(**inputs["decode_split"]),
+                           launch.resolve_config(attention.validate(**inputs["decode_split"]))[0])
+        res["decode_split_plan"] = dict(ok=plan["num_splits"] > 1, num_splits=plan["num_splits"])
+        for name, a in inputs.items():
+            attention.selective_attention(**a, backend="triton", return_lse=True)  # compile first
+            torch.cuda.synchronize()
+            try:
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    attention.selective_attention(**a, backend="triton", return_lse=True)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+                res[f"sync_free_{name}"] = dict(ok=True)
+            except Exception as e:
+                res[f"sync_free_{name}"] = dict(ok=False, error=f"{type(e).__name__}: {e}")
+            try:
+                static_q = a["q"].clone()
+                a2 = dict(a, q=static_q)
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    attention.selective_attention(**a2, backend="triton", return_lse=True)  # warm-up
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    g_out, g_lse = attention.selective_attention(**a2, backend="triton", return_lse=True)
+                static_q.mul_(0.5)  # new data in the captured input: the replay must see it
+                g.replay()
+                torch.cuda.synchronize()
+                e_out, e_lse = attention.selective_attention(**a2, backend="triton", return_lse=True)
+                same = torch.equal(g_out, e_out) and torch.equal(g_lse, e_lse)
+                res[f"cuda_graph_{name}"] = dict(ok=bool(same), replay_matches_eager=bool(same))
+            except Exception as e:
+                res[f"cuda_graph_{name}"] = dict(ok=False, error=f"{type(e).__name__}: {e}",
+                                                 trace=traceback.format_exc()[-2000:])
+        try:
+            os.environ["ATTENTION_TRITON_AUTOTUNE"] = "1"
+            a3 = testing.CASES_BY_NAME["deepseek_widths"].make(dt, device)
+            inp = attention.validate(**a3)
+            o3, l3 = launch.forward(inp, autotune=True)
+            r3, rl3 = testing.oracle(a3)
+            err = testing._max_err(o3, r3)
+            res["autotune"] = dict(ok=err <= tol[0], out_err=err,
+                                   best=str(getattr(launch._autotuned_kernel(), "best_config", None)))
+        except Exception as e:
+            res["autotune"] = dict(ok=False, error=f"{type(e).__name__}: {e}")
+        finally:
+            os.environ.pop("ATTENTION_TRITON_AUTOTUNE", None)
+    else:
+        res["sync_free"] = dict(ok=None, note="no GPU: covered on CPU by tests/test_triton_kernels.py::test_host_path_reads_no_device_data")
+        res["cuda_graph"] = dict(ok=None, note="no GPU")
+        res["autotune"] = dict(ok=None, note="no GPU (triton.autotune benchmarks with CUDA events)")
+    err_o, err_l = testing._max_err(out, ref_out), testing._max_err(lse, ref_lse)
+    res["correct"] = dict(ok=err_o <= tol[0] and err_l <= tol[1], out_err=err_o, lse_err=err_l)
+    return res
+
+
+def step_tune(device: str, presets) -> dict:
+    rows = []
+    for p in presets:
+        try:
+            rows.append(tune.tune_preset(tune.PRESETS[p], device, repeats=3 if device == "cuda" else 1, save=True))
+        except Exception as e:
+            rows.append(dict(preset=p, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:]))
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        print(tune.format_table(ok))
+    return dict(device=_dev_name(device), rows=rows)
+
+
+def _dense_inputs(args: dict, preset: tune.Preset):
+    """Dense q/k/v [B, heads, L, D] holding the same data as the sparse call."""
+    q, kv = args["q"], args["kv"]
+    B, lq, L = preset.seqs, preset.q_per_seq, preset.context
+    if "block_table" in args:
+        kvd = kv[args["block_table"].long()].reshape(B, -1, kv.shape[-2], kv.shape[-1])[:, :L]
+    else:
+        kvd = kv.view(B, L, kv.shape[-2], kv.shape[-1])
+    k = kvd.permute(0, 2, 1, 3).contiguous()
+    v = k[..., :preset.Dv].contiguous()
+    qd = q.view(B, lq, q.shape[1], q.shape[2]).permute(0, 2, 1, 3).contiguous()
+    return qd, k, v
+
+
+def _sdpa(qd, k, v, causal: bool, scale: float):
+    """Dense SDPA on the same data, flash backend first; returns (fn, backend name) or (None, reasons).
+
+    Flash (and cudnn) refuse head width 576 and Dv != Dqk, so on the DeepSeek shapes a later backend
+    runs and the report names it. One kv head and no causal mask (decode): the heads are folded into
+    the query length, which is exact and avoids GQA expansion (the math backend would materialise
+    128 copies of a 32K cache).
+    """
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    F = torch.nn.functional
+    B, H, lq, D = qd.shape
+    fold = k.shape[1] == 1 and H > 1 and not (causal and lq > 1)
+    q_in = qd.reshape(B, 1, H * lq, D) if fold else qd
+    gqa = (not fold) and k.shape[1] != H
+    tried = []
+    for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH):
+        def fn(be=be):
+            with sdpa_kernel([be]):
+                kw = dict(enable_gqa=True) if gqa else {}
+                if causal and lq > 1 and lq != k.shape[2]:
+                    # SPEC causal is bottom-right aligned; SDPA's is_causal is top-left.
+                    from torch.nn.attention.bias import causal_lower_right
+
+                    kw["attn_mask"] = causal_lower_right(lq, k.shape[2])
+                else:
+                    kw["is_causal"] = causal and lq > 1
+                return F.scaled_dot_product_attention(q_in, k, v, scale=scale, **kw)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "flash not used because...": the reason is recorded below
+                fn()
+            note = "; ".join(tried)
+            return fn, be.name + (" (heads folded into queries)" if fold else "") + (f" [refused: {note}]" if note else "")
+        except Exception as e:
+            tried.append(f"{be.name}: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}")
+            if qd.is_cuda:
+                torch.cuda.empty_cache()
+    return None, "; ".join(tried)
+
+
+def matmul_peak(device: str) -> float:
+    n = 8192 if device == "cuda" else 256
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    t = _bench(lambda: a @ b, device, reps=5)
+    return 2 * n**3 / t / 1e12
+
+
+def step_bench(device: str, presets) -> dict:
+    rows = []
+    peak = matmul_peak(device)
+    print(f"matmul peak ({'bf16 8192^3' if device == 'cuda' else 'fp32 256^3'}): {peak:.1f} TFLOP/s", flush=True)
+    for name in presets:
+        p = tune.PRESETS[name]
+        row = dict(preset=name, description=p.description)
+        try:
+            args = tune.make_inputs(p, device)
+            inp = attention.validate(**args)
+            fl = tune.flops(args)
+            out, _ = launch.forward(inp)
+            ref, _ = attention.get_backend("reference").forward(inp)
+            err = float((out.float() - ref.float()).abs().max())
+            tol = testing.TOLERANCES[inp.dtype][0]
+            row.update(max_err_vs_reference=err, correct=err <= tol, config=launch.resolve_config(inp)[1],
+                       plan={k: v for k, v in launch.plan(inp, launch.resolve_config(inp)[0]).items()})
+            if not err <= tol:
+                raise RuntimeError(f"triton differs from the reference by {err:.3g} > {tol}: not timed")
+            t_kernel = _bench(lambda: launch.forward(inp), device)
+            t_op = _bench(lambda: attention.selective_attention(**args, backend="triton"), device)
+            row.update(us_kernel=t_kernel * 1e6, us_op=t_op * 1e6, tflops=fl / t_kernel / 1e12,
+                       pct_of_matmul_peak=100 * fl / t_kernel / 1e12 / peak)
+            del ref, out
+            qd, k, v = _dense_inputs(args, p)
+            fn, be = _sdpa(qd, k, v, p.causal, inp.sm_scale)
+            if fn is None:
+                row.update(dense_backend=None, dense_error=be)
+            else:
+                t_dense = _bench(fn, device)
+                L, lq, B = p.context, p.q_per_seq, p.seqs
+                pairs = B * (lq * L - (lq * (lq - 1)) // 2 if p.causal and lq > 1 else lq * L)
+                dense_fl = 2.0 * pairs * p.H * (p.Dqk + p.Dv)
+                row.update(dense_backend=be, us_dense=t_dense * 1e6, dense_tflops=dense_fl / t_dense / 1e12,
+                           speedup_vs_dense=t_dense / t_kernel)
+            del qd, k, v
+            tgt = TARGETS.get(name)
+            if tgt is not None:
+                row["target_tflops"] = tgt
+                row["meets_tflops_target"] = row["tflops"] >= tgt
+            if p.context >= 32768 and "speedup_vs_dense" in row:
+                row["meets_speedup_target"] = row["speedup_vs_dense"] >= SPEEDUP_TARGET
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "trace"}, default=str), flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return dict(device=_dev_name(device), matmul_peak_tflops=peak, rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+def write_report(out: Path, device: str) -> Path:
+    """docs/benchmarks/<gpu>.md and .json from every step's JSON found in ``out``."""
+    steps = {}
+    for f in sorted(out.glob("triton_*.json")):
+        steps[f.stem[len("triton_"):]] = json.loads(f.read_text())
+    name = _dev_name(device)
+    from attention.tuning import slug
+
+    meta = dict(device=name, torch=torch.__version__, triton=__import__("triton").__version__,
+                python=platform.python_version(), when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                interpreter=os.environ.get("TRITON_INTERPRET") == "1")
+    d = out / "docs" / "benchmarks"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{slug(name)}.json").write_text(json.dumps(dict(meta=meta, **steps), indent=1, default=str))
+    L = [f"# Triton backend on {name}", "",
+         f"torch {meta['torch']}, triton {meta['triton']}, {meta['when']}"
+         + (" - **dry run on the Triton interpreter: timings mean nothing**" if meta["interpreter"] else ""), ""]
+    for k, v in steps.items():
+        if k.startswith("matrix"):
+            L.append(f"- equivalence matrix ({k}): {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped "
+                     f"in {v['seconds']} s")
+            L += [f"  - FAIL {r['dtype']} {r['case']}: {r.get('message', '')}" for r in v["rows"] if not r["ok"]]
+    if "check" in steps:
+        for k, v in steps["check"].items():
+            L.append(f"- {k}: {'ok' if v.get('ok') else ('not run' if v.get('ok') is None else 'FAILED')} "
+                     f"{ {x: y for x, y in v.items() if x not in ('ok', 'trace')} }")
+    if "tune" in steps:
+        rows = [r for r in steps["tune"]["rows"] if "error" not in r]
+        if rows:
+            L += ["", "## Tuning (python -m attention.tune)", "", "```", tune.format_table(rows), "```"]
+        L += [f"- tune {r['preset']} FAILED: {r['error']}" for r in steps["tune"]["rows"] if "error" in r]
+    if "bench" in steps:
+        b = steps["bench"]
+        L += ["", "## Benchmarks", "", f"Matmul peak measured in this run: {b['matmul_peak_tflops']:.1f} TFLOP/s", "",
+              "| preset | correct | kernel us | op us | TFLOP/s | % peak | target | dense backend | dense us | speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in b["rows"]:
+            if "error" in r:
+                L.append(f"| {r['preset']} | error: {r['error'][:100]} |||||||||")
+                continue
+            f = lambda x, fmt="{:.1f}": "-" if x is None else fmt.format(x)  # noqa: E731
+            L.append(f"| {r['preset']} | {r.get('correct')} ({r.get('max_err_vs_reference', 0):.2g}) | "
+                     f"{f(r.get('us_kernel'))} | {f(r.get('us_op'))} | {f(r.get('tflops'), '{:.2f}')} | "
+                     f"{f(r.get('pct_of_matmul_peak'))} | {r.get('target_tflops', '-')} "
+                     f"{'met' if r.get('meets_tflops_target') else ('missed' if 'meets_tflops_target' in r else '')} | "
+                     f"{(r.get('dense_backend') or 'none').split(' [')[0]} | {f(r.get('us_dense'))} | "
+                     f"{f(r.get('speedup_vs_dense'), '{:.2f}x')} |")
+        L.append("")
+        for r in b["rows"]:
+            if r.get("dense_backend") and " [" in r["dense_backend"]:
+                L.append(f"- {r['preset']}: dense SDPA {r['dense_backend']}")
+            elif r.get("dense_error"):
+                L.append(f"- {r['preset']}: no dense SDPA backend ran: {r['dense_error']}")
+    path = d / f"{slug(name)}.md"
+    path.write_text("\n".join(L) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=["matrix", "check", "tune", "bench", "report", "all"])
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--dtype", action="append", choices=list(testing.DTYPE_NAMES.values()))
+    ap.add_argument("--preset", action="append", choices=sorted(tune.PRESETS))
+    ap.add_argument("--out", default=os.environ.get("OUT") or "out")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    device = a.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no GPU visible: use --device cpu for the dry run", file=sys.stderr)
+        return 2
+    by_name = {v: k for k, v in testing.DTYPE_NAMES.items()}
+    dtypes = [by_name[d] for d in (a.dtype or list(testing.DTYPE_NAMES.values()))]
+    presets = a.preset or (list(tune.GPU_PRESETS) if device == "cuda" else ["tiny"])
+    rc = 0
+    if a.step in ("matrix", "all"):
+        # The dry run covers a slice of the matrix: tests/test_equivalence.py runs all of it on the CPU.
+        cases = None if device == "cuda" else [testing.CASES_BY_NAME[n] for n in ("mqa_latent", "paged_varlen")]
+        r = step_matrix(device, dtypes, cases)
+        _write(out, "matrix_" + "_".join(testing.DTYPE_NAMES[d] for d in dtypes), r)
+        rc |= int(r["failed"] > 0)
+    if a.step in ("check", "all"):
+        r = step_check(device)
+        _write(out, "check", r)
+        rc |= int(any(v.get("ok") is False for v in r.values()))
+    if a.step in ("tune", "all"):
+        r = step_tune(device, presets)
+        _write(out, "tune", r)
+        rc |= int(any("error" in x for x in r["rows"]))
+    if a.step in ("bench", "all"):
+        r = step_bench(device, presets)
+        _write(out, "bench", r)
+        rc |= int(any("error" in x or x.get("correct") is False for x in r["rows"]))
+    if a.step in ("bench", "report", "all"):
+        print(f"report: {write_report(out, device)}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
