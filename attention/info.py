@@ -35,11 +35,25 @@ def report() -> str:
         why = b.unavailable_reasons()
         status = "available" if not why else "unavailable"
         devs = ",".join(sorted(b.device_types())) or "-"
-        prio = "/".join(str(b.priority_for(d)) for d in ("cpu", "cuda", "npu"))
+        prio = "/".join(str(b.priority_for(d)) if b.runs_on(d) else "-" for d in ("cpu", "cuda", "npu"))
         rows.append((b.name, devs, status, prio, "; ".join(why) or b.description))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+    try:
+        from attention.selection import selection_backends
+    except ImportError:  # pragma: no cover
+        selection_backends = list
+    sel = selection_backends()
+    if sel:
+        lines.append("")
+        lines.append("selection (lightning_indexer / topk_indices / select):")
+        for b in sel:
+            why = b.unavailable_reasons()
+            ops = ",".join(sorted(b.ops))
+            lines.append(f"  {b.name.ljust(10)} {','.join(sorted(b.devices)).ljust(6)} "
+                         f"{'available' if not why else 'unavailable'}  ops: {ops}"
+                         f"{'  (' + '; '.join(why) + ')' if why else ''}")
     for b in backends():
         extra = b.info()
         if extra:

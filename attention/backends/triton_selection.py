@@ -29,6 +29,7 @@ kernel (attention/backends/cuda_topk.py).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import List
 
@@ -39,13 +40,19 @@ from python_ref.selection import _INVALID_MAX, _finish, score_width
 
 from ..selection import SelectionBackend
 
-try:
-    import triton
-    import triton.language as tl
-    _TRITON_ERROR = None
-except Exception as e:  # pragma: no cover - triton missing
-    triton = None
-    _TRITON_ERROR = str(e)
+# triton itself is imported only when a kernel first runs (_kernels()): see _triton_selection_kernels.
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_TRITON_ERROR = None if _HAVE_TRITON else "no module named 'triton'"
+
+
+def _kernels():
+    from . import _triton_selection_kernels
+
+    return _triton_selection_kernels
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 MAX_K = 4096
 MAX_BLOCK = 128  # block selection: power-of-two blocks up to this size
@@ -68,140 +75,6 @@ def _p2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
 
-if triton is not None:
-
-    @triton.jit
-    def _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base, p0, num_pages, page_size,
-                    max_pages, Di, scale, CAUSAL: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Scores [BLOCK_N] of positions p0 + [0, BLOCK_N) for one token (q [BLOCK_H, BLOCK_D])."""
-        pos = p0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        valid = pos < L
-        if CAUSAL:
-            valid = valid & (pos <= q_pos)
-        if PAGED:
-            pidx = tl.minimum(pos // page_size, max_pages - 1)
-            page = tl.load(table_ptr + seq * stride_tb + pidx, mask=valid, other=0).to(tl.int64)
-            valid = valid & (page >= 0) & (page < num_pages)
-            rows = page * page_size + pos % page_size
-        else:
-            rows = base + pos
-        rows = tl.where(valid, rows, 0)
-        d = tl.arange(0, BLOCK_D)
-        keys = tl.load(k_ptr + rows[:, None] * stride_k + d[None, :], mask=valid[:, None] & (d[None, :] < Di),
-                       other=0.0)
-        if UPCAST:
-            keys = keys.to(tl.float32)
-        if IEEE:
-            logits = tl.dot(q, tl.trans(keys), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
-        else:
-            logits = tl.dot(q, tl.trans(keys))
-        logits = tl.maximum(logits * scale, 0.0)
-        s = tl.sum(w[:, None] * logits, axis=0)
-        return tl.where(valid, s, float("-inf")), pos
-
-    @triton.jit
-    def _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        h = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :],
-                    mask=(h[:, None] < Hi) & (d[None, :] < Di), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        w = tl.load(w_ptr + t * stride_wt + h, mask=h < Hi, other=0.0).to(tl.float32)
-        return q, w
-
-    @triton.jit
-    def _indexer_kernel(q_ptr, k_ptr, w_ptr, out_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
-                        stride_qt, stride_qh, stride_k, stride_wt, stride_ot, stride_tb, W, Hi, Di, scale,
-                        num_pages, page_size, max_pages, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
-                        UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        p0 = tl.program_id(1).to(tl.int64) * BLOCK_N
-        L = tl.load(L_ptr + t)
-        q_pos = tl.load(qpos_ptr + t)
-        if PAGED:
-            seq = tl.load(seq_ptr + t)
-            base = 0
-        else:
-            seq = 0
-            base = tl.load(base_ptr + t)
-        q, w = _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST, BLOCK_H, BLOCK_D)
-        s, pos = _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base, p0, num_pages,
-                             page_size, max_pages, Di, scale, CAUSAL, PAGED, UPCAST, IEEE, BLOCK_N, BLOCK_D)
-        tl.store(out_ptr + t * stride_ot + pos, s, mask=pos < W)
-
-    @triton.jit
-    def _pack(s, pos):
-        """int64 keys: higher score first, then lower position (python_ref.selection.pack_keys)."""
-        s = tl.where(s != s, float("-inf"), s) + 0.0  # NaN counts as -inf; -0.0 becomes +0.0
-        b = s.to(tl.int32, bitcast=True)
-        k32 = b ^ ((b >> 31) & 0x7FFFFFFF)
-        return k32.to(tl.int64) * 4294967296 + (4294967295 - pos)
-
-    @triton.jit
-    def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
-                       stride_qt, stride_qh, stride_k, stride_wt, stride_tb, W, k, Hi, Di, scale,
-                       num_pages, page_size, max_pages, invalid_max, sentinel, span, CAUSAL: tl.constexpr,
-                       PAGED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, BS: tl.constexpr,
-                       MEAN: tl.constexpr, SPLITS: tl.constexpr):
-        # Units: a "slot" is a position (BS == 1) or a block of BS positions (NSA block selection).
-        # Program (t, sp) handles slots [sp * span, sp * span + span) of token t (span: a multiple of
-        # K_PAD). With SPLITS > 1 it writes its packed top-K_PAD to out_ptr[t, sp, :] (int64) and the
-        # host merges the splits with one torch.topk; a decode step (few tokens, 128K keys) then
-        # fills the GPU instead of running one long program per token.
-        t = tl.program_id(0).to(tl.int64)
-        sp = tl.program_id(1).to(tl.int64)
-        L = tl.minimum(tl.load(L_ptr + t), W)  # positions >= W are outside the score row
-        q_pos = tl.load(qpos_ptr + t)
-        if PAGED:
-            seq = tl.load(seq_ptr + t)
-            base = 0
-        else:
-            seq = 0
-            base = tl.load(base_ptr + t)
-        # Nothing past the sequence (or past the query, when causal) can score: stop there.
-        end = L
-        if CAUSAL:
-            end = tl.minimum(end, q_pos + 1)
-        end_slots = (end + BS - 1) // BS
-        q, w = _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST, BLOCK_H, BLOCK_D)
-        j = tl.arange(0, K_PAD)
-        SUB: tl.constexpr = BLOCK_N // BS  # slots per score tile
-        best = tl.zeros([K_PAD], dtype=tl.int64) + sentinel
-        row = scratch_ptr + (t * SPLITS + sp) * K_PAD
-        for c0 in range(sp * span, tl.minimum(sp * span + span, end_slots), K_PAD):
-            for sub in range(0, K_PAD, SUB):  # a loop, not unrolled: K_PAD/SUB is up to 64
-                s, pos = _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base,
-                                     (c0 + sub) * BS, num_pages, page_size, max_pages, Di, scale, CAUSAL, PAGED,
-                                     UPCAST, IEEE, BLOCK_N, BLOCK_D)
-                if BS > 1:
-                    s2 = tl.reshape(s, [SUB, BS])
-                    if MEAN:  # mean over the block's valid positions, as python_ref.block_scores
-                        ok = s2 > float("-inf")
-                        cnt = tl.sum(ok.to(tl.float32), axis=1)
-                        tot = tl.sum(tl.where(ok, s2, 0.0), axis=1)
-                        s = tl.where(cnt > 0, tot / tl.maximum(cnt, 1.0), float("-inf"))
-                    else:
-                        s = tl.max(s2, axis=1)
-                tl.store(row + sub + tl.arange(0, SUB), s)
-            tl.debug_barrier()  # the chunk's scores, written by every thread, are read back below
-            keys = _pack(tl.load(row + j), c0 + j.to(tl.int64))
-            tl.debug_barrier()  # before the next chunk overwrites the scratch row
-            if tl.max(keys, axis=0) > tl.min(best, axis=0):  # else nothing of this chunk enters the top-k
-                srt = tl.sort(keys, descending=True)
-                best = tl.sort(tl.maximum(best, tl.flip(srt, 0)), descending=True)
-        if SPLITS == 1:
-            pos = 4294967295 - (best & 4294967295)
-            res = tl.where(best > invalid_max, pos, -1).to(tl.int32)
-            tl.store(out_ptr + t * k + j, res, mask=j < k)
-        else:
-            tl.store(out_ptr + (t * SPLITS + sp) * K_PAD + j, best)
-
-
 class TritonSelection(SelectionBackend):
     name = "triton"
     ops = frozenset({"lightning_indexer", "select"})
@@ -212,7 +85,7 @@ class TritonSelection(SelectionBackend):
         return frozenset({"cuda", "cpu"}) if _interpreting() else frozenset({"cuda"})
 
     def unavailable_reasons(self) -> List[str]:
-        if triton is None:
+        if not _HAVE_TRITON:
             return [f"triton not importable ({_TRITON_ERROR})"]
         if not torch.cuda.is_available() and not _interpreting():
             return ["no CUDA device (CPU tensors need TRITON_INTERPRET=1)"]
@@ -264,7 +137,7 @@ class TritonSelection(SelectionBackend):
             if T == 0 or W == 0:
                 return out
             BLOCK_N = 64
-            _indexer_kernel[(T, triton.cdiv(W, BLOCK_N))](
+            _kernels()._indexer_kernel[(T, _cdiv(W, BLOCK_N))](
                 a["q"], a["k"], a["w"], out, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
                 a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), out.stride(0), a["stride_tb"],
                 W, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
@@ -284,7 +157,7 @@ class TritonSelection(SelectionBackend):
         splits = max(1, -(-slots // span))  # no empty split
         scratch = torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.float32)
         dst = out if splits == 1 else torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.int64)
-        _select_kernel[(T, splits)](
+        _kernels()._select_kernel[(T, splits)](
             a["q"], a["k"], a["w"], dst, scratch, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
             a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"],
             W, k, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
@@ -308,4 +181,4 @@ class TritonSelection(SelectionBackend):
         return max(1, min(-(-2 * sms // max(T, 1)), chunks // 2))
 
 
-SELECTION_BACKEND = TritonSelection() if triton is not None else None
+SELECTION_BACKEND = TritonSelection() if _HAVE_TRITON else None
