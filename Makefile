@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: all venv install test demo bench info verify cuda-check clean
+.PHONY: all venv install test demo bench info verify cuda-check gpu-check clean
 
 all: test
 
@@ -37,6 +37,10 @@ demo: install
 
 info: install
 	$(PY) -m attention.info
+
+# On a GPU machine whose Python already has torch and triton (see bench/gpu_check.sh).
+gpu-check:
+	bash bench/gpu_check.sh
 
 # Compile every CUDA source for sm_80 and sm_90 with nvcc; any error or warning fails.
 # Needs only nvcc (no GPU, no torch): kernels are raw-pointer .cu/.cuh files.
