@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attention
-from attention.testing import CASES, DTYPE_NAMES, oracle, run_case
+from attention.testing import CASES, DTYPE_NAMES, Case, oracle, run_case
 
 ascendc = pytest.importorskip("attention.backends.ascendc")
 twin = ascendc._twin
@@ -26,14 +26,13 @@ SMALL_TILES = dict(mTile=16, nTile=16, dkChunk=16, dvChunk=16, vecBufNum=2, kvBu
 
 
 @functools.lru_cache(maxsize=None)
-def _expected(case_name, dtype):
-    case = next(c for c in CASES if c.name == case_name)
+def _expected(case, dtype):
     return oracle(case.make(dtype, "cpu"))
 
 
 def _run(case, dtype, soc, tiling=None):
     with ascendc.use_soc(soc, tiling):
-        res = run_case("ascendc", case, dtype, "cpu", repeats=2, expected=_expected(case.name, dtype))
+        res = run_case("ascendc", case, dtype, "cpu", repeats=2, expected=_expected(case, dtype))
     if res.skipped:
         pytest.skip(f"ascendc/{soc}: {res.message}")
     assert res.ok, f"ascendc/{soc}/{res.dtype}/{case.name}: {res.message}"
@@ -50,6 +49,38 @@ def test_matrix_per_soc(soc, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_NAMES[d])
 def test_matrix_small_tiles(dtype, case):
     _run(case, dtype, "Ascend910B2", SMALL_TILES)
+
+
+# The shared matrix has at most 8 query heads per kv head, so one 16-row fractal holds them all. These
+# cases pack more heads per kv head than one fractal (M split over several fractals and head tiles).
+WIDE_CASES = [
+    Case("heads_per_kv_20_gqa", H=40, Hkv=2, Dqk=40, Dv=24, latent=False, Dr=8, K=30, seqs=((2, 50), (1, 9)),
+         causal=True),
+    Case("heads_per_kv_128_small_dims", H=128, Hkv=1, Dqk=32, Dv=16, K=20, seqs=((2, 30),), sink=True),
+    Case("mla_heads_48_paged", H=48, Hkv=1, Dqk=576, Dv=512, K=40, seqs=((2, 90),), page_size=16, causal=True,
+         block_size=2),
+]
+WIDE_TILINGS = {
+    "planner": None,
+    "m32": dict(mTile=32, nTile=32, dkChunk=32, dvChunk=32, vecBufNum=1, kvBufNum=2, l0BufNum=2),
+    "m128": dict(mTile=128, nTile=16, dkChunk=16, dvChunk=16, vecBufNum=1, kvBufNum=1, l0BufNum=1),
+}
+
+
+@pytest.mark.parametrize("tiling", WIDE_TILINGS, ids=str)
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_NAMES[d])
+def test_many_heads_per_kv_head(dtype, case, tiling):
+    tl = WIDE_TILINGS[tiling]
+    if tl is not None:
+        shape = dict(T=case.T, H=case.H, Hkv=case.Hkv, Dqk=case.Dqk, Dr=case.Dr, Dv=case.Dv, K=case.K,
+                     block_size=case.block_size, dtype=DTYPE_NAMES[dtype], separate_v=not case.latent)
+        p = ascendc.plan(shape, soc="Ascend910B2", tiling=tl)
+        if not p["fits"]:
+            # only the DeepSeek-wide case with mTile=128 (its fp32 accumulator alone is 256 KB of UB)
+            assert case.Dv == 512 and tl["mTile"] == 128, p["problems"]
+            pytest.skip(f"does not fit Ascend910B2: {p['problems']}")
+    _run(case, dtype, "Ascend910B2", tl)
 
 
 def test_310p3_declares_missing_dtypes():
