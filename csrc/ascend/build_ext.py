@@ -5,7 +5,7 @@
   the host tiling and a pybind11 binding. -O2: the equivalence matrix runs through it on every SoC.
 - ``attention._ascendc_npu``: only when CANN is present (``ASCEND_HOME_PATH`` set and its ``bisheng``
   found) and torch_npu imports. The same kernel files are compiled for the chip by bisheng and linked
-  with csrc/ascend/npu_binding.cpp. This path has never run: no CANN toolkit or NPU was available.
+  with csrc/ascend/npu/npu_binding.cpp. This path has never run: no CANN toolkit or NPU was available.
 """
 
 from __future__ import annotations
@@ -56,19 +56,19 @@ def _npu():
     except Exception as e:  # pragma: no cover - needs CANN + torch_npu
         warnings.warn(f"csrc/ascend: torch_npu unavailable ({e}); NPU kernel not built")
         return None
-    # 1. the device kernel: bisheng compiles the kernel files for dav-c220 (A2/A3) into an object that
-    #    carries the device binary and the host launch stubs; 2. the binding links it.
+    # 1. bisheng compiles npu/launch.asc (which includes the device-only kernel files) for dav-c220
+    #    (A2/A3) into an object carrying the device binary and the <<<>>> launch stubs;
+    # 2. the torch_npu binding (g++) links that object.
     build = os.path.join(ROOT, "build", "ascend")
     os.makedirs(build, exist_ok=True)
-    obj = os.path.join(build, "selective_attention_kernel.o")
+    obj = os.path.join(build, "selective_attention_launch.o")
     cmd = [bisheng, "-x", "asc", "--npu-arch=dav-2201", "-O2", "-std=c++17", "-fPIC", "-c",
-           os.path.join(HERE, "kernel", "selective_attention.cpp"), "-o", obj,
-           "-I" + os.path.join(HERE, "kernel")]
+           os.path.join(HERE, "npu", "launch.asc"), "-o", obj, "-I" + os.path.join(HERE, "kernel")]
     print("csrc/ascend:", " ".join(cmd), file=sys.stderr)
     subprocess.check_call(cmd)
     return NpuExtension(
         "attention._ascendc_npu",
-        sources=[_rel("npu_binding.cpp")] + HOST_SOURCES,
+        sources=[_rel("npu", "npu_binding.cpp")] + HOST_SOURCES,
         include_dirs=[os.path.join(HERE, "kernel"), os.path.join(HERE, "host"),
                       os.path.join(home, "include"), os.path.join(home, "aarch64-linux", "include"),
                       os.path.join(home, "x86_64-linux", "include")],
