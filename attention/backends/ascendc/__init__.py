@@ -171,6 +171,11 @@ class AscendCBackend(Backend):
         lines: Dict[str, str] = {}
         lines["cpu twin"] = "built" if _twin is not None else _TWIN_ERROR
         lines["npu kernel"] = "built (never run by its authors)" if _npu is not None else _NPU_ERROR
+        if _npu is not None:
+            try:
+                lines["npu device report"] = str(_npu.device_soc())  # capacities the NPU tiling uses
+            except Exception as e:  # pragma: no cover - needs an NPU
+                lines["npu device report"] = f"unavailable ({e})"
         if _twin is None:
             return lines
         lines["twin SoC"] = f"{current_soc()} (ATTENTION_ASCEND_SOC)"

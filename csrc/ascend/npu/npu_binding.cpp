@@ -120,6 +120,7 @@ void Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, const Op
     if (sh.H % sh.Hkv || out.size(0) != sh.T || out.size(1) != sh.H || out.size(2) != sh.Dv) Bad("inconsistent shapes");
 
     const selattn::SocSpec& soc = CachedSoc();
+    if (soc.family == "310P") Bad("the kernel is built for A2/A3 (dav-c220) only, not " + soc.name);
     const selattn::TileChoice tc = selattn::ChooseTiles(sh, soc);  // throws (RuntimeError) when nothing fits
     const selattn::SelectiveAttentionTiling tiling = selattn::MakeTiling(sh, tc, soc);
 

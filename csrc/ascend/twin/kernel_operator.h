@@ -159,8 +159,7 @@ inline int MemOf(TPosition p) {
 // mirrors AscendC::RoundMode (subset)
 enum class RoundMode : uint8_t { CAST_NONE = 0, CAST_RINT, CAST_FLOOR, CAST_CEIL, CAST_ROUND, CAST_TRUNC };
 // mirrors AscendC::HardEvent (subset the kernel uses)
-enum class HardEvent : uint8_t { MTE2_V, V_MTE2, MTE3_V, V_MTE3, V_S, S_V, MTE2_S, S_MTE2, MTE3_S, S_MTE3,
-                                 MTE3_MTE2, MTE2_MTE3 };
+enum class HardEvent : uint8_t { MTE2_V, V_MTE2, MTE3_V, V_MTE3, V_S, S_V, S_MTE3, MTE2_MTE3 };
 enum CoreType : int32_t { MIX = 0, AIC = 1, AIV = 2 };
 
 template <typename A, typename B> struct IsSameType { static constexpr bool value = false; };
@@ -168,17 +167,13 @@ template <typename A> struct IsSameType<A, A> { static constexpr bool value = tr
 
 // ---------------------------------------------------------------- tensors
 // mirrors AscendC::GlobalTensor<T>: SetGlobalBuffer(__gm__ T* buffer, uint64_t bufferSize),
-// GetValue(uint64_t offset), operator[](uint64_t offset), GetPhyAddr()
+// GetValue(uint64_t offset), operator[](uint64_t offset), GetPhyAddr() (the twin's own copies use it)
 template <typename T>
 class GlobalTensor {
 public:
     __aicore__ inline void SetGlobalBuffer(__gm__ T* buffer, uint64_t bufferSize) {
         addr_ = buffer;
         size_ = bufferSize;
-    }
-    __aicore__ inline void SetGlobalBuffer(__gm__ T* buffer) {
-        addr_ = buffer;
-        size_ = UINT64_MAX;
     }
     __aicore__ inline T GetValue(uint64_t offset) const {
         Check(offset, 1);
@@ -207,7 +202,7 @@ private:
 };
 
 // mirrors AscendC::LocalTensor<T>: operator[](uint32_t offset), GetValue(uint32_t), SetValue(uint32_t, T),
-// ReinterpretCast<U>(), GetSize()
+// ReinterpretCast<U>()
 template <typename T>
 class LocalTensor {
 public:
@@ -231,7 +226,6 @@ public:
         return LocalTensor<U>(reinterpret_cast<U*>(ptr_), static_cast<uint32_t>(uint64_t(size_) * sizeof(T) / sizeof(U)),
                               pos_);
     }
-    __aicore__ inline uint32_t GetSize() const { return size_; }
     // twin only
     T* Ptr() const { return ptr_; }
     TPosition Pos() const { return pos_; }
@@ -377,9 +371,6 @@ __aicore__ inline void WaitFlag(int32_t id) {
     if (c <= 0) twin::Fail("WaitFlag on an event that was never set (would hang)");
     --c;
 }
-// mirrors template <pipe_t pipe> PipeBarrier()
-template <pipe_t pipe>
-__aicore__ inline void PipeBarrier() {}
 // mirrors template <uint8_t modeId, pipe_t pipe> CrossCoreSetFlag(uint16_t flagId)
 template <uint8_t modeId, pipe_t pipe>
 __aicore__ inline void CrossCoreSetFlag(uint16_t flagId) {
