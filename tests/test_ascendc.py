@@ -267,3 +267,16 @@ def test_import_without_the_extension_reports_not_built():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_too_wide_heads_are_declined_with_a_reason():
+    """Widths whose buffers fit no tiling (here Dqk = Dv = 2048) are declined before any kernel runs."""
+    g = torch.Generator().manual_seed(3)
+    args = dict(q=torch.randn(2, 4, 2048, generator=g), kv=torch.randn(10, 1, 2048, generator=g),
+                indices=torch.zeros(2, 1, 5, dtype=torch.int32))
+    inp = attention.validate(**args)
+    reasons = ascendc.BACKEND.not_supported_reasons(inp)
+    assert any("no tiling of this shape fits Ascend910B2" in r for r in reasons), reasons
+    with pytest.raises(ValueError, match="no tiling of this shape fits"):
+        attention.selective_attention(**args, backend="ascendc")
+    assert ascendc.plan(dict(T=1, H=128, Dqk=672, Dv=672, K=2048, dtype="float32"), soc="Ascend910B2")["fits"]

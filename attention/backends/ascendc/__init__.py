@@ -14,6 +14,7 @@ The SoC whose capacities and tiling the twin uses: ``ATTENTION_ASCEND_SOC`` (def
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Dict, List, Optional
 
@@ -81,6 +82,22 @@ def plan(shape: dict, soc: Optional[str] = None, tiling: Optional[Dict[str, int]
 _DT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def _shape_key(inp: SelectiveAttentionInputs) -> tuple:
+    return (inp.num_tokens, inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rope_dim, inp.d_v, inp.topk,
+            inp.block_size, _DT[inp.dtype], not inp.latent)
+
+
+def _tiling_key():
+    return None if _tiling_override is None else tuple(sorted(_tiling_override.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_cached(soc: str, key: tuple, tiling: Optional[tuple]) -> dict:
+    T, H, Hkv, Dqk, Dr, Dv, K, bs, dt, sep = key
+    shape = dict(T=T, H=H, Hkv=Hkv, Dqk=Dqk, Dr=Dr, Dv=Dv, K=K, block_size=bs, dtype=dt, separate_v=sep)
+    return _twin.plan(soc, shape, None if tiling is None else dict(tiling))
+
+
 class AscendCBackend(Backend):
     name = "ascendc"
     description = "AscendC kernel (csrc/ascend): on cpu the CPU twin of the same source; on npu the chip build"
@@ -118,6 +135,10 @@ class AscendCBackend(Backend):
                     reasons.append(f"{soc} has no bfloat16 support in hardware")
                 if inp.dtype == torch.float32 and not info["fp32_cube"]:
                     reasons.append(f"{soc}'s cube unit has no float32 Mmad")
+                if not reasons:
+                    p = _plan_cached(soc, _shape_key(inp), _tiling_key())
+                    if not p["fits"]:
+                        reasons.append(p["problems"])
         return reasons
 
     def forward(self, inp: SelectiveAttentionInputs):
