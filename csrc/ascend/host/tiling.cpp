@@ -45,7 +45,7 @@ const SocSpec* FindSoc(const std::string& name)
     return nullptr;
 }
 
-MemoryUse MemoryFor(const ProblemShape& sh, const TileChoice& tc)
+MemoryUse MemoryFor(const ProblemShape& sh, const TileChoice& tc, uint32_t vecSubBlocks)
 {
     const uint64_t sz = sh.dtypeBytes;
     const uint64_t dqkPad = Up16(sh.Dqk), dkPad = dqkPad + Up16(sh.Dr), dvPad = Up16(sh.Dv);
@@ -57,11 +57,12 @@ MemoryUse MemoryFor(const ProblemShape& sh, const TileChoice& tc)
     u.l0a = tc.l0BufNum * Align32(std::max(m * tc.dkChunk, m * n) * sz);
     u.l0b = tc.l0BufNum * Align32(std::max(n * tc.dkChunk, n * tc.dvChunk) * sz);
     u.l0c = Align32(std::max(m * n, m * tc.dvChunk) * 4);
-    // AIV: gather queue, v rows (separate v only), V^T block, Gather offsets, kept rows, S, P, accumulator,
-    // row statistics, one O row, one output row, reduce work space
+    // AIV (each of them): gather queue, v rows (separate v only), V^T block, Gather offsets, kept rows, and
+    // for its share of the heads S, P, accumulator, row statistics; one O row, one output row, reduce work
+    const uint64_t r = m / std::max<uint32_t>(1, vecSubBlocks);
     u.ub = tc.vecBufNum * Align32(GATHER_ROWS * dkPad * sz) + (sh.separateV ? Align32(GATHER_ROWS * dvPad * sz) : 0) +
-           Align32(dvPad * GATHER_ROWS * sz) + Align32(dvPad * GATHER_ROWS * 4) + Align32(n * 4) + Align32(m * n * 4) +
-           Align32(m * n * sz) + Align32(m * dvPad * 4) + Align32(STAT_SLOTS * m * 4) + Align32(dvPad * 4) +
+           Align32(dvPad * GATHER_ROWS * sz) + Align32(dvPad * GATHER_ROWS * 4) + Align32(n * 4) + Align32(r * n * 4) +
+           Align32(r * n * sz) + Align32(r * dvPad * 4) + Align32(STAT_SLOTS * r * 4) + Align32(dvPad * 4) +
            Align32(dvPad * sz) + Align32(n * 4);
     return u;
 }
@@ -95,7 +96,7 @@ std::string FitProblems(const ProblemShape& sh, const TileChoice& tc, const SocS
     if (tc.dkChunk / c0 > 255 || tc.nTile / 16 > 255 || tc.nTile / c0 > 255 || tc.dvChunk / 16 > 255)
         bad("a LoadData repeat count would exceed 255");
     if (dkPad > 65535 || dvPad > 65535 || tc.mTile > 4096 || tc.nTile > 4096) bad("a 16-bit API field would overflow");
-    const MemoryUse u = MemoryFor(sh, tc);
+    const MemoryUse u = MemoryFor(sh, tc, soc.VecPerCube());
     auto over = [&](const char* mem, uint64_t need, uint64_t cap) {
         if (need > cap) bad(std::string(mem) + " needs " + std::to_string(need) + " bytes > " + std::to_string(cap));
     };
@@ -205,6 +206,7 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.vecBufNum = tc.vecBufNum;
     t.kvBufNum = tc.kvBufNum;
     t.l0BufNum = tc.l0BufNum;
+    t.vecSubBlocks = soc.VecPerCube();
     t.headTiles = CeilDiv(t.headsPerKv, tc.mTile);
     t.numTiles = CeilDiv(uint64_t(sh.K) * sh.blockSize, tc.nTile);
     t.numItems = sh.T * sh.Hkv * t.headTiles;

@@ -28,6 +28,8 @@ struct SocSpec {
     bool bf16;              // cube and vector handle bfloat16
     bool fp32Cube;          // Mmad with float operands
     uint64_t UbUsable() const { return ubBytes - ubReserved; }
+    // vector cores working with one cube core in the mix launch (2 on A2/A3; 1 on 310P3's AI cores)
+    uint32_t VecPerCube() const { return aivNum >= 2 * aicNum ? 2 : 1; }
 };
 
 const std::vector<SocSpec>& SocTable();
@@ -52,7 +54,8 @@ struct TileChoice {
 struct MemoryUse {
     uint64_t ub = 0, l1 = 0, l0a = 0, l0b = 0, l0c = 0;
 };
-MemoryUse MemoryFor(const ProblemShape& shape, const TileChoice& tiles);
+// UB is per vector core: each of the `vecSubBlocks` vector cores of a block holds its share of the heads.
+MemoryUse MemoryFor(const ProblemShape& shape, const TileChoice& tiles, uint32_t vecSubBlocks);
 
 // Why this tile choice cannot run on this SoC ("" when it can): capacity, dtype, API field limits.
 std::string FitProblems(const ProblemShape& shape, const TileChoice& tiles, const SocSpec& soc);

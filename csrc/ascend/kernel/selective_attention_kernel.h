@@ -27,9 +27,10 @@
 // core with Gather) loaded as Nz is already the Zn order of V: every LoadData here is a plain
 // (non-transposing) fractal copy, which is the same for fp16, bf16 and fp32.
 //
-// Not done (see csrc/ascend/README.md): the two AIV sub-blocks of a 1:2 mix launch do not split the
-// vector work (sub-block 1 only follows the handshakes), and the five phases of a tile run one after
-// the other (no overlap of gather i+1 with the cube work of tile i).
+// The vector cores of a block (two on A2/A3) split the work: each gathers every other 16-row chunk of
+// the tile and owns mTile / vecSubBlocks of the packed heads for softmax, accumulation and output.
+// Not done (see csrc/ascend/README.md): the five phases of a tile run one after the other (no overlap
+// of gather i+1 with the cube work of tile i).
 #pragma once
 
 #include "kernel_operator.h"
@@ -98,7 +99,13 @@ public:
         lseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(lse), T_ * H);
 
         // this block's slice of the global workspace: the cube <-> vector hand-over buffers
-        __gm__ uint8_t* ws = workspace + t_.workspacePerBlock * static_cast<uint64_t>(GetBlockIdx());
+        __gm__ uint8_t* ws = workspace + t_.workspacePerBlock * static_cast<uint64_t>(BlockOfCore());
+        sub_ = 0;
+        if ASCEND_IS_AIV {
+            sub_ = static_cast<uint32_t>(GetSubBlockIdx());
+        }
+        rowsPer_ = t_.mTile / t_.vecSubBlocks;
+        rowBegin_ = sub_ * rowsPer_;
         const uint32_t mT = t_.mTile, nT = t_.nTile;
         qWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsQ), mT * t_.dkPad);
         kWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsK), nT * t_.dkPad);
@@ -126,10 +133,11 @@ public:
             pipe_.InitBuffer(vtBuf_, t_.dvPad * GATHER_ROWS * sizeof(T));
             pipe_.InitBuffer(offBuf_, t_.dvPad * GATHER_ROWS * sizeof(uint32_t));
             pipe_.InitBuffer(rowBuf_, nT * sizeof(int32_t));
-            pipe_.InitBuffer(sBuf_, mT * nT * sizeof(float));
-            pipe_.InitBuffer(pBuf_, mT * nT * sizeof(T));
-            pipe_.InitBuffer(accBuf_, mT * t_.dvPad * sizeof(float));
-            pipe_.InitBuffer(statBuf_, STAT_SLOTS * mT * sizeof(float));
+            // S, P, the accumulator and the row statistics hold only this vector core's heads
+            pipe_.InitBuffer(sBuf_, rowsPer_ * nT * sizeof(float));
+            pipe_.InitBuffer(pBuf_, rowsPer_ * nT * sizeof(T));
+            pipe_.InitBuffer(accBuf_, rowsPer_ * t_.dvPad * sizeof(float));
+            pipe_.InitBuffer(statBuf_, STAT_SLOTS * rowsPer_ * sizeof(float));
             pipe_.InitBuffer(oRowBuf_, t_.dvPad * sizeof(float));
             pipe_.InitBuffer(outRowBuf_, t_.dvPad * sizeof(T));
             pipe_.InitBuffer(workBuf_, nT * sizeof(float));
@@ -139,23 +147,17 @@ public:
     __aicore__ inline void Process()
     {
         if ASCEND_IS_AIV {
-            if (VecWorker()) {
-                BuildTransposeOffsets();
-            }
+            BuildTransposeOffsets();
         }
         const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum());
-        for (uint32_t item = static_cast<uint32_t>(GetBlockIdx()); item < t_.numItems; item += blockNum) {
+        for (uint32_t item = BlockOfCore(); item < t_.numItems; item += blockNum) {
             Decode(item);
             if ASCEND_IS_AIV {
-                if (VecWorker()) {
-                    BeginItemVec();
-                }
+                BeginItemVec();
             }
             for (uint32_t tile = 0; tile < t_.numTiles; ++tile) {
                 if ASCEND_IS_AIV {
-                    if (VecWorker()) {
-                        GatherTile(tile);
-                    }
+                    GatherTile(tile);
                     CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
                 }
                 if ASCEND_IS_AIC {
@@ -165,9 +167,7 @@ public:
                 }
                 if ASCEND_IS_AIV {
                     CrossCoreWaitFlag(FLAG_S);
-                    if (VecWorker()) {
-                        SoftmaxTile();
-                    }
+                    SoftmaxTile();
                     CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_P);
                 }
                 if ASCEND_IS_AIC {
@@ -177,9 +177,7 @@ public:
                 }
                 if ASCEND_IS_AIV {
                     CrossCoreWaitFlag(FLAG_O);
-                    if (VecWorker()) {
-                        AccumulateTile();
-                    }
+                    AccumulateTile();
                 }
             }
             if ASCEND_IS_AIC {
@@ -188,9 +186,7 @@ public:
                 }
             }
             if ASCEND_IS_AIV {
-                if (VecWorker()) {
-                    FinishItem();
-                }
+                FinishItem();
             }
         }
     }
@@ -198,7 +194,16 @@ public:
 private:
     __aicore__ inline static uint32_t Max32(uint32_t a, uint32_t b) { return a > b ? a : b; }
     __aicore__ inline static uint32_t Min32(uint32_t a, uint32_t b) { return a < b ? a : b; }
-    __aicore__ inline bool VecWorker() const { return GetSubBlockIdx() == 0; }
+    // the block this core belongs to: on a vector core GetBlockIdx() counts vector cores
+    __aicore__ inline uint32_t BlockOfCore() const
+    {
+        if ASCEND_IS_AIV {
+            return static_cast<uint32_t>(GetBlockIdx() / GetTaskRatio());
+        }
+        return static_cast<uint32_t>(GetBlockIdx());
+    }
+    // 16-row chunks are dealt round-robin to the vector cores of the block
+    __aicore__ inline bool MyChunk(uint32_t row0) const { return (row0 / GATHER_ROWS) % t_.vecSubBlocks == sub_; }
 
     // set-then-wait on one event: the consumer pipe waits for everything the producer pipe issued
     template <HardEvent evt>
@@ -217,6 +222,7 @@ private:
         token_ = tg / t_.numKvHeads;
         head0_ = kvHead_ * t_.headsPerKv + headTile_ * t_.mTile;
         mCount_ = Min32(t_.mTile, t_.headsPerKv - headTile_ * t_.mTile);
+        ownCount_ = mCount_ > rowBegin_ ? Min32(rowsPer_, mCount_ - rowBegin_) : 0;
         idxRow_ = (static_cast<uint64_t>(token_) * t_.indexHeads + (t_.indexHeads == 1 ? 0 : kvHead_)) * t_.topk;
         // sequence of the token: the largest b with cu_seqlens_q[b] <= t (empty sequences are skipped over)
         uint32_t lo = 0, hi = t_.numSeqs;
@@ -280,16 +286,19 @@ private:
     {
         LocalTensor<float> acc = accBuf_.Get<float>();
         LocalTensor<float> st = statBuf_.Get<float>();
-        const uint32_t mT = t_.mTile;
-        Duplicate(acc, 0.0f, static_cast<int32_t>(mT * t_.dvPad));
-        Duplicate(st[0 * mT], NEG_BIG, static_cast<int32_t>(mT));  // m (running max of scaled scores)
-        Duplicate(st[2 * mT], 0.0f, static_cast<int32_t>(mT));     // l (running sum)
+        const uint32_t mT = t_.mTile, rp = rowsPer_;
+        Duplicate(acc, 0.0f, static_cast<int32_t>(rp * t_.dvPad));
+        Duplicate(st[0 * rp], NEG_BIG, static_cast<int32_t>(rp));  // m (running max of scaled scores)
+        Duplicate(st[2 * rp], 0.0f, static_cast<int32_t>(rp));     // l (running sum)
         if (t_.numTiles == 0) {
             return;  // K = 0: every row is empty, Q is never needed
         }
         // Q of the packed heads, [mTile, dkPad]: q at columns [0, Dqk), q_rope at [dqkPad, dqkPad + Dr),
         // zeros elsewhere, so the contraction over dkPad equals q . k + q_rope . k_rope.
         for (uint32_t r0 = 0; r0 < mT; r0 += GATHER_ROWS) {
+            if (!MyChunk(r0)) {
+                continue;
+            }
             LocalTensor<T> kb = gatherQue_.AllocTensor<T>();
             Duplicate(kb, static_cast<T>(0.0f), static_cast<int32_t>(GATHER_ROWS * t_.dkPad));
             Sync<HardEvent::V_MTE2>();
@@ -340,6 +349,9 @@ private:
         LocalTensor<T> vt = vtBuf_.Get<T>();
         LocalTensor<uint32_t> off = offBuf_.Get<uint32_t>();
         for (uint32_t s0 = 0; s0 < t_.nTile; s0 += GATHER_ROWS) {
+            if (!MyChunk(s0)) {
+                continue;
+            }
             LocalTensor<T> kb = gatherQue_.AllocTensor<T>();
             LocalTensor<T> vrows;
             Duplicate(kb, static_cast<T>(0.0f), static_cast<int32_t>(GATHER_ROWS * t_.dkPad));
@@ -380,25 +392,26 @@ private:
 
     __aicore__ inline void SoftmaxTile()
     {
-        const uint32_t mT = t_.mTile, nT = t_.nTile;
+        const uint32_t rp = rowsPer_, nT = t_.nTile;
         LocalTensor<float> s = sBuf_.Get<float>();
         LocalTensor<T> p = pBuf_.Get<T>();
         LocalTensor<float> acc = accBuf_.Get<float>();
         LocalTensor<float> st = statBuf_.Get<float>();
         LocalTensor<float> work = workBuf_.Get<float>();
-        LocalTensor<float> mOld = st[0 * mT], mNew = st[1 * mT], l = st[2 * mT], alpha = st[3 * mT];
-        LocalTensor<float> rowMax = st[4 * mT], rowSum = st[5 * mT], tmp = st[9 * mT];
+        LocalTensor<float> mOld = st[0 * rp], mNew = st[1 * rp], l = st[2 * rp], alpha = st[3 * rp];
+        LocalTensor<float> rowMax = st[4 * rp], rowSum = st[5 * rp], tmp = st[9 * rp];
 
-        DataCopyPad(s, sWs_, DataCopyExtParams(1, mT * nT * sizeof(float), 0, 0, 0),
+        // this core's rows of S; P rows it does not compute (padded heads) are written as zeros
+        DataCopyPad(s, sWs_[rowBegin_ * nT], DataCopyExtParams(1, rp * nT * sizeof(float), 0, 0, 0),
                     DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
-        Duplicate(p, static_cast<T>(0.0f), static_cast<int32_t>(mT * nT));
+        Duplicate(p, static_cast<T>(0.0f), static_cast<int32_t>(rp * nT));
         Sync<HardEvent::MTE2_V>();
         const int32_t nv = static_cast<int32_t>(nValid_);
-        if (nv > 0) {
+        if (nv > 0 && ownCount_ > 0) {
             // pass 1: scaled scores and row maxima (padded head rows keep NEG_BIG)
-            Duplicate(rowMax, NEG_BIG, static_cast<int32_t>(mT));
-            Duplicate(rowSum, 0.0f, static_cast<int32_t>(mT));
-            for (uint32_t m = 0; m < mCount_; ++m) {
+            Duplicate(rowMax, NEG_BIG, static_cast<int32_t>(rp));
+            Duplicate(rowSum, 0.0f, static_cast<int32_t>(rp));
+            for (uint32_t m = 0; m < ownCount_; ++m) {
                 LocalTensor<float> row = s[m * nT];
                 Muls(row, row, t_.smScale, nv);
                 ReduceMax(tmp, row, work, nv);
@@ -406,12 +419,12 @@ private:
                 rowMax.SetValue(m, tmp.GetValue(0));
                 Sync<HardEvent::S_V>();
             }
-            Max(mNew, mOld, rowMax, static_cast<int32_t>(mT));
-            Sub(alpha, mOld, mNew, static_cast<int32_t>(mT));
-            Exp(alpha, alpha, static_cast<int32_t>(mT));  // exp(m_old - m_new): rescales l and acc
+            Max(mNew, mOld, rowMax, static_cast<int32_t>(rp));
+            Sub(alpha, mOld, mNew, static_cast<int32_t>(rp));
+            Exp(alpha, alpha, static_cast<int32_t>(rp));  // exp(m_old - m_new): rescales l and acc
             Sync<HardEvent::V_S>();
             // pass 2: p = exp(s - m_new), row sums, P in the input dtype for the cube
-            for (uint32_t m = 0; m < mCount_; ++m) {
+            for (uint32_t m = 0; m < ownCount_; ++m) {
                 LocalTensor<float> row = s[m * nT];
                 const float mRow = mNew.GetValue(m);
                 Adds(row, row, -mRow, nv);
@@ -428,20 +441,20 @@ private:
                 Sync<HardEvent::S_V>();
                 Muls(acc[m * t_.dvPad], acc[m * t_.dvPad], a, static_cast<int32_t>(t_.dvPad));
             }
-            Mul(l, l, alpha, static_cast<int32_t>(mT));
-            Add(l, l, rowSum, static_cast<int32_t>(mT));
-            Adds(mOld, mNew, 0.0f, static_cast<int32_t>(mT));
+            Mul(l, l, alpha, static_cast<int32_t>(rp));
+            Add(l, l, rowSum, static_cast<int32_t>(rp));
+            Adds(mOld, mNew, 0.0f, static_cast<int32_t>(rp));
         }
         Sync<HardEvent::V_MTE3>();
-        DataCopyPad(pWs_, p, DataCopyExtParams(1, mT * nT * sizeof(T), 0, 0, 0));
+        DataCopyPad(pWs_[rowBegin_ * nT], p, DataCopyExtParams(1, rp * nT * sizeof(T), 0, 0, 0));
     }
 
     __aicore__ inline void AccumulateTile()
     {
         LocalTensor<float> acc = accBuf_.Get<float>();
         LocalTensor<float> o = oRowBuf_.Get<float>();
-        for (uint32_t m = 0; m < mCount_; ++m) {
-            DataCopyPad(o, oWs_[m * t_.dvPad], DataCopyExtParams(1, t_.dvPad * sizeof(float), 0, 0, 0),
+        for (uint32_t m = 0; m < ownCount_; ++m) {
+            DataCopyPad(o, oWs_[(rowBegin_ + m) * t_.dvPad], DataCopyExtParams(1, t_.dvPad * sizeof(float), 0, 0, 0),
                         DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
             Sync<HardEvent::MTE2_V>();
             Add(acc[m * t_.dvPad], acc[m * t_.dvPad], o, static_cast<int32_t>(t_.dvPad));
@@ -451,30 +464,34 @@ private:
 
     __aicore__ inline void FinishItem()
     {
-        const uint32_t mT = t_.mTile;
+        if (ownCount_ == 0) {
+            return;
+        }
+        const uint32_t rp = rowsPer_;
+        const uint32_t h0 = head0_ + rowBegin_;  // first head this core writes
         LocalTensor<float> acc = accBuf_.Get<float>();
         LocalTensor<float> st = statBuf_.Get<float>();
-        LocalTensor<float> mOld = st[0 * mT], l = st[2 * mT], lnL = st[6 * mT], denom = st[7 * mT];
-        LocalTensor<float> lseRow = st[8 * mT], sinkTerm = st[3 * mT];
+        LocalTensor<float> mOld = st[0 * rp], l = st[2 * rp], lnL = st[6 * rp], denom = st[7 * rp];
+        LocalTensor<float> lseRow = st[8 * rp], sinkTerm = st[3 * rp];
         LocalTensor<T> outRow = outRowBuf_.Get<T>();
 
-        Ln(lnL, l, static_cast<int32_t>(mT));
+        Ln(lnL, l, static_cast<int32_t>(rp));
         if (t_.hasSink) {
             // out = acc / (l + exp(sink - m)): the sink joins the denominator only
             Sync<HardEvent::V_S>();
-            for (uint32_t m = 0; m < mT; ++m) {
-                sinkTerm.SetValue(m, m < mCount_ ? sinkGm_.GetValue(head0_ + m) : 0.0f);
+            for (uint32_t m = 0; m < rp; ++m) {
+                sinkTerm.SetValue(m, m < ownCount_ ? sinkGm_.GetValue(h0 + m) : 0.0f);
             }
             Sync<HardEvent::S_V>();
-            Sub(sinkTerm, sinkTerm, mOld, static_cast<int32_t>(mT));
-            Exp(sinkTerm, sinkTerm, static_cast<int32_t>(mT));
-            Add(denom, l, sinkTerm, static_cast<int32_t>(mT));
+            Sub(sinkTerm, sinkTerm, mOld, static_cast<int32_t>(rp));
+            Exp(sinkTerm, sinkTerm, static_cast<int32_t>(rp));
+            Add(denom, l, sinkTerm, static_cast<int32_t>(rp));
         } else {
-            Adds(denom, l, 0.0f, static_cast<int32_t>(mT));
+            Adds(denom, l, 0.0f, static_cast<int32_t>(rp));
         }
         Sync<HardEvent::V_S>();
         LocalTensor<uint32_t> lseBits = lseRow.template ReinterpretCast<uint32_t>();
-        for (uint32_t m = 0; m < mCount_; ++m) {
+        for (uint32_t m = 0; m < ownCount_; ++m) {
             LocalTensor<float> a = acc[m * t_.dvPad];
             const float lm = l.GetValue(m);
             if (lm > 0.0f) {
@@ -488,7 +505,7 @@ private:
                 Sync<HardEvent::S_V>();
                 Duplicate(a, 0.0f, static_cast<int32_t>(t_.dvPad));
             }
-            const uint64_t outOff = (static_cast<uint64_t>(token_) * t_.numHeads + head0_ + m) * t_.valueDim;
+            const uint64_t outOff = (static_cast<uint64_t>(token_) * t_.numHeads + h0 + m) * t_.valueDim;
             if constexpr (IsSameType<T, float>::value) {
                 Sync<HardEvent::V_MTE3>();
                 DataCopyPad(outGm_[outOff], a, DataCopyExtParams(1, t_.valueDim * sizeof(T), 0, 0, 0));
@@ -500,8 +517,8 @@ private:
             Sync<HardEvent::MTE3_V>();
         }
         Sync<HardEvent::S_MTE3>();
-        DataCopyPad(lseGm_[static_cast<uint64_t>(token_) * t_.numHeads + head0_], lseRow,
-                    DataCopyExtParams(1, mCount_ * sizeof(float), 0, 0, 0));
+        DataCopyPad(lseGm_[static_cast<uint64_t>(token_) * t_.numHeads + h0], lseRow,
+                    DataCopyExtParams(1, ownCount_ * sizeof(float), 0, 0, 0));
         Sync<HardEvent::MTE3_V>();
     }
 
@@ -642,6 +659,8 @@ private:
 
     // current work item
     uint32_t token_ = 0, kvHead_ = 0, headTile_ = 0, head0_ = 0, mCount_ = 0, seq_ = 0, nValid_ = 0;
+    // this vector core's share of the packed heads: rows [rowBegin_, rowBegin_ + ownCount_) of the tile
+    uint32_t sub_ = 0, rowsPer_ = 0, rowBegin_ = 0, ownCount_ = 0;
     uint64_t idxRow_ = 0;
     int64_t seqLen_ = 0, kvStart_ = 0, qPos_ = 0;
 };

@@ -38,6 +38,7 @@ struct SelectiveAttentionTiling {
     uint32_t vecBufNum;      // UB gather buffers (2 = double buffering)
     uint32_t kvBufNum;       // L1 buffers for the K and V^T tiles
     uint32_t l0BufNum;       // L0A/L0B ping-pong buffers
+    uint32_t vecSubBlocks;   // vector cores per cube core (2 on A2/A3): they split the heads of a tile
     uint32_t headTiles;      // ceil(headsPerKv / mTile)
     uint32_t numTiles;       // ceil(topk * blockSize / nTile)
     uint32_t numItems;       // T * Hkv * headTiles work items, spread over the blocks

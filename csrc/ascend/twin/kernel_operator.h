@@ -19,12 +19,17 @@
 //   kernel that reads what it never wrote must fail here rather than pass by luck.
 // - Cube layouts are modelled as the hardware documents them: L1 "Nz" (from DataCopy with Nd2NzParams),
 //   L0A "Zz", L0B "Zn", L0C "Nz" float fractals of 16x16; a fractal holds 16 rows of C0 = 32 B.
-// - Pipes, events and cross-core flags: the twin runs one block's cube part and vector part in program
-//   order on one thread, so flags carry no data; they are counted, and a wait on a flag nobody set
-//   (a hang on the chip) throws.
+// - Cores: each block of a launch runs as one thread per core, one AIC and `ratio` AIVs (1:2 on A2/A3),
+//   concurrently, sharing only global memory; CrossCoreSetFlag/WaitFlag (mode 2) block and wake them as
+//   on the chip, so a missing handshake shows up as a race or as a wait that times out (a hang on the
+//   chip). Intra-core pipes are not modelled (each core runs its instructions in order); SetFlag/
+//   WaitFlag pairs are counted and a wait on an event never set throws.
 #pragma once
 
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -115,30 +120,62 @@ struct SocLimits {
     std::string name = "unset";
     uint64_t bytes[NUM_MEM] = {0, 0, 0, 0, 0};
 };
+// One block of a mix launch: one cube core (AIC) and `ratio` vector cores (AIV), each a thread of its
+// own, sharing only global memory and the cross-core flags below (as on the chip).
+struct Group {
+    std::mutex mu;
+    std::condition_variable cv;
+    int ratio = 2;
+    int32_t aivToAic[16][2] = {{0}};  // sets by each AIV, consumed by the AIC's wait
+    int32_t aicToAiv[16][2] = {{0}};  // sets by the AIC, one per AIV, each consumed by that AIV's wait
+    bool abort = false;               // a core failed: every waiter gives up instead of hanging
+};
+// per-thread (per simulated core) state
 struct State {
-    SocLimits soc;
-    int64_t blockIdx = 0, blockNum = 1;
-    uint64_t peak[NUM_MEM] = {0, 0, 0, 0, 0};  // largest TPipe total seen since ResetPeak
-    int32_t crossFlags[16] = {0};
+    int coreType = 0;  // AscendC::AIC / AIV (values of CoreType below)
+    int64_t blockIdx = 0, blockNum = 1, subBlockIdx = 0;
+    Group* group = nullptr;
+    uint64_t peak[NUM_MEM] = {0, 0, 0, 0, 0};  // largest TPipe total this core allocated
     int32_t events[64][4] = {{0}};
 };
 inline State& S() {
     static thread_local State s;
     return s;
 }
-inline void SetSoc(const SocLimits& soc) { S().soc = soc; }
-inline void SetBlock(int64_t idx, int64_t num) {
-    S().blockIdx = idx;
-    S().blockNum = num;
+inline SocLimits& Soc() {
+    static SocLimits soc;  // set once per launch, before the core threads start; read-only while they run
+    return soc;
 }
-inline void ResetPeak() {
-    for (auto& p : S().peak) p = 0;
+inline void SetSoc(const SocLimits& soc) { Soc() = soc; }
+// called at the start of each core thread
+inline void EnterCore(int coreType, int64_t blockIdx, int64_t blockNum, int64_t subBlockIdx, Group* g) {
+    State& st = S();
+    st = State();
+    st.coreType = coreType;
+    st.blockIdx = blockIdx;
+    st.blockNum = blockNum;
+    st.subBlockIdx = subBlockIdx;
+    st.group = g;
 }
 inline void Fail(const std::string& msg) { throw MisuseError("AscendC twin: " + msg); }
-// A launch must end with every handshake consumed: an unmatched set means the two sides disagree.
-inline void CheckQuiescent() {
+// wait on the group's condition; a core that failed, or 60 s without progress (a hang on the chip), ends it
+template <typename Pred>
+inline void GroupWait(std::unique_lock<std::mutex>& lk, Group& g, Pred ready, const std::string& what) {
+    if (!g.cv.wait_for(lk, std::chrono::seconds(60), [&] { return g.abort || ready(); }))
+        Fail(what + ": no matching CrossCoreSetFlag within 60 s (the chip would hang)");
+    if (g.abort && !ready()) Fail(what + ": abandoned because another core of the block failed");
+}
+inline void Abort(Group& g) {
+    std::lock_guard<std::mutex> lk(g.mu);
+    g.abort = true;
+    g.cv.notify_all();
+}
+// A launch must end with every handshake consumed: an unmatched set means the cores disagree.
+inline void CheckQuiescent(const Group& g) {
     for (int i = 0; i < 16; ++i)
-        if (S().crossFlags[i] != 0) Fail("cross-core flag " + std::to_string(i) + " left set at kernel end");
+        for (int s = 0; s < g.ratio; ++s)
+            if (g.aivToAic[i][s] != 0 || g.aicToAiv[i][s] != 0)
+                Fail("cross-core flag " + std::to_string(i) + " left set at kernel end");
 }
 }  // namespace twin
 
@@ -336,10 +373,10 @@ private:
         if (len == 0) twin::Fail("TPipe::InitBuffer with length 0");
         int mem = MemOf(pos);
         used_[mem] += bytes;
-        uint64_t cap = twin::S().soc.bytes[mem];
+        uint64_t cap = twin::Soc().bytes[mem];
         if (used_[mem] > cap)
             throw twin::CapacityError(std::string("AscendC twin: ") + twin::MemName(mem) + " overflow on " +
-                                      twin::S().soc.name + ": buffers need " + std::to_string(used_[mem]) +
+                                      twin::Soc().name + ": buffers need " + std::to_string(used_[mem]) +
                                       " bytes, the SoC has " + std::to_string(cap) + " (last InitBuffer: " +
                                       std::to_string(num) + " x " + std::to_string(len) + " bytes)");
         if (used_[mem] > twin::S().peak[mem]) twin::S().peak[mem] = used_[mem];
@@ -354,11 +391,18 @@ private:
 };
 
 // ---------------------------------------------------------------- system
-// mirrors GetBlockIdx(), GetBlockNum(), GetSubBlockIdx()
-__aicore__ inline int64_t GetBlockIdx() { return twin::S().blockIdx; }
+// mirrors GetBlockIdx(), GetBlockNum(), GetSubBlockIdx(), GetSubBlockNum(), GetTaskRatio() for a mix
+// launch: GetBlockNum() counts blocks (AIC cores); on an AIV, GetBlockIdx() numbers vector cores
+// (block * ratio + sub-block), so a kernel finds its block as GetBlockIdx() / GetTaskRatio().
+__aicore__ inline int64_t GetTaskRatio() {
+    return twin::S().coreType == 2 ? twin::S().group->ratio : 1;
+}
+__aicore__ inline int64_t GetBlockIdx() {
+    return twin::S().blockIdx * GetTaskRatio() + twin::S().subBlockIdx;
+}
 __aicore__ inline int64_t GetBlockNum() { return twin::S().blockNum; }
-// one vector core per cube core in the twin (the chip has two; see kernel notes)
-__aicore__ inline int64_t GetSubBlockIdx() { return 0; }
+__aicore__ inline int64_t GetSubBlockIdx() { return twin::S().subBlockIdx; }
+__aicore__ inline int64_t GetSubBlockNum() { return GetTaskRatio(); }
 
 // mirrors template <HardEvent evt> SetFlag(int32_t eventID) / WaitFlag(int32_t eventID)
 template <HardEvent evt>
@@ -371,17 +415,40 @@ __aicore__ inline void WaitFlag(int32_t id) {
     if (c <= 0) twin::Fail("WaitFlag on an event that was never set (would hang)");
     --c;
 }
-// mirrors template <uint8_t modeId, pipe_t pipe> CrossCoreSetFlag(uint16_t flagId)
+// mirrors template <uint8_t modeId, pipe_t pipe> CrossCoreSetFlag(uint16_t flagId) and
+// template <uint8_t modeId = 0, pipe_t pipe = PIPE_S> CrossCoreWaitFlag(uint16_t flagId), mode 2
+// (a cube core with its vector cores): an AIV's set counts for its AIC; the AIC's wait needs a set from
+// every AIV of the block; the AIC's set reaches every AIV, and each AIV's wait consumes its own.
 template <uint8_t modeId, pipe_t pipe>
 __aicore__ inline void CrossCoreSetFlag(uint16_t flagId) {
-    twin::S().crossFlags[flagId & 15]++;
+    static_assert(modeId == 2, "twin: only mode 2 (AIC <-> its AIVs) is modelled");
+    twin::Group& g = *twin::S().group;
+    std::lock_guard<std::mutex> lk(g.mu);
+    if (twin::S().coreType == 2) {
+        g.aivToAic[flagId & 15][twin::S().subBlockIdx]++;
+    } else {
+        for (int sb = 0; sb < g.ratio; ++sb) g.aicToAiv[flagId & 15][sb]++;
+    }
+    g.cv.notify_all();
 }
-// mirrors template <uint8_t modeId = 0, pipe_t pipe = PIPE_S> CrossCoreWaitFlag(uint16_t flagId)
 template <uint8_t modeId = 0, pipe_t pipe = PIPE_S>
 __aicore__ inline void CrossCoreWaitFlag(uint16_t flagId) {
-    int32_t& c = twin::S().crossFlags[flagId & 15];
-    if (c <= 0) twin::Fail("CrossCoreWaitFlag(" + std::to_string(flagId) + ") with no matching set (would hang)");
-    --c;
+    twin::Group& g = *twin::S().group;
+    std::unique_lock<std::mutex> lk(g.mu);
+    const int f = flagId & 15;
+    const std::string what = "CrossCoreWaitFlag(" + std::to_string(flagId) + ")";
+    if (twin::S().coreType == 2) {
+        const int sb = static_cast<int>(twin::S().subBlockIdx);
+        twin::GroupWait(lk, g, [&] { return g.aicToAiv[f][sb] > 0; }, what + " on AIV");
+        g.aicToAiv[f][sb]--;
+    } else {
+        twin::GroupWait(lk, g, [&] {
+            for (int sb = 0; sb < g.ratio; ++sb)
+                if (g.aivToAic[f][sb] <= 0) return false;
+            return true;
+        }, what + " on AIC");
+        for (int sb = 0; sb < g.ratio; ++sb) g.aivToAic[f][sb]--;
+    }
 }
 
 // ---------------------------------------------------------------- data movement structs
@@ -726,10 +793,9 @@ __aicore__ inline void Gather(const LocalTensor<T>& dst, const LocalTensor<T>& s
 
 }  // namespace AscendC
 
-// mirrors the ASCEND_IS_AIC / ASCEND_IS_AIV macros. The twin plays both cores of a block in program
-// order, so both are true: the kernel's cross-core handshakes keep the order a real chip would see.
-#define ASCEND_IS_AIC (true)
-#define ASCEND_IS_AIV (true)
+// mirrors the ASCEND_IS_AIC / ASCEND_IS_AIV macros: true on the thread that plays that kind of core
+#define ASCEND_IS_AIC (::AscendC::twin::S().coreType == ::AscendC::AIC)
+#define ASCEND_IS_AIV (::AscendC::twin::S().coreType == ::AscendC::AIV)
 
 // mirrors KERNEL_TASK_TYPE_DEFAULT(value) (a compile-time attribute on the chip; nothing to do on the CPU)
 #define KERNEL_TASK_TYPE_DEFAULT(value)
