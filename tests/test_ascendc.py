@@ -279,4 +279,4 @@ def test_too_wide_heads_are_declined_with_a_reason():
     assert any("no tiling of this shape fits Ascend910B2" in r for r in reasons), reasons
     with pytest.raises(ValueError, match="no tiling of this shape fits"):
         attention.selective_attention(**args, backend="ascendc")
-    assert ascendc.plan(dict(T=1, H=128, Dqk=672, Dv=672, K=2048, dtype="float32"), soc="Ascend910B2")["fits"]
+    assert ascendc.plan(dict(T=1, H=128, Dqk=800, Dv=800, K=2048, dtype="float32"), soc="Ascend910B2")["fits"]

@@ -31,6 +31,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -158,11 +159,21 @@ inline void EnterCore(int coreType, int64_t blockIdx, int64_t blockNum, int64_t 
     st.group = g;
 }
 inline void Fail(const std::string& msg) { throw MisuseError("AscendC twin: " + msg); }
-// wait on the group's condition; a core that failed, or 60 s without progress (a hang on the chip), ends it
+// wait on the group's condition; a core that failed, or ATTENTION_TWIN_HANG_S seconds (default 20)
+// without the matching set (a hang on the chip), ends it
+inline int HangSeconds() {
+    static const int s = [] {
+        const char* e = std::getenv("ATTENTION_TWIN_HANG_S");
+        int v = e ? std::atoi(e) : 0;
+        return v > 0 ? v : 20;
+    }();
+    return s;
+}
 template <typename Pred>
 inline void GroupWait(std::unique_lock<std::mutex>& lk, Group& g, Pred ready, const std::string& what) {
-    if (!g.cv.wait_for(lk, std::chrono::seconds(60), [&] { return g.abort || ready(); }))
-        Fail(what + ": no matching CrossCoreSetFlag within 60 s (the chip would hang)");
+    if (!g.cv.wait_for(lk, std::chrono::seconds(HangSeconds()), [&] { return g.abort || ready(); }))
+        Fail(what + ": no matching CrossCoreSetFlag within " + std::to_string(HangSeconds()) +
+             " s (the chip would hang)");
     if (g.abort && !ready()) Fail(what + ": abandoned because another core of the block failed");
 }
 inline void Abort(Group& g) {
