@@ -215,10 +215,11 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     uint64_t off = 0;
     t.wsQ = off;
     off += Align512(uint64_t(tc.mTile) * t.dkPad * sz);
+    // K and V^T: two tiles each (the kernel gathers tile i + 1 while the cube works on tile i)
     t.wsK = off;
-    off += Align512(uint64_t(tc.nTile) * t.dkPad * sz);
+    off += 2 * Align512(uint64_t(tc.nTile) * t.dkPad * sz);
     t.wsVt = off;
-    off += Align512(uint64_t(t.dvPad) * tc.nTile * sz);
+    off += 2 * Align512(uint64_t(t.dvPad) * tc.nTile * sz);
     t.wsS = off;
     off += Align512(uint64_t(tc.mTile) * tc.nTile * 4);
     t.wsP = off;

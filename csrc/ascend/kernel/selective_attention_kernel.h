@@ -29,8 +29,9 @@
 //
 // The vector cores of a block (two on A2/A3) split the work: each gathers every other 16-row chunk of
 // the tile and owns mTile / vecSubBlocks of the packed heads for softmax, accumulation and output.
-// Not done (see csrc/ascend/README.md): the five phases of a tile run one after the other (no overlap
-// of gather i+1 with the cube work of tile i).
+// The K / V^T hand-over is double-buffered: the vector cores gather tile i+1 while the cube computes
+// the scores of tile i. Not done (see csrc/ascend/README.md): softmax and P.V still alternate with
+// the cube (the cube waits for P, the vector cores wait for O).
 #pragma once
 
 #include "kernel_operator.h"
@@ -108,8 +109,8 @@ public:
         rowBegin_ = sub_ * rowsPer_;
         const uint32_t mT = t_.mTile, nT = t_.nTile;
         qWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsQ), mT * t_.dkPad);
-        kWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsK), nT * t_.dkPad);
-        vtWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsVt), t_.dvPad * nT);
+        kWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsK), 2 * nT * t_.dkPad);      // two tiles
+        vtWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsVt), 2 * t_.dvPad * nT);  // two tiles
         sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsS), mT * nT);
         pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsP), mT * nT);
         oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsO), mT * t_.dvPad);
@@ -155,10 +156,21 @@ public:
             if ASCEND_IS_AIV {
                 BeginItemVec();
             }
+            // K / V^T hand-over buffers are double-buffered by tile parity: the vector cores gather tile
+            // i + 1 while the cube core computes the scores of tile i. Buffer i % 2 is written again only
+            // for tile i + 2, after FLAG_O of tile i, when the cube core has finished reading it.
+            if ASCEND_IS_AIV {
+                if (t_.numTiles > 0) {
+                    GatherTile(0);
+                    CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                }
+            }
             for (uint32_t tile = 0; tile < t_.numTiles; ++tile) {
                 if ASCEND_IS_AIV {
-                    GatherTile(tile);
-                    CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                    if (tile + 1 < t_.numTiles) {
+                        GatherTile(tile + 1);
+                        CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                    }
                 }
                 if ASCEND_IS_AIC {
                     CrossCoreWaitFlag(FLAG_KV);
@@ -167,12 +179,12 @@ public:
                 }
                 if ASCEND_IS_AIV {
                     CrossCoreWaitFlag(FLAG_S);
-                    SoftmaxTile();
+                    SoftmaxTile(tile);
                     CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_P);
                 }
                 if ASCEND_IS_AIC {
                     CrossCoreWaitFlag(FLAG_P);
-                    ValueTile();
+                    ValueTile(tile);
                     CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_O);
                 }
                 if ASCEND_IS_AIV {
@@ -341,10 +353,13 @@ private:
             rows.SetValue(kept, static_cast<int32_t>(RowOf(pos)));
             ++kept;
         }
-        nValid_ = kept;
+        nValid_[tile & 1] = kept;
+        const uint32_t nValid = kept;
+        const uint64_t kBase = (tile & 1) * static_cast<uint64_t>(t_.nTile) * t_.dkPad;
+        const uint64_t vBase = (tile & 1) * static_cast<uint64_t>(t_.dvPad) * t_.nTile;
 
         // 2. gather kept rows 16 at a time into K [nTile, dkPad] and V^T [dvPad, nTile]; slots past
-        //    nValid_ are written as zeros so no stale or uninitialised workspace reaches the cube
+        //    nValid are written as zeros so no stale or uninitialised workspace reaches the cube
         const uint64_t Hkv = t_.numKvHeads;
         LocalTensor<T> vt = vtBuf_.Get<T>();
         LocalTensor<uint32_t> off = offBuf_.Get<uint32_t>();
@@ -360,7 +375,7 @@ private:
                 Duplicate(vrows, static_cast<T>(0.0f), static_cast<int32_t>(GATHER_ROWS * t_.dvPad));
             }
             Sync<HardEvent::V_MTE2>();
-            for (uint32_t s = 0; s < GATHER_ROWS && s0 + s < nValid_; ++s) {
+            for (uint32_t s = 0; s < GATHER_ROWS && s0 + s < nValid; ++s) {
                 const uint64_t row = static_cast<uint64_t>(rows.GetValue(s0 + s)) * Hkv + kvHead_;
                 CopyRowIn(kb[s * t_.dkPad], kvGm_[row * t_.headDim], t_.headDim);
                 if (t_.ropeDim > 0) {
@@ -380,9 +395,9 @@ private:
             Gather(vt.template ReinterpretCast<Bits>(), vsrc.template ReinterpretCast<Bits>(), off, 0,
                    t_.dvPad * GATHER_ROWS);
             Sync<HardEvent::MTE2_MTE3>();
-            DataCopyPad(kWs_[s0 * t_.dkPad], kb, DataCopyExtParams(1, GATHER_ROWS * t_.dkPad * sizeof(T), 0, 0, 0));
+            DataCopyPad(kWs_[kBase + s0 * t_.dkPad], kb, DataCopyExtParams(1, GATHER_ROWS * t_.dkPad * sizeof(T), 0, 0, 0));
             Sync<HardEvent::V_MTE3>();
-            DataCopyPad(vtWs_[s0], vt,
+            DataCopyPad(vtWs_[vBase + s0], vt,
                         DataCopyExtParams(static_cast<uint16_t>(t_.dvPad), GATHER_ROWS * sizeof(T), 0,
                                           (t_.nTile - GATHER_ROWS) * sizeof(T), 0));
             Sync<HardEvent::MTE3_V>();
@@ -390,7 +405,7 @@ private:
         }
     }
 
-    __aicore__ inline void SoftmaxTile()
+    __aicore__ inline void SoftmaxTile(uint32_t tile)
     {
         const uint32_t rp = rowsPer_, nT = t_.nTile;
         LocalTensor<float> s = sBuf_.Get<float>();
@@ -406,7 +421,7 @@ private:
                     DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
         Duplicate(p, static_cast<T>(0.0f), static_cast<int32_t>(rp * nT));
         Sync<HardEvent::MTE2_V>();
-        const int32_t nv = static_cast<int32_t>(nValid_);
+        const int32_t nv = static_cast<int32_t>(nValid_[tile & 1]);
         if (nv > 0 && ownCount_ > 0) {
             // pass 1: scaled scores and row maxima (padded head rows keep NEG_BIG)
             Duplicate(rowMax, NEG_BIG, static_cast<int32_t>(rp));
@@ -534,7 +549,7 @@ private:
             qL1_ = qA1_.DeQue<T>();
         }
         LocalTensor<T> kL1 = kB1_.AllocTensor<T>();
-        DataCopy(kL1, kWs_, NdToNz(nT, t_.dkPad));
+        DataCopy(kL1, kWs_[(tile & 1) * nT * t_.dkPad], NdToNz(nT, t_.dkPad));
         kB1_.EnQue(kL1);
         kL1 = kB1_.DeQue<T>();
 
@@ -573,13 +588,13 @@ private:
         c1_.FreeTensor(c);
     }
 
-    __aicore__ inline void ValueTile()
+    __aicore__ inline void ValueTile(uint32_t tile)
     {
         const uint32_t mT = t_.mTile, nT = t_.nTile, Mf = mT / 16, nKf = nT / C0, Dvf = t_.dvPad / 16;
         LocalTensor<T> pL1 = pA1_.AllocTensor<T>();
         LocalTensor<T> vL1 = vB1_.AllocTensor<T>();
         DataCopy(pL1, pWs_, NdToNz(mT, nT));
-        DataCopy(vL1, vtWs_, NdToNz(t_.dvPad, nT));
+        DataCopy(vL1, vtWs_[(tile & 1) * t_.dvPad * nT], NdToNz(t_.dvPad, nT));
         pA1_.EnQue(pL1);
         vB1_.EnQue(vL1);
         pL1 = pA1_.DeQue<T>();
@@ -658,7 +673,8 @@ private:
     GlobalTensor<float> sWs_, oWs_;
 
     // current work item
-    uint32_t token_ = 0, kvHead_ = 0, headTile_ = 0, head0_ = 0, mCount_ = 0, seq_ = 0, nValid_ = 0;
+    uint32_t token_ = 0, kvHead_ = 0, headTile_ = 0, head0_ = 0, mCount_ = 0, seq_ = 0;
+    uint32_t nValid_[2] = {0, 0};  // kept candidates of the tiles in the two hand-over buffers
     // this vector core's share of the packed heads: rows [rowBegin_, rowBegin_ + ownCount_) of the tile
     uint32_t sub_ = 0, rowsPer_ = 0, rowBegin_ = 0, ownCount_ = 0;
     uint64_t idxRow_ = 0;
