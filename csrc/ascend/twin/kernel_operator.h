@@ -17,8 +17,9 @@
 //   tiling that would not fit on the chip fails here too.
 // - Fresh buffers are filled with 0xFF bytes (NaN as float/half): the chip does not zero memory, so a
 //   kernel that reads what it never wrote must fail here rather than pass by luck.
-// - Cube layouts are modelled as the hardware documents them: L1 "Nz" (from DataCopy with Nd2NzParams),
-//   L0A "Zz", L0B "Zn", L0C "Nz" float fractals of 16x16; a fractal holds 16 rows of C0 = 32 B.
+// - Cube layouts are modelled as we read Huawei's documentation and samples (not verified on a chip):
+//   L1 "Nz" (from DataCopy with Nd2NzParams), L0A "Zz", L0B "Zn", L0C "Nz" float fractals of 16x16; an
+//   operand fractal holds 16 rows of C0 = 32 B.
 // - Cores: each block of a launch runs as one thread per core, one AIC and `ratio` AIVs (1:2 on A2/A3),
 //   concurrently, sharing only global memory; CrossCoreSetFlag/WaitFlag (mode 2) block and wake them as
 //   on the chip, so a missing handshake shows up as a race or as a wait that times out (a hang on the
