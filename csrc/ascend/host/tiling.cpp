@@ -1,0 +1,233 @@
+// Host tiling: see tiling.h. The kernel has never run on an NPU; the cost model below is a capacity-
+// driven heuristic, not a measurement. Tuned values must come from bench/npu_check.sh on a device.
+#include "tiling.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace selattn {
+
+namespace {
+constexpr uint64_t KB = 1024;
+constexpr uint32_t GATHER_ROWS = 16;  // = selattn::GATHER_ROWS in the kernel
+constexpr uint32_t STAT_SLOTS = 10;   // = selattn::STAT_SLOTS in the kernel
+
+uint64_t Align32(uint64_t x) { return (x + 31) / 32 * 32; }
+uint64_t Align512(uint64_t x) { return (x + 511) / 512 * 512; }
+uint32_t Up16(uint32_t x) { return (x + 15) / 16 * 16; }
+uint32_t CeilDiv(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
+}  // namespace
+
+const std::vector<SocSpec>& SocTable()
+{
+    // name, family, AIC, AIV, cube MHz, UB, UB reserved, L1, L0A, L0B, L0C, bf16, fp32 cube
+    static const std::vector<SocSpec> table = {
+        {"Ascend910B1", "A2", 24, 48, 1850, 192 * KB, 8 * KB, 512 * KB, 64 * KB, 64 * KB, 128 * KB, true, true},
+        {"Ascend910B2", "A2", 24, 48, 1800, 192 * KB, 8 * KB, 512 * KB, 64 * KB, 64 * KB, 128 * KB, true, true},
+        {"Ascend910B3", "A2", 20, 40, 1800, 192 * KB, 8 * KB, 512 * KB, 64 * KB, 64 * KB, 128 * KB, true, true},
+        {"Ascend910B4", "A2", 20, 40, 1500, 192 * KB, 8 * KB, 512 * KB, 64 * KB, 64 * KB, 128 * KB, true, true},
+        {"Ascend910_9391", "A3", 24, 48, 1850, 192 * KB, 8 * KB, 512 * KB, 64 * KB, 64 * KB, 128 * KB, true, true},
+        {"Ascend910_9362", "A3", 20, 40, 1500, 192 * KB, 8 * KB, 512 * KB, 64 * KB, 64 * KB, 128 * KB, true, true},
+        // 310P3: 8 AI cores (cube + vector on one core) plus 7 vector-only cores; no bfloat16 anywhere and
+        // no float32 Mmad on its cube. The mix kernel uses one block per AI core.
+        {"Ascend310P3", "310P", 8, 8, 1060, 256 * KB, 8 * KB, 1024 * KB, 64 * KB, 64 * KB, 256 * KB, false, false},
+    };
+    return table;
+}
+
+const SocSpec* FindSoc(const std::string& name)
+{
+    for (const SocSpec& s : SocTable()) {
+        if (s.name == name) {
+            return &s;
+        }
+    }
+    return nullptr;
+}
+
+MemoryUse MemoryFor(const ProblemShape& sh, const TileChoice& tc, uint32_t vecSubBlocks)
+{
+    const uint64_t sz = sh.dtypeBytes;
+    const uint64_t dqkPad = Up16(sh.Dqk), dkPad = dqkPad + Up16(sh.Dr), dvPad = Up16(sh.Dv);
+    const uint64_t m = tc.mTile, n = tc.nTile;
+    MemoryUse u;
+    // AIC: Q, K (kvBufNum), P, V^T (kvBufNum) in L1; L0A/L0B ping-pong; one L0C tile
+    u.l1 = Align32(m * dkPad * sz) + tc.kvBufNum * Align32(n * dkPad * sz) + Align32(m * n * sz) +
+           tc.kvBufNum * Align32(dvPad * n * sz);
+    u.l0a = tc.l0BufNum * Align32(std::max(m * tc.dkChunk, m * n) * sz);
+    u.l0b = tc.l0BufNum * Align32(std::max(n * tc.dkChunk, n * tc.dvChunk) * sz);
+    u.l0c = Align32(std::max(m * n, m * tc.dvChunk) * 4);
+    // AIV (each of them): gather queue, v rows (separate v only), V^T block, Gather offsets, kept rows, and
+    // for its share of the heads S, P, accumulator, row statistics; one O row, one output row, reduce work
+    const uint64_t r = m / std::max<uint32_t>(1, vecSubBlocks);
+    u.ub = tc.vecBufNum * Align32(GATHER_ROWS * dkPad * sz) + (sh.separateV ? Align32(GATHER_ROWS * dvPad * sz) : 0) +
+           Align32(dvPad * GATHER_ROWS * sz) + Align32(dvPad * GATHER_ROWS * 4) + Align32(n * 4) + Align32(r * n * 4) +
+           Align32(r * n * sz) + Align32(r * dvPad * 4) + Align32(STAT_SLOTS * r * 4) + Align32(dvPad * 4) +
+           Align32(dvPad * sz) + Align32(n * 4);
+    return u;
+}
+
+std::string DtypeProblems(const ProblemShape& sh, const SocSpec& soc)
+{
+    if (sh.isBf16 && !soc.bf16) {
+        return soc.name + " has no bfloat16 support in hardware";
+    }
+    if (sh.isFloat32 && !soc.fp32Cube) {
+        return soc.name + "'s cube unit has no float32 Mmad";
+    }
+    return "";
+}
+
+std::string FitProblems(const ProblemShape& sh, const TileChoice& tc, const SocSpec& soc)
+{
+    std::string why = DtypeProblems(sh, soc);
+    if (!why.empty()) {
+        return why;
+    }
+    const uint32_t c0 = 32 / sh.dtypeBytes;
+    const uint32_t dqkPad = Up16(sh.Dqk), dkPad = dqkPad + Up16(sh.Dr), dvPad = Up16(sh.Dv);
+    auto bad = [&](const std::string& s) { why += (why.empty() ? "" : "; ") + s; };
+    if (tc.mTile == 0 || tc.mTile % 16 || tc.nTile == 0 || tc.nTile % 16) bad("mTile and nTile must be multiples of 16");
+    if (tc.dkChunk == 0 || tc.dkChunk % 16 || tc.dvChunk == 0 || tc.dvChunk % 16) bad("dkChunk and dvChunk must be multiples of 16");
+    if (tc.vecBufNum < 1 || tc.vecBufNum > 2 || tc.kvBufNum < 1 || tc.kvBufNum > 2 || tc.l0BufNum < 1 || tc.l0BufNum > 2)
+        bad("buffer counts must be 1 or 2");
+    if (!why.empty()) return why;
+    // LoadData2DParams.repeatTimes is 8 bits; Nd2NzParams and MmadParams fields are 16 bits (A2/A3)
+    if (tc.dkChunk / c0 > 255 || tc.nTile / 16 > 255 || tc.nTile / c0 > 255 || tc.dvChunk / 16 > 255)
+        bad("a LoadData repeat count would exceed 255");
+    if (dkPad > 65535 || dvPad > 65535 || tc.mTile > 4096 || tc.nTile > 4096) bad("a 16-bit API field would overflow");
+    const MemoryUse u = MemoryFor(sh, tc, soc.VecPerCube());
+    auto over = [&](const char* mem, uint64_t need, uint64_t cap) {
+        if (need > cap) bad(std::string(mem) + " needs " + std::to_string(need) + " bytes > " + std::to_string(cap));
+    };
+    over("UB", u.ub, soc.UbUsable());
+    over("L1", u.l1, soc.l1Bytes);
+    over("L0A", u.l0a, soc.l0aBytes);
+    over("L0B", u.l0b, soc.l0bBytes);
+    over("L0C", u.l0c, soc.l0cBytes);
+    (void)dqkPad;
+    return why;
+}
+
+TileChoice ChooseTiles(const ProblemShape& sh, const SocSpec& soc)
+{
+    std::string why = DtypeProblems(sh, soc);
+    if (!why.empty()) {
+        throw std::runtime_error(why);
+    }
+    const uint32_t c0 = 32 / sh.dtypeBytes;
+    const uint32_t hg = std::max<uint32_t>(1, sh.H / std::max<uint32_t>(1, sh.Hkv));
+    const uint32_t dkPad = Up16(sh.Dqk) + Up16(sh.Dr), dvPad = Up16(sh.Dv);
+    const uint64_t candidates = std::max<uint64_t>(1, uint64_t(sh.K) * sh.blockSize);
+    const uint32_t mMax = Up16(hg), nMax = static_cast<uint32_t>(std::min<uint64_t>(Up16(static_cast<uint32_t>(
+                                                                      std::min<uint64_t>(candidates, 1u << 20))), 512));
+    TileChoice best;
+    double bestCost = -1.0;
+    for (uint32_t m = 16; m <= std::max<uint32_t>(16, mMax) && m <= 256; m *= 2) {
+        for (uint32_t n = 16; n <= std::max<uint32_t>(16, nMax); n *= 2) {
+            for (uint32_t bufs = 0; bufs < 8; ++bufs) {
+                TileChoice tc;
+                tc.mTile = m;
+                tc.nTile = n;
+                tc.vecBufNum = (bufs & 1) ? 1 : 2;
+                tc.kvBufNum = (bufs & 2) ? 1 : 2;
+                tc.l0BufNum = (bufs & 4) ? 1 : 2;
+                // widest head-dim split and output chunk that fit L0A/L0B/L0C with these buffers
+                tc.dkChunk = 0;
+                for (uint32_t d = std::min<uint32_t>(dkPad, 255 * c0) / 16 * 16; d >= 16; d -= 16) {
+                    if (tc.l0BufNum * Align32(uint64_t(std::max(m * d, m * n)) * sh.dtypeBytes) <= soc.l0aBytes &&
+                        tc.l0BufNum * Align32(uint64_t(n) * d * sh.dtypeBytes) <= soc.l0bBytes) {
+                        tc.dkChunk = d;
+                        break;
+                    }
+                }
+                tc.dvChunk = 0;
+                for (uint32_t d = dvPad; d >= 16; d -= 16) {
+                    if (tc.l0BufNum * Align32(uint64_t(n) * std::max(d, tc.dkChunk) * sh.dtypeBytes) <= soc.l0bBytes &&
+                        Align32(uint64_t(m) * std::max(n, d) * 4) <= soc.l0cBytes) {
+                        tc.dvChunk = d;
+                        break;
+                    }
+                }
+                if (tc.dkChunk == 0 || tc.dvChunk == 0 || !FitProblems(sh, tc, soc).empty()) {
+                    continue;
+                }
+                // cost per block, in rough cube-fractal units: rounds of work items x tiles x
+                // (cube fractal ops + per-tile handshakes + scalar index scan and row copies + softmax rows)
+                const uint64_t items = uint64_t(std::max<uint32_t>(1, sh.T)) * sh.Hkv * CeilDiv(hg, m);
+                const uint64_t rounds = CeilDiv(items, soc.aicNum);
+                const uint64_t tiles = CeilDiv(candidates, n);
+                const double cube = double(m / 16) * (n / 16) * (dkPad / c0) + double(m / 16) * (dvPad / 16) * (n / c0);
+                const double perTile = cube + 1500.0 + 40.0 * n + 60.0 * std::min(m, hg);
+                const double buffered = 1.0 - 0.03 * ((tc.vecBufNum == 2) + (tc.kvBufNum == 2) + (tc.l0BufNum == 2));
+                const double cost = double(rounds) * tiles * perTile * buffered;
+                if (bestCost < 0 || cost < bestCost) {
+                    bestCost = cost;
+                    best = tc;
+                }
+            }
+        }
+    }
+    if (bestCost < 0) {
+        throw std::runtime_error("no tiling of this shape fits " + soc.name + " (even 16x16 tiles overflow its on-chip memory)");
+    }
+    return best;
+}
+
+SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc, const SocSpec& soc)
+{
+    SelectiveAttentionTiling t{};
+    t.numTokens = sh.T;
+    t.numHeads = sh.H;
+    t.numKvHeads = sh.Hkv;
+    t.headsPerKv = sh.H / sh.Hkv;
+    t.headDim = sh.Dqk;
+    t.ropeDim = sh.Dr;
+    t.valueDim = sh.Dv;
+    t.separateV = sh.separateV;
+    t.topk = sh.K;
+    t.indexHeads = sh.indexHeads;
+    t.blockSize = sh.blockSize;
+    t.paged = sh.paged;
+    t.pageSize = sh.pageSize;
+    t.maxPages = sh.maxPages;
+    t.numSeqs = sh.numSeqs;
+    t.kvRows = sh.kvRows;
+    t.causal = sh.causal;
+    t.hasSink = sh.hasSink;
+    t.smScale = sh.smScale;
+    t.mTile = tc.mTile;
+    t.nTile = tc.nTile;
+    t.dqkPad = Up16(sh.Dqk);
+    t.dkPad = t.dqkPad + Up16(sh.Dr);
+    t.dvPad = Up16(sh.Dv);
+    t.dkChunk = tc.dkChunk;
+    t.dvChunk = tc.dvChunk;
+    t.vecBufNum = tc.vecBufNum;
+    t.kvBufNum = tc.kvBufNum;
+    t.l0BufNum = tc.l0BufNum;
+    t.vecSubBlocks = soc.VecPerCube();
+    t.headTiles = CeilDiv(t.headsPerKv, tc.mTile);
+    t.numTiles = CeilDiv(uint64_t(sh.K) * sh.blockSize, tc.nTile);
+    t.numItems = sh.T * sh.Hkv * t.headTiles;
+    t.blockDim = std::max<uint32_t>(1, std::min<uint32_t>(t.numItems, soc.aicNum));
+    const uint64_t sz = sh.dtypeBytes;
+    uint64_t off = 0;
+    t.wsQ = off;
+    off += Align512(uint64_t(tc.mTile) * t.dkPad * sz);
+    // K and V^T: two tiles each (the kernel gathers tile i + 1 while the cube works on tile i)
+    t.wsK = off;
+    off += 2 * Align512(uint64_t(tc.nTile) * t.dkPad * sz);
+    t.wsVt = off;
+    off += 2 * Align512(uint64_t(t.dvPad) * tc.nTile * sz);
+    t.wsS = off;
+    off += Align512(uint64_t(tc.mTile) * tc.nTile * 4);
+    t.wsP = off;
+    off += Align512(uint64_t(tc.mTile) * tc.nTile * sz);
+    t.wsO = off;
+    off += Align512(uint64_t(tc.mTile) * t.dvPad * 4);
+    t.workspacePerBlock = off;
+    return t;
+}
+
+}  // namespace selattn

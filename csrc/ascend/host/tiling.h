@@ -1,0 +1,71 @@
+// Host tiling for the AscendC selective-attention kernel: per-SoC capacities and the choice of tile
+// sizes and buffer counts. Host code only (plain C++; no torch, no CANN), shared by the CPU twin's
+// binding and the NPU binding.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "selective_attention_tiling.h"
+
+namespace selattn {
+
+// On-chip sizes of one SoC. Numbers from CANN's platform config files as summarised in
+// shared/ASCEND.md; on a real machine the NPU binding replaces them with the device's own report.
+struct SocSpec {
+    std::string name;
+    std::string family;     // "A2" (910B), "A3" (910C dies), "310P"
+    uint32_t aicNum;        // cube cores = blocks of the 1:2 mix launch
+    uint32_t aivNum;        // vector cores
+    uint32_t cubeMHz;
+    uint64_t ubBytes;       // unified buffer of one vector core
+    uint64_t ubReserved;    // kept back for the runtime / system use (about 8 KB on A2/A3)
+    uint64_t l1Bytes;
+    uint64_t l0aBytes;
+    uint64_t l0bBytes;
+    uint64_t l0cBytes;
+    bool bf16;              // cube and vector handle bfloat16
+    bool fp32Cube;          // Mmad with float operands
+    uint64_t UbUsable() const { return ubBytes - ubReserved; }
+    // vector cores working with one cube core in the mix launch (2 on A2/A3; 1 on 310P3's AI cores)
+    uint32_t VecPerCube() const { return aivNum >= 2 * aicNum ? 2 : 1; }
+};
+
+const std::vector<SocSpec>& SocTable();
+// nullptr when unknown
+const SocSpec* FindSoc(const std::string& name);
+
+struct ProblemShape {
+    uint32_t T = 0, H = 0, Hkv = 1, Dqk = 0, Dr = 0, Dv = 0, K = 0, indexHeads = 1, blockSize = 1;
+    uint32_t dtypeBytes = 2;
+    bool isFloat32 = false, isBf16 = false;
+    bool separateV = false, paged = false, causal = false, hasSink = false;
+    uint32_t pageSize = 0, maxPages = 0, numSeqs = 1, kvRows = 0;
+    float smScale = 1.0f;
+};
+
+struct TileChoice {
+    uint32_t mTile = 16, nTile = 16, dkChunk = 16, dvChunk = 16, vecBufNum = 1, kvBufNum = 1, l0BufNum = 1;
+};
+
+// Bytes each on-chip memory needs for a tile choice: the exact InitBuffer sizes of the kernel
+// (selective_attention_kernel.h, Init), each rounded up to 32 bytes as TPipe does.
+struct MemoryUse {
+    uint64_t ub = 0, l1 = 0, l0a = 0, l0b = 0, l0c = 0;
+};
+// UB is per vector core: each of the `vecSubBlocks` vector cores of a block holds its share of the heads.
+MemoryUse MemoryFor(const ProblemShape& shape, const TileChoice& tiles, uint32_t vecSubBlocks);
+
+// Why this tile choice cannot run on this SoC ("" when it can): capacity, dtype, API field limits.
+std::string FitProblems(const ProblemShape& shape, const TileChoice& tiles, const SocSpec& soc);
+// Reasons the SoC cannot run this dtype at all ("" when it can).
+std::string DtypeProblems(const ProblemShape& shape, const SocSpec& soc);
+
+// Best tile choice for the shape on the SoC; throws std::runtime_error when nothing fits.
+TileChoice ChooseTiles(const ProblemShape& shape, const SocSpec& soc);
+
+// The struct the kernel reads, for a checked or unchecked choice.
+SelectiveAttentionTiling MakeTiling(const ProblemShape& shape, const TileChoice& tiles, const SocSpec& soc);
+
+}  // namespace selattn

@@ -1,0 +1,684 @@
+// Selective (sparse / latent) attention for Ascend A2/A3, written against the AscendC basic API.
+// Device code only: no host code, no torch. The same source compiles for the chip (bisheng, never
+// run yet: no NPU was available to us) and for the CPU twin (csrc/ascend/twin, -I only), and it
+// type-checks against Huawei's open AscendC headers (shared/ascendc-check).
+//
+// Organisation (the way production sparse-MLA kernels on A2/A3 split work; written from scratch):
+// one work item = (query token t, kv head g, a tile of mTile of the H/Hkv query heads of g). All query
+// heads of a kv head share one candidate list, so they are packed into the cube's M dimension.
+// For each tile of nTile candidate slots:
+//   AIV  gather:  scan the indices (scalar), keep the candidates the contract keeps (index >= 0,
+//                 position < L_b, causal bottom-right, duplicates kept), compact them to the front of
+//                 the tile, DataCopyPad the kept kv rows (and rope rows) into UB, zero the rest, write
+//                 K [nTile, dkPad] and V^T [dvPad, nTile] to this block's global workspace. Dropped
+//                 candidates are never read: only kept rows are addressed at all.
+//   AIC  scores:  Nd2Nz Q and K into L1, LoadData to L0A/L0B chunk by chunk over the head dim, Mmad
+//                 into L0C (fp32), Fixpipe S [mTile, nTile] to the workspace.
+//   AIV  softmax: online softmax over the first nvalid columns of each row, in fp32: running max m,
+//                 running sum l, rescale of the accumulator by exp(m_old - m_new); P cast to the input
+//                 dtype and written to the workspace, zero beyond nvalid.
+//   AIC  values:  Nd2Nz P and V^T into L1, Mmad per dvChunk of output columns, Fixpipe O to workspace.
+//   AIV  accumulate O into the fp32 accumulator in UB.
+// Then AIV divides by l (+ exp(sink - m)), writes out (cast once) and lse; rows with no kept
+// candidate get out = 0 and lse = -inf.
+//
+// Layout choice: the cube contracts over the innermost ("C0") axis of both L0A (Zz) and L0B (Zn).
+// K rows [n, d] loaded as Nz into L1 are already in the Zn order of K^T, and V^T (built by the vector
+// core with Gather) loaded as Nz is already the Zn order of V: every LoadData here is a plain
+// (non-transposing) fractal copy, which is the same for fp16, bf16 and fp32.
+//
+// The vector cores of a block (two on A2/A3) split the work: each gathers every other 16-row chunk of
+// the tile and owns mTile / vecSubBlocks of the packed heads for softmax, accumulation and output.
+// The K / V^T hand-over is double-buffered: the vector cores gather tile i+1 while the cube computes
+// the scores of tile i. Not done (see csrc/ascend/README.md): softmax and P.V still alternate with
+// the cube (the cube waits for P, the vector cores wait for O).
+#pragma once
+
+#include "kernel_operator.h"
+#include "selective_attention_tiling.h"
+
+namespace selattn {
+
+using namespace AscendC;
+
+// cross-core handshake flags (AIV -> AIC: KV, P; AIC -> AIV: S, O)
+constexpr uint16_t FLAG_KV = 1;
+constexpr uint16_t FLAG_S = 2;
+constexpr uint16_t FLAG_P = 3;
+constexpr uint16_t FLAG_O = 4;
+constexpr uint8_t SYNC_MODE = 2;       // AIC <-> both AIVs of its group
+constexpr uint32_t GATHER_ROWS = 16;   // kv rows gathered per vector step: one fractal of positions
+constexpr uint32_t STAT_SLOTS = 10;    // per-row fp32 statistics vectors in UB
+constexpr float NEG_BIG = -3.0e38f;    // "no maximum yet": finite, so m_old - m_new never forms inf - inf
+constexpr uint32_t NEG_INF_BITS = 0xFF800000u;
+
+template <typename T>
+struct BitsOf {
+    using type = uint16_t;
+};
+template <>
+struct BitsOf<float> {
+    using type = uint32_t;
+};
+
+template <typename T>
+class SelectiveAttentionKernel {
+public:
+    static constexpr uint32_t C0 = 32 / sizeof(T);   // elements in one 32-byte fractal row
+    static constexpr uint32_t FR = 16 * C0;          // elements in one 512-byte fractal
+    using Bits = typename BitsOf<T>::type;
+
+    __aicore__ inline void Init(GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v, GM_ADDR indices,
+                                GM_ADDR cuSeqlensQ, GM_ADDR cuSeqlensK, GM_ADDR blockTable, GM_ADDR seqlensK,
+                                GM_ADDR attnSink, GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
+                                const SelectiveAttentionTiling& tiling)
+    {
+        t_ = tiling;
+        const uint64_t T_ = t_.numTokens, H = t_.numHeads, Hkv = t_.numKvHeads, rows = t_.kvRows;
+        qGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(q), T_ * H * t_.headDim);
+        kvGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(kv), rows * Hkv * t_.headDim);
+        if (t_.ropeDim > 0) {
+            qRopeGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(qRope), T_ * H * t_.ropeDim);
+            kvRopeGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(kvRope), rows * Hkv * t_.ropeDim);
+        }
+        if (t_.separateV) {
+            vGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(v), rows * Hkv * t_.valueDim);
+        }
+        idxGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(indices), T_ * t_.indexHeads * t_.topk);
+        cuQGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cuSeqlensQ), t_.numSeqs + 1);
+        if (t_.paged) {
+            tableGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(blockTable),
+                                     uint64_t(t_.numSeqs) * t_.maxPages);
+            seqKGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(seqlensK), t_.numSeqs);
+        } else {
+            cuKGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cuSeqlensK), t_.numSeqs + 1);
+        }
+        if (t_.hasSink) {
+            sinkGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(attnSink), H);
+        }
+        outGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(out), T_ * H * t_.valueDim);
+        lseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(lse), T_ * H);
+
+        // this block's slice of the global workspace: the cube <-> vector hand-over buffers
+        __gm__ uint8_t* ws = workspace + t_.workspacePerBlock * static_cast<uint64_t>(BlockOfCore());
+        sub_ = 0;
+        if ASCEND_IS_AIV {
+            sub_ = static_cast<uint32_t>(GetSubBlockIdx());
+        }
+        rowsPer_ = t_.mTile / t_.vecSubBlocks;
+        rowBegin_ = sub_ * rowsPer_;
+        const uint32_t mT = t_.mTile, nT = t_.nTile;
+        qWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsQ), mT * t_.dkPad);
+        kWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsK), 2 * nT * t_.dkPad);      // two tiles
+        vtWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsVt), 2 * t_.dvPad * nT);  // two tiles
+        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsS), mT * nT);
+        pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsP), mT * nT);
+        oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsO), mT * t_.dvPad);
+
+        // On-chip buffers. host/tiling.cpp charges exactly these sizes against the SoC's capacities
+        // (keep the two in step; the twin re-checks every InitBuffer at run time).
+        if ASCEND_IS_AIC {
+            pipe_.InitBuffer(qA1_, 1, mT * t_.dkPad * sizeof(T));
+            pipe_.InitBuffer(kB1_, t_.kvBufNum, nT * t_.dkPad * sizeof(T));
+            pipe_.InitBuffer(pA1_, 1, mT * nT * sizeof(T));
+            pipe_.InitBuffer(vB1_, t_.kvBufNum, t_.dvPad * nT * sizeof(T));
+            pipe_.InitBuffer(a2_, t_.l0BufNum, Max32(mT * t_.dkChunk, mT * nT) * sizeof(T));
+            pipe_.InitBuffer(b2_, t_.l0BufNum, Max32(nT * t_.dkChunk, nT * t_.dvChunk) * sizeof(T));
+            pipe_.InitBuffer(c1_, 1, Max32(mT * nT, mT * t_.dvChunk) * sizeof(float));
+        }
+        if ASCEND_IS_AIV {
+            pipe_.InitBuffer(gatherQue_, t_.vecBufNum, GATHER_ROWS * t_.dkPad * sizeof(T));
+            if (t_.separateV) {
+                pipe_.InitBuffer(vRowsBuf_, GATHER_ROWS * t_.dvPad * sizeof(T));
+            }
+            pipe_.InitBuffer(vtBuf_, t_.dvPad * GATHER_ROWS * sizeof(T));
+            pipe_.InitBuffer(offBuf_, t_.dvPad * GATHER_ROWS * sizeof(uint32_t));
+            pipe_.InitBuffer(rowBuf_, nT * sizeof(int32_t));
+            // S, P, the accumulator and the row statistics hold only this vector core's heads
+            pipe_.InitBuffer(sBuf_, rowsPer_ * nT * sizeof(float));
+            pipe_.InitBuffer(pBuf_, rowsPer_ * nT * sizeof(T));
+            pipe_.InitBuffer(accBuf_, rowsPer_ * t_.dvPad * sizeof(float));
+            pipe_.InitBuffer(statBuf_, STAT_SLOTS * rowsPer_ * sizeof(float));
+            pipe_.InitBuffer(oRowBuf_, t_.dvPad * sizeof(float));
+            pipe_.InitBuffer(outRowBuf_, t_.dvPad * sizeof(T));
+            pipe_.InitBuffer(workBuf_, nT * sizeof(float));
+        }
+    }
+
+    __aicore__ inline void Process()
+    {
+        if ASCEND_IS_AIV {
+            BuildTransposeOffsets();
+        }
+        const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum());
+        for (uint32_t item = BlockOfCore(); item < t_.numItems; item += blockNum) {
+            Decode(item);
+            if ASCEND_IS_AIV {
+                BeginItemVec();
+            }
+            // K / V^T hand-over buffers are double-buffered by tile parity: the vector cores gather tile
+            // i + 1 while the cube core computes the scores of tile i. Buffer i % 2 is written again only
+            // for tile i + 2, after FLAG_O of tile i, when the cube core has finished reading it.
+            if ASCEND_IS_AIV {
+                if (t_.numTiles > 0) {
+                    GatherTile(0);
+                    CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                }
+            }
+            for (uint32_t tile = 0; tile < t_.numTiles; ++tile) {
+                if ASCEND_IS_AIV {
+                    if (tile + 1 < t_.numTiles) {
+                        GatherTile(tile + 1);
+                        CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                    }
+                }
+                if ASCEND_IS_AIC {
+                    CrossCoreWaitFlag(FLAG_KV);
+                    ScoreTile(tile);
+                    CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_S);
+                }
+                if ASCEND_IS_AIV {
+                    CrossCoreWaitFlag(FLAG_S);
+                    SoftmaxTile(tile);
+                    CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_P);
+                }
+                if ASCEND_IS_AIC {
+                    CrossCoreWaitFlag(FLAG_P);
+                    ValueTile(tile);
+                    CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_O);
+                }
+                if ASCEND_IS_AIV {
+                    CrossCoreWaitFlag(FLAG_O);
+                    AccumulateTile();
+                }
+            }
+            if ASCEND_IS_AIC {
+                if (t_.numTiles > 0) {
+                    qA1_.FreeTensor(qL1_);
+                }
+            }
+            if ASCEND_IS_AIV {
+                FinishItem();
+            }
+        }
+    }
+
+private:
+    __aicore__ inline static uint32_t Max32(uint32_t a, uint32_t b) { return a > b ? a : b; }
+    __aicore__ inline static uint32_t Min32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+    // the block this core belongs to: on a vector core GetBlockIdx() counts vector cores
+    __aicore__ inline uint32_t BlockOfCore() const
+    {
+        if ASCEND_IS_AIV {
+            return static_cast<uint32_t>(GetBlockIdx() / GetTaskRatio());
+        }
+        return static_cast<uint32_t>(GetBlockIdx());
+    }
+    // 16-row chunks are dealt round-robin to the vector cores of the block
+    __aicore__ inline bool MyChunk(uint32_t row0) const { return (row0 / GATHER_ROWS) % t_.vecSubBlocks == sub_; }
+
+    // set-then-wait on one event: the consumer pipe waits for everything the producer pipe issued
+    template <HardEvent evt>
+    __aicore__ inline void Sync()
+    {
+        SetFlag<evt>(EVENT_ID0);
+        WaitFlag<evt>(EVENT_ID0);
+    }
+
+    // ---------------------------------------------------------------- work item
+    __aicore__ inline void Decode(uint32_t item)
+    {
+        headTile_ = item % t_.headTiles;
+        const uint32_t tg = item / t_.headTiles;
+        kvHead_ = tg % t_.numKvHeads;
+        token_ = tg / t_.numKvHeads;
+        head0_ = kvHead_ * t_.headsPerKv + headTile_ * t_.mTile;
+        mCount_ = Min32(t_.mTile, t_.headsPerKv - headTile_ * t_.mTile);
+        ownCount_ = mCount_ > rowBegin_ ? Min32(rowsPer_, mCount_ - rowBegin_) : 0;
+        idxRow_ = (static_cast<uint64_t>(token_) * t_.indexHeads + (t_.indexHeads == 1 ? 0 : kvHead_)) * t_.topk;
+        // sequence of the token: the largest b with cu_seqlens_q[b] <= t (empty sequences are skipped over)
+        uint32_t lo = 0, hi = t_.numSeqs;
+        while (hi - lo > 1) {
+            uint32_t mid = (lo + hi) / 2;
+            if (static_cast<uint32_t>(cuQGm_.GetValue(mid)) <= token_) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        seq_ = lo;
+        const int64_t qStart = cuQGm_.GetValue(seq_);
+        const int64_t qLen = cuQGm_.GetValue(seq_ + 1) - qStart;
+        if (t_.paged) {
+            seqLen_ = seqKGm_.GetValue(seq_);
+            kvStart_ = 0;
+        } else {
+            kvStart_ = cuKGm_.GetValue(seq_);
+            seqLen_ = cuKGm_.GetValue(seq_ + 1) - kvStart_;
+        }
+        qPos_ = seqLen_ - qLen + (static_cast<int64_t>(token_) - qStart);  // bottom-right aligned
+    }
+
+    // cache row of logical position pos of the current sequence (pos already checked < seqLen_)
+    __aicore__ inline int64_t RowOf(int64_t pos) const
+    {
+        if (t_.paged) {
+            const int64_t page = tableGm_.GetValue(static_cast<uint64_t>(seq_) * t_.maxPages + pos / t_.pageSize);
+            return page * t_.pageSize + pos % t_.pageSize;
+        }
+        return kvStart_ + pos;
+    }
+
+    // one row of `width` elements from GM into UB, zero-padded to the next 32-byte boundary
+    __aicore__ inline void CopyRowIn(const LocalTensor<T>& dst, const GlobalTensor<T>& src, uint32_t width)
+    {
+        const uint32_t bytes = width * sizeof(T);
+        const uint32_t padded = (bytes + 31) / 32 * 32;
+        DataCopyExtParams cp(1, bytes, 0, 0, 0);
+        DataCopyPadExtParams<T> pad(true, 0, static_cast<uint8_t>((padded - bytes) / sizeof(T)), static_cast<T>(0.0f));
+        DataCopyPad(dst, src, cp, pad);
+    }
+
+    // ---------------------------------------------------------------- vector side
+    __aicore__ inline void BuildTransposeOffsets()
+    {
+        // V^T chunk [dvPad, 16] from 16 gathered rows: element (d, s) comes from row s, column d of the
+        // source rows (kv rows in latent mode, v rows otherwise). Gather takes byte offsets.
+        LocalTensor<uint32_t> off = offBuf_.Get<uint32_t>();
+        const uint32_t stride = t_.separateV ? t_.dvPad : t_.dkPad;
+        for (uint32_t d = 0; d < t_.dvPad; ++d) {
+            for (uint32_t s = 0; s < GATHER_ROWS; ++s) {
+                off.SetValue(d * GATHER_ROWS + s, static_cast<uint32_t>((s * stride + d) * sizeof(T)));
+            }
+        }
+        Sync<HardEvent::S_V>();
+    }
+
+    __aicore__ inline void BeginItemVec()
+    {
+        LocalTensor<float> acc = accBuf_.Get<float>();
+        LocalTensor<float> st = statBuf_.Get<float>();
+        const uint32_t mT = t_.mTile, rp = rowsPer_;
+        Duplicate(acc, 0.0f, static_cast<int32_t>(rp * t_.dvPad));
+        Duplicate(st[0 * rp], NEG_BIG, static_cast<int32_t>(rp));  // m (running max of scaled scores)
+        Duplicate(st[2 * rp], 0.0f, static_cast<int32_t>(rp));     // l (running sum)
+        if (t_.numTiles == 0) {
+            return;  // K = 0: every row is empty, Q is never needed
+        }
+        // Q of the packed heads, [mTile, dkPad]: q at columns [0, Dqk), q_rope at [dqkPad, dqkPad + Dr),
+        // zeros elsewhere, so the contraction over dkPad equals q . k + q_rope . k_rope.
+        for (uint32_t r0 = 0; r0 < mT; r0 += GATHER_ROWS) {
+            if (!MyChunk(r0)) {
+                continue;
+            }
+            LocalTensor<T> kb = gatherQue_.AllocTensor<T>();
+            Duplicate(kb, static_cast<T>(0.0f), static_cast<int32_t>(GATHER_ROWS * t_.dkPad));
+            Sync<HardEvent::V_MTE2>();
+            for (uint32_t r = 0; r < GATHER_ROWS; ++r) {
+                if (r0 + r >= mCount_) {
+                    break;
+                }
+                const uint64_t qRow = static_cast<uint64_t>(token_) * t_.numHeads + head0_ + r0 + r;
+                CopyRowIn(kb[r * t_.dkPad], qGm_[qRow * t_.headDim], t_.headDim);
+                if (t_.ropeDim > 0) {
+                    CopyRowIn(kb[r * t_.dkPad + t_.dqkPad], qRopeGm_[qRow * t_.ropeDim], t_.ropeDim);
+                }
+            }
+            gatherQue_.EnQue(kb);
+            kb = gatherQue_.DeQue<T>();
+            Sync<HardEvent::MTE2_MTE3>();
+            DataCopyPad(qWs_[r0 * t_.dkPad], kb, DataCopyExtParams(1, GATHER_ROWS * t_.dkPad * sizeof(T), 0, 0, 0));
+            Sync<HardEvent::MTE3_V>();
+            gatherQue_.FreeTensor(kb);
+        }
+    }
+
+    __aicore__ inline void GatherTile(uint32_t tile)
+    {
+        // 1. scan this tile's candidate slots; keep what the contract keeps, compacted to the front
+        LocalTensor<int32_t> rows = rowBuf_.Get<int32_t>();
+        const uint64_t total = static_cast<uint64_t>(t_.topk) * t_.blockSize;
+        const uint64_t c0 = static_cast<uint64_t>(tile) * t_.nTile;
+        const uint64_t c1 = c0 + t_.nTile < total ? c0 + t_.nTile : total;
+        uint32_t kept = 0;
+        for (uint64_t c = c0; c < c1; ++c) {
+            const int64_t index = idxGm_.GetValue(idxRow_ + c / t_.blockSize);
+            if (index < 0) {
+                continue;
+            }
+            const int64_t pos = index * static_cast<int64_t>(t_.blockSize) + static_cast<int64_t>(c % t_.blockSize);
+            if (pos >= seqLen_ || (t_.causal && pos > qPos_)) {
+                continue;
+            }
+            rows.SetValue(kept, static_cast<int32_t>(RowOf(pos)));
+            ++kept;
+        }
+        nValid_[tile & 1] = kept;
+        const uint32_t nValid = kept;
+        const uint64_t kBase = (tile & 1) * static_cast<uint64_t>(t_.nTile) * t_.dkPad;
+        const uint64_t vBase = (tile & 1) * static_cast<uint64_t>(t_.dvPad) * t_.nTile;
+
+        // 2. gather kept rows 16 at a time into K [nTile, dkPad] and V^T [dvPad, nTile]; slots past
+        //    nValid are written as zeros so no stale or uninitialised workspace reaches the cube
+        const uint64_t Hkv = t_.numKvHeads;
+        LocalTensor<T> vt = vtBuf_.Get<T>();
+        LocalTensor<uint32_t> off = offBuf_.Get<uint32_t>();
+        for (uint32_t s0 = 0; s0 < t_.nTile; s0 += GATHER_ROWS) {
+            if (!MyChunk(s0)) {
+                continue;
+            }
+            LocalTensor<T> kb = gatherQue_.AllocTensor<T>();
+            LocalTensor<T> vrows;
+            Duplicate(kb, static_cast<T>(0.0f), static_cast<int32_t>(GATHER_ROWS * t_.dkPad));
+            if (t_.separateV) {
+                vrows = vRowsBuf_.Get<T>();
+                Duplicate(vrows, static_cast<T>(0.0f), static_cast<int32_t>(GATHER_ROWS * t_.dvPad));
+            }
+            Sync<HardEvent::V_MTE2>();
+            for (uint32_t s = 0; s < GATHER_ROWS && s0 + s < nValid; ++s) {
+                const uint64_t row = static_cast<uint64_t>(rows.GetValue(s0 + s)) * Hkv + kvHead_;
+                CopyRowIn(kb[s * t_.dkPad], kvGm_[row * t_.headDim], t_.headDim);
+                if (t_.ropeDim > 0) {
+                    CopyRowIn(kb[s * t_.dkPad + t_.dqkPad], kvRopeGm_[row * t_.ropeDim], t_.ropeDim);
+                }
+                if (t_.separateV) {
+                    CopyRowIn(vrows[s * t_.dvPad], vGm_[row * t_.valueDim], t_.valueDim);
+                }
+            }
+            gatherQue_.EnQue(kb);
+            kb = gatherQue_.DeQue<T>();
+            if (t_.separateV) {
+                Sync<HardEvent::MTE2_V>();
+            }
+            // V^T block: latent values are the first Dv columns of the kv rows just gathered
+            const LocalTensor<T>& vsrc = t_.separateV ? vrows : kb;
+            Gather(vt.template ReinterpretCast<Bits>(), vsrc.template ReinterpretCast<Bits>(), off, 0,
+                   t_.dvPad * GATHER_ROWS);
+            Sync<HardEvent::MTE2_MTE3>();
+            DataCopyPad(kWs_[kBase + s0 * t_.dkPad], kb, DataCopyExtParams(1, GATHER_ROWS * t_.dkPad * sizeof(T), 0, 0, 0));
+            Sync<HardEvent::V_MTE3>();
+            DataCopyPad(vtWs_[vBase + s0], vt,
+                        DataCopyExtParams(static_cast<uint16_t>(t_.dvPad), GATHER_ROWS * sizeof(T), 0,
+                                          (t_.nTile - GATHER_ROWS) * sizeof(T), 0));
+            Sync<HardEvent::MTE3_V>();
+            gatherQue_.FreeTensor(kb);
+        }
+    }
+
+    __aicore__ inline void SoftmaxTile(uint32_t tile)
+    {
+        const uint32_t rp = rowsPer_, nT = t_.nTile;
+        LocalTensor<float> s = sBuf_.Get<float>();
+        LocalTensor<T> p = pBuf_.Get<T>();
+        LocalTensor<float> acc = accBuf_.Get<float>();
+        LocalTensor<float> st = statBuf_.Get<float>();
+        LocalTensor<float> work = workBuf_.Get<float>();
+        LocalTensor<float> mOld = st[0 * rp], mNew = st[1 * rp], l = st[2 * rp], alpha = st[3 * rp];
+        LocalTensor<float> rowMax = st[4 * rp], rowSum = st[5 * rp], tmp = st[9 * rp];
+
+        // this core's rows of S; P rows it does not compute (padded heads) are written as zeros
+        DataCopyPad(s, sWs_[rowBegin_ * nT], DataCopyExtParams(1, rp * nT * sizeof(float), 0, 0, 0),
+                    DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+        Duplicate(p, static_cast<T>(0.0f), static_cast<int32_t>(rp * nT));
+        Sync<HardEvent::MTE2_V>();
+        const int32_t nv = static_cast<int32_t>(nValid_[tile & 1]);
+        if (nv > 0 && ownCount_ > 0) {
+            // pass 1: scaled scores and row maxima (padded head rows keep NEG_BIG)
+            Duplicate(rowMax, NEG_BIG, static_cast<int32_t>(rp));
+            Duplicate(rowSum, 0.0f, static_cast<int32_t>(rp));
+            for (uint32_t m = 0; m < ownCount_; ++m) {
+                LocalTensor<float> row = s[m * nT];
+                Muls(row, row, t_.smScale, nv);
+                ReduceMax(tmp, row, work, nv);
+                Sync<HardEvent::V_S>();
+                rowMax.SetValue(m, tmp.GetValue(0));
+                Sync<HardEvent::S_V>();
+            }
+            Max(mNew, mOld, rowMax, static_cast<int32_t>(rp));
+            Sub(alpha, mOld, mNew, static_cast<int32_t>(rp));
+            Exp(alpha, alpha, static_cast<int32_t>(rp));  // exp(m_old - m_new): rescales l and acc
+            Sync<HardEvent::V_S>();
+            // pass 2: p = exp(s - m_new), row sums, P in the input dtype for the cube
+            for (uint32_t m = 0; m < ownCount_; ++m) {
+                LocalTensor<float> row = s[m * nT];
+                const float mRow = mNew.GetValue(m);
+                Adds(row, row, -mRow, nv);
+                Exp(row, row, nv);
+                ReduceSum(tmp, row, work, nv);
+                if constexpr (IsSameType<T, float>::value) {
+                    Muls(p[m * nT], row, 1.0f, nv);
+                } else {
+                    Cast(p[m * nT], row, RoundMode::CAST_RINT, static_cast<uint32_t>(nv));
+                }
+                Sync<HardEvent::V_S>();
+                rowSum.SetValue(m, tmp.GetValue(0));
+                const float a = alpha.GetValue(m);
+                Sync<HardEvent::S_V>();
+                Muls(acc[m * t_.dvPad], acc[m * t_.dvPad], a, static_cast<int32_t>(t_.dvPad));
+            }
+            Mul(l, l, alpha, static_cast<int32_t>(rp));
+            Add(l, l, rowSum, static_cast<int32_t>(rp));
+            Adds(mOld, mNew, 0.0f, static_cast<int32_t>(rp));
+        }
+        Sync<HardEvent::V_MTE3>();
+        DataCopyPad(pWs_[rowBegin_ * nT], p, DataCopyExtParams(1, rp * nT * sizeof(T), 0, 0, 0));
+    }
+
+    __aicore__ inline void AccumulateTile()
+    {
+        LocalTensor<float> acc = accBuf_.Get<float>();
+        LocalTensor<float> o = oRowBuf_.Get<float>();
+        for (uint32_t m = 0; m < ownCount_; ++m) {
+            DataCopyPad(o, oWs_[(rowBegin_ + m) * t_.dvPad], DataCopyExtParams(1, t_.dvPad * sizeof(float), 0, 0, 0),
+                        DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+            Sync<HardEvent::MTE2_V>();
+            Add(acc[m * t_.dvPad], acc[m * t_.dvPad], o, static_cast<int32_t>(t_.dvPad));
+            Sync<HardEvent::V_MTE2>();
+        }
+    }
+
+    __aicore__ inline void FinishItem()
+    {
+        if (ownCount_ == 0) {
+            return;
+        }
+        const uint32_t rp = rowsPer_;
+        const uint32_t h0 = head0_ + rowBegin_;  // first head this core writes
+        LocalTensor<float> acc = accBuf_.Get<float>();
+        LocalTensor<float> st = statBuf_.Get<float>();
+        LocalTensor<float> mOld = st[0 * rp], l = st[2 * rp], lnL = st[6 * rp], denom = st[7 * rp];
+        LocalTensor<float> lseRow = st[8 * rp], sinkTerm = st[3 * rp];
+        LocalTensor<T> outRow = outRowBuf_.Get<T>();
+
+        Ln(lnL, l, static_cast<int32_t>(rp));
+        if (t_.hasSink) {
+            // out = acc / (l + exp(sink - m)): the sink joins the denominator only
+            Sync<HardEvent::V_S>();
+            for (uint32_t m = 0; m < rp; ++m) {
+                sinkTerm.SetValue(m, m < ownCount_ ? sinkGm_.GetValue(h0 + m) : 0.0f);
+            }
+            Sync<HardEvent::S_V>();
+            Sub(sinkTerm, sinkTerm, mOld, static_cast<int32_t>(rp));
+            Exp(sinkTerm, sinkTerm, static_cast<int32_t>(rp));
+            Add(denom, l, sinkTerm, static_cast<int32_t>(rp));
+        } else {
+            Adds(denom, l, 0.0f, static_cast<int32_t>(rp));
+        }
+        Sync<HardEvent::V_S>();
+        LocalTensor<uint32_t> lseBits = lseRow.template ReinterpretCast<uint32_t>();
+        for (uint32_t m = 0; m < ownCount_; ++m) {
+            LocalTensor<float> a = acc[m * t_.dvPad];
+            const float lm = l.GetValue(m);
+            if (lm > 0.0f) {
+                lseRow.SetValue(m, mOld.GetValue(m) + lnL.GetValue(m));
+                const float inv = 1.0f / denom.GetValue(m);
+                Sync<HardEvent::S_V>();
+                Muls(a, a, inv, static_cast<int32_t>(t_.dvPad));
+            } else {
+                // no kept candidate: out = 0, lse = -inf (never NaN)
+                lseBits.SetValue(m, NEG_INF_BITS);
+                Sync<HardEvent::S_V>();
+                Duplicate(a, 0.0f, static_cast<int32_t>(t_.dvPad));
+            }
+            const uint64_t outOff = (static_cast<uint64_t>(token_) * t_.numHeads + h0 + m) * t_.valueDim;
+            if constexpr (IsSameType<T, float>::value) {
+                Sync<HardEvent::V_MTE3>();
+                DataCopyPad(outGm_[outOff], a, DataCopyExtParams(1, t_.valueDim * sizeof(T), 0, 0, 0));
+            } else {
+                Cast(outRow, a, RoundMode::CAST_RINT, t_.dvPad);
+                Sync<HardEvent::V_MTE3>();
+                DataCopyPad(outGm_[outOff], outRow, DataCopyExtParams(1, t_.valueDim * sizeof(T), 0, 0, 0));
+            }
+            Sync<HardEvent::MTE3_V>();
+        }
+        Sync<HardEvent::S_MTE3>();
+        DataCopyPad(lseGm_[static_cast<uint64_t>(token_) * t_.numHeads + h0], lseRow,
+                    DataCopyExtParams(1, ownCount_ * sizeof(float), 0, 0, 0));
+        Sync<HardEvent::MTE3_V>();
+    }
+
+    // ---------------------------------------------------------------- cube side
+    __aicore__ inline void ScoreTile(uint32_t tile)
+    {
+        const uint32_t mT = t_.mTile, nT = t_.nTile, Mf = mT / 16, Nf = nT / 16;
+        if (tile == 0) {
+            // Q stays in L1 for all tiles of the item
+            qL1_ = qA1_.AllocTensor<T>();
+            DataCopy(qL1_, qWs_, NdToNz(mT, t_.dkPad));
+            qA1_.EnQue(qL1_);
+            qL1_ = qA1_.DeQue<T>();
+        }
+        LocalTensor<T> kL1 = kB1_.AllocTensor<T>();
+        DataCopy(kL1, kWs_[(tile & 1) * nT * t_.dkPad], NdToNz(nT, t_.dkPad));
+        kB1_.EnQue(kL1);
+        kL1 = kB1_.DeQue<T>();
+
+        LocalTensor<float> c = c1_.AllocTensor<float>();
+        for (uint32_t d0 = 0; d0 < t_.dkPad; d0 += t_.dkChunk) {
+            const uint32_t w = Min32(t_.dkChunk, t_.dkPad - d0);
+            const uint32_t kf = w / C0, kStart = d0 / C0;
+            LocalTensor<T> a2 = a2_.AllocTensor<T>();
+            LocalTensor<T> b2 = b2_.AllocTensor<T>();
+            // L1 Nz -> L0A Zz: one row of fractals (fixed mi) per LoadData
+            for (uint32_t mi = 0; mi < Mf; ++mi) {
+                LoadData(a2[mi * kf * FR], qL1_[(kStart * Mf + mi) * FR],
+                         LoadData2DParams(0, static_cast<uint8_t>(kf), static_cast<uint16_t>(Mf), 0, 0, false, 0));
+            }
+            // L1 Nz of K rows [n, d] is already Zn of K^T: contiguous fractal copy, one k-row at a time
+            for (uint32_t kj = 0; kj < kf; ++kj) {
+                LoadData(b2[kj * Nf * FR], kL1[(kStart + kj) * Nf * FR],
+                         LoadData2DParams(0, static_cast<uint8_t>(Nf), 1, 0, 0, false, 0));
+            }
+            a2_.EnQue(a2);
+            b2_.EnQue(b2);
+            a2 = a2_.DeQue<T>();
+            b2 = b2_.DeQue<T>();
+            Mmad(c, a2, b2,
+                 MmadParams(static_cast<uint16_t>(mT), static_cast<uint16_t>(nT), static_cast<uint16_t>(w), 0, false,
+                            d0 == 0));
+            a2_.FreeTensor(a2);
+            b2_.FreeTensor(b2);
+        }
+        kB1_.FreeTensor(kL1);
+        c1_.EnQue(c);
+        c = c1_.DeQue<float>();
+        Fixpipe<float, float, CFG_ROW_MAJOR>(sWs_, c,
+                                             FixpipeParamsV220(static_cast<uint16_t>(nT), static_cast<uint16_t>(mT),
+                                                               static_cast<uint16_t>(mT), nT, false));
+        c1_.FreeTensor(c);
+    }
+
+    __aicore__ inline void ValueTile(uint32_t tile)
+    {
+        const uint32_t mT = t_.mTile, nT = t_.nTile, Mf = mT / 16, nKf = nT / C0, Dvf = t_.dvPad / 16;
+        LocalTensor<T> pL1 = pA1_.AllocTensor<T>();
+        LocalTensor<T> vL1 = vB1_.AllocTensor<T>();
+        DataCopy(pL1, pWs_, NdToNz(mT, nT));
+        DataCopy(vL1, vtWs_[(tile & 1) * t_.dvPad * nT], NdToNz(t_.dvPad, nT));
+        pA1_.EnQue(pL1);
+        vB1_.EnQue(vL1);
+        pL1 = pA1_.DeQue<T>();
+        vL1 = vB1_.DeQue<T>();
+
+        LocalTensor<T> a2 = a2_.AllocTensor<T>();
+        for (uint32_t mi = 0; mi < Mf; ++mi) {
+            LoadData(a2[mi * nKf * FR], pL1[mi * FR],
+                     LoadData2DParams(0, static_cast<uint8_t>(nKf), static_cast<uint16_t>(Mf), 0, 0, false, 0));
+        }
+        a2_.EnQue(a2);
+        a2 = a2_.DeQue<T>();
+        for (uint32_t e0 = 0; e0 < t_.dvPad; e0 += t_.dvChunk) {
+            const uint32_t w = Min32(t_.dvChunk, t_.dvPad - e0);
+            const uint32_t nf = w / 16, dStart = e0 / 16;
+            LocalTensor<T> b2 = b2_.AllocTensor<T>();
+            // L1 Nz of V^T [d, n] is already Zn of V: copy the fractals of this column chunk
+            for (uint32_t kj = 0; kj < nKf; ++kj) {
+                LoadData(b2[kj * nf * FR], vL1[(kj * Dvf + dStart) * FR],
+                         LoadData2DParams(0, static_cast<uint8_t>(nf), 1, 0, 0, false, 0));
+            }
+            b2_.EnQue(b2);
+            b2 = b2_.DeQue<T>();
+            LocalTensor<float> c = c1_.AllocTensor<float>();
+            Mmad(c, a2, b2,
+                 MmadParams(static_cast<uint16_t>(mT), static_cast<uint16_t>(w), static_cast<uint16_t>(nT), 0, false,
+                            true));
+            b2_.FreeTensor(b2);
+            c1_.EnQue(c);
+            c = c1_.DeQue<float>();
+            Fixpipe<float, float, CFG_ROW_MAJOR>(oWs_[e0], c,
+                                                 FixpipeParamsV220(static_cast<uint16_t>(w), static_cast<uint16_t>(mT),
+                                                                   static_cast<uint16_t>(mT), t_.dvPad, false));
+            c1_.FreeTensor(c);
+        }
+        a2_.FreeTensor(a2);
+        pA1_.FreeTensor(pL1);
+        vB1_.FreeTensor(vL1);
+    }
+
+    // an ND [rows, cols] matrix in GM to Nz in L1: C0-wide column blocks, each `rows` rows tall
+    __aicore__ inline static Nd2NzParams NdToNz(uint32_t rows, uint32_t cols)
+    {
+        Nd2NzParams p;
+        p.ndNum = 1;
+        p.nValue = static_cast<uint16_t>(rows);
+        p.dValue = static_cast<uint16_t>(cols);
+        p.srcNdMatrixStride = 0;
+        p.srcDValue = static_cast<uint16_t>(cols);
+        p.dstNzC0Stride = static_cast<uint16_t>(rows);
+        p.dstNzNStride = 1;
+        p.dstNzMatrixStride = 0;
+        return p;
+    }
+
+    SelectiveAttentionTiling t_;
+    TPipe pipe_;
+    // cube (AIC) buffers
+    TQue<TPosition::A1, 1> qA1_;
+    TQue<TPosition::B1, 2> kB1_;
+    TQue<TPosition::A1, 1> pA1_;
+    TQue<TPosition::B1, 2> vB1_;
+    TQue<TPosition::A2, 2> a2_;
+    TQue<TPosition::B2, 2> b2_;
+    TQue<TPosition::CO1, 1> c1_;
+    LocalTensor<T> qL1_;
+    // vector (AIV) buffers
+    TQue<TPosition::VECIN, 2> gatherQue_;
+    TBuf<TPosition::VECCALC> vRowsBuf_, vtBuf_, offBuf_, rowBuf_, sBuf_, pBuf_, accBuf_, statBuf_, oRowBuf_,
+        outRowBuf_, workBuf_;
+
+    GlobalTensor<T> qGm_, qRopeGm_, kvGm_, kvRopeGm_, vGm_, outGm_;
+    GlobalTensor<int32_t> idxGm_, cuQGm_, cuKGm_, tableGm_, seqKGm_;
+    GlobalTensor<float> sinkGm_, lseGm_;
+    GlobalTensor<T> qWs_, kWs_, vtWs_, pWs_;
+    GlobalTensor<float> sWs_, oWs_;
+
+    // current work item
+    uint32_t token_ = 0, kvHead_ = 0, headTile_ = 0, head0_ = 0, mCount_ = 0, seq_ = 0;
+    uint32_t nValid_[2] = {0, 0};  // kept candidates of the tiles in the two hand-over buffers
+    // this vector core's share of the packed heads: rows [rowBegin_, rowBegin_ + ownCount_) of the tile
+    uint32_t sub_ = 0, rowsPer_ = 0, rowBegin_ = 0, ownCount_ = 0;
+    uint64_t idxRow_ = 0;
+    int64_t seqLen_ = 0, kvStart_ = 0, qPos_ = 0;
+};
+
+}  // namespace selattn
