@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: all venv install test demo bench info verify cuda-check gpu-check clean
+.PHONY: all venv install test demo bench info verify cuda-check gpu-check ascendc-check clean
 
 all: test
 
@@ -37,6 +37,13 @@ demo: install
 
 info: install
 	$(PY) -m attention.info
+
+# Type-check the AscendC device files against Huawei's open headers (asc-devkit checked out at
+# ASC_DEVKIT_DIR, see ../shared/ascendc-check/README.md). Not part of `make test`: CI cannot fetch it.
+ASC_DEVKIT_DIR ?= /tmp/asc-devkit
+ASCENDC_CHECK ?= ../shared/ascendc-check/check.sh
+ascendc-check:
+	ASC_DEVKIT_DIR=$(ASC_DEVKIT_DIR) $(ASCENDC_CHECK) csrc/ascend/kernel/*.cpp
 
 # On a GPU machine whose Python already has torch and triton (see bench/gpu_check.sh).
 gpu-check:
