@@ -208,6 +208,7 @@ CASES: List[Case] = [
     replace(_BASE, name="int64_indices", index_dtype=torch.int64),
     replace(_BASE, name="strided_inputs", strided=True, Dr=8, H=4, Hkv=2, latent=False, Dv=16),
     replace(_BASE, name="single_token", seqs=((1, 40),), varlen_api=True),
+    replace(_BASE, name="empty_cache", seqs=((2, 0),)),
 ]
 CASES_BY_NAME: Dict[str, Case] = {c.name: c for c in CASES}
 assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"

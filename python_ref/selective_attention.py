@@ -194,6 +194,8 @@ def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.
     """storage [N, Hkv, D], rows/keep [c, G, n] -> [c, Hkv, n, D] in ``dtype``, dropped rows zeroed."""
     c, G, n = rows.shape
     Hkv, D = storage.shape[1], storage.shape[2]
+    if n == 0 or storage.shape[0] == 0:  # nothing selected, or a cache with no rows: nothing to read
+        return storage.new_zeros((c, Hkv, n, D), dtype=dtype)
     if G == 1:
         # One selection shared by every kv head: one row gather serves them all.
         x = torch.index_select(storage, 0, rows.reshape(-1)).view(c, n, Hkv, D)
@@ -227,7 +229,7 @@ def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: 
     when the union is at most half the candidates and its score matrices fit the chunk budget.
     """
     c, _, n = rows.shape
-    if not call.host or c < 2 or n == 0:
+    if not call.host or c < 2 or n == 0 or call.S == 0:
         return None
     # A count per storage row (cheaper than torch.unique's sort): rows with a kept candidate.
     ones = torch.ones((), dtype=torch.int32).expand(rows.numel()) if keep is None else keep.reshape(-1).to(torch.int32)
@@ -413,6 +415,8 @@ def selective_attention_backward(
     chunk = tokens_per_chunk(H, Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
 
     def scatter(dst, rows, val):  # val [c, Hkv, n, D] -> dst [S, Hkv, D] at (rows, head)
+        if dst.shape[0] == 0 or rows.numel() == 0:
+            return  # a cache with no rows (every candidate dropped) or nothing selected
         r = rows.expand(rows.shape[0], Hkv, rows.shape[2])
         dst.index_put_((r, heads.expand_as(r)), val, accumulate=True)
 
