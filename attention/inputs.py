@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OPTIONAL_TENSORS = ("v", "q_rope", "kv_rope", "cu_seqlens_q", "cu_seqlens_k", "block_table", "seqlens_k", "attn_sink")
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -164,13 +165,25 @@ def validate(
     attn_sink=None, backend=None, check_contents: Optional[bool] = None,
 ) -> SelectiveAttentionInputs:
     """Check every rule of SPEC.md section 1 and return the inputs object."""
+    return validate_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q,
+                               cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, backend, check_contents)
+
+
+def validate_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q,
+                        cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, backend,
+                        check_contents=None) -> SelectiveAttentionInputs:
+    """``validate`` with the op schema's positional order (the op's hot path: no keyword packing)."""
     _need_tensor("q", q)
     _need_tensor("kv", kv)
     _need_tensor("indices", indices)
-    for name, x in (("v", v), ("q_rope", q_rope), ("kv_rope", kv_rope), ("cu_seqlens_q", cu_seqlens_q),
-                    ("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table), ("seqlens_k", seqlens_k),
-                    ("attn_sink", attn_sink)):
-        _need_tensor(name, x, optional=True)
+    dev = q.device
+    # One pass over the optional tensors: type, then device (the common decode call has none).
+    for name, x in zip(_OPTIONAL_TENSORS, (v, q_rope, kv_rope, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
+                                           attn_sink)):
+        if x is not None:
+            _need_tensor(name, x)
+            if x.device != dev:
+                raise ValueError(f"{name} must be on q's device {dev}, got {x.device}")
 
     # ---- dtypes ----
     if q.dtype not in FLOAT_DTYPES:
@@ -182,11 +195,8 @@ def validate(
         raise TypeError(f"indices must be int32 or int64, got {_dt(indices.dtype)}")
 
     # ---- devices ----
-    dev = q.device
-    for name, x in (("kv", kv), ("indices", indices), ("v", v), ("q_rope", q_rope), ("kv_rope", kv_rope),
-                    ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
-                    ("block_table", block_table), ("seqlens_k", seqlens_k), ("attn_sink", attn_sink)):
-        if x is not None and x.device != dev:
+    for name, x in (("kv", kv), ("indices", indices)):
+        if x.device != dev:
             raise ValueError(f"{name} must be on q's device {dev}, got {x.device}")
 
     # ---- shapes ----

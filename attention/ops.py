@@ -20,7 +20,7 @@ from torch import Tensor
 import python_ref
 
 from . import registry
-from .inputs import SelectiveAttentionInputs, validate
+from .inputs import SelectiveAttentionInputs, validate, validate_positional  # noqa: F401
 
 SCHEMA = (
     "(Tensor q, Tensor kv, Tensor indices, Tensor? v=None, int? d_v=None, Tensor? q_rope=None, "
@@ -46,14 +46,23 @@ _lib = torch.library.Library("attention", "DEF")
 _lib.define("selective_attention" + SCHEMA)
 
 
-def _validated(args: tuple, check_contents=None) -> SelectiveAttentionInputs:
-    """The schema's positional arguments -> one validated inputs object."""
-    kw = dict(zip(ARG_NAMES[3:], args[3:]))
-    return validate(*args[:3], **kw, check_contents=check_contents)
+# Schema defaults of the arguments after (q, kv, indices): the dispatcher hands a Python kernel only
+# the arguments the caller gave.
+_DEFAULTS = (None, None, None, None, None, 1, None, None, None, None, False, None, None)
 
 
-def _impl(*args):
-    return run_backend(_validated(args))
+def _validated(args: tuple, kwargs=None, check_contents=None) -> SelectiveAttentionInputs:
+    """The schema's arguments -> one validated inputs object."""
+    if len(args) != len(ARG_NAMES) or kwargs:
+        full = list(args) + list(_DEFAULTS[len(args) - 3:])
+        for k, v in (kwargs or {}).items():
+            full[ARG_NAMES.index(k)] = v
+        args = full
+    return validate_positional(*args, check_contents=check_contents)
+
+
+def _impl(*args, **kwargs):
+    return run_backend(_validated(args, kwargs))
 
 
 # One implementation for every device: the registry picks the backend from the inputs' device.
@@ -63,8 +72,8 @@ selective_attention_op = torch.ops.attention.selective_attention.default
 
 
 @torch.library.register_fake("attention::selective_attention")
-def _fake(*args):
-    inp = _validated(args, check_contents=False)  # same shape/dtype errors at trace time
+def _fake(*args, **kwargs):
+    inp = _validated(args, kwargs, check_contents=False)  # same shape/dtype errors at trace time
     q = inp.q
     return q.new_empty(q.shape[0], q.shape[1], inp.d_v), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
 

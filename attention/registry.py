@@ -175,10 +175,16 @@ _choice_cache: Dict[tuple, Backend] = {}
 _CACHE_LIMIT = 4096
 
 
+def _shape(t):
+    return None if t is None else t.shape
+
+
 def _signature(inp: SelectiveAttentionInputs) -> tuple:
-    shapes = tuple(None if t is None else tuple(t.shape) for t in
-                   (inp.q, inp.kv, inp.v, inp.q_rope, inp.indices, inp.cu_seqlens_q, inp.block_table))
-    return (inp.device.type, inp.dtype, inp.indices.dtype, inp.features, shapes, inp.d_v, inp.block_size)
+    # Everything `features` and the declared limits derive from, without computing them: shapes
+    # (torch.Size hashes as a tuple), dtypes, device type and the two flags shapes cannot show.
+    return (inp.q.device.type, inp.q.dtype, inp.indices.dtype, inp.q.shape, inp.kv.shape, inp.indices.shape,
+            _shape(inp.v), _shape(inp.q_rope), _shape(inp.cu_seqlens_q), _shape(inp.block_table), inp.d_v,
+            inp.block_size, inp.causal, inp.attn_sink is None)
 
 
 def choose_backend(inp: SelectiveAttentionInputs) -> Backend:

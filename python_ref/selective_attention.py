@@ -190,33 +190,35 @@ def _select(call: _Call, idx: Tensor, c0: int, c1: int):
     return torch.where(keep, rows, 0), keep
 
 
+def _per_head(keep: Tensor, Hkv: int) -> Tensor:
+    """[c, G, n] mask -> [c*Hkv, n] (G = 1: one selection shared by every kv head)."""
+    c, G, n = keep.shape
+    return (keep if G == Hkv else keep.expand(c, Hkv, n)).reshape(c * Hkv, n)
+
+
 def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """storage [N, Hkv, D], rows/keep [c, G, n] -> [c, Hkv, n, D] in ``dtype``, dropped rows zeroed."""
+    """storage [N, Hkv, D], rows/keep [c, G, n] -> [c*Hkv, n, D] in ``dtype``, dropped rows zeroed.
+
+    Operands are kept 3-D ([token x kv head, ...]) so every product is one plain ``bmm``: torch.matmul's
+    4-D broadcasting path and the reshapes around it cost ~3x more per call, which shows in decode.
+    """
     c, G, n = rows.shape
     Hkv, D = storage.shape[1], storage.shape[2]
     if n == 0 or storage.shape[0] == 0:  # nothing selected, or a cache with no rows: nothing to read
-        return storage.new_zeros((c, Hkv, n, D), dtype=dtype)
+        return storage.new_zeros((c * Hkv, n, D), dtype=dtype)
     if G == 1:
         # One selection shared by every kv head: one row gather serves them all.
-        x = torch.index_select(storage, 0, rows.reshape(-1)).view(c, n, Hkv, D)
-        x = x.transpose(1, 2) if Hkv > 1 else x.view(c, 1, n, D)
+        x = torch.index_select(storage, 0, rows.reshape(-1))
+        x = x.view(c, n, Hkv, D).transpose(1, 2).reshape(c * Hkv, n, D) if Hkv > 1 else x.view(c, n, D)
     else:
-        x = storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]]  # [c, Hkv, n, D]
+        x = storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]].view(c * Hkv, n, D)
     if x.dtype != dtype:
         x = x.to(dtype)
     if keep is not None:
         # Dropped candidates may point at garbage (NaN/inf in an unused page): zero their rows so
         # that 0-probability x value stays 0 and no NaN reaches a gradient either.
-        x = x.masked_fill(~keep[..., None], 0.0)
+        x = x.masked_fill(~_per_head(keep, Hkv)[..., None], 0.0)
     return x
-
-
-def _bmm(a: Tensor, b: Tensor) -> Tensor:
-    """[c, Hkv, X, Y] @ [c, Hkv, Y, Z] as one bmm (torch.matmul's 4-D broadcasting path costs ~3x
-    more per call, which matters for decode steps of a few tokens)."""
-    c, h, x, y = a.shape
-    z = b.shape[-1]
-    return torch.bmm(a.reshape(c * h, x, y), b.reshape(c * h, y, z)).view(c, h, x, z)
 
 
 def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int) -> Optional[Tensor]:
@@ -279,21 +281,21 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
     rows, keep = selected
     c, cd = c1 - c0, call.compute_dtype
     keys = _gather(call.kv_flat, rows, keep, cd)  # [c, Hkv, n, Dqk]
-    qc = (q if whole else q[c0:c1]).reshape(c, call.Hkv, call.Hg, call.Dqk)
+    qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.Hg, call.Dqk)
     if qc.dtype != cd:
         qc = qc.to(cd)
-    s = _bmm(qc * call.scale, keys.transpose(-1, -2))
+    s = torch.bmm(qc * call.scale, keys.transpose(1, 2))  # [c*Hkv, Hg, n]
     kr = qr = None
     if call.kvr_flat is not None:
         kr = _gather(call.kvr_flat, rows, keep, cd)
-        qr = q_rope[c0:c1].to(cd).reshape(c, call.Hkv, call.Hg, call.Dr)
-        s = s + _bmm(qr * call.scale, kr.transpose(-1, -2))
+        qr = q_rope[c0:c1].to(cd).reshape(c * call.Hkv, call.Hg, call.Dr)
+        s = s + torch.bmm(qr * call.scale, kr.transpose(1, 2))
     if call.v_flat is None:
         vals = keys[..., :call.Dv] if call.Dv < call.Dqk else keys
     else:
         vals = _gather(call.v_flat, rows, keep, cd)
     if keep is not None:
-        s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
+        s = s.masked_fill(~_per_head(keep, call.Hkv)[:, None, :], float("-inf"))
     return dict(rows=rows, keep=keep, keys=keys, vals=vals, kr=kr, qc=qc, qr=qr, s=s,
                 nonempty=keep is None and call.n > 0)
 
@@ -313,7 +315,8 @@ def _softmax(call: _Call, s: Tensor, nonempty: bool = False):
     e = s.sub_(m).exp_()
     l = e.sum(dim=-1, keepdim=True)
     lse = torch.log(l).add_(m)
-    denom = l if call.sink is None else l + torch.exp(call.sink - m)
+    # (s is [c*Hkv, Hg, n] or [c, Hkv, Hg, n]: the sink [1, Hkv, Hg, 1] meets m in the 4-D view)
+    denom = l if call.sink is None else l + torch.exp(call.sink - m.view(-1, call.Hkv, call.Hg, 1)).view_as(m)
     if not nonempty or call.sink is not None:
         denom = denom.clamp_min(1.0)
     return lse, e, l, denom
@@ -345,6 +348,15 @@ def selective_attention(
     ``q``, ``q_rope`` and ``indices`` may be a slice of the call's query tokens starting at global
     token ``token_offset`` out of ``total_tokens``.
     """
+    return forward_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q,
+                              cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, chunk_bytes, token_offset,
+                              total_tokens)
+
+
+def forward_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
+                       block_table, seqlens_k, causal, attn_sink, chunk_bytes=DEFAULT_CHUNK_BYTES, token_offset=0,
+                       total_tokens=None):
+    """``selective_attention`` with the op schema's positional order (the hot path of the CPU backend)."""
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens)
     Tc, H, Dv = call.Tc, call.H, call.Dv
@@ -359,7 +371,7 @@ def selective_attention(
         else:
             x = _chunk_scores(call, q, q_rope, indices, c0, c1, selected)
             lse, e, _, denom = _softmax(call, x["s"], x["nonempty"])
-            o = _bmm(e, x["vals"]).div_(denom)  # [c, Hkv, Hg, Dv]
+            o = torch.bmm(e, x["vals"]).div_(denom)  # [c*Hkv, Hg, Dv]
         o = o.reshape(c1 - c0, H, Dv)
         lse = lse.reshape(c1 - c0, H)
         outs.append(o if o.dtype == q.dtype else o.to(q.dtype))
@@ -414,9 +426,10 @@ def selective_attention_backward(
     heads = torch.arange(Hkv, device=q.device)[None, :, None]
     chunk = tokens_per_chunk(H, Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
 
-    def scatter(dst, rows, val):  # val [c, Hkv, n, D] -> dst [S, Hkv, D] at (rows, head)
+    def scatter(dst, rows, val):  # val [c*Hkv, n, D] -> dst [S, Hkv, D] at (rows, head)
         if dst.shape[0] == 0 or rows.numel() == 0:
             return  # a cache with no rows (every candidate dropped) or nothing selected
+        val = val.view(rows.shape[0], Hkv, rows.shape[2], val.shape[-1])
         r = rows.expand(rows.shape[0], Hkv, rows.shape[2])
         dst.index_put_((r, heads.expand_as(r)), val, accumulate=True)
 
@@ -429,24 +442,24 @@ def selective_attention_backward(
         p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
         vals = x["vals"]
         if grad_out is not None:
-            do = grad_out[c0:c1].to(cd).reshape(c, Hkv, Hg, Dv)
+            do = grad_out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
             o = torch.matmul(pp, vals)
             delta = (do * o).sum(-1, keepdim=True)
             ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
             dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c, Hkv, n, Dv]
             if dsink is not None:
                 # d out / d sink = -out * exp(sink - m) / denom = -out * (1 - l / denom)
-                dsink -= (delta * (1 - l / denom)).sum(0, keepdim=True)
+                dsink -= (delta * (1 - l / denom)).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
         else:
             ds = torch.zeros_like(p)
             dvals = None
         if grad_lse is not None:
-            gl = grad_lse[c0:c1].to(cd).reshape(c, Hkv, Hg, 1)
+            gl = grad_lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
             gl = torch.where(torch.isfinite(lse), gl, 0.0)  # an empty row's lse is the constant -inf
             ds = ds + gl * p
         ds = ds * call.scale
         dq[c0:c1] = torch.matmul(ds, x["keys"]).reshape(c, H, call.Dqk)
-        dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c, Hkv, n, Dqk]
+        dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c*Hkv, n, Dqk]
         if dvals is not None:
             if v is None:
                 dkeys[..., :Dv] += dvals

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import python_ref
+from python_ref.selective_attention import forward_positional
 
 from ..registry import Backend
 
@@ -17,4 +17,6 @@ class ReferenceBackend(Backend):
         return 0 if device_type == "cpu" else self.priority  # ...but first on the CPU
 
     def forward(self, inp):
-        return python_ref.selective_attention(inp.q, inp.kv, inp.indices, **inp.reference_kwargs())
+        return forward_positional(inp.q, inp.kv, inp.indices, inp.v, inp.d_v, inp.q_rope, inp.kv_rope, inp.sm_scale,
+                                  inp.block_size, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table, inp.seqlens_k,
+                                  inp.causal, inp.attn_sink)

@@ -65,6 +65,6 @@ def max_logits(
     parts = []
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
-        s = _ref._chunk_scores(call, q, q_rope, indices, c0, c1)["s"]  # [c, Hkv, Hg, n], dropped = -inf
+        s = _ref._chunk_scores(call, q, q_rope, indices, c0, c1)["s"]  # [c*Hkv, Hg, n], dropped = -inf
         parts.append(s.amax(dim=-1).reshape(c1 - c0, H).to(torch.float32))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
