@@ -1,0 +1,174 @@
+"""Timers, the device's own limits (matmul peak, copy bandwidth) and the machine description.
+
+Timing rules (STYLE.md rule 9): warm-up calls (autotuning, first-call allocation, lazy imports)
+are never timed; a GPU is timed with CUDA events around the calls and synchronised once per
+sample; the CPU with ``time.perf_counter``. Each sample averages ``inner`` back-to-back calls, with
+``inner`` chosen so a sample lasts at least ``min_sample_s`` (tiny problems would otherwise measure
+the timer); the report gives the median and the minimum of the samples.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Dict, List
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize()  # type: ignore[attr-defined]
+
+
+@dataclass
+class Timing:
+    samples_ms: List[float] = field(default_factory=list)
+    inner: int = 1
+    timer: str = "perf_counter"
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples_ms)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5,
+            min_sample_s: float = 0.005, max_inner: int = 200) -> Timing:
+    for _ in range(max(1, warmup)):
+        fn()
+    synchronize(device)
+    # Calibrate the calls per sample from one more (untimed-for-the-report) call.
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = int(min(max_inner, max(1, min_sample_s / one)))
+    samples = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / inner)
+        return Timing(samples, inner, "cuda_events")
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) * 1e3 / inner)
+    return Timing(samples, inner, "perf_counter" if device.type == "cpu" else f"perf_counter+{device.type}.synchronize")
+
+
+def measure_limits(device: torch.device, dtype: torch.dtype, quick: bool = False) -> Dict[str, object]:
+    """Matmul peak and copy bandwidth of this device, measured now (best of several runs).
+
+    On the CPU the matmul runs in float32 whatever the problem dtype, because that is what every CPU
+    path computes in (bfloat16 matmul there is ~400x slower, TRAPS.md).
+    """
+    cpu = device.type == "cpu"
+    mdt = torch.float32 if cpu else dtype
+    n = (512 if quick else 1024) if cpu else 8192
+    a = torch.randn(n, n, device=device).to(mdt)
+    b = torch.randn(n, n, device=device).to(mdt)
+    c = torch.empty(n, n, device=device, dtype=mdt)
+    mm = time_fn(lambda: torch.mm(a, b, out=c), device, warmup=2, repeats=5 if quick else 9,
+                 min_sample_s=0.02)
+    flops = 2.0 * n ** 3
+    nbytes = (64 << 20) if cpu else (1 << 30)
+    if quick:
+        nbytes //= 4
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    cp = time_fn(lambda: dst.copy_(src), device, warmup=2, repeats=5 if quick else 9, min_sample_s=0.02)
+    del a, b, c, src, dst
+    return {
+        "matmul_dtype": str(mdt).replace("torch.", ""),
+        "matmul_shape": [n, n, n],
+        "matmul_peak_gflops": flops / (mm.min_ms * 1e-3) / 1e9,
+        "matmul_median_gflops": flops / (mm.median_ms * 1e-3) / 1e9,
+        "copy_bytes": 2 * nbytes,  # read + write
+        "copy_gbps": 2 * nbytes / (cp.min_ms * 1e-3) / 1e9,
+        "copy_median_gbps": 2 * nbytes / (cp.median_ms * 1e-3) / 1e9,
+        "rule": "best (min time) of the repeats; fractions below divide by these",
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("+dirty" if dirty else "")
+    except Exception:
+        pass
+    return "unknown"
+
+
+def machine_info(device: torch.device) -> Dict[str, object]:
+    import attention
+
+    info: Dict[str, object] = {
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "attention": getattr(attention, "__version__", "?"),
+        "git_commit": _git_commit(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
+    try:
+        info["loadavg"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    elif device.type == "npu":
+        try:
+            info["device_name"] = torch.npu.get_device_name()  # type: ignore[attr-defined]
+        except Exception:
+            info["device_name"] = "npu"
+    else:
+        info["device_name"] = f"CPU: {info['cpu']} ({info['torch_threads']} threads)"
+    return info
