@@ -34,6 +34,10 @@ def _sig(x: Optional[float], digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _load(la) -> str:
+    return "?" if not la else f"{la[0]:.1f}"
+
+
 def table(results: List[Dict], limits: Dict, machine: Dict) -> str:
     lines = []
     lines.append(f"device: {machine.get('device_name')}   torch {machine.get('torch')}   "
@@ -41,6 +45,11 @@ def table(results: List[Dict], limits: Dict, machine: Dict) -> str:
     lines.append(f"limits measured in this run: matmul {limits['matmul_peak_gflops']:.1f} GFLOP/s "
                  f"({limits['matmul_dtype']} {'x'.join(map(str, limits['matmul_shape']))}), "
                  f"copy {limits['copy_gbps']:.1f} GB/s")
+    if "start" in limits:
+        lines.append(f"  (better of start {limits['start']['matmul_peak_gflops']:.1f} / end "
+                     f"{limits['end']['matmul_peak_gflops']:.1f} GFLOP/s and {limits['start']['copy_gbps']:.1f} / "
+                     f"{limits['end']['copy_gbps']:.1f} GB/s; threads {machine.get('torch_threads')}, load average "
+                     f"{_load(machine.get('loadavg'))} at start, {_load(machine.get('loadavg_end'))} at end)")
     cols = ["impl", "status", "median ms", "min ms", "TFLOP/s", "GB/s", "% mm peak", "% copy bw",
             "x vs dense", "max err"]
     by_problem: "OrderedDict[str, List[Dict]]" = OrderedDict()

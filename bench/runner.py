@@ -28,7 +28,7 @@ from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
 from .problems import DTYPES, Problem, byte_count, check_tokens, expected_float64, flop_count, make_inputs
 from .selection import (check_selection, expected_selection, make_selection_inputs, selection_bytes,
                         selection_flops, selection_impls)
-from .timing import machine_info, measure_limits, time_fn
+from .timing import Timing, machine_info, measure_limits, sample_ms, timer_name, warm_and_calibrate
 
 DENSE_NAMES = ("sdpa-dense", "dense-scores+torch.topk")
 
@@ -147,17 +147,18 @@ class _Progress:
             self.bar.close()
 
 
-def run_impl(impl: Impl, prepare_arg, check, device: torch.device, row: Dict, warmup: int, repeats: int,
-             min_sample_s: float) -> None:
-    """Prepare, check once, and time only when the check passed. Fills ``row`` in place."""
+def check_impl(impl: Impl, prepare_arg, check, device: torch.device, row: Dict):
+    """Prepare and check once; returns the callable to time when the check passed, else None.
+    Fills ``row`` (status, errors, reason) in place."""
     try:
         fn = impl.prepare(prepare_arg)
     except Unavailable as e:
         row.update(status="n/a", reason=str(e))
-        return
+        return None
     except Exception as e:
         row.update(status="error", reason=f"prepare: {type(e).__name__}: {str(e)[:300]}")
-        return
+        return None
+    res = None
     try:
         with _nan_fill():
             res = fn()
@@ -168,20 +169,44 @@ def run_impl(impl: Impl, prepare_arg, check, device: torch.device, row: Dict, wa
         verdict = check(res)
     except Exception as e:
         row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
-        return
+        return None
     finally:
-        res = None
+        del res
     row.update({k: verdict[k] for k in ("max_out_err", "max_lse_err", "tol_out", "checked_tokens")})
     if not verdict["ok"]:
         row.update(status="FAIL", reason=verdict["reason"])
-        return
-    try:
-        t = time_fn(fn, device, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s)
-    except Exception as e:
-        row.update(status="error", reason=f"while timing: {type(e).__name__}: {str(e)[:300]}")
-        return
-    row.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, samples_ms=t.samples_ms,
-               repeats=len(t.samples_ms), inner=t.inner, timer=t.timer)
+        return None
+    return fn
+
+
+def time_interleaved(timed: List, device: torch.device, warmup: int, repeats: int, min_sample_s: float,
+                     progress: Optional["_Progress"] = None, label: str = "") -> None:
+    """Warm up and calibrate each passing implementation, then take the samples in rounds
+    (impl 1, impl 2, ..., impl 1, impl 2, ...). Fills each row in place."""
+    state = []
+    for fn, row in timed:
+        try:
+            inner = warm_and_calibrate(fn, device, warmup, min_sample_s)
+            state.append([fn, row, inner, []])
+        except Exception as e:
+            row.update(status="error", reason=f"while timing: {type(e).__name__}: {str(e)[:300]}")
+    for r in range(repeats):
+        if progress is not None:
+            progress.describe(f"{label}: timing round {r + 1}/{repeats}")
+        for st in state:
+            fn, row, inner, samples = st
+            if row["status"] == "error":
+                continue
+            try:
+                samples.append(sample_ms(fn, device, inner))
+            except Exception as e:
+                row.update(status="error", reason=f"while timing: {type(e).__name__}: {str(e)[:300]}")
+    for fn, row, inner, samples in state:
+        if row["status"] == "error" or not samples:
+            continue
+        t = Timing(samples, inner, timer_name(device))
+        row.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, samples_ms=t.samples_ms,
+                   repeats=len(samples), inner=inner, timer=t.timer)
 
 
 def _derive(rows: List[Dict], flops: float, nbytes: float, limits: Dict) -> None:
@@ -207,7 +232,7 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
     machine = machine_info(dev)
     dtype0 = next((DTYPES[getattr(p, "dtype", "bfloat16")] for p in problems), torch.bfloat16)
     limits = measure_limits(dev, dtype0, quick=quick_limits)
-    plan = []
+    plan: List = []
     for prob in problems:
         if isinstance(prob, SelectionProblem):
             impls = [i for i in selection_impls() if include_baselines or i.kind == "backend"]
@@ -241,14 +266,20 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
                 flops, nbytes = flop_count(prob, inp.kept), byte_count(prob, inp.kept)
                 check_for = lambda impl, inp=inp, e=expected, t=tokens: (  # noqa: E731
                     lambda res: _check_attention(res, inp, e, t, impl))
-            rows = []
+            rows, timed = [], []
             for impl in impls:
                 row = _row_base(preset, prob, prob.describe(), prob.dtype, device, impl, machine)
-                progress.describe(f"{prob.name}: {impl.name}")
-                run_impl(impl, inp, check_for(impl), dev, row, warmup, repeats, min_sample_s)
+                progress.describe(f"{prob.name}: checking {impl.name}")
+                fn = check_impl(impl, inp, check_for(impl), dev, row)
                 rows.append(row)
+                if fn is not None:
+                    row["status"] = "checked"
+                    timed.append((fn, row))
                 progress.step(f"{prob.name}: {impl.name} {row['status']}")
-            _derive(rows, flops, nbytes, limits)
+            time_interleaved(timed, dev, warmup, repeats, min_sample_s, progress, prob.name)
+            del timed
+            for r in rows:
+                r["flops"], r["bytes"] = flops, nbytes
             results.extend(rows)
             del inp, expected, check_for
             gc.collect()
@@ -258,6 +289,18 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
         machine["loadavg_end"] = list(os.getloadavg())
     except OSError:
         pass
+    # Limits again at the end: on a shared machine the load changes during a run. Fractions use the
+    # better of the two measurements (the device can do at least that), so they are not inflated by a
+    # limit measured during a burst of load.
+    limits_end = measure_limits(dev, dtype0, quick=quick_limits)
+    limits = dict(limits, start=dict(limits), end=limits_end)
+    for k in ("matmul_peak_gflops", "copy_gbps"):
+        limits[k] = max(limits["start"][k], limits_end[k])
+    by_problem: Dict[str, List[Dict]] = {}
+    for r in results:
+        by_problem.setdefault(r["problem"], []).append(r)
+    for rows in by_problem.values():
+        _derive(rows, rows[0]["flops"], rows[0]["bytes"], limits)
     machine["wall_s"] = round(time.perf_counter() - t_start, 1)
     return dict(
         schema=report.SCHEMA, preset=preset, command=" ".join(["python -m bench"] + sys.argv[1:]),
@@ -303,7 +346,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cpu, cuda or npu (default: the accelerator if present)")
     ap.add_argument("--dtype", choices=sorted(DTYPES))
     ap.add_argument("--out", help="directory for JSON, CSV and PNG results")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 CPU, 10 GPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls after the check call (default 1 CPU, 10 GPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples (default 5 CPU, 20 GPU)")
     ap.add_argument("--min-sample-ms", type=float, default=None,
                     help="each sample averages enough calls to last this long (default 5 CPU, 20 GPU)")
@@ -374,7 +417,8 @@ def main(argv=None) -> int:
     device = a.device or default_device()
     gpu = device != "cpu"
     pt = PRESET_TIMING.get(a.preset, {}) if not gpu else {}
-    warmup = a.warmup if a.warmup is not None else pt.get("warmup", 10 if gpu else 2)
+    # On the CPU the check call already ran once, and nothing is autotuned: one more warm-up call.
+    warmup = a.warmup if a.warmup is not None else pt.get("warmup", 10 if gpu else 1)
     repeats = a.repeats if a.repeats is not None else pt.get("repeats", 20 if gpu else 5)
     min_sample = (a.min_sample_ms if a.min_sample_ms is not None else (20 if gpu else 5)) / 1e3
     names = [s.strip() for s in a.backends.split(",")] if a.backends else None

@@ -1,7 +1,8 @@
 """Timers, the device's own limits (matmul peak, copy bandwidth) and the machine description.
 
 Timing rules (STYLE.md rule 9): warm-up calls (autotuning, first-call allocation, lazy imports)
-are never timed; a GPU is timed with CUDA events around the calls and synchronised once per
+are never timed; the runner takes the samples of the implementations of one problem in interleaved
+rounds, so a burst of load from another process lands on all of them rather than on one; a GPU is timed with CUDA events around the calls and synchronised once per
 sample; the CPU with ``time.perf_counter``. Each sample averages ``inner`` back-to-back calls, with
 ``inner`` chosen so a sample lasts at least ``min_sample_s`` (tiny problems would otherwise measure
 the timer); the report gives the median and the minimum of the samples.
@@ -43,36 +44,47 @@ class Timing:
         return min(self.samples_ms)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5,
-            min_sample_s: float = 0.005, max_inner: int = 200) -> Timing:
+def timer_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda_events"
+    return "perf_counter" if device.type == "cpu" else f"perf_counter+{device.type}.synchronize"
+
+
+def warm_and_calibrate(fn: Callable[[], object], device: torch.device, warmup: int = 2,
+                       min_sample_s: float = 0.005, max_inner: int = 200) -> int:
+    """Untimed warm-up calls, then the number of back-to-back calls one sample should hold."""
     for _ in range(max(1, warmup)):
         fn()
     synchronize(device)
-    # Calibrate the calls per sample from one more (untimed-for-the-report) call.
     t0 = time.perf_counter()
     fn()
     synchronize(device)
     one = max(time.perf_counter() - t0, 1e-7)
-    inner = int(min(max_inner, max(1, min_sample_s / one)))
-    samples = []
+    return int(min(max_inner, max(1, min_sample_s / one)))
+
+
+def sample_ms(fn: Callable[[], object], device: torch.device, inner: int) -> float:
+    """Mean time of one call over ``inner`` back-to-back calls, in ms."""
     if device.type == "cuda":
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / inner)
-        return Timing(samples, inner, "cuda_events")
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(inner):
             fn()
-        synchronize(device)
-        samples.append((time.perf_counter() - t0) * 1e3 / inner)
-    return Timing(samples, inner, "perf_counter" if device.type == "cpu" else f"perf_counter+{device.type}.synchronize")
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / inner
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / inner
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5,
+            min_sample_s: float = 0.005, max_inner: int = 200) -> Timing:
+    inner = warm_and_calibrate(fn, device, warmup, min_sample_s, max_inner)
+    return Timing([sample_ms(fn, device, inner) for _ in range(repeats)], inner, timer_name(device))
 
 
 def measure_limits(device: torch.device, dtype: torch.dtype, quick: bool = False) -> Dict[str, object]:
