@@ -13,7 +13,7 @@ import attention
 import python_ref
 from attention.registry import Backend
 
-from bench import report, runner
+from bench import report, runner, summarize
 from bench.presets import SelectionProblem, dsv32, nsa
 from bench.problems import byte_count, flop_count, make_inputs
 
@@ -132,6 +132,9 @@ def test_json_csv_and_plots(tmp_path):
     for name in ("custom-time.png", "custom-tflops.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    md = summarize.summarize(doc)
+    assert md.count("| custom/L=200 | reference | ok |") == 1
+    assert "| custom/L=400 | sdpa-dense (baseline) | ok | 1.00 (1.00) |" in md
 
 
 def test_model_counts():
