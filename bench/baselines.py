@@ -264,8 +264,8 @@ class TorchNPUSparseFlashAttention(Impl):
         fn = getattr(mod, "npu_sparse_flash_attention", None)
         if fn is None:
             raise Unavailable("torch_npu has no npu_sparse_flash_attention (CANN/torch_npu too old)")
-        if not p.latent or not p.page_size or p.block_size != 1:
-            raise Unavailable("only latent MLA with a paged cache and token selection")
+        if not p.latent or not p.page_size or p.block_size != 1 or p.Hkv != 1 or (p.Dqk, p.Dv) != (576, 512):
+            raise Unavailable("only DeepSeek MLA (576 = 512 + 64 rope, one kv head), paged, token selection")
         # Layout per the torch_npu documentation for DeepSeek-V3.2 (TND query, PA_BSND cache);
         # the gate below rejects the row if this reading of the API is wrong.
         q = inp.q[..., :p.Dv].contiguous()
@@ -278,7 +278,8 @@ class TorchNPUSparseFlashAttention(Impl):
         kw = dict(query=q, key=key, value=key, sparse_indices=idx, scale_value=(p.Dqk) ** -0.5,
                   block_table=inp.kwargs["block_table"], actual_seq_lengths_query=cu_q,
                   actual_seq_lengths_kv=inp.kwargs["seqlens_k"], query_rope=q_rope, key_rope=key_rope,
-                  sparse_block_size=1, layout_query="TND", layout_kv="PA_BSND", sparse_mode=3)
+                  sparse_block_size=1, layout_query="TND", layout_kv="PA_BSND", sparse_mode=3,
+                  attention_mode=2)  # MLA-absorb: 512 latent + 64 rope, one kv head
         return lambda: fn(**kw)
 
 
