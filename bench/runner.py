@@ -433,6 +433,9 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     problems = problems_from_args(a)
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench: TRITON_INTERPRET is set: Triton kernels run through the interpreter on the CPU; "
+              "they are checked, but their times measure the interpreter, not the kernels", file=sys.stderr)
     print(f"bench: preset {a.preset}, {len(problems)} problem(s) on {device}; checking each implementation "
           f"against float64 before timing it", file=sys.stderr, flush=True)
     doc = run(problems, preset=a.preset, device=device, backend_names=names, warmup=warmup, repeats=repeats,

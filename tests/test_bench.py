@@ -184,6 +184,9 @@ def test_selection_is_checked_or_reported_unavailable():
 def test_smoke_preset_cli(tmp_path):
     """The documented command: python -m bench --preset smoke --out DIR (CI runs this)."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # As a user runs it: the CPU production paths, not Triton through its interpreter (conftest
+    # turns that on for the equivalence tests; at smoke shapes it takes minutes).
+    env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, "-m", "bench", "--preset", "smoke", "--out", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
