@@ -76,16 +76,32 @@ def dense_mask(inp: Inputs) -> torch.Tensor:
     return mask[..., :L].view(B, Lq, p.G, L).transpose(1, 2)
 
 
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+HAS_ENABLE_GQA = _TORCH_VERSION >= (2, 5)
+
+
+def sdpa_mode(device_type: str, heads_per_kv: int) -> str:
+    """How the dense baseline shares a kv head between query heads.
+
+    "gqa": ``enable_gqa=True`` (torch >= 2.5) with a mask broadcast over heads, what the docs suggest;
+    "expand": kv heads repeated to H, for older torch; "fold": the query heads of a kv head stacked
+    along SDPA's query-length dimension. The CPU uses "fold": there ``enable_gqa`` materialises the
+    cache once per query head (36 GiB at dsv32-decode) and fails to allocate.
+    """
+    if heads_per_kv == 1:
+        return "mha"
+    if device_type == "cpu":
+        return "fold"
+    return "gqa" if HAS_ENABLE_GQA else "expand"
+
+
 class DenseSDPA(Impl):
     """``F.scaled_dot_product_attention`` over the whole context with the selection as a mask.
 
     Timed: building the mask from the indices + the SDPA call (what a user pays per step).
     Untimed, in the baseline's favour: the contiguous [B, Hkv, L, D] copy of the (paged) cache, and
     on the CPU its float32 upcast (bfloat16 matmul there runs ~400x slower, TRAPS.md).
-
-    The query heads that share a kv head are folded into SDPA's query-length dimension
-    ([B, Hkv, hg*Lq, D] against [B, Hkv, L, D]): the same math as ``enable_gqa=True``, which on the
-    CPU materialises the kv cache once per query head (36 GiB at dsv32-decode) and fails.
+    Query heads share kv heads as :func:`sdpa_mode` says.
     """
 
     name = "sdpa-dense"
@@ -95,23 +111,38 @@ class DenseSDPA(Impl):
         p = inp.problem
         dev = inp.q.device
         cdt = torch.float32 if dev.type == "cpu" else p.torch_dtype
-        B, Lq, hg = p.batch, p.q_per_seq, p.H // p.Hkv
+        B, Lq, L, hg = p.batch, p.q_per_seq, p.context, p.H // p.Hkv
+        mode = sdpa_mode(dev.type, hg)
         q = inp.q.view(B, Lq, p.Hkv, hg, p.Dqk)
         k = inp.kv_log
         if p.Dr:
             q = torch.cat([q, inp.kwargs["q_rope"].view(B, Lq, p.Hkv, hg, p.Dr)], dim=-1)
             k = torch.cat([k, inp.kvr_log], dim=-1)
-        # rows ordered (head in group, token), so a per-token mask repeats per head
-        q = q.permute(0, 2, 3, 1, 4).reshape(B, p.Hkv, hg * Lq, -1).to(cdt).contiguous()
         k = k.transpose(1, 2).to(cdt).contiguous()  # [B, Hkv, L, D]
         v = k[..., :p.Dv] if p.latent else inp.v_log.transpose(1, 2).to(cdt).contiguous()
         scale = (p.Dqk + p.Dr) ** -0.5
+        if mode == "fold":
+            # rows ordered (head in group, token), so a per-token mask repeats per head
+            q = q.permute(0, 2, 3, 1, 4).reshape(B, p.Hkv, hg * Lq, -1).to(cdt).contiguous()
+
+            def run():
+                m = dense_mask(inp)  # [B, G, Lq, L], G = 1 (shared) or Hkv
+                m = m[:, :, None].expand(B, p.G, hg, Lq, L).reshape(B, p.G, hg * Lq, L)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)  # [B, Hkv, hg*Lq, Dv]
+                return o.view(B, p.Hkv, hg, Lq, p.Dv).permute(0, 3, 1, 2, 4).reshape(p.T, p.H, p.Dv)
+
+            return run
+        q = q.reshape(B, Lq, p.H, -1).transpose(1, 2).to(cdt).contiguous()  # [B, H, Lq, D]
+        if mode == "expand":
+            k, v = k.repeat_interleave(hg, dim=1), v.repeat_interleave(hg, dim=1)
+        extra = dict(enable_gqa=True) if mode == "gqa" else {}
 
         def run():
-            m = dense_mask(inp)  # [B, G, Lq, L], G = 1 (shared) or Hkv
-            m = m[:, :, None].expand(B, p.G, hg, Lq, p.context).reshape(B, p.G, hg * Lq, p.context)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)  # [B, Hkv, hg*Lq, Dv]
-            return o.view(B, p.Hkv, hg, Lq, p.Dv).permute(0, 3, 1, 2, 4).reshape(p.T, p.H, p.Dv)
+            m = dense_mask(inp)  # [B, G, Lq, L]
+            if p.G > 1:
+                m = m.repeat_interleave(hg, dim=1)  # per kv head -> per query head
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, **extra)
+            return o.transpose(1, 2).reshape(p.T, p.H, p.Dv)
 
         return run
 

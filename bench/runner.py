@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import report
-from .baselines import BackendImpl, Impl, Unavailable, all_baselines, split_result
+from .baselines import BackendImpl, Impl, Unavailable, all_baselines, sdpa_mode, split_result
 from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
 from .problems import DTYPES, Problem, byte_count, check_tokens, expected_float64, flop_count, make_inputs
 from .selection import (check_selection, expected_selection, make_selection_inputs, selection_bytes,
@@ -316,7 +316,9 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
                   "selection: k_idx + q_idx + weights + output indices",
             dense_baseline="mask built from the indices (timed) + F.scaled_dot_product_attention over the "
                            "whole context (float32 on the CPU, upcast untimed; input dtype on a GPU); the "
-                           "contiguous copy of the paged cache is untimed",
+                           "contiguous copy of the paged cache is untimed; query heads per kv head: "
+                           + ", ".join(sorted({f"{getattr(p, 'name', '')}: {sdpa_mode(dev.type, p.H // p.Hkv)}"
+                                               for p in problems if isinstance(p, Problem)})),
         ),
         results=results,
     )

@@ -195,3 +195,20 @@ def test_smoke_preset_cli(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     doc = json.loads((tmp_path / "smoke.json").read_text())
     assert all(r["status"] in ("ok", "n/a") for r in doc["results"])
+
+
+@pytest.mark.parametrize("mode", ["fold", "gqa", "expand"])
+def test_sdpa_baseline_head_sharing_modes(mode, monkeypatch):
+    """Each way the dense baseline shares kv heads (CPU folds; GPUs use enable_gqa or expand) is the
+    same math: forced here on CPU tensors and checked against float64."""
+    from bench import baselines
+    from bench.problems import check_tokens, expected_float64
+
+    monkeypatch.setattr(baselines, "sdpa_mode", lambda dev, hg: mode if hg > 1 else "mha")
+    for p in (nsa("g", batch=2, q_per_seq=24, context=40, H=8, Hkv=2, Dqk=16, Dv=8, K=3, block_size=4, page_size=8),
+              dsv32("d", batch=2, q_per_seq=2, context=300, H=4, Dqk=64, Dv=32, Dr=16, K=40, page_size=16)):
+        inp = make_inputs(p, "cpu")
+        tokens = check_tokens(p)
+        impl = baselines.DenseSDPA()
+        verdict = runner._check_attention(impl.prepare(inp)(), inp, expected_float64(inp, tokens), tokens, impl)
+        assert verdict["ok"], (mode, p.family, verdict["reason"])
