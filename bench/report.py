@@ -38,6 +38,22 @@ def _load(la) -> str:
     return "?" if not la else f"{la[0]:.1f}"
 
 
+def headline(rows: List[Dict]) -> str:
+    """One line per problem: the fastest of the package's backends against the baselines."""
+    ok = [r for r in rows if r["status"] == "ok" and r["impl_kind"] == "backend"]
+    if not ok:
+        return "=> no backend of this package passed the check here"
+    best = min(ok, key=lambda r: r["median_ms"])
+    parts = [f"=> fastest backend: {best['impl']} {best['median_ms']:.3g} ms"]
+    for r in rows:
+        if r["impl_kind"] != "backend" and r["status"] == "ok":
+            x = r["median_ms"] / best["median_ms"]
+            parts.append(f"{x:.2f}x faster than {r['impl']}" if x >= 1 else f"{1 / x:.2f}x slower than {r['impl']}")
+    if best.get("frac_matmul_peak") is not None:
+        parts.append(f"{100 * best['frac_matmul_peak']:.1f}% of the matmul peak")
+    return ", ".join(parts)
+
+
 def table(results: List[Dict], limits: Dict, machine: Dict) -> str:
     lines = []
     lines.append(f"device: {machine.get('device_name')}   torch {machine.get('torch')}   "
@@ -80,6 +96,7 @@ def table(results: List[Dict], limits: Dict, machine: Dict) -> str:
             if r["status"] != "ok" and r.get("reason"):
                 line += f"  ({r['reason']})"
             lines.append(line)
+        lines.append("  " + headline(rows))
     lines.append("")
     lines.append("x vs dense = dense-baseline median time / this median time (>1: faster than the dense "
                  "SDPA / dense top-k a user would write); TFLOP/s and GB/s from the model in docs/bench.md "
