@@ -227,7 +227,7 @@ def _derive(rows: List[Dict], flops: float, nbytes: float, limits: Dict) -> None
 
 def run(problems: List[object], *, preset: str, device: str, backend_names: Optional[Sequence[str]],
         warmup: int, repeats: int, min_sample_s: float, include_baselines: bool = True,
-        quick_limits: bool = False, seed: int = 0) -> Dict:
+        quick_limits: bool = False, seed: int = 0, command: Optional[str] = None) -> Dict:
     dev = torch.device(device)
     machine = machine_info(dev)
     dtype0 = next((DTYPES[getattr(p, "dtype", "bfloat16")] for p in problems), torch.bfloat16)
@@ -303,7 +303,7 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
         _derive(rows, rows[0]["flops"], rows[0]["bytes"], limits)
     machine["wall_s"] = round(time.perf_counter() - t_start, 1)
     return dict(
-        schema=report.SCHEMA, preset=preset, command=" ".join(["python -m bench"] + sys.argv[1:]),
+        schema=report.SCHEMA, preset=preset, command=command or "(called from Python)",
         machine=machine, limits=limits,
         timing=dict(warmup=warmup, repeats=repeats, min_sample_s=min_sample_s,
                     timer="cuda_events" if dev.type == "cuda" else "perf_counter",
@@ -414,7 +414,7 @@ def problems_from_args(a: argparse.Namespace) -> List[object]:
     return uniq
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
     device = a.device or default_device()
     gpu = device != "cpu"
@@ -442,7 +442,8 @@ def main(argv=None) -> int:
           f"against float64 before timing it", file=sys.stderr, flush=True)
     doc = run(problems, preset=a.preset, device=device, backend_names=names, warmup=warmup, repeats=repeats,
               min_sample_s=min_sample, include_baselines=not a.no_baselines, seed=a.seed,
-              quick_limits=pt.get("quick_limits", False))
+              quick_limits=pt.get("quick_limits", False),
+              command=" ".join(["python -m bench"] + list(sys.argv[1:] if argv is None else argv)))
     print(report.table(doc["results"], doc["limits"], doc["machine"]))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
