@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import textwrap
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -160,7 +161,9 @@ def write_plots(out_dir: str, prefix: str, results: List[Dict]) -> List[str]:
                 ax.set_yscale("log")
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(label)
-            ax.set_title(fam, fontsize=10)
+            # the family's shape without its context length (that is the x axis)
+            shape = ", ".join(x for x in rows[0]["shape"].split(", ") if not x.startswith("L="))
+            ax.set_title(f"{fam}\n{textwrap.fill(shape, 70)}", fontsize=8)
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)

@@ -182,5 +182,6 @@ def machine_info(device: torch.device) -> Dict[str, object]:
         except Exception:
             info["device_name"] = "npu"
     else:
-        info["device_name"] = f"CPU: {info['cpu']} ({info['torch_threads']} threads)"
+        n = info["torch_threads"]
+        info["device_name"] = f"CPU: {info['cpu']} ({n} torch thread{'s' if n != 1 else ''} of {info['cpu_count']} cores)"
     return info
