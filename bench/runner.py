@@ -202,7 +202,10 @@ def time_interleaved(timed: List, device: torch.device, warmup: int, repeats: in
             except Exception as e:
                 row.update(status="error", reason=f"while timing: {type(e).__name__}: {str(e)[:300]}")
     for fn, row, inner, samples in state:
-        if row["status"] == "error" or not samples:
+        if row["status"] == "error":
+            continue
+        if not samples:
+            row.update(status="error", reason="no timing samples (--repeats 0?)")
             continue
         t = Timing(samples, inner, timer_name(device))
         row.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, samples_ms=t.samples_ms,
