@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) -m bench.reference_targets
+	$(PY) -m bench --preset dsv32-decode
 
 info: install
 	$(PY) -m attention.info

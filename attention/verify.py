@@ -1,0 +1,310 @@
+"""``python -m attention.verify --device DEV [--backend NAME] [--out DIR]``: the equivalence matrix on
+this machine.
+
+Runs every case of ``attention.testing.CASES`` (every feature) in every dtype a backend declares,
+for each backend available on the device, against the float64 evaluation of SPEC.md section 1
+computed on the CPU from the same rounded inputs, at SPEC.md section 4 tolerances, each case twice
+(the two runs must agree bit for bit). Prints a pass/fail table with the worst error per cell,
+writes ``verify-<device>.json`` and ``verify-<device>.md`` to ``--out``, and exits 0 only when
+nothing failed (1: a case failed; 2: nothing could run, or a usage error).
+
+It needs only the installed package (the matrix ships in ``attention.testing``), not the
+repository's tests. Environment it sets before any kernel runs:
+
+* ``ATTENTION_NAN_FILL=1``: kernel outputs start as NaN, so an element never written fails.
+* ``TRITON_INTERPRET=1`` for ``--device cpu`` when the caller did not set it: Triton kernels run on
+  CPU tensors only under the interpreter, and Triton reads the variable when kernels are defined,
+  i.e. when ``import attention`` imports the Triton backend. ``python -m attention.verify`` imports
+  ``attention`` before this module runs, so when the variable was missing it re-runs itself once in
+  a child process with the variable set (set ``TRITON_INTERPRET=0`` to keep Triton off the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Dict, List, Optional, Sequence, Tuple
+
+_REEXEC_MARK = "ATTENTION_VERIFY_CHILD"
+
+
+def _needs_interpreter_reexec(argv: Sequence[str]) -> bool:
+    dev = _device_arg(argv)
+    return dev == "cpu" and "TRITON_INTERPRET" not in os.environ and not os.environ.get(_REEXEC_MARK)
+
+
+def _device_arg(argv: Sequence[str]) -> Optional[str]:
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _parse(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m attention.verify", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", required=True, help="cpu, cuda or npu (cuda:1 etc. accepted)")
+    ap.add_argument("--backend", action="append", help="only this backend (repeatable; default: every "
+                                                        "backend available on the device)")
+    ap.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
+                    help="only this dtype (repeatable; default: every dtype the backend declares)")
+    ap.add_argument("--case", action="append", help="only this case (repeatable; default: all)")
+    ap.add_argument("--out", help="directory for verify-<device>.json and verify-<device>.md")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    return ap.parse_args(argv)
+
+
+def _device_available(dev: str) -> Tuple[bool, str]:
+    import torch
+
+    kind = dev.split(":")[0]
+    if kind == "cpu":
+        return True, ""
+    if kind == "cuda":
+        return (torch.cuda.is_available(), "torch.cuda.is_available() is False")
+    if kind == "npu":
+        npu = getattr(torch, "npu", None)
+        ok = npu is not None and npu.is_available()
+        return ok, "torch.npu is not available (torch_npu not imported or no NPU)"
+    return False, f"unknown device type {kind!r} (expected cpu, cuda or npu)"
+
+
+def _machine(device: str) -> Dict[str, object]:
+    import torch
+
+    import attention
+
+    info: Dict[str, object] = {
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device, "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "attention": attention.__version__,
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
+        "ATTENTION_NAN_FILL": os.environ.get("ATTENTION_NAN_FILL", ""),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _cell(results: List[Dict]) -> str:
+    """Summary of one (case, backend, dtype) cell: ok/FAIL/skip and the worst out error."""
+    r = results[0]
+    if r["skipped"]:
+        return "skip"
+    err = r["out_err"]
+    e = "inf" if err is None or (isinstance(err, float) and math.isinf(err)) else f"{err:.1e}"
+    return ("ok " if r["ok"] else "FAIL ") + e
+
+
+def render_table(results: List[Dict], columns: List[Tuple[str, str]], cases: List[str]) -> List[List[str]]:
+    by = {}
+    for r in results:
+        by.setdefault((r["case"], r["backend"], r["dtype"]), []).append(r)
+    rows = [["case"] + [f"{b}/{d}" for b, d in columns]]
+    for c in cases:
+        rows.append([c] + [_cell(by[(c, b, d)]) if (c, b, d) in by else "-" for b, d in columns])
+    # summary: pass/fail/skip counts and the worst error (also relative to the dtype's tolerance)
+    summ = ["worst / tol"]
+    counts = ["pass/fail/skip"]
+    for b, d in columns:
+        rs = [r for r in results if r["backend"] == b and r["dtype"] == d]
+        ran = [r for r in rs if not r["skipped"]]
+        worst = max((r["out_err"] for r in ran if r["out_err"] is not None), default=float("nan"))
+        tol = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}[d]
+        summ.append("-" if math.isnan(worst) else f"{worst:.1e} / {tol:g}")
+        counts.append(f"{sum(r['ok'] for r in ran)}/{sum(not r['ok'] for r in ran)}/{len(rs) - len(ran)}")
+    rows += [counts, summ]
+    return rows
+
+
+def _text_table(rows: List[List[str]]) -> str:
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(x.ljust(w[i]) for i, x in enumerate(r)) for r in rows)
+
+
+def _md_table(rows: List[List[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    for r in rows[1:]:
+        out.append("| " + " | ".join(x.replace("FAIL", "**FAIL**") for x in r) + " |")
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = _parse(argv)
+    os.environ.setdefault("ATTENTION_NAN_FILL", "1")
+
+    import torch
+
+    import attention
+    from attention.testing import CASES, DTYPE_NAMES, DTYPES, oracle, run_case
+
+    if a.list:
+        for c in CASES:
+            print(c.name)
+        return 0
+    device = a.device
+    ok, why = _device_available(device)
+    if not ok:
+        print(f"verify: device {device} is not usable here: {why}", file=sys.stderr)
+        return 2
+    kind = device.split(":")[0]
+
+    cases = list(CASES)
+    if a.case:
+        unknown = sorted(set(a.case) - {c.name for c in CASES})
+        if unknown:
+            print(f"verify: unknown case(s) {unknown}; see --list", file=sys.stderr)
+            return 2
+        cases = [c for c in CASES if c.name in a.case]
+
+    registered = {b.name: b for b in attention.backends()}
+    if a.backend:
+        unknown = [n for n in a.backend if n not in registered]
+        if unknown:
+            print(f"verify: unknown backend(s) {unknown}; registered: {sorted(registered)}", file=sys.stderr)
+            return 2
+        chosen = [registered[n] for n in a.backend]
+    else:
+        chosen = [b for b in registered.values() if b.runs_on(kind)]
+    runnable, not_run = [], []
+    for b in chosen:
+        reasons = list(b.unavailable_reasons())
+        if not b.runs_on(kind):
+            reasons.append(f"does not run on {kind} (devices: {sorted(b.device_types())})")
+        (not_run if reasons else runnable).append((b, reasons))
+    for b, reasons in not_run:
+        print(f"verify: backend {b.name} not verified on {device}: {'; '.join(reasons)}", file=sys.stderr)
+    if not runnable:
+        print(f"verify: no backend can run on {device}", file=sys.stderr)
+        return 2
+
+    dtype_filter = set(a.dtype) if a.dtype else None
+    columns: List[Tuple[str, str]] = []
+    jobs = []
+    for b, _ in runnable:
+        for dt in [d for d in DTYPES if d in b.dtypes]:  # float32, float16, bfloat16
+            name = DTYPE_NAMES[dt]
+            if dtype_filter and name not in dtype_filter:
+                continue
+            columns.append((b.name, name))
+            jobs += [(b.name, dt, c) for c in cases]
+    if not jobs:
+        print("verify: nothing to run (dtype filter excludes every declared dtype)", file=sys.stderr)
+        return 2
+
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), file=sys.stderr, unit="case", dynamic_ncols=True, mininterval=0.3)
+    except ImportError:
+        bar = None
+    expected_cache: Dict[Tuple[str, str], object] = OrderedDict()
+    results: List[Dict] = []
+    t0 = time.perf_counter()
+    for i, (bname, dt, case) in enumerate(jobs):
+        desc = f"{bname}/{DTYPE_NAMES[dt]}/{case.name}"
+        if bar is not None:
+            bar.set_description_str(desc[:60])
+        else:
+            print(f"[{i + 1}/{len(jobs)}] {desc}", file=sys.stderr, flush=True)
+        key = (case.name, DTYPE_NAMES[dt])
+        try:
+            if key not in expected_cache:
+                # float64 on the CPU from the same rounded inputs, shared by every backend
+                expected_cache[key] = oracle(case.make(dt, "cpu"))
+            res = run_case(bname, case, dt, device, repeats=2, expected=expected_cache[key]).as_dict()
+        except Exception as e:  # a crash in one case is that case's failure, not the run's
+            res = dict(backend=bname, case=case.name, dtype=DTYPE_NAMES[dt], ok=False, out_err=float("inf"),
+                       lse_err=float("inf"), deterministic=False, skipped=False,
+                       message=f"raised {type(e).__name__}: {str(e)[:400]}")
+        results.append(res)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t0
+
+    failed = [r for r in results if not r["ok"]]
+    rows = render_table(results, columns, [c.name for c in cases])
+    machine = _machine(device)
+    header = (f"attention.verify on {device}"
+              f"{' (' + str(machine.get('device_name')) + ')' if machine.get('device_name') else ''}: "
+              f"torch {machine['torch']}, triton {machine['triton']}, TRITON_INTERPRET={machine['TRITON_INTERPRET'] or 'unset'}")
+    print(header)
+    print("cells: max |out - float64 reference| (SPEC.md tolerances: float32 1e-4, float16 5e-3, bfloat16 3e-2)")
+    print(_text_table(rows))
+    for b, reasons in not_run:
+        print(f"not verified: {b.name}: {'; '.join(reasons)}")
+    for r in failed:
+        print(f"FAIL {r['backend']}/{r['dtype']}/{r['case']}: {r['message']}")
+    n_skip = sum(r["skipped"] for r in results)
+    verdict = "PASS" if not failed else "FAIL"
+    print(f"{verdict}: {len(results) - n_skip - len(failed)} passed, {len(failed)} failed, {n_skip} skipped "
+          f"(backend's own reasons) in {wall:.1f} s")
+
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        stem = f"verify-{device.replace(':', '')}"
+
+        def clean(x):
+            if isinstance(x, float) and not math.isfinite(x):
+                return None if math.isnan(x) else "inf"
+            return x
+
+        doc = dict(schema="attention-verify/1", verdict=verdict, device=device, machine=machine,
+                   wall_s=round(wall, 1),
+                   backends=[b.name for b, _ in runnable],
+                   not_verified={b.name: reasons for b, reasons in not_run},
+                   tolerances={"float32": [1e-4, 1e-4], "float16": [5e-3, 1e-2], "bfloat16": [3e-2, 1e-2]},
+                   counts=dict(passed=len(results) - n_skip - len(failed), failed=len(failed), skipped=n_skip),
+                   results=[{k: clean(v) for k, v in r.items()} for r in results])
+        with open(os.path.join(a.out, stem + ".json"), "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        md = [f"# {header}", "", f"Verdict: **{verdict}** ({doc['counts']['passed']} passed, "
+              f"{doc['counts']['failed']} failed, {n_skip} skipped) at {machine['time_utc']}.", "",
+              "Cells: max |out - float64 reference| per case, backend and dtype; `skip` = the backend's "
+              "own not-supported reason.", "", _md_table(rows), ""]
+        if not_run:
+            md += ["Not verified:", ""] + [f"- `{b.name}`: {'; '.join(r)}" for b, r in not_run] + [""]
+        if failed:
+            md += ["Failures:", ""] + [f"- `{r['backend']}/{r['dtype']}/{r['case']}`: {r['message']}" for r in failed]
+        skipped = [r for r in results if r["skipped"]]
+        if skipped:
+            md += ["Skips:", ""] + [f"- `{r['backend']}/{r['dtype']}/{r['case']}`: {r['message']}" for r in skipped]
+        with open(os.path.join(a.out, stem + ".md"), "w") as f:
+            f.write("\n".join(md) + "\n")
+        print(f"wrote {stem}.json and {stem}.md to {a.out}")
+    return 0 if not failed else 1
+
+
+def _entry() -> int:
+    argv = sys.argv[1:]
+    if _needs_interpreter_reexec(argv):
+        # attention (and with it triton) is already imported: re-run with the interpreter on.
+        env = dict(os.environ, TRITON_INTERPRET="1", ATTENTION_NAN_FILL=os.environ.get("ATTENTION_NAN_FILL", "1"))
+        env[_REEXEC_MARK] = "1"
+        return subprocess.call([sys.executable, "-m", "attention.verify", *argv], env=env)
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_entry())

@@ -1,0 +1,162 @@
+"""The ``selection`` preset: DeepSeek-V3.2 lightning indexer + top-k (SPEC.md section 2).
+
+Implementations: ``attention.select`` (fused) and ``attention.lightning_indexer`` +
+``attention.topk_indices`` when this build has them (reported "not available" otherwise, never
+faked), and the dense baseline a user would write: the full score matrix with matmuls, then
+``torch.topk``. All are checked against top-k of float64 scores before they are timed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from .baselines import Impl, Unavailable
+from .presets import SelectionProblem
+from .problems import DTYPES
+
+
+@dataclass
+class SelectionInputs:
+    problem: SelectionProblem
+    q_idx: torch.Tensor    # [T, Hi, Di]
+    k_idx: torch.Tensor    # [L, Di]
+    weights: torch.Tensor  # [T, Hi] float32
+    pairs: int = 0         # visible (query, key) pairs
+
+
+def make_selection_inputs(p: SelectionProblem, device: str, seed: int = 0) -> SelectionInputs:
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[p.dtype]
+    q = torch.randn(p.T, p.Hi, p.Di, generator=g).to(dt).to(device)
+    k = torch.randn(p.context, p.Di, generator=g).to(dt).to(device)
+    w = (torch.randn(p.T, p.Hi, generator=g) * p.Hi ** -0.5).to(device)
+    q_pos = p.context - p.T + torch.arange(p.T)
+    return SelectionInputs(p, q, k, w, pairs=int((q_pos + 1).clamp(max=p.context).sum()))
+
+
+def selection_flops(inp: SelectionInputs) -> float:
+    """2*Hi*Di per visible (query, key) pair for the dot products, + 2*Hi for relu-and-weight."""
+    p = inp.problem
+    return float(inp.pairs) * (2.0 * p.Hi * p.Di + 2.0 * p.Hi)
+
+
+def selection_bytes(inp: SelectionInputs) -> float:
+    p = inp.problem
+    es = inp.q_idx.element_size()
+    return float(p.context * p.Di * es + p.T * p.Hi * p.Di * es + p.T * p.Hi * 4 + p.T * p.k * 4)
+
+
+def _dense_scores(q, k, w, scale, causal_offset: int, dtype) -> torch.Tensor:
+    """I[t, s] = sum_j w[t, j] relu(scale q[t, j].k[s]); -inf where s is after the query."""
+    T, Hi, Di = q.shape
+    L = k.shape[0]
+    s = torch.matmul(q.to(dtype).reshape(T * Hi, Di), k.to(dtype).T).view(T, Hi, L)
+    s = torch.relu(s * scale)
+    scores = torch.einsum("thl,th->tl", s, w.to(dtype))
+    pos = torch.arange(L, device=q.device)
+    q_pos = causal_offset + torch.arange(T, device=q.device)
+    return scores.masked_fill(pos[None, :] > q_pos[:, None], float("-inf"))
+
+
+def expected_selection(inp: SelectionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(float64 scores [T, L], reference indices [T, k] with -1 padding) on the CPU."""
+    p = inp.problem
+    scores = _dense_scores(inp.q_idx.cpu(), inp.k_idx.cpu(), inp.weights.cpu(), p.Di ** -0.5,
+                           p.context - p.T, torch.float64)
+    k = min(p.k, p.context)
+    val, idx = torch.topk(scores, k, dim=-1)
+    idx = torch.where(torch.isinf(val), torch.full_like(idx, -1), idx)
+    if k < p.k:
+        idx = torch.cat([idx, idx.new_full((p.T, p.k - k), -1)], dim=-1)
+    return scores, idx
+
+
+def check_selection(got: torch.Tensor, inp: SelectionInputs, expected) -> Tuple[bool, float, str]:
+    """Same selected set as float64 top-k per row, up to near-ties at the k-th score.
+
+    A position may differ from the float64 choice only when its float64 score is within a rounding
+    distance of the k-th largest score (float32/bfloat16 arithmetic can reorder such near-ties).
+    Returns (ok, worst score gap of a differing position relative to the k-th score, message).
+    """
+    scores, ref = expected
+    p = inp.problem
+    got = got.detach().cpu().to(torch.int64).reshape(p.T, -1)
+    if got.shape != ref.shape:
+        return False, float("inf"), f"indices shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+    worst = 0.0
+    for t in range(p.T):
+        a = set(got[t][got[t] >= 0].tolist())
+        b = set(ref[t][ref[t] >= 0].tolist())
+        if len(a) != len(b) or (got[t] >= 0).sum() != len(a):
+            return False, float("inf"), f"row {t}: {int((got[t] >= 0).sum())} valid entries ({len(a)} distinct), expected {len(b)}"
+        diff = a ^ b
+        if not diff:
+            continue
+        if any(x >= p.context for x in diff):
+            return False, float("inf"), f"row {t}: position out of range"
+        kth = float(scores[t, ref[t][len(b) - 1]])
+        gap = max(abs(float(scores[t, x]) - kth) for x in diff) / (abs(kth) + 1e-12)
+        worst = max(worst, gap)
+    tol = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}[p.dtype]
+    if worst > tol:
+        return False, worst, f"a selected position's score differs from the k-th by {worst:.3g} (relative) > {tol}"
+    return True, worst, ""
+
+
+class SelectFused(Impl):
+    name = "attention.select"
+    kind = "backend"
+
+    def prepare(self, inp: SelectionInputs):
+        import attention
+
+        fn = getattr(attention, "select", None)
+        if fn is None:
+            raise Unavailable("not available: attention.select is not in this build")
+        p = inp.problem
+        return lambda: fn(inp.q_idx, inp.k_idx, inp.weights, p.k, causal=True)
+
+
+class IndexerTopk(Impl):
+    name = "attention.lightning_indexer+topk_indices"
+    kind = "backend"
+
+    def prepare(self, inp: SelectionInputs):
+        import attention
+
+        ind = getattr(attention, "lightning_indexer", None)
+        topk = getattr(attention, "topk_indices", None)
+        if ind is None or topk is None:
+            raise Unavailable("not available: attention.lightning_indexer / topk_indices are not in this build")
+        p = inp.problem
+        return lambda: topk(ind(inp.q_idx, inp.k_idx, inp.weights, causal=True), p.k)
+
+
+class DenseTopk(Impl):
+    """Full [T, L] score matrix (matmul in float32 on the CPU, the input dtype elsewhere) + topk."""
+
+    name = "dense-scores+torch.topk"
+    kind = "baseline"
+
+    def prepare(self, inp: SelectionInputs):
+        p = inp.problem
+        dev = inp.q_idx.device
+        cdt = torch.float32 if dev.type == "cpu" else inp.q_idx.dtype
+        k = min(p.k, p.context)
+
+        def run():
+            s = _dense_scores(inp.q_idx, inp.k_idx, inp.weights, p.Di ** -0.5, p.context - p.T, cdt).float()
+            val, idx = torch.topk(s, k, dim=-1)
+            idx = torch.where(torch.isinf(val), -1, idx)
+            if k < p.k:
+                idx = torch.cat([idx, idx.new_full((p.T, p.k - k), -1)], dim=-1)
+            return idx
+
+        return run
+
+
+def selection_impls() -> List[Impl]:
+    return [SelectFused(), IndexerTopk(), DenseTopk()]
