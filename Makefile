@@ -38,6 +38,10 @@ demo: install
 info: install
 	$(PY) -m attention.info
 
+# The cross-chip proof on this machine: every backend available here x every feature x dtype.
+verify: install
+	$(PY) -m attention.verify --device cpu --out out/verify
+
 # Type-check the AscendC device files against Huawei's open headers (asc-devkit checked out at
 # ASC_DEVKIT_DIR, see ../shared/ascendc-check/README.md). Not part of `make test`: CI cannot fetch it.
 ASC_DEVKIT_DIR ?= /tmp/asc-devkit

@@ -7,7 +7,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT="${OUT:-$ROOT/out}"
+# On the lent GPU machine only a handful of files come back from $OUT: work in a scratch folder and
+# leave a tarball plus the summary files there at the end. Run by hand, everything lands in ./out.
+if [ -n "${OUT:-}" ]; then
+  FINAL="$OUT"
+  OUT="$ROOT/.gpu_check_out"
+  rm -rf "$OUT"
+else
+  FINAL=""
+  OUT="$ROOT/out"
+fi
 export OUT
 mkdir -p "$OUT"
 PY="${PYTHON:-python}"
@@ -46,4 +55,11 @@ fi
 "$PY" bench/gpu_triton_check.py report --out "$OUT" >> "$OUT/bench.log" 2>&1 || status=1
 echo "== done in $(( $(date +%s) - start ))s, status=$status; report under $OUT/docs/benchmarks/"
 cat "$OUT/steps.txt"
+if [ -n "$FINAL" ]; then
+  mkdir -p "$FINAL"
+  tar czf "$FINAL/gpu_check.tgz" -C "$OUT" .
+  cp "$OUT/steps.txt" "$FINAL/" 2>/dev/null
+  cp "$OUT"/docs/benchmarks/*.md "$OUT"/docs/benchmarks/*.json "$FINAL/" 2>/dev/null
+  echo "== packed into $FINAL: $(ls "$FINAL" | tr '\n' ' ')"
+fi
 exit $status
