@@ -281,40 +281,7 @@ def validate_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block
         attn_sink = attn_sink.to(torch.float32)
 
     # ---- sequences ----
-    if cu_seqlens_q is not None:
-        _need_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B+1]")
-        if cu_seqlens_q.shape[0] < 2:
-            raise ValueError(f"cu_seqlens_q must have B+1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
-    B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else 1
-    if paged:
-        if cu_seqlens_k is not None:
-            raise ValueError("cu_seqlens_k is for a contiguous kv; a paged kv takes block_table and seqlens_k")
-        if block_table is None:
-            raise ValueError("block_table is required with a paged kv [P, page, Hkv, Dqk]")
-        if seqlens_k is None:
-            raise ValueError("seqlens_k is required with a paged kv [P, page, Hkv, Dqk]")
-        _need_int_tensor("block_table", block_table, 2, "[B, max_pages]")
-        _need_int_tensor("seqlens_k", seqlens_k, 1, "[B]")
-        if block_table.shape[0] != B:
-            raise ValueError(f"block_table must have B={B} rows"
-                             f"{' (from cu_seqlens_q)' if cu_seqlens_q is not None else ' (one sequence without cu_seqlens_q)'}"
-                             f", got shape {tuple(block_table.shape)}")
-        if seqlens_k.shape[0] != B:
-            raise ValueError(f"seqlens_k must have B={B} entries, got shape {tuple(seqlens_k.shape)}")
-    else:
-        if block_table is not None:
-            raise ValueError("block_table is for a paged kv [P, page, Hkv, Dqk]; kv is contiguous [S, Hkv, Dqk]")
-        if seqlens_k is not None:
-            raise ValueError("seqlens_k is for a paged kv; a contiguous kv takes cu_seqlens_k")
-        if cu_seqlens_k is not None:
-            _need_int_tensor("cu_seqlens_k", cu_seqlens_k, 1, "[B+1]")
-            if cu_seqlens_k.shape[0] != B + 1:
-                raise ValueError(f"cu_seqlens_k must have B+1={B + 1} entries like cu_seqlens_q"
-                                 f"{'' if cu_seqlens_q is not None else ' (one sequence without cu_seqlens_q)'}"
-                                 f", got shape {tuple(cu_seqlens_k.shape)}")
-        elif B != 1:
-            raise ValueError(f"cu_seqlens_k is required with a contiguous kv when cu_seqlens_q describes "
-                             f"B={B} sequences (the default [0, S] describes one)")
+    check_sequence_args(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k)
 
     inp = SelectiveAttentionInputs(
         q=q, kv=kv, indices=indices, v=v, d_v=Dv, q_rope=q_rope, kv_rope=kv_rope, sm_scale=sm_scale,
@@ -326,6 +293,45 @@ def validate_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block
     if check_contents and not _is_fake(q):
         check_sequence_contents(inp)
     return inp
+
+
+def check_sequence_args(paged: bool, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, *, cache: str = "kv",
+                        paged_shape: str = "[P, page, Hkv, Dqk]", contiguous_shape: str = "[S, Hkv, Dqk]") -> int:
+    """Shape rules of the sequence arguments, shared by every op over a kv-like cache (the
+    attention's kv, the indexer's k_idx). Returns the number of sequences B."""
+    if cu_seqlens_q is not None:
+        _need_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B+1]")
+        if cu_seqlens_q.shape[0] < 2:
+            raise ValueError(f"cu_seqlens_q must have B+1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
+    B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else 1
+    where = " (from cu_seqlens_q)" if cu_seqlens_q is not None else " (one sequence without cu_seqlens_q)"
+    if paged:
+        if cu_seqlens_k is not None:
+            raise ValueError(f"cu_seqlens_k is for a contiguous {cache}; a paged {cache} takes block_table and seqlens_k")
+        if block_table is None:
+            raise ValueError(f"block_table is required with a paged {cache} {paged_shape}")
+        if seqlens_k is None:
+            raise ValueError(f"seqlens_k is required with a paged {cache} {paged_shape}")
+        _need_int_tensor("block_table", block_table, 2, "[B, max_pages]")
+        _need_int_tensor("seqlens_k", seqlens_k, 1, "[B]")
+        if block_table.shape[0] != B:
+            raise ValueError(f"block_table must have B={B} rows{where}, got shape {tuple(block_table.shape)}")
+        if seqlens_k.shape[0] != B:
+            raise ValueError(f"seqlens_k must have B={B} entries{where}, got shape {tuple(seqlens_k.shape)}")
+    else:
+        if block_table is not None:
+            raise ValueError(f"block_table is for a paged {cache} {paged_shape}; {cache} is contiguous {contiguous_shape}")
+        if seqlens_k is not None:
+            raise ValueError(f"seqlens_k is for a paged {cache}; a contiguous {cache} takes cu_seqlens_k")
+        if cu_seqlens_k is not None:
+            _need_int_tensor("cu_seqlens_k", cu_seqlens_k, 1, "[B+1]")
+            if cu_seqlens_k.shape[0] != B + 1:
+                raise ValueError(f"cu_seqlens_k must have B+1={B + 1} entries like cu_seqlens_q{where}, "
+                                 f"got shape {tuple(cu_seqlens_k.shape)}")
+        elif B != 1:
+            raise ValueError(f"cu_seqlens_k is required with a contiguous {cache} when cu_seqlens_q describes "
+                             f"B={B} sequences (the default [0, S] describes one)")
+    return B
 
 
 def check_sequence_contents(inp: SelectiveAttentionInputs) -> None:

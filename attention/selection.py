@@ -36,7 +36,8 @@ from torch import Tensor
 import python_ref
 from python_ref.selection import BLOCK_REDUCES
 
-from .inputs import FLOAT_DTYPES, _dt, _is_fake, _need_int_tensor, _need_rank, _need_tensor, debug_checks_enabled
+from .inputs import (FLOAT_DTYPES, _dt, _is_fake, _need_int_tensor, _need_rank, _need_tensor, check_sequence_args,
+                     debug_checks_enabled)
 
 __all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "SelectionInputs", "validate_selection",
            "selection_backends", "choose_selection_backend", "SelectionBackend"]
@@ -157,37 +158,8 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
         _need_int("max_seqlen_k", max_seqlen_k)
     _check_backend(backend)
 
-    if cu_seqlens_q is not None:
-        _need_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B+1]")
-        if cu_seqlens_q.shape[0] < 2:
-            raise ValueError(f"cu_seqlens_q must have B+1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
-    B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else 1
-    if paged:
-        if cu_seqlens_k is not None:
-            raise ValueError("cu_seqlens_k is for a contiguous k_idx; a paged k_idx takes block_table and seqlens_k")
-        if block_table is None:
-            raise ValueError("block_table is required with a paged k_idx [P, page, Di]")
-        if seqlens_k is None:
-            raise ValueError("seqlens_k is required with a paged k_idx [P, page, Di]")
-        _need_int_tensor("block_table", block_table, 2, "[B, max_pages]")
-        _need_int_tensor("seqlens_k", seqlens_k, 1, "[B]")
-        if block_table.shape[0] != B:
-            raise ValueError(f"block_table must have B={B} rows, got shape {tuple(block_table.shape)}")
-        if seqlens_k.shape[0] != B:
-            raise ValueError(f"seqlens_k must have B={B} entries, got shape {tuple(seqlens_k.shape)}")
-    else:
-        if block_table is not None:
-            raise ValueError("block_table is for a paged k_idx [P, page, Di]; k_idx is contiguous [S, Di]")
-        if seqlens_k is not None:
-            raise ValueError("seqlens_k is for a paged k_idx; a contiguous k_idx takes cu_seqlens_k")
-        if cu_seqlens_k is not None:
-            _need_int_tensor("cu_seqlens_k", cu_seqlens_k, 1, "[B+1]")
-            if cu_seqlens_k.shape[0] != B + 1:
-                raise ValueError(f"cu_seqlens_k must have B+1={B + 1} entries like cu_seqlens_q, "
-                                 f"got shape {tuple(cu_seqlens_k.shape)}")
-        elif B != 1:
-            raise ValueError(f"cu_seqlens_k is required with a contiguous k_idx when cu_seqlens_q describes "
-                             f"B={B} sequences")
+    check_sequence_args(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, cache="k_idx",
+                        paged_shape="[P, page, Di]", contiguous_shape="[S, Di]")
     inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale,
                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
                           seqlens_k=seqlens_k, max_seqlen_k=max_seqlen_k, causal=causal, block_size=block_size,

@@ -238,7 +238,7 @@ class CaseResult:
         return dict(self.__dict__)
 
 
-def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| where both are finite-equal; inf where one is non-finite and the other not."""
     x = x.detach().to("cpu", torch.float64)
     if x.shape != ref.shape:
@@ -274,8 +274,8 @@ def run_case(backend: str, case: Case, dtype: torch.dtype, device="cpu", repeats
         problems.append(f"out is {tuple(out.shape)} {out.dtype}, expected {tuple(ref_out.shape)} {dtype}")
     if lse.dtype != torch.float32 or tuple(lse.shape) != tuple(ref_lse.shape):
         problems.append(f"lse is {tuple(lse.shape)} {lse.dtype}, expected {tuple(ref_lse.shape)} float32")
-    out_err = _max_err(out, ref_out)
-    lse_err = _max_err(lse, ref_lse)
+    out_err = max_error(out, ref_out)
+    lse_err = max_error(lse, ref_lse)
     if not out_err <= tol_out:
         problems.append(f"max |out - ref| = {out_err:.3g} > {tol_out}")
     if not lse_err <= tol_lse:

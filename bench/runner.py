@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from attention.testing import max_error as _max_err
+
 from . import report
 from .baselines import BackendImpl, Impl, Unavailable, all_baselines, sdpa_mode, split_result
 from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
@@ -68,18 +70,6 @@ def backend_impls(device: str, names: Optional[Sequence[str]]) -> List[Impl]:
             continue
         out.append(BackendImpl(b.name))
     return out
-
-
-def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x = x.detach().to("cpu", torch.float64)
-    if x.shape != ref.shape:
-        return float("inf")
-    if x.numel() == 0:
-        return 0.0
-    same_inf = (x == ref) & torch.isinf(ref)
-    d = torch.where(same_inf, torch.zeros_like(x), (x - ref).abs())
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
-    return float(d.max())
 
 
 def _check_attention(res, inp, expected, tokens, impl: Impl) -> Dict:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import attention
-from attention.testing import TOLERANCES, Case, _max_err, oracle
+from attention.testing import TOLERANCES, Case, oracle
+from attention.testing import max_error as _max_err
 
 pytest.importorskip("triton")
 
