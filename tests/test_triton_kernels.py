@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import attention
-from attention.testing import CASES_BY_NAME, DTYPE_NAMES, TOLERANCES, _max_err, oracle
+from attention.testing import CASES_BY_NAME, DTYPE_NAMES, TOLERANCES, oracle
+from attention.testing import max_error as _max_err
 
 triton = pytest.importorskip("triton")
 

@@ -11,7 +11,8 @@ import torch
 
 import attention
 from attention import tuning
-from attention.testing import CASES_BY_NAME, TOLERANCES, _max_err, oracle
+from attention.testing import CASES_BY_NAME, TOLERANCES, oracle
+from attention.testing import max_error as _max_err
 
 triton = pytest.importorskip("triton")
 
