@@ -151,7 +151,7 @@ def step_check(device: str) -> dict:
             inp = attention.validate(**a3)
             o3, l3 = launch.forward(inp, autotune=True)
             r3, rl3 = testing.oracle(a3)
-            err = testing._max_err(o3, r3)
+            err = testing.max_error(o3, r3)
             res["autotune"] = dict(ok=err <= tol[0], out_err=err,
                                    best=str(getattr(launch._autotuned_kernel(), "best_config", None)))
         except Exception as e:
@@ -162,7 +162,7 @@ def step_check(device: str) -> dict:
         res["sync_free"] = dict(ok=None, note="no GPU: covered on CPU by tests/test_triton_kernels.py::test_host_path_reads_no_device_data")
         res["cuda_graph"] = dict(ok=None, note="no GPU")
         res["autotune"] = dict(ok=None, note="no GPU (triton.autotune benchmarks with CUDA events)")
-    err_o, err_l = testing._max_err(out, ref_out), testing._max_err(lse, ref_lse)
+    err_o, err_l = testing.max_error(out, ref_out), testing.max_error(lse, ref_lse)
     res["correct"] = dict(ok=err_o <= tol[0] and err_l <= tol[1], out_err=err_o, lse_err=err_l)
     return res
 
