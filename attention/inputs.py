@@ -336,34 +336,48 @@ def check_sequence_args(paged: bool, cu_seqlens_q, cu_seqlens_k, block_table, se
 
 def check_sequence_contents(inp: SelectiveAttentionInputs) -> None:
     """Content rules (reads the small metadata tensors on the host: a sync on a device)."""
-    T = inp.num_tokens
-    if inp.cu_seqlens_q is not None:
-        cq = inp.cu_seqlens_q.detach().cpu().to(torch.int64)
+    if inp.cu_seqlens_q is None and inp.cu_seqlens_k is None and not inp.paged:
+        return  # one contiguous sequence: nothing to read (the decode hot path)
+    check_sequence_values(inp.num_tokens, inp.kv, inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table,
+                          inp.seqlens_k, cache="the cache")
+
+
+def check_sequence_values(T: int, cache_tensor: Tensor, paged: bool, cu_seqlens_q, cu_seqlens_k, block_table,
+                          seqlens_k, *, cache: str) -> Tensor:
+    """The content rules of the sequence arguments, shared by every op over a kv-like cache.
+
+    Returns the per-sequence key lengths (int64, on the CPU). Reads the metadata on the host.
+    """
+    if cu_seqlens_q is not None:
+        cq = cu_seqlens_q.detach().cpu().to(torch.int64)
         if cq[0].item() != 0 or cq[-1].item() != T:
             raise ValueError(f"cu_seqlens_q must start at 0 and end at T={T}, got {cq.tolist()}")
         if bool((cq[1:] < cq[:-1]).any()):
             raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cq.tolist()}")
-    if inp.cu_seqlens_k is not None:
-        S = inp.kv.shape[0]
-        ck = inp.cu_seqlens_k.detach().cpu().to(torch.int64)
+    if not paged:
+        S = cache_tensor.shape[0]
+        if cu_seqlens_k is None:
+            return torch.tensor([S])
+        ck = cu_seqlens_k.detach().cpu().to(torch.int64)
         if ck[0].item() != 0 or ck[-1].item() > S:
             raise ValueError(f"cu_seqlens_k must start at 0 and end at or below S={S}, got {ck.tolist()}")
         if bool((ck[1:] < ck[:-1]).any()):
             raise ValueError(f"cu_seqlens_k must be non-decreasing, got {ck.tolist()}")
-    if inp.paged:
-        P, page = inp.kv.shape[0], inp.kv.shape[1]
-        table = inp.block_table.detach().cpu().to(torch.int64)
-        lens = inp.seqlens_k.detach().cpu().to(torch.int64)
-        cap = table.shape[1] * page
-        if bool((lens < 0).any()):
-            raise ValueError(f"seqlens_k must be >= 0, got {lens.tolist()}")
-        if bool((lens > cap).any()):
-            raise ValueError(f"seqlens_k must be at most the block table's capacity "
-                             f"max_pages*page={table.shape[1]}*{page}={cap}, got {lens.tolist()}")
-        need = (lens + page - 1) // page  # pages each sequence actually reads
-        used = torch.arange(table.shape[1])[None, :] < need[:, None]
-        bad = used & ((table < 0) | (table >= P))
-        if bool(bad.any()):
-            b, j = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} names no page of the cache "
-                             f"(P={P}); entries needed by seqlens_k must be in [0, {P})")
+        return ck[1:] - ck[:-1]
+    P, page = cache_tensor.shape[0], cache_tensor.shape[1]
+    table = block_table.detach().cpu().to(torch.int64)
+    lens = seqlens_k.detach().cpu().to(torch.int64)
+    cap = table.shape[1] * page
+    if bool((lens < 0).any()):
+        raise ValueError(f"seqlens_k must be >= 0, got {lens.tolist()}")
+    if bool((lens > cap).any()):
+        raise ValueError(f"seqlens_k must be at most the block table's capacity "
+                         f"max_pages*page={table.shape[1]}*{page}={cap}, got {lens.tolist()}")
+    need = (lens + page - 1) // page  # pages each sequence actually reads
+    used = torch.arange(table.shape[1])[None, :] < need[:, None]
+    bad = used & ((table < 0) | (table >= P))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} names no page of {cache} "
+                         f"(P={P}); entries needed by seqlens_k must be in [0, {P})")
+    return lens

@@ -37,7 +37,7 @@ import python_ref
 from python_ref.selection import BLOCK_REDUCES
 
 from .inputs import (FLOAT_DTYPES, _dt, _is_fake, _need_int_tensor, _need_rank, _need_tensor, check_sequence_args,
-                     debug_checks_enabled)
+                     check_sequence_values, debug_checks_enabled)
 
 __all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "SelectionInputs", "validate_selection",
            "selection_backends", "choose_selection_backend", "SelectionBackend"]
@@ -173,39 +173,8 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
 
 def _check_contents(inp: SelectionInputs) -> None:
     """Content rules (host reads of the small metadata tensors: free on the CPU, a sync elsewhere)."""
-    T = inp.q_idx.shape[0]
-    if inp.cu_seqlens_q is not None:
-        cq = inp.cu_seqlens_q.detach().cpu().to(torch.int64)
-        if cq[0].item() != 0 or cq[-1].item() != T:
-            raise ValueError(f"cu_seqlens_q must start at 0 and end at T={T}, got {cq.tolist()}")
-        if bool((cq[1:] < cq[:-1]).any()):
-            raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cq.tolist()}")
-    if inp.paged:
-        P, page = inp.k_idx.shape[0], inp.k_idx.shape[1]
-        table = inp.block_table.detach().cpu().to(torch.int64)
-        lens = inp.seqlens_k.detach().cpu().to(torch.int64)
-        cap = table.shape[1] * page
-        if bool((lens < 0).any()):
-            raise ValueError(f"seqlens_k must be >= 0, got {lens.tolist()}")
-        if bool((lens > cap).any()):
-            raise ValueError(f"seqlens_k must be at most the block table's capacity max_pages*page={cap}, "
-                             f"got {lens.tolist()}")
-        used = torch.arange(table.shape[1])[None, :] < ((lens + page - 1) // page)[:, None]
-        bad = used & ((table < 0) | (table >= P))
-        if bool(bad.any()):
-            b, j = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} names no page of k_idx (P={P})")
-    else:
-        if inp.cu_seqlens_k is not None:
-            S = inp.k_idx.shape[0]
-            ck = inp.cu_seqlens_k.detach().cpu().to(torch.int64)
-            if ck[0].item() != 0 or ck[-1].item() > S:
-                raise ValueError(f"cu_seqlens_k must start at 0 and end at or below S={S}, got {ck.tolist()}")
-            if bool((ck[1:] < ck[:-1]).any()):
-                raise ValueError(f"cu_seqlens_k must be non-decreasing, got {ck.tolist()}")
-            lens = ck[1:] - ck[:-1]
-        else:
-            lens = torch.tensor([inp.k_idx.shape[0]])
+    lens = check_sequence_values(inp.q_idx.shape[0], inp.k_idx, inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k,
+                                 inp.block_table, inp.seqlens_k, cache="k_idx")
     if inp.max_seqlen_k is not None and lens.numel() and int(lens.max()) > inp.max_seqlen_k:
         raise ValueError(f"max_seqlen_k must be at least the longest sequence {int(lens.max())}, "
                          f"got {inp.max_seqlen_k}")
