@@ -13,31 +13,14 @@ import pytest
 import torch
 
 import attention
+from _helpers import skip_if_declined as _skip_if_declined
+from attention.testing import max_error as _err
 from attention.compat import flash_mla as fm
 from attention.testing import TOLERANCES
 
 BACKENDS = [b.name for b in attention.backends() if "cpu" in b.test_devices()]
 DTYPES = [torch.float32, torch.bfloat16]
 DT_IDS = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-
-
-def _skip_if_declined(backend, fn):
-    """Run fn(); skip with the backend's own reasons when it declines these inputs."""
-    try:
-        return fn()
-    except ValueError as e:
-        if str(e).startswith(f"backend {backend!r} cannot run"):
-            pytest.skip(str(e))
-        raise
-
-
-def _err(x, ref):
-    x = x.detach().double()
-    same_inf = torch.isinf(ref) & (x == ref)
-    d = (x - ref).abs()
-    d = torch.where(same_inf, torch.zeros_like(d), d)
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
-    return float(d.max()) if d.numel() else 0.0
 
 
 def _check(got, ref, dtype, what, kind="out"):

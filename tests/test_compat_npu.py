@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import attention
+from _helpers import skip_if_declined as _skip_if_declined
+from attention.testing import max_error as _err
 from attention.compat import npu
 from attention.testing import TOLERANCES
 
@@ -27,25 +29,6 @@ HAVE_SELECTION = all(hasattr(attention, n) for n in ("select", "lightning_indexe
 NEEDS_SELECTION = pytest.mark.skipif(
     not HAVE_SELECTION, reason="attention.select / lightning_indexer / topk_indices (SPEC.md section 2) are not "
                                "in this build yet: npu_lightning_indexer is implemented on them")
-
-
-def _skip_if_declined(backend, fn):
-    try:
-        return fn()
-    except ValueError as e:
-        if str(e).startswith(f"backend {backend!r} cannot run"):
-            pytest.skip(str(e))
-        raise
-
-
-def _err(x, ref):
-    x = x.detach().double()
-    ref = ref.double()
-    same_inf = torch.isinf(ref) & (x == ref)
-    d = (x - ref).abs()
-    d = torch.where(same_inf, torch.zeros_like(d), d)
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
-    return float(d.max()) if d.numel() else 0.0
 
 
 def _check(got, ref, tol, what):
