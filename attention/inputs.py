@@ -134,6 +134,16 @@ def _dt(x) -> str:
     return str(x).replace("torch.", "")
 
 
+def finite_float(name: str, x) -> float:
+    """A finite Python float from an int/float argument (negative allowed), else TypeError/ValueError."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return x
+
+
 def _need_tensor(name: str, x, optional: bool = False):
     if x is None:
         if optional:
@@ -260,14 +270,7 @@ def validate_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if sm_scale is None:
-        sm_scale = (Dqk + Dr) ** -0.5
-    else:
-        if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
-            raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
-        sm_scale = float(sm_scale)
-        if not math.isfinite(sm_scale):
-            raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+    sm_scale = (Dqk + Dr) ** -0.5 if sm_scale is None else finite_float("sm_scale", sm_scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if backend is not None and not isinstance(backend, str):

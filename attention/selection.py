@@ -25,7 +25,6 @@ the mean of its valid positions' index scores (see python_ref.selection.block_sc
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional
@@ -36,8 +35,8 @@ from torch import Tensor
 import python_ref
 from python_ref.selection import BLOCK_REDUCES
 
-from .inputs import (FLOAT_DTYPES, _dt, _is_fake, _need_int_tensor, _need_rank, _need_tensor, check_sequence_args,
-                     check_sequence_values, debug_checks_enabled)
+from .inputs import (FLOAT_DTYPES, _dt, _is_fake, _need_rank, _need_tensor, check_sequence_args,
+                     check_sequence_values, debug_checks_enabled, finite_float)
 
 __all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "SelectionInputs", "validate_selection",
            "selection_backends", "choose_selection_backend", "SelectionBackend"]
@@ -144,11 +143,7 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
     if op != "lightning_indexer":
         _need_int("k", k)
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+        scale = finite_float("scale", scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     _need_int("block_size", block_size, 1)
