@@ -254,7 +254,7 @@ def choose_selection_backend(inp: SelectionInputs) -> SelectionBackend:
 
 
 register_selection_backend(ReferenceSelection())
-for _mod in ("triton_selection", "cuda_topk"):
+for _mod in ("triton.selection", "cuda"):
     try:  # optional backends never break import attention; they report their own unavailability
         _m = __import__(f"attention.backends.{_mod}", fromlist=["SELECTION_BACKEND"])
         if getattr(_m, "SELECTION_BACKEND", None) is not None:

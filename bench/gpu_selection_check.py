@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     import attention
     import python_ref
-    from attention.backends import cuda_topk
+    from attention.backends import cuda as cuda_topk
     from attention.selection import _SELECTION_BACKENDS
 
     dev = torch.device("cpu" if dry else "cuda")

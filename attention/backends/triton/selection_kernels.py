@@ -1,4 +1,4 @@
-"""Triton kernels of the selection backend (see triton_selection.py for the design).
+"""Triton kernels of the selection backend (see selection.py for the design).
 
 Kept apart from the backend class so that ``import attention`` never imports triton: the
 interpreter mode (TRITON_INTERPRET=1) must be chosen before triton is first imported, and CLIs like

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from python_ref.selective_attention import forward_positional
 
-from ..registry import Backend
+from ...registry import Backend
 
 
 class ReferenceBackend(Backend):

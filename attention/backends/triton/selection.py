@@ -24,7 +24,7 @@ Block selection (``block_size = b > 1``, b a power of two <= 128): each score ti
 blocks and is reduced to block scores ("max" or "mean" over valid positions) before it is parked.
 Not implemented here (the registry falls back to the reference, which runs on the GPU with torch
 ops): other block sizes, and k > 4096. ``topk_indices`` on CUDA is the CUDA C++
-kernel (attention/backends/cuda_topk.py).
+kernel (attention/backends/cuda/__init__.py).
 """
 
 from __future__ import annotations
@@ -38,17 +38,17 @@ import torch
 import python_ref
 from python_ref.selection import _INVALID_MAX, _finish, score_width
 
-from ..selection import SelectionBackend
+from ...selection import SelectionBackend
 
-# triton itself is imported only when a kernel first runs (_kernels()): see _triton_selection_kernels.
+# triton itself is imported only when a kernel first runs (_kernels()): see selection_kernels.py.
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _TRITON_ERROR = None if _HAVE_TRITON else "no module named 'triton'"
 
 
 def _kernels():
-    from . import _triton_selection_kernels
+    from . import selection_kernels
 
-    return _triton_selection_kernels
+    return selection_kernels
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-from ..selection import SelectionBackend
+from ...selection import SelectionBackend
 
 _ext = None
 if importlib.util.find_spec("attention._cuda_topk") is None:
