@@ -5,7 +5,10 @@ The float64 oracles loop over batches on the host, reading each layout the way t
 describe it (op-plugin docs/context/torch_npu-npu_sparse_flash_attention.md and
 torch_npu-npu_lightning_indexer.md): "BSND" per-batch lengths, "TND" prefix sums, "PA_BSND" through
 block_table; sparse_mode 3 = bottom-right causal; the indexer score sum_j w_j * relu(q_j . k) with no
-scale, top-k descending with ties to the lower position, -1 / -inf at the tail.
+scale, top-k descending with ties to the lower position, -1 / -inf at the tail. Where Huawei's own CPU
+golden (ops-transformer attention/sparse_flash_attention/tests/pytest/sparse_flash_attention_golden.py)
+defines a rule the docs leave open (which index entries a row reads, the sink in softmax_max/sum, the
+statistics of empty rows), the attention oracle follows the golden (docs/migration.md).
 """
 
 import math
@@ -62,7 +65,7 @@ class SfaCase:
     page: int = 8
     sparse_mode: int = 3
     sink: bool = False
-    unordered: bool = False  # invalid entries anywhere in the row, some past the end (beyond torch_npu)
+    unordered: bool = False  # invalid entries anywhere in the row, some past the end: the golden stops at the first -1
 
 
 SFA_CASES = [
