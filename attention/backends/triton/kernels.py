@@ -94,6 +94,9 @@ def selective_attention_fwd_kernel(
     else:
         base = t * 0
         L = t * 0 + S_total
+    # Positions, lengths and row numbers in int64: L + BLOCK_SIZE - 1, idx * BLOCK_SIZE and base + pos
+    # overflow int32 for caches near 2**31 rows (issue 11 item 3); pointer offsets are int64 too.
+    L = L.to(tl.int64)
     q_pos = L - lq + (t - q_start)
     n_units = (L + BLOCK_SIZE - 1) // BLOCK_SIZE  # blocks (or tokens) that hold any position < L
 
@@ -105,11 +108,14 @@ def selective_attention_fwd_kernel(
 
     q_base = Q + t.to(tl.int64) * stride_qt + heads[:, None].to(tl.int64) * stride_qh
     qr_base = QR + t.to(tl.int64) * stride_qrt + heads[:, None].to(tl.int64) * stride_qrh
-    idx_base = IDX + t.to(tl.int64) * stride_it + g * stride_ig
+    idx_base = IDX + t.to(tl.int64) * stride_it + g.to(tl.int64) * stride_ig
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    # Kept candidates counted from indices and lengths alone: a row is empty when this stays 0, never
+    # because of its scores (a NaN/inf in a kept row must propagate to out and lse, SPEC.md section 1).
+    n_kept = t * 0
 
     c_start = pid_s * cand_per_split
     c_end = tl.minimum(c_start + cand_per_split, n_cand)
@@ -122,49 +128,51 @@ def selective_attention_fwd_kernel(
         else:
             j = offs_c // BLOCK_SIZE
             r = offs_c % BLOCK_SIZE
-        idx = tl.load(idx_base + j * stride_ik, mask=c_mask, other=-1)
+        idx = tl.load(idx_base + j.to(tl.int64) * stride_ik, mask=c_mask, other=-1)
         # Range-check the index in its own dtype before multiplying (int64 indices could overflow).
         valid = c_mask & (idx >= 0) & (idx < n_units)
-        pos = tl.where(valid, idx, 0).to(tl.int32) * BLOCK_SIZE + r
+        pos = tl.where(valid, idx, 0).to(tl.int64) * BLOCK_SIZE + r
         valid = valid & (pos < L)
         if CAUSAL:
             valid = valid & (pos <= q_pos)
         if PAGED:
             page_i = pos // PAGE_SIZE
             valid = valid & (page_i < max_pages)
-            page = tl.load(BT + b * stride_btb + page_i * stride_btp, mask=valid, other=0)
+            page = tl.load(BT + b.to(tl.int64) * stride_btb + page_i * stride_btp, mask=valid, other=0)
             valid = valid & (page >= 0) & (page < num_pages)
             page = tl.where(valid, page, 0).to(tl.int64)
-            in_page = (pos % PAGE_SIZE).to(tl.int64)
+            in_page = pos % PAGE_SIZE
             k_row = page * stride_kp + in_page * stride_kr
             v_row = page * stride_vp + in_page * stride_vr
             kr_row = page * stride_krp + in_page * stride_krr
         else:
-            row = (base + tl.where(valid, pos, 0)).to(tl.int64)
+            row = base.to(tl.int64) + tl.where(valid, pos, 0)
             k_row = row * stride_kr
             v_row = row * stride_vr
             kr_row = row * stride_krr
+
+        n_kept += tl.sum(valid.to(tl.int32), 0)
 
         # ---- scores [BLOCK_H, BLOCK_N]: head widths walked in power-of-two chunks (576 = 9 x 64) ----
         # A runtime loop, not static_range: unrolled, the compiler hoists all of q (64 heads x 576,
         # loop-invariant) into registers and spills (measured: 255 regs + 816 B stack on sm_90 for
         # BLOCK_H=64, BLOCK_DV=256, 8 warps; 0 B with this loop). q chunks are re-read from L1/L2.
         s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        k_base = KV + g * stride_kh + k_row[None, :]
+        k_base = KV + g.to(tl.int64) * stride_kh + k_row[None, :]
         for d0 in range(0, DQK, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < DQK
-            qc = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-            kc = tl.load(k_base + offs_d[:, None] * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0)
+            qc = tl.load(q_base + offs_d[None, :].to(tl.int64) * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+            kc = tl.load(k_base + offs_d[:, None].to(tl.int64) * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0)
             s += _dot(qc, kc, F32_DOT)
         if DR > 0:
-            kr_base = KVR + g * stride_krh + kr_row[None, :]
+            kr_base = KVR + g.to(tl.int64) * stride_krh + kr_row[None, :]
             for d0 in range(0, DR, BLOCK_DR):
                 offs_d = d0 + tl.arange(0, BLOCK_DR)
                 d_mask = offs_d < DR
-                qc = tl.load(qr_base + offs_d[None, :] * stride_qrd, mask=h_mask[:, None] & d_mask[None, :],
+                qc = tl.load(qr_base + offs_d[None, :].to(tl.int64) * stride_qrd, mask=h_mask[:, None] & d_mask[None, :],
                              other=0.0)
-                kc = tl.load(kr_base + offs_d[:, None] * stride_krd, mask=valid[None, :] & d_mask[:, None],
+                kc = tl.load(kr_base + offs_d[:, None].to(tl.int64) * stride_krd, mask=valid[None, :] & d_mask[:, None],
                              other=0.0)
                 s += _dot(qc, kc, F32_DOT)
         s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
@@ -176,12 +184,12 @@ def selective_attention_fwd_kernel(
         p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         # Masked load: a dropped row is never read, so NaN in an unused page cannot reach acc.
-        vt = tl.load(V + g * stride_vh + v_row[:, None] + offs_dv[None, :] * stride_vd,
+        vt = tl.load(V + g.to(tl.int64) * stride_vh + v_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_vd,
                      mask=valid[:, None] & dv_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, F32_DOT)
         m_i = m_new
 
-    nonempty = l_i > 0
+    nonempty = (offs_h * 0 + n_kept) > 0
     if SPLIT:
         # Partial result of this split: normalised output and its base-2 LSE; the combine kernel
         # weights the splits by exp2(lse2) and applies the sink once.
@@ -193,12 +201,14 @@ def selective_attention_fwd_kernel(
         lp = LPART + pid_s.to(tl.int64) * stride_lps + t.to(tl.int64) * stride_lpt + heads * stride_lph
         tl.store(lp, lse2, mask=h_mask & ((offs_h * 0 + dvb) == 0))
     else:
-        m_fin = tl.where(nonempty, m_i, 0.0)
+        # -inf max: empty row, or kept candidates that all score -inf (their terms are exact zeros).
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
         denom = l_i
         if HAS_SINK:
             sink2 = tl.load(SINK + heads, mask=h_mask, other=0.0) * 1.4426950408889634
             denom = denom + tl.exp2(sink2 - m_fin)
-        # A kept row has l >= 1 (its max term is exp2(0)); an empty one has acc = 0: 0 / 1 = 0.
+        # A kept row with finite scores has l >= 1 (its max term is exp2(0)); an empty one has acc = 0,
+        # divided by 1: out 0. NaN in l or acc (NaN/inf in a kept row) is left to propagate.
         denom = tl.where(nonempty, denom, 1.0)
         o = acc / denom[:, None]
         op = OUT + t.to(tl.int64) * stride_ot + heads[:, None].to(tl.int64) * stride_oh + offs_dv[None, :] * stride_od
@@ -224,21 +234,33 @@ def selective_attention_combine_kernel(
     h_mask = offs_h < H
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < DV
+    # Pointers advanced split by split (64-bit pointer arithmetic): i * stride_ops in int32 would wrap
+    # once splits * T * H * Dv passes 2**31 elements.
+    lp0 = LPART + t * stride_lpt + offs_h * stride_lph
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    lp = lp0
     for i in range(0, num_splits):
-        l2 = tl.load(LPART + i * stride_lps + t * stride_lpt + offs_h * stride_lph, mask=h_mask, other=float("-inf"))
+        l2 = tl.load(lp, mask=h_mask, other=float("-inf"))
         m = tl.maximum(m, l2)
+        lp += stride_lps
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     wsum = tl.zeros([BLOCK_H], tl.float32)
+    nonempty = offs_h < 0
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    lp = lp0
+    op = OPART + t * stride_opt + offs_h[:, None] * stride_oph + offs_dv[None, :] * stride_opd
     for i in range(0, num_splits):
-        l2 = tl.load(LPART + i * stride_lps + t * stride_lpt + offs_h * stride_lph, mask=h_mask, other=float("-inf"))
+        l2 = tl.load(lp, mask=h_mask, other=float("-inf"))
         w = tl.exp2(l2 - m_sub)
-        o = tl.load(OPART + i * stride_ops + t * stride_opt + offs_h[:, None] * stride_oph + offs_dv[None, :] * stride_opd,
-                    mask=h_mask[:, None] & dv_mask[None, :] & (l2 > float("-inf"))[:, None], other=0.0)
+        # lse2 = -inf marks a split without kept candidates (its o is never read); NaN (a NaN in a
+        # kept row) is not -inf, so it propagates through w and o as it would in float64.
+        part = l2 != float("-inf")
+        o = tl.load(op, mask=h_mask[:, None] & dv_mask[None, :] & part[:, None], other=0.0)
         wsum += w
         acc += w[:, None] * o
-    nonempty = wsum > 0
+        lp += stride_lps
+        op += stride_ops
+        nonempty = nonempty | part
     denom = wsum
     if HAS_SINK:
         sink2 = tl.load(SINK + offs_h, mask=h_mask, other=0.0) * 1.4426950408889634

@@ -191,6 +191,11 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     q, kv, idx = inp.q, inp.kv, inp.indices
     v = kv if inp.v is None else inp.v  # latent: values are the first d_v columns of the key rows
     paged = inp.paged
+    # The kernels index these small per-sequence / per-head tensors as dense vectors (a strided or
+    # expanded view, e.g. cu_seqlens[::2] or seqlens_k.expand(B), would be read wrongly or out of
+    # bounds): one tiny device copy when not contiguous, no sync.
+    cuq, cuk, seqk, sink = (None if x is None else x.contiguous()
+                            for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqlens_k, inp.attn_sink))
     dummy = q
     B = inp.num_seqs
     n = inp.topk * inp.block_size
@@ -205,10 +210,8 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     bt = inp.block_table
     args = [
         q, kv, v, inp.q_rope if inp.q_rope is not None else dummy, inp.kv_rope if inp.kv_rope is not None else dummy,
-        idx, inp.attn_sink if inp.attn_sink is not None else dummy, bt if bt is not None else dummy,
-        inp.cu_seqlens_q if inp.cu_seqlens_q is not None else dummy,
-        inp.cu_seqlens_k if inp.cu_seqlens_k is not None else dummy,
-        inp.seqlens_k if inp.seqlens_k is not None else dummy,
+        idx, sink if sink is not None else dummy, bt if bt is not None else dummy,
+        cuq if cuq is not None else dummy, cuk if cuk is not None else dummy, seqk if seqk is not None else dummy,
         out, lse, opart, lpart,
         float(inp.sm_scale) * LOG2E, T, B, S_total, num_pages, bt.shape[1] if bt is not None else 0, n,
         p["cand_per_split"],
@@ -239,7 +242,7 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
         bdv = min(_p2(inp.d_v), 128)
         cgrid = (T, triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv))
         selective_attention_combine_kernel[cgrid](
-            opart, lpart, inp.attn_sink if inp.attn_sink is not None else dummy, out, lse, H, p["num_splits"],
+            opart, lpart, sink if sink is not None else dummy, out, lse, H, p["num_splits"],
             *opart.stride(), *lpart.stride(), *out.stride(), *lse.stride(),
             DV=inp.d_v, HAS_SINK=inp.attn_sink is not None, BLOCK_H=bh, BLOCK_DV=bdv,
         )
