@@ -12,6 +12,7 @@ from .merge import merge_attention_states  # SPEC.md section 6
 from .ops import selective_attention_op
 from .registry import Backend, backends, choose_backend, get_backend, register_backend, unregister_backend
 from .selection import block_scores, lightning_indexer, select, topk_indices  # SPEC.md section 2
+from . import distributed  # noqa: E402  (context parallel over torch.distributed: attention.distributed.*)
 
 __version__ = "0.1.0"
 
