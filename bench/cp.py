@@ -50,7 +50,9 @@ def parse(argv):
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up (default 5)")
     p.add_argument("--combine", default="auto", choices=["auto", "all_gather", "reduce_scatter"])
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    p.add_argument("--backend-dist", default="gloo", help="torch.distributed backend (gloo here)")
+    p.add_argument("--backend-dist", default="gloo", help="torch.distributed backend: gloo (CPU), nccl, hccl")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "npu"],
+                   help="tensor device; cuda/npu use device LOCAL_RANK (torchrun) or the rank")
     p.add_argument("--out", default=None, help="directory for cp-decode-cpu.json")
     return p.parse_args(argv)
 
@@ -109,15 +111,21 @@ class _Counter:
 
 
 def _rank_main(rank, world, a, store, result_path):
+    """One rank: spawned here (``store`` = a file store), or started by torchrun (``store`` None: env://)."""
     import torch.distributed as dist
 
     import attention
     from attention.distributed import ShardLayout
 
     torch.set_num_threads(a.threads)
-    dist.init_process_group(a.backend_dist, init_method=f"file://{store}", rank=rank, world_size=world,
+    init = "env://" if store is None else f"file://{store}"
+    dist.init_process_group(a.backend_dist, init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
-    dev = torch.device("cpu")
+    if a.device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        dev = torch.device(a.device, int(os.environ.get("LOCAL_RANK", rank)))
+        getattr(torch, a.device).set_device(dev)
     p = _problem(a, dev)
     layout = ShardLayout.even([a.context] * a.batch, world)
     kv_s = layout.shard(p["kv"], rank, p["cu_k"])
@@ -158,17 +166,30 @@ def _rank_main(rank, world, a, store, result_path):
     calls = counter.calls // a.steps
     # The alternative: every selected row held elsewhere travels to this rank (kv row + indexer key row).
     row = (512 + 64) * p["kv"].element_size() + 128 * p["k_idx"].element_size()
-    starts = torch.tensor(layout.starts(rank))[p["cu_q"][:-1].long() * 0 + torch.arange(a.batch)]
+    starts = torch.tensor(layout.starts(rank))
     ends = starts + torch.tensor(layout.lengths(rank))
-    sel = idx.view(a.batch, -1).long()
+    sel = idx.view(a.batch, -1).long().cpu()
     remote = ((sel >= 0) & ((sel < starts[:, None]) | (sel >= ends[:, None]))).sum().item()
     res = dict(rank=rank, world=world, comm_bytes=comm, collectives=calls, gather_rows_bytes=remote * row,
                select_ms=1e3 * statistics.median(sel_t), attention_ms=1e3 * statistics.median(att_t),
                step_ms=1e3 * statistics.median([x + y for x, y in zip(sel_t, att_t)]), **check)
-    with open(f"{result_path}.{rank}", "w") as f:
-        json.dump(res, f)
-    dist.barrier()
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, res)
     dist.destroy_process_group()
+    if rank == 0 and result_path is not None:
+        with open(result_path, "w") as f:
+            json.dump(per_rank, f)
+    return per_rank
+
+
+def _summary(world, per_rank) -> Dict:
+    r0 = per_rank[0]
+    if not r0["indices_equal"] or not r0["max_error"] <= r0["tolerance"]:
+        raise SystemExit(f"cp-decode world {world}: FAILED check {r0}")
+    return dict(world=world, comm_bytes=max(r["comm_bytes"] for r in per_rank), collectives=r0["collectives"],
+                gather_rows_bytes=r0["gather_rows_bytes"], select_ms=max(r["select_ms"] for r in per_rank),
+                attention_ms=max(r["attention_ms"] for r in per_rank), step_ms=max(r["step_ms"] for r in per_rank),
+                max_error=r0["max_error"], indices_equal=r0["indices_equal"])
 
 
 # ----------------------------------------------------------------------------- driver
@@ -181,18 +202,9 @@ def run(a) -> List[Dict]:
             print(f"cp-decode: world {world} ... ", end="", flush=True, file=sys.stderr)
             t0 = time.monotonic()
             mp.spawn(_rank_main, args=(world, a, os.path.join(d, "store"), os.path.join(d, "res")), nprocs=world)
-            per_rank = [json.load(open(os.path.join(d, f"res.{r}"))) for r in range(world)]
+            per_rank = json.load(open(os.path.join(d, "res")))
             print(f"{time.monotonic() - t0:.0f} s", file=sys.stderr)
-        r0 = per_rank[0]
-        if not r0["indices_equal"] or not r0["max_error"] <= r0["tolerance"]:
-            raise SystemExit(f"cp-decode world {world}: FAILED check {r0}")
-        rows.append(dict(world=world, comm_bytes=max(r["comm_bytes"] for r in per_rank),
-                         collectives=r0["collectives"],
-                         gather_rows_bytes=r0["gather_rows_bytes"],
-                         select_ms=max(r["select_ms"] for r in per_rank),
-                         attention_ms=max(r["attention_ms"] for r in per_rank),
-                         step_ms=max(r["step_ms"] for r in per_rank),
-                         max_error=r0["max_error"], indices_equal=r0["indices_equal"]))
+        rows.append(_summary(world, per_rank))
     return rows
 
 
@@ -214,7 +226,15 @@ def table(a, rows) -> str:
 
 def main(argv=None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
-    rows = run(a)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is one rank
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        a.world = str(world)
+        per_rank = _rank_main(rank, world, a, None, None)
+        if rank != 0:
+            return 0
+        rows = [_summary(world, per_rank)]
+    else:
+        rows = run(a)
     print(table(a, rows))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
