@@ -259,6 +259,11 @@ class CaseResult:
     deterministic: bool = True
     message: str = ""
     skipped: bool = False
+    # The vendors' own rules on out (attention/vendor_rules.py), reported beside max error; they do
+    # not decide ``ok`` (SPEC.md section 4 does).
+    cos_diff: float = float("nan")
+    cann_percent: float = float("nan")
+    cann_pass: Optional[bool] = None
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -319,5 +324,11 @@ def run_case(backend: str, case: Case, dtype: torch.dtype, device="cpu", repeats
     deterministic = all(same_bits(o, out) and same_bits(l_, lse) for o, l_ in outs[1:])
     if not deterministic:
         problems.append("two runs gave different bits")
+    from .vendor_rules import cann_check_result, cosine_diff
+
+    same_shape = tuple(out.shape) == tuple(ref_out.shape)
+    cann_pass, cann_percent = cann_check_result(out, ref_out)
     return CaseResult(backend, case.name, name, ok=not problems, out_err=out_err, lse_err=lse_err,
-                      deterministic=deterministic, message="; ".join(problems))
+                      deterministic=deterministic, message="; ".join(problems),
+                      cos_diff=cosine_diff(out, ref_out) if same_shape else float("nan"),
+                      cann_percent=cann_percent, cann_pass=cann_pass)
