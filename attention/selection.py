@@ -93,6 +93,10 @@ def _need_int(name: str, x, lo: int = 0):
         raise ValueError(f"{name} must be >= {lo}, got {x}")
 
 
+# Positions come back as int32: a score row or a sequence longer than this has unrepresentable ones.
+MAX_POSITIONS = 2**31 - 1
+
+
 def _check_backend(backend):
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
@@ -103,6 +107,9 @@ def validate_scores(scores, k, backend=None) -> SelectionInputs:
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a float tensor, got {_dt(scores.dtype)}")
     _need_rank("scores", scores, (2,), "[T, W]")
+    if scores.shape[1] > MAX_POSITIONS:
+        raise ValueError(f"scores must have at most {MAX_POSITIONS} columns (positions are int32), "
+                         f"got shape {tuple(scores.shape)}")
     _need_int("k", k)
     _check_backend(backend)
     return SelectionInputs(op="topk_indices", scores=scores, k=k, backend=backend)
@@ -151,6 +158,8 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
         raise ValueError(f"block_reduce must be one of {BLOCK_REDUCES}, got {block_reduce!r}")
     if max_seqlen_k is not None:
         _need_int("max_seqlen_k", max_seqlen_k)
+        if max_seqlen_k > MAX_POSITIONS:
+            raise ValueError(f"max_seqlen_k must be at most {MAX_POSITIONS} (positions are int32), got {max_seqlen_k}")
     _check_backend(backend)
 
     check_sequence_args(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, cache="k_idx",

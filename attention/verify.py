@@ -115,6 +115,47 @@ def render_table(results: List[Dict], columns: List[Tuple[str, str]], cases: Lis
     return rows
 
 
+VENDOR_CAPTION = ("vendors' rules on out (reported, not part of the verdict): FlashMLA cosine difference "
+                  "(its tests: < 1e-5) and CANN check_result pass rate (passes at >= 99.5%); '!' = that "
+                  "vendor's test would reject it")
+
+
+def _vendor_cell(results: List[Dict]) -> str:
+    """FlashMLA's cosine difference and CANN's check_result pass rate of one cell; '!' marks a value
+    that vendor's test would reject."""
+    r = results[0]
+    if r["skipped"]:
+        return "skip"
+    cos, pct = r.get("cos_diff"), r.get("cann_percent")
+    if cos is None or pct is None or (isinstance(cos, float) and math.isnan(cos) and math.isnan(pct)):
+        return "-"
+    from attention.vendor_rules import FLASHMLA_COS_DIFF_LIMIT
+
+    cos_s = "nan" if math.isnan(cos) else f"{cos:.1e}"
+    cos_bad = not cos < FLASHMLA_COS_DIFF_LIMIT
+    return f"{cos_s}{'!' if cos_bad else ''} {pct:.1f}%{'' if r.get('cann_pass') else '!'}"
+
+
+def render_vendor_table(results: List[Dict], columns: List[Tuple[str, str]], cases: List[str]) -> List[List[str]]:
+    by = {}
+    for r in results:
+        by.setdefault((r["case"], r["backend"], r["dtype"]), []).append(r)
+    rows = [["case"] + [f"{b}/{d}" for b, d in columns]]
+    for c in cases:
+        rows.append([c] + [_vendor_cell(by[(c, b, d)]) if (c, b, d) in by else "-" for b, d in columns])
+    worst = ["worst"]
+    for b, d in columns:
+        ran = [r for r in results if r["backend"] == b and r["dtype"] == d and not r["skipped"]
+               and r.get("cann_percent") is not None and not math.isnan(r["cann_percent"])]
+        if not ran:
+            worst.append("-")
+            continue
+        cos = [r["cos_diff"] for r in ran]
+        wc = float("nan") if any(math.isnan(x) for x in cos) else max(cos)
+        worst.append(f"{'nan' if math.isnan(wc) else format(wc, '.1e')} {min(r['cann_percent'] for r in ran):.1f}%")
+    return rows + [worst]
+
+
 def _text_table(rows: List[List[str]]) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(x.ljust(w[i]) for i, x in enumerate(r)) for r in rows)
@@ -240,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(header)
     print("cells: max |out - float64 reference| (SPEC.md tolerances: float32 1e-4, float16 5e-3, bfloat16 3e-2)")
     print(_text_table(rows))
+    vendor_rows = render_vendor_table(results, columns, [c.name for c in cases])
+    print(VENDOR_CAPTION)
+    print(_text_table(vendor_rows))
     for b, reasons in not_run:
         print(f"not verified: {b.name}: {'; '.join(reasons)}")
     for r in failed:
@@ -267,7 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         md = [f"# {header}", "", f"Verdict: **{verdict}** ({doc['counts']['passed']} passed, "
               f"{doc['counts']['failed']} failed, {n_skip} skipped) at {machine['time_utc']}.", "",
               "Cells: max |out - float64 reference| per case, backend and dtype; `skip` = the backend's "
-              "own not-supported reason.", "", _md_table(rows), ""]
+              "own not-supported reason.", "", _md_table(rows), "",
+              VENDOR_CAPTION[0].upper() + VENDOR_CAPTION[1:] + ".", "", _md_table(vendor_rows), ""]
         if not_run:
             md += ["Not verified:", ""] + [f"- `{b.name}`: {'; '.join(r)}" for b, r in not_run] + [""]
         if failed:

@@ -41,6 +41,30 @@ def need_int_tensor(name: str, x: Tensor, rank: int, what: str) -> None:
     need_rank(name, x, rank, what)
 
 
+def selection_backend_for(ops, backend: Optional[str]) -> dict:
+    """``{op: backend or None}`` for the selection ops one vendor call runs, given the one ``backend``
+    name its caller passed.
+
+    A selection backend implements only some ops (Triton: the indexer and the fused select; CUDA:
+    top-k only), while a vendor call may chain several (``npu_lightning_indexer(return_value=True)``:
+    ``lightning_indexer`` then ``topk_indices``). The name goes to the ops its backend implements and
+    the others choose automatically, instead of forwarding it where it can only fail. A name no
+    selection backend has, or one whose backend implements none of ``ops``, is a ValueError.
+    """
+    if backend is None:
+        return {op: None for op in ops}
+    from ..selection import selection_backends
+
+    by_name = {b.name: b for b in selection_backends()}
+    if backend not in by_name:
+        raise ValueError(f"backend must be None or a selection backend {sorted(by_name)}, got {backend!r}")
+    has = by_name[backend].ops
+    if not any(op in has for op in ops):
+        raise ValueError(f"backend {backend!r} implements {sorted(has)}, none of the ops this call runs "
+                         f"({', '.join(ops)})")
+    return {op: backend if op in has else None for op in ops}
+
+
 def max_logits(
     q: Tensor, kv: Tensor, indices: Tensor, *, q_rope: Optional[Tensor] = None, kv_rope: Optional[Tensor] = None,
     sm_scale: Optional[float] = None, block_size: int = 1, cu_seqlens_q: Optional[Tensor] = None,

@@ -45,6 +45,9 @@ class CudaTopkSelection(SelectionBackend):
         reasons = super().not_supported_reasons(inp)
         if inp.op == "topk_indices" and inp.k > MAX_K:
             reasons.append(f"k={inp.k} > {MAX_K}")
+        if inp.op == "topk_indices" and inp.scores.dtype == torch.float64:
+            # the kernel ranks float32 keys; float64 scores are ranked in float64 (docs/selection.md)
+            reasons.append("float64 scores (the kernel ranks float32)")
         return reasons
 
     def run(self, inp):
