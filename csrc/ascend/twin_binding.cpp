@@ -20,6 +20,7 @@
 
 #include "kernel_operator.h"  // the twin (include path csrc/ascend/twin): block index, SoC limits, errors
 #include "tiling.h"
+#include "twin_launch.h"
 
 using GmAddr = uint8_t*;
 extern "C" {
@@ -367,66 +368,36 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
         Bad("malformed tiling override");
     const selattn::SelectiveAttentionTiling tiling = selattn::MakeTiling(sh, tc, soc);
 
-    // ---- launch: one call per block, as the chip would run blockDim blocks ----
-    // workspace starts as NaN bytes: the chip does not clear it, so neither do we
-    std::vector<uint8_t> workspace(tiling.workspacePerBlock * tiling.blockDim, 0xFF);
-    std::vector<uint8_t> tilingBytes(sizeof(tiling));
-    std::memcpy(tilingBytes.data(), &tiling, sizeof(tiling));
+    // ---- launch (twin/twin_launch.h): one call per block, as the chip would run blockDim blocks ----
     auto kernel = dt == at::kFloat ? selective_attention_f32
                   : dt == at::kHalf ? selective_attention_f16
                                     : selective_attention_bf16;
-    // this launch's SoC travels with its core group: concurrent launches for other SoCs do not see it
-    AscendC::twin::SocLimits limits;
-    limits.name = soc.name;
-    limits.bytes[AscendC::twin::UB] = soc.UbUsable();
-    limits.bytes[AscendC::twin::L1] = soc.l1Bytes;
-    limits.bytes[AscendC::twin::L0A] = soc.l0aBytes;
-    limits.bytes[AscendC::twin::L0B] = soc.l0bBytes;
-    limits.bytes[AscendC::twin::L0C] = soc.l0cBytes;
-    uint64_t peak[AscendC::twin::NUM_MEM] = {0, 0, 0, 0, 0};
+    selattn::KernelArgs args;
+    args.q = static_cast<GmAddr>(q.data_ptr());
+    args.qRope = Addr(qRope);
+    args.kv = static_cast<GmAddr>(kv.data_ptr());
+    args.kvRope = Addr(kvRope);
+    args.v = Addr(v);
+    args.indices = static_cast<GmAddr>(indices.data_ptr());
+    args.cuSeqlensQ = static_cast<GmAddr>(cuSeqlensQ.data_ptr());
+    args.cuSeqlensK = Addr(cuSeqlensK);
+    args.blockTable = Addr(blockTable);
+    args.seqlensK = Addr(seqlensK);
+    args.attnSink = Addr(attnSink);
+    args.out = static_cast<GmAddr>(out.data_ptr());
+    args.lse = static_cast<GmAddr>(lse.data_ptr());
+    selattn::LaunchReport rep;
     {
-        // one block at a time; inside a block, one thread per core (1 AIC + vecSubBlocks AIVs) running
-        // concurrently and meeting only at the cross-core flags, as on the chip
         py::gil_scoped_release nogil;
-        const int ratio = static_cast<int>(tiling.vecSubBlocks);
-        for (uint32_t b = 0; b < tiling.blockDim; ++b) {
-            AscendC::twin::Group group;
-            group.soc = limits;
-            group.ratio = ratio;
-            std::mutex errMu;
-            std::exception_ptr firstError;
-            std::vector<std::array<uint64_t, AscendC::twin::NUM_MEM>> corePeak(ratio + 1);
-            auto core = [&](int coreType, int sub, int slot) {
-                try {
-                    AscendC::twin::EnterCore(coreType, b, tiling.blockDim, sub, &group);
-                    kernel(static_cast<GmAddr>(q.data_ptr()), Addr(qRope), static_cast<GmAddr>(kv.data_ptr()),
-                           Addr(kvRope), Addr(v), static_cast<GmAddr>(indices.data_ptr()),
-                           static_cast<GmAddr>(cuSeqlensQ.data_ptr()), Addr(cuSeqlensK), Addr(blockTable),
-                           Addr(seqlensK), Addr(attnSink), static_cast<GmAddr>(out.data_ptr()),
-                           static_cast<GmAddr>(lse.data_ptr()), workspace.data(), tilingBytes.data());
-                    for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) corePeak[slot][m] = AscendC::twin::S().peak[m];
-                } catch (...) {
-                    {
-                        std::lock_guard<std::mutex> lk(errMu);
-                        if (!firstError) firstError = std::current_exception();
-                    }
-                    AscendC::twin::Abort(group);
-                }
-            };
-            std::vector<std::thread> threads;
-            for (int sub = 0; sub < ratio; ++sub) threads.emplace_back(core, AscendC::AIV, sub, sub + 1);
-            core(AscendC::AIC, 0, 0);
-            for (auto& th : threads) th.join();
-            if (firstError) std::rethrow_exception(firstError);
-            AscendC::twin::CheckQuiescent(group);
-            for (const auto& cp : corePeak)
-                for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) peak[m] = std::max(peak[m], cp[m]);
-        }
+        rep = selattn::LaunchTwin(kernel, args, tiling, soc);
     }
     py::dict d = TilingDict(tiling, selattn::MemoryFor(sh, tc, soc.VecPerCube()), soc);
     py::dict peakDict;
-    for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) peakDict[AscendC::twin::MemName(m)] = peak[m];
+    for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) peakDict[AscendC::twin::MemName(m)] = rep.peak[m];
     d["twin_peak"] = peakDict;  // the most any one core's TPipe allocated, per memory
+    py::list mte2;
+    for (uint64_t v : rep.blockMte2) mte2.append(v);
+    d["twin_mte2_gm_bytes"] = mte2;  // per block (cube core and its vector cores): MTE2 reads from GM
     return d;
 }
 
