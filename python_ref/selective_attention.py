@@ -348,15 +348,6 @@ def selective_attention(
     ``q``, ``q_rope`` and ``indices`` may be a slice of the call's query tokens starting at global
     token ``token_offset`` out of ``total_tokens``.
     """
-    return forward_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q,
-                              cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, chunk_bytes, token_offset,
-                              total_tokens)
-
-
-def forward_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
-                       block_table, seqlens_k, causal, attn_sink, chunk_bytes=DEFAULT_CHUNK_BYTES, token_offset=0,
-                       total_tokens=None):
-    """``selective_attention`` with the op schema's positional order (the hot path of the CPU backend)."""
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens)
     Tc, H, Dv = call.Tc, call.H, call.Dv
@@ -403,6 +394,8 @@ def selective_attention_backward(
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
 ):
     """Gradients ``(dq, dkv, dv, dq_rope, dkv_rope, dattn_sink)`` of (out, lse), chunk by chunk.
 
@@ -412,6 +405,10 @@ def selective_attention_backward(
     dK = scale * dS^T @ q;  dV = P'^T @ dO;  dsink = -sum_t rowsum(dO * out) * exp(sink) / (exp(lse) + exp(sink)).
     Key/value rows are scattered back into the cache with ``index_put_(accumulate=True)``;
     dropped candidates have P = 0 and contribute exactly nothing. Entries for absent inputs are None.
+
+    ``out`` and ``lse``, the forward's results (the op saves them), spare the backward the forward's
+    softmax and its P' @ V: P = exp(s - lse) and P' = P * sigmoid(lse - sink). Without them both are
+    recomputed from the scores, which the backward computes either way.
     """
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, 0, None)
@@ -437,25 +434,37 @@ def selective_attention_backward(
         c1 = min(Tc, c0 + chunk)
         c = c1 - c0
         x = _chunk_scores(call, q, q_rope, indices, c0, c1)
-        lse, e, l, denom = _softmax(call, x["s"], x["nonempty"])
-        pp = e / denom  # P' = the weights that produced out (sink included)
-        p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
+        if lse is None:
+            row_lse, e, l, denom = _softmax(call, x["s"], x["nonempty"])
+            pp = e / denom  # P' = the weights that produced out (sink included)
+            p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
+            sink_share = None if dsink is None else 1 - l / denom  # exp(sink) / (exp(lse) + exp(sink))
+        else:
+            row_lse = lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
+            # An empty row (lse = -inf) has every s = -inf: subtracting 0 keeps P = 0 there, never NaN.
+            p = torch.exp(x["s"] - torch.where(torch.isfinite(row_lse), row_lse, 0.0))
+            if dsink is None:
+                pp = p
+            else:
+                sink_share = torch.sigmoid(call.sink.view(1, Hkv, Hg, 1) - row_lse.view(c, Hkv, Hg, 1))
+                sink_share = sink_share.view(c * Hkv, Hg, 1)
+                pp = p * (1 - sink_share)
         vals = x["vals"]
         if grad_out is not None:
             do = grad_out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
-            o = torch.matmul(pp, vals)
+            o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
             delta = (do * o).sum(-1, keepdim=True)
             ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
             dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c, Hkv, n, Dv]
             if dsink is not None:
-                # d out / d sink = -out * exp(sink - m) / denom = -out * (1 - l / denom)
-                dsink -= (delta * (1 - l / denom)).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
+                # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
+                dsink -= (delta * sink_share).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
         else:
             ds = torch.zeros_like(p)
             dvals = None
         if grad_lse is not None:
             gl = grad_lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
-            gl = torch.where(torch.isfinite(lse), gl, 0.0)  # an empty row's lse is the constant -inf
+            gl = torch.where(torch.isfinite(row_lse), gl, 0.0)  # an empty row's lse is the constant -inf
             ds = ds + gl * p
         ds = ds * call.scale
         dq[c0:c1] = torch.matmul(ds, x["keys"]).reshape(c, H, call.Dqk)

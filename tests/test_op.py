@@ -9,6 +9,7 @@ import torch
 
 import attention
 import python_ref
+from attention.registry import ATTENTION_FEATURES
 from attention.testing import CASES_BY_NAME, oracle
 
 OPCHECK_CASES = ["mqa_latent", "paged_latent_rope_sink_causal", "block_causal_varlen", "gqa_separate_v",
@@ -135,8 +136,8 @@ def test_no_backend_error_lists_every_backend():
 def test_declining_preferred_backend_warns_once_and_falls_back():
     class PreferredButPicky(attention.Backend):
         name = "preferred_test_only"
-        devices = frozenset({"cpu"})
-        priority = -10
+        priorities = {"cpu": -10}
+        ops = {"attention": ATTENTION_FEATURES}
         dtypes = frozenset({torch.float16})
 
         def forward(self, inp):  # pragma: no cover

@@ -22,6 +22,7 @@ import torch
 import triton
 
 from ... import tuning
+from ...inputs import new_outputs, next_power_of_2
 from . import limits
 from .kernels import LOG2E, selective_attention_combine_kernel, selective_attention_fwd_kernel
 
@@ -32,8 +33,7 @@ KERNEL_VERSION = "fwd-1"
 MAX_SPLITS = 64
 
 
-def _p2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
+_p2 = next_power_of_2
 
 
 def device_name(device: torch.device) -> str:
@@ -174,9 +174,7 @@ def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
 
 def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = None):
     """Run the kernels; returns (out [T, H, Dv] q.dtype, lse [T, H] float32)."""
-    from ...registry import Backend
-
-    out, lse = Backend.new_outputs(inp)
+    out, lse = new_outputs(inp)
     T, H = inp.num_tokens, inp.num_heads
     if T == 0:
         return out, lse
