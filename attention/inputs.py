@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from dataclasses import field, make_dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -230,7 +230,7 @@ def validate(*args, check_contents: Optional[bool] = None, **kwargs) -> Selectiv
     _check_tensor_types(inp)
     Dr = _check_shapes(inp)
     _check_scalars(inp, Dr)
-    check_sequence_args(inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table, inp.seqlens_k)
+    inp.layout = KVLayout.check(inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table, inp.seqlens_k)
     if check_contents is None:
         check_contents = inp.q.device.type == "cpu" or debug_checks_enabled()
     if check_contents and not is_fake(inp.q):
@@ -351,89 +351,128 @@ def _check_scalars(inp, Dr: int) -> None:
             inp.attn_sink = sink.to(torch.float32)
 
 
-def check_sequence_args(paged: bool, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, *, cache: str = "kv",
-                        paged_shape: str = "[P, page, Hkv, Dqk]", contiguous_shape: str = "[S, Hkv, Dqk]") -> int:
-    """Shape rules of the sequence arguments, shared by every op over a kv-like cache (the
-    attention's kv, the indexer's k_idx). Returns the number of sequences B."""
-    if cu_seqlens_q is not None:
-        need_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B+1]")
-        if cu_seqlens_q.shape[0] < 2:
-            raise ValueError(f"cu_seqlens_q must have B+1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
-    B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else 1
-    where = " (from cu_seqlens_q)" if cu_seqlens_q is not None else " (one sequence without cu_seqlens_q)"
-    if paged:
-        if cu_seqlens_k is not None:
-            raise ValueError(f"cu_seqlens_k is for a contiguous {cache}; a paged {cache} takes block_table and seqlens_k")
-        if block_table is None:
-            raise ValueError(f"block_table is required with a paged {cache} {paged_shape}")
-        if seqlens_k is None:
-            raise ValueError(f"seqlens_k is required with a paged {cache} {paged_shape}")
-        need_int_tensor("block_table", block_table, 2, "[B, max_pages]")
-        need_int_tensor("seqlens_k", seqlens_k, 1, "[B]")
-        if block_table.shape[0] != B:
-            raise ValueError(f"block_table must have B={B} rows{where}, got shape {tuple(block_table.shape)}")
-        if seqlens_k.shape[0] != B:
-            raise ValueError(f"seqlens_k must have B={B} entries{where}, got shape {tuple(seqlens_k.shape)}")
-    else:
-        if block_table is not None:
-            raise ValueError(f"block_table is for a paged {cache} {paged_shape}; {cache} is contiguous {contiguous_shape}")
-        if seqlens_k is not None:
-            raise ValueError(f"seqlens_k is for a paged {cache}; a contiguous {cache} takes cu_seqlens_k")
-        if cu_seqlens_k is not None:
-            need_int_tensor("cu_seqlens_k", cu_seqlens_k, 1, "[B+1]")
-            if cu_seqlens_k.shape[0] != B + 1:
-                raise ValueError(f"cu_seqlens_k must have B+1={B + 1} entries like cu_seqlens_q{where}, "
-                                 f"got shape {tuple(cu_seqlens_k.shape)}")
-        elif B != 1:
-            raise ValueError(f"cu_seqlens_k is required with a contiguous {cache} when cu_seqlens_q describes "
-                             f"B={B} sequences (the default [0, S] describes one)")
-    return B
+@dataclass(frozen=True)
+class KVLayout:
+    """How a kv-like cache (the attention's kv, the indexer's k_idx) holds its sequences, one object for
+    every op over such a cache: contiguous rows split by ``cu_seqlens_k``, or pages through
+    ``block_table`` + ``seqlens_k``; the queries split by ``cu_seqlens_q``. The public API keeps these
+    as flat keywords; ``check`` validates them once and ``kwargs()`` hands them on flat again.
+    """
+
+    paged: bool
+    cu_seqlens_q: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+    block_table: Optional[Tensor] = None
+    seqlens_k: Optional[Tensor] = None
+    max_seqlen_k: Optional[int] = None  # selection ops: the width of the score matrix
+    num_seqs: int = 1
+
+    @classmethod
+    def check(cls, paged: bool, cu_seqlens_q=None, cu_seqlens_k=None, block_table=None, seqlens_k=None,
+              max_seqlen_k=None, *, cache: str = "kv", paged_shape: str = "[P, page, Hkv, Dqk]",
+              contiguous_shape: str = "[S, Hkv, Dqk]") -> "KVLayout":
+        """Shape rules of the sequence arguments (no host reads); errors name the argument."""
+        if not paged and cu_seqlens_q is None and cu_seqlens_k is None and block_table is None \
+                and seqlens_k is None and max_seqlen_k is None:
+            return _ONE_CONTIGUOUS_SEQUENCE  # the decode hot path
+        if max_seqlen_k is not None:
+            need_int("max_seqlen_k", max_seqlen_k)
+        if cu_seqlens_q is not None:
+            need_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B+1]")
+            if cu_seqlens_q.shape[0] < 2:
+                raise ValueError(f"cu_seqlens_q must have B+1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
+        B = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else 1
+        where = " (from cu_seqlens_q)" if cu_seqlens_q is not None else " (one sequence without cu_seqlens_q)"
+        if paged:
+            if cu_seqlens_k is not None:
+                raise ValueError(f"cu_seqlens_k is for a contiguous {cache}; a paged {cache} takes block_table and seqlens_k")
+            if block_table is None:
+                raise ValueError(f"block_table is required with a paged {cache} {paged_shape}")
+            if seqlens_k is None:
+                raise ValueError(f"seqlens_k is required with a paged {cache} {paged_shape}")
+            need_int_tensor("block_table", block_table, 2, "[B, max_pages]")
+            need_int_tensor("seqlens_k", seqlens_k, 1, "[B]")
+            if block_table.shape[0] != B:
+                raise ValueError(f"block_table must have B={B} rows{where}, got shape {tuple(block_table.shape)}")
+            if seqlens_k.shape[0] != B:
+                raise ValueError(f"seqlens_k must have B={B} entries{where}, got shape {tuple(seqlens_k.shape)}")
+        else:
+            if block_table is not None:
+                raise ValueError(f"block_table is for a paged {cache} {paged_shape}; {cache} is contiguous {contiguous_shape}")
+            if seqlens_k is not None:
+                raise ValueError(f"seqlens_k is for a paged {cache}; a contiguous {cache} takes cu_seqlens_k")
+            if cu_seqlens_k is not None:
+                need_int_tensor("cu_seqlens_k", cu_seqlens_k, 1, "[B+1]")
+                if cu_seqlens_k.shape[0] != B + 1:
+                    raise ValueError(f"cu_seqlens_k must have B+1={B + 1} entries like cu_seqlens_q{where}, "
+                                     f"got shape {tuple(cu_seqlens_k.shape)}")
+            elif B != 1:
+                raise ValueError(f"cu_seqlens_k is required with a contiguous {cache} when cu_seqlens_q describes "
+                                 f"B={B} sequences (the default [0, S] describes one)")
+        return cls(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_k, B)
+
+    @property
+    def trivial(self) -> bool:
+        """One contiguous sequence without metadata: nothing to read on the host."""
+        return self.cu_seqlens_q is None and self.cu_seqlens_k is None and not self.paged
+
+    def kwargs(self) -> dict:
+        """The flat keyword arguments that are set (``max_seqlen_k``, the selection ops' own, aside)."""
+        kw = dict(cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k, block_table=self.block_table,
+                  seqlens_k=self.seqlens_k)
+        return {k: v for k, v in kw.items() if v is not None}
+
+    def check_values(self, T: int, cache_tensor: Tensor, *, cache: str) -> Tensor:
+        """The content rules (reads the small metadata tensors on the host: a sync on a device).
+
+        Returns the per-sequence key lengths (int64, on the CPU).
+        """
+        lens = self._check_lengths(T, cache_tensor, cache)
+        if self.max_seqlen_k is not None and lens.numel() and int(lens.max()) > self.max_seqlen_k:
+            raise ValueError(f"max_seqlen_k must be at least the longest sequence {int(lens.max())}, "
+                             f"got {self.max_seqlen_k}")
+        return lens
+
+    def _check_lengths(self, T: int, cache_tensor: Tensor, cache: str) -> Tensor:
+        if self.cu_seqlens_q is not None:
+            cq = self.cu_seqlens_q.detach().cpu().to(torch.int64)
+            if cq[0].item() != 0 or cq[-1].item() != T:
+                raise ValueError(f"cu_seqlens_q must start at 0 and end at T={T}, got {cq.tolist()}")
+            if bool((cq[1:] < cq[:-1]).any()):
+                raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cq.tolist()}")
+        if not self.paged:
+            S = cache_tensor.shape[0]
+            if self.cu_seqlens_k is None:
+                return torch.tensor([S])
+            ck = self.cu_seqlens_k.detach().cpu().to(torch.int64)
+            if ck[0].item() != 0 or ck[-1].item() > S:
+                raise ValueError(f"cu_seqlens_k must start at 0 and end at or below S={S}, got {ck.tolist()}")
+            if bool((ck[1:] < ck[:-1]).any()):
+                raise ValueError(f"cu_seqlens_k must be non-decreasing, got {ck.tolist()}")
+            return ck[1:] - ck[:-1]
+        P, page = cache_tensor.shape[0], cache_tensor.shape[1]
+        table = self.block_table.detach().cpu().to(torch.int64)
+        lens = self.seqlens_k.detach().cpu().to(torch.int64)
+        cap = table.shape[1] * page
+        if bool((lens < 0).any()):
+            raise ValueError(f"seqlens_k must be >= 0, got {lens.tolist()}")
+        if bool((lens > cap).any()):
+            raise ValueError(f"seqlens_k must be at most the block table's capacity "
+                             f"max_pages*page={table.shape[1]}*{page}={cap}, got {lens.tolist()}")
+        need = (lens + page - 1) // page  # pages each sequence actually reads
+        used = torch.arange(table.shape[1])[None, :] < need[:, None]
+        bad = used & ((table < 0) | (table >= P))
+        if bool(bad.any()):
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} names no page of {cache} "
+                             f"(P={P}); entries needed by seqlens_k must be in [0, {P})")
+        return lens
+
+
+_ONE_CONTIGUOUS_SEQUENCE = KVLayout(paged=False)
 
 
 def check_sequence_contents(inp: SelectiveAttentionInputs) -> None:
-    """Content rules (reads the small metadata tensors on the host: a sync on a device)."""
-    if inp.cu_seqlens_q is None and inp.cu_seqlens_k is None and not inp.paged:
-        return  # one contiguous sequence: nothing to read (the decode hot path)
-    check_sequence_values(inp.num_tokens, inp.kv, inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table,
-                          inp.seqlens_k, cache="the cache")
-
-
-def check_sequence_values(T: int, cache_tensor: Tensor, paged: bool, cu_seqlens_q, cu_seqlens_k, block_table,
-                          seqlens_k, *, cache: str) -> Tensor:
-    """The content rules of the sequence arguments, shared by every op over a kv-like cache.
-
-    Returns the per-sequence key lengths (int64, on the CPU). Reads the metadata on the host.
-    """
-    if cu_seqlens_q is not None:
-        cq = cu_seqlens_q.detach().cpu().to(torch.int64)
-        if cq[0].item() != 0 or cq[-1].item() != T:
-            raise ValueError(f"cu_seqlens_q must start at 0 and end at T={T}, got {cq.tolist()}")
-        if bool((cq[1:] < cq[:-1]).any()):
-            raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cq.tolist()}")
-    if not paged:
-        S = cache_tensor.shape[0]
-        if cu_seqlens_k is None:
-            return torch.tensor([S])
-        ck = cu_seqlens_k.detach().cpu().to(torch.int64)
-        if ck[0].item() != 0 or ck[-1].item() > S:
-            raise ValueError(f"cu_seqlens_k must start at 0 and end at or below S={S}, got {ck.tolist()}")
-        if bool((ck[1:] < ck[:-1]).any()):
-            raise ValueError(f"cu_seqlens_k must be non-decreasing, got {ck.tolist()}")
-        return ck[1:] - ck[:-1]
-    P, page = cache_tensor.shape[0], cache_tensor.shape[1]
-    table = block_table.detach().cpu().to(torch.int64)
-    lens = seqlens_k.detach().cpu().to(torch.int64)
-    cap = table.shape[1] * page
-    if bool((lens < 0).any()):
-        raise ValueError(f"seqlens_k must be >= 0, got {lens.tolist()}")
-    if bool((lens > cap).any()):
-        raise ValueError(f"seqlens_k must be at most the block table's capacity "
-                         f"max_pages*page={table.shape[1]}*{page}={cap}, got {lens.tolist()}")
-    need = (lens + page - 1) // page  # pages each sequence actually reads
-    used = torch.arange(table.shape[1])[None, :] < need[:, None]
-    bad = used & ((table < 0) | (table >= P))
-    if bool(bad.any()):
-        b, j = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} names no page of {cache} "
-                         f"(P={P}); entries needed by seqlens_k must be in [0, {P})")
-    return lens
+    """Content rules of the attention op's sequence arguments (skipped for one contiguous sequence)."""
+    if not inp.layout.trivial:
+        inp.layout.check_values(inp.num_tokens, inp.kv, cache="the cache")

@@ -35,7 +35,7 @@ import python_ref
 from python_ref.selection import BLOCK_REDUCES
 
 from . import registry
-from .inputs import (FLOAT_DTYPES, check_sequence_args, check_sequence_values, debug_checks_enabled, dtype_name,
+from .inputs import (FLOAT_DTYPES, KVLayout, debug_checks_enabled, dtype_name,
                      finite_float, is_fake, need_backend_name, need_choice, need_int, need_rank, need_tensor)
 
 __all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "SelectionInputs", "validate_selection",
@@ -55,15 +55,18 @@ class SelectionInputs:
     scores: Optional[Tensor] = None
     k: int = 0
     scale: Optional[float] = None
-    cu_seqlens_q: Optional[Tensor] = None
-    cu_seqlens_k: Optional[Tensor] = None
-    block_table: Optional[Tensor] = None
-    seqlens_k: Optional[Tensor] = None
-    max_seqlen_k: Optional[int] = None
+    layout: Optional[KVLayout] = None  # k_idx's sequences (None for topk_indices)
     causal: bool = True
     block_size: int = 1
     block_reduce: str = "max"
     backend: Optional[str] = None
+
+    # The sequence arguments, as the kernels read them (one KVLayout holds and checks them).
+    cu_seqlens_q = property(lambda self: self.layout.cu_seqlens_q)
+    cu_seqlens_k = property(lambda self: self.layout.cu_seqlens_k)
+    block_table = property(lambda self: self.layout.block_table)
+    seqlens_k = property(lambda self: self.layout.seqlens_k)
+    max_seqlen_k = property(lambda self: self.layout.max_seqlen_k)
 
     #: environment variable that forces a backend for the selection ops (the ``backend`` argument wins)
     force_env = "ATTENTION_SELECTION_BACKEND"
@@ -105,9 +108,7 @@ class SelectionInputs:
         return self.k_idx is not None and self.k_idx.dim() == 3
 
     def indexer_kwargs(self) -> dict:
-        return dict(scale=self.scale, cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
-                    block_table=self.block_table, seqlens_k=self.seqlens_k, max_seqlen_k=self.max_seqlen_k,
-                    causal=self.causal)
+        return dict(scale=self.scale, max_seqlen_k=self.max_seqlen_k, causal=self.causal, **self.layout.kwargs())
 
     def describe(self) -> str:
         if self.q_idx is None:
@@ -167,30 +168,18 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     need_int("block_size", block_size, 1)
     need_choice("block_reduce", block_reduce, BLOCK_REDUCES)
-    if max_seqlen_k is not None:
-        need_int("max_seqlen_k", max_seqlen_k)
     need_backend_name(backend)
 
-    check_sequence_args(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, cache="k_idx",
-                        paged_shape="[P, page, Di]", contiguous_shape="[S, Di]")
-    inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale,
-                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
-                          seqlens_k=seqlens_k, max_seqlen_k=max_seqlen_k, causal=causal, block_size=block_size,
-                          block_reduce=block_reduce, backend=backend)
+    layout = KVLayout.check(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_k, cache="k_idx",
+                            paged_shape="[P, page, Di]", contiguous_shape="[S, Di]")
+    inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale, layout=layout,
+                          causal=causal, block_size=block_size, block_reduce=block_reduce, backend=backend)
     if check_contents is None:
         check_contents = dev.type == "cpu" or debug_checks_enabled()
     if check_contents and not is_fake(q_idx):
-        _check_contents(inp)
+        # host reads of the small metadata tensors: free on the CPU, a sync elsewhere
+        layout.check_values(T, k_idx, cache="k_idx")
     return inp
-
-
-def _check_contents(inp: SelectionInputs) -> None:
-    """Content rules (host reads of the small metadata tensors: free on the CPU, a sync elsewhere)."""
-    lens = check_sequence_values(inp.q_idx.shape[0], inp.k_idx, inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k,
-                                 inp.block_table, inp.seqlens_k, cache="k_idx")
-    if inp.max_seqlen_k is not None and lens.numel() and int(lens.max()) > inp.max_seqlen_k:
-        raise ValueError(f"max_seqlen_k must be at least the longest sequence {int(lens.max())}, "
-                         f"got {inp.max_seqlen_k}")
 
 
 # ----------------------------------------------------------------------------- backends

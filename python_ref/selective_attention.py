@@ -374,6 +374,33 @@ def selective_attention(
     return torch.cat(outs), torch.cat(lses)
 
 
+def max_logits(
+    q: Tensor, kv: Tensor, indices: Tensor, *, q_rope: Optional[Tensor] = None, kv_rope: Optional[Tensor] = None,
+    sm_scale: Optional[float] = None, block_size: int = 1, cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
+    causal: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """Row max over kept candidates of the scaled logit s_p (SPEC section 1): [T, H] float32, -inf if none kept.
+
+    The contract returns lse only; vendor APIs that also return the max (FlashMLA's max_logits,
+    torch_npu's softmax_max) get it here, from the same candidate selection and scoring as the
+    forward (one implementation of the keep rules), chunk by chunk on the inputs' device. It costs
+    about as much as a reference forward pass.
+    """
+    call = _Call(q, kv, indices, None, None, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
+                 block_table, seqlens_k, causal, None, 0, None)
+    T, H = q.shape[0], q.shape[1]
+    if call.n == 0 or T == 0:
+        return torch.full((T, H), float("-inf"), device=q.device, dtype=torch.float32)
+    chunk = tokens_per_chunk(H, call.Hkv, call.n, call.Dqk + call.Dr, chunk_bytes)
+    parts = []
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        s = _chunk_scores(call, q, q_rope, indices, c0, c1)["s"]  # [c*Hkv, Hg, n], dropped = -inf
+        parts.append(s.amax(dim=-1).reshape(c1 - c0, H).to(torch.float32))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def selective_attention_backward(
     grad_out: Optional[Tensor],
     grad_lse: Optional[Tensor],

@@ -18,7 +18,7 @@ and equal to the reference bit for bit, ties included.
 
 Dots: float32 inputs use ``input_precision="ieee"`` (TF32 would reorder near-equal scores against
 the reference); float16/bfloat16 use their native tensor-core dot on the GPU and are upcast under
-``TRITON_INTERPRET=1`` because the interpreter's bfloat16 ``tl.dot`` is wrong (TRAPS.md).
+``TRITON_INTERPRET=1`` because the interpreter's bfloat16 ``tl.dot`` is wrong (docs/traps.md).
 
 Block selection (``block_size = b > 1``, b a power of two <= 128): each score tile holds whole
 blocks and is reduced to block scores ("max" or "mean" over valid positions) before it is parked.
