@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 
@@ -52,6 +53,9 @@ def report() -> str:
 
 
 def main(argv=None) -> int:
+    # No options yet, but a parser all the same: an unknown flag (a typo of a future option) is a
+    # usage error with exit 2, not a silent success.
+    argparse.ArgumentParser(prog="python -m attention.info", description=__doc__.split(": ", 1)[1].strip()).parse_args(argv)
     print(report())
     return 0
 

@@ -139,13 +139,21 @@ def dtype_name(x) -> str:
     return str(x).replace("torch.", "")
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def finite_float(name: str, x) -> float:
-    """A finite Python float from an int/float argument (negative allowed), else TypeError/ValueError."""
+    """A Python float from an int/float argument that is finite *in float32* (negative allowed), else
+    TypeError/ValueError. Every backend computes in float32 (SPEC.md section 1), so 1e300 would become
+    inf there: rejected rather than silently different per backend."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
+    try:
+        x = float(x)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{name} must be finite in float32 (|x| <= {_FLOAT32_MAX:.7g}), got {x}") from None
+    if not math.isfinite(x) or abs(x) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be finite in float32 (|x| <= {_FLOAT32_MAX:.7g}), got {x}")
     return x
 
 

@@ -118,11 +118,18 @@ class SelectionInputs:
 
 
 # ----------------------------------------------------------------------------- validation
+# Positions come back as int32: a score row or a sequence longer than this has unrepresentable ones.
+MAX_POSITIONS = 2**31 - 1
+
+
 def validate_scores(scores, k, backend=None) -> SelectionInputs:
     need_tensor("scores", scores)
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a float tensor, got {dtype_name(scores.dtype)}")
     need_rank("scores", scores, (2,), "[T, W]")
+    if scores.shape[1] > MAX_POSITIONS:
+        raise ValueError(f"scores must have at most {MAX_POSITIONS} columns (positions are int32), "
+                         f"got shape {tuple(scores.shape)}")
     need_int("k", k)
     need_backend_name(backend)
     return SelectionInputs(op="topk_indices", scores=scores, k=k, backend=backend)
@@ -168,6 +175,10 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     need_int("block_size", block_size, 1)
     need_choice("block_reduce", block_reduce, BLOCK_REDUCES)
+    if max_seqlen_k is not None:
+        need_int("max_seqlen_k", max_seqlen_k)
+        if max_seqlen_k > MAX_POSITIONS:
+            raise ValueError(f"max_seqlen_k must be at most {MAX_POSITIONS} (positions are int32), got {max_seqlen_k}")
     need_backend_name(backend)
 
     layout = KVLayout.check(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_k, cache="k_idx",

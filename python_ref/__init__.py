@@ -12,6 +12,7 @@ from .selective_attention import (  # noqa: F401
     token_metadata,
     tokens_per_chunk,
 )
+from .merge import merge_attention_states, merge_attention_states_dense  # noqa: F401
 from .selection import (  # noqa: F401
     SELECT_CHUNK_BYTES,
     block_scores,

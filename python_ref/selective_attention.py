@@ -104,14 +104,20 @@ class _Call:
         self.block_size = int(block_size)
         self.causal = bool(causal)
         self.G, self.K = indices.shape[1], indices.shape[2]
-        self.n = self.K * self.block_size
         if self.paged:
             self.num_pages, self.page_size = kv.shape[0], kv.shape[1]
             S = self.num_pages * self.page_size
+            cap = block_table.shape[1] * self.page_size  # no sequence is longer than its table
         else:
             self.num_pages, self.page_size = 0, 0
             S = kv.shape[0]
+            cap = S
         self.S = S
+        # Offsets expanded per block: a block's kept positions lie in [j*b, L_b) with L_b <= cap, so
+        # offsets past min(b, cap) are never kept. Expanding them all would make the work and memory
+        # grow with K * block_size even over a tiny cache (block_size 2**20 over 64 rows).
+        self.span = max(1, min(self.block_size, cap))
+        self.n = self.K * self.span  # candidates expanded per token and kv head
         self.kv_flat = kv.reshape(S, self.Hkv, Dqk)
         self.v_flat = None if v is None else v.reshape(S, self.Hkv, self.Dv)
         self.kvr_flat = None if kv_rope is None else kv_rope.reshape(S, self.Hkv, self.Dr)
@@ -150,7 +156,8 @@ def _select(call: _Call, idx: Tensor, c0: int, c1: int):
     """Storage rows [c, G, n] of the candidates of tokens [c0, c1) and the kept mask.
 
     Dropped candidates point at row 0 (never dereferenced as data: their rows are zeroed after the
-    gather). The mask is ``None`` when nothing was dropped (known only on the CPU).
+    gather). The mask is ``None`` when nothing was dropped (known only on the CPU). Every product of
+    an index is formed only after the index was found in range, so nothing can overflow.
     """
     L, q_pos, base, seq = call.facts(c0, c1)
     bs = call.block_size
@@ -162,32 +169,51 @@ def _select(call: _Call, idx: Tensor, c0: int, c1: int):
         if int(lo) >= 0 and int(hi) < L:
             return idx, None
     if bs > 1:
-        # Range-check the block index before multiplying: idx * block_size could overflow.
+        # Range-check the block index before multiplying: idx * block_size could overflow. Only the
+        # first ``span`` offsets of a block can be kept (see _Call), so only those are expanded.
         idx = idx.to(torch.int64)
-        keep = (idx >= 0) & (idx < (L + (bs - 1)) // bs)
+        keep = (idx >= 0) & (idx < (L + (bs - 1)) // bs) if bs <= call.span else (idx == 0) & (L > 0)
         idx = torch.where(keep, idx, 0)
-        r = torch.arange(bs, device=idx.device, dtype=torch.int64)
+        r = torch.arange(call.span, device=idx.device, dtype=torch.int64)
         pos = (idx[..., None] * bs + r).flatten(-2)
-        keep = keep.repeat_interleave(bs, dim=-1) & (pos < L)
+        keep = keep.repeat_interleave(call.span, dim=-1) & (pos < L)
     else:
         pos = idx
         keep = (idx >= 0) & (idx < L)
     if q_pos is not None:
         keep = keep & (pos <= q_pos)
+    pos = torch.where(keep, pos, 0).to(torch.int64)  # dropped: position 0, so no arithmetic below overflows
     if call.paged:
-        pos = torch.where(keep, pos, 0).to(torch.int64)
-        table = call.block_table[seq].to(torch.int64)  # [c, max_pages]
-        c, G, n = pos.shape
-        page_idx = (pos // call.page_size).reshape(c, G * n).clamp_(max=table.shape[1] - 1)
-        page = torch.gather(table, 1, page_idx).reshape(c, G, n)
+        rows, ok = paged_rows(call.block_table[seq], pos.flatten(1), call.page_size, call.num_pages)
+        rows = rows.view(pos.shape)
         # A table entry outside the cache is never dereferenced (its candidate is dropped instead).
-        keep = keep & (page >= 0) & (page < call.num_pages)
-        rows = page * call.page_size + pos % call.page_size
+        keep = keep & ok.view(pos.shape)
+    elif isinstance(base, int) and base == 0:
+        rows = pos
     else:
-        rows = pos if isinstance(base, int) and base == 0 else pos + base
+        rows = pos + base
+        # Lengths past the cache (unchecked device metadata) drop the candidate, never read past S.
+        keep = keep & (rows < call.S)
     if call.host and bool(keep.all()):
         return rows, None
     return torch.where(keep, rows, 0), keep
+
+
+def paged_rows(table: Tensor, pos: Tensor, page_size: int, num_pages: int) -> Tuple[Tensor, Tensor]:
+    """Storage rows of logical positions ``pos`` [c, m] through block-table rows ``table`` [c, max_pages].
+
+    Returns (rows [c, m] int64, ok [c, m]): ``ok`` is False where the page entry is outside the cache
+    (such a row is never to be read). Positions past the table read its last column; a table with no
+    column at all (every sequence empty: a fresh ``PagedLatentCache``) reads as -1, i.e. no page.
+    Shared by the attention and the indexer references.
+    """
+    table = table.to(torch.int64)
+    if table.shape[1] == 0:
+        table = torch.full((table.shape[0], 1), -1, dtype=torch.int64, device=table.device)
+    page_idx = (pos // page_size).clamp_(max=table.shape[1] - 1)
+    page = torch.gather(table, 1, page_idx)
+    ok = (page >= 0) & (page < num_pages)
+    return torch.where(ok, page, 0) * page_size + pos % page_size, ok
 
 
 def _per_head(keep: Tensor, Hkv: int) -> Tensor:
@@ -211,7 +237,9 @@ def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.
         x = torch.index_select(storage, 0, rows.reshape(-1))
         x = x.view(c, n, Hkv, D).transpose(1, 2).reshape(c * Hkv, n, D) if Hkv > 1 else x.view(c, n, D)
     else:
-        x = storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]].view(c * Hkv, n, D)
+        # reshape, not view: advanced indexing lays the result out like ``rows``, which may be any
+        # view of the caller's indices (e.g. a transposed topk whose K axis is not innermost).
+        x = storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]].reshape(c * Hkv, n, D)
     if x.dtype != dtype:
         x = x.to(dtype)
     if keep is not None:
@@ -244,31 +272,38 @@ def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: 
 
 
 def _chunk_union(call: _Call, q, q_rope, c0, c1, rows, keep, u):
-    """(out [c, Hkv, Hg, Dv], lse) of tokens [c0, c1) by dense scores over the union rows ``u``.
+    """(out [c, Hkv, Hg, Dv], lse) of tokens [c0, c1) by dense scores over the union rows ``u``, or
+    None when the union's value rows are not all finite (then the caller takes the gather path).
 
     Scores of each token's own candidates are gathered from the dense [c, Hkv, Hg, U] matrix (so
     duplicates and masks behave exactly as in the gather path), and the softmax weights are
     scattered back (``scatter_add_`` sums duplicates) before one [c*Hg, U] x [U, Dv] GEMM per kv head.
+    That GEMM multiplies every token's weights with every union row, including the rows the token
+    did not select (weight 0): 0 * NaN or 0 * inf would poison it (SPEC: a row a token did not select
+    never influences it). Hence the finiteness check; the dense scores need none, since each token
+    reads back only its own candidates' columns.
     """
     c, cd = c1 - c0, call.compute_dtype
     Hkv, Hg, D, Dv, U = call.Hkv, call.Hg, call.Dqk, call.Dv, u.numel()
+    ku = call.kv_flat[u].to(cd)  # [U, Hkv, Dqk]
+    vu = ku[..., :Dv] if call.v_flat is None else call.v_flat[u].to(cd)  # [U, Hkv, Dv]
+    if not bool(torch.isfinite(vu).all()):  # host-only path: free to read
+        return None
     inv = torch.searchsorted(u, rows).clamp_(max=U - 1)  # dropped candidates: any column, masked below
     index = inv[:, :, None, :].expand(c, Hkv, Hg, rows.shape[2])
 
-    def dense(x_flat, qx, width):  # [c, Hkv, Hg, U] scores of qx against the union rows
-        xu = x_flat[u].to(cd)  # [U, Hkv, width]
+    def dense(xu, qx, width):  # [Hkv, c*Hg, U] scores of qx against the union rows xu [U, Hkv, width]
         qh = qx[c0:c1].to(cd).reshape(c, Hkv, Hg, width).transpose(0, 1).reshape(Hkv, c * Hg, width)
-        return torch.bmm(qh * call.scale, xu.permute(1, 2, 0)), xu
+        return torch.bmm(qh * call.scale, xu.permute(1, 2, 0))
 
-    sd, ku = dense(call.kv_flat, q, D)
+    sd = dense(ku, q, D)
     if call.kvr_flat is not None:
-        sd = sd + dense(call.kvr_flat, q_rope, call.Dr)[0]
+        sd = sd + dense(call.kvr_flat[u].to(cd), q_rope, call.Dr)
     s = torch.gather(sd.view(Hkv, c, Hg, U).transpose(0, 1), -1, index)
     if keep is not None:
         s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
-    lse, e, _, denom = _softmax(call, s, keep is None)
+    lse, e, _, denom = _softmax(call, s, _kept_rows(keep, s.shape))
     w = torch.zeros(c, Hkv, Hg, U, dtype=cd, device=e.device).scatter_add_(-1, index, e)
-    vu = ku[..., :Dv] if call.v_flat is None else call.v_flat[u].to(cd)  # [U, Hkv, Dv]
     o = torch.bmm(w.transpose(0, 1).reshape(Hkv, c * Hg, U), vu.transpose(0, 1))
     return o.view(Hkv, c, Hg, Dv).transpose(0, 1).div_(denom), lse
 
@@ -297,27 +332,50 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
     if keep is not None:
         s = s.masked_fill(~_per_head(keep, call.Hkv)[:, None, :], float("-inf"))
     return dict(rows=rows, keep=keep, keys=keys, vals=vals, kr=kr, qc=qc, qr=qr, s=s,
-                nonempty=keep is None and call.n > 0)
+                kept=_kept_rows(keep, s.shape))
 
 
-def _softmax(call: _Call, s: Tensor, nonempty: bool = False):
+def _kept_rows(keep: Optional[Tensor], shape) -> Optional[Tensor]:
+    """Which rows of scores ``shape`` ([c*Hkv, Hg, n] or [c, Hkv, Hg, n]) keep a candidate, as a bool
+    tensor broadcastable to ``shape[:-1] + (1,)``; None when nothing was dropped (then a row keeps
+    all of its n candidates, so it is empty only when n = 0).
+
+    Decided from the kept mask alone (indices, lengths, causality), never from score values.
+    """
+    if keep is None:
+        return None
+    any_kept = keep.any(dim=-1)  # [c, G]
+    if len(shape) == 4:
+        return any_kept[:, :, None, None]
+    c, G = any_kept.shape
+    Hkv = shape[0] // max(1, c)
+    return any_kept.expand(c, Hkv).reshape(c * Hkv, 1, 1) if G != Hkv else any_kept.reshape(c * Hkv, 1, 1)
+
+
+def _softmax(call: _Call, s: Tensor, kept: Optional[Tensor]):
     """Online-softmax pieces of masked scores s [c, Hkv, Hg, n] (consumed in place).
 
     Returns (lse, e, l, denom): lse [.., 1] natural log (-inf for an empty row); e = exp(s - m) with
     m the row max (0 for an empty row, so e = 0 there, never NaN); l = sum(e); and the output
-    denominator denom = l + exp(sink - m), so that out = (e @ v) / denom. A non-empty row has l >= 1
-    (its max term is exp(0)), so clamping denom at 1 changes nothing there and turns an empty row's
-    0 / 0 into 0. ``nonempty=True`` (every row known to keep a candidate) skips the -inf guard.
+    denominator denom = l + exp(sink - m), so that out = (e @ v) / denom. ``kept`` (see _kept_rows)
+    says which rows keep a candidate: only those are non-empty, whatever their scores. A kept row whose
+    scores hold NaN or +inf, or are all -inf, keeps its max m and so gives NaN, exactly as the float64
+    evaluation does (SPEC: NaN propagates). A non-empty finite row has l >= 1 (its max term is
+    exp(0)), so clamping denom at 1 changes nothing there and turns an empty row's 0 / 0 into 0
+    (clamp_min keeps NaN).
     """
-    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
-    if not nonempty:
-        m = torch.nan_to_num(m, neginf=0.0)
+    if s.shape[-1]:
+        m = s.amax(dim=-1, keepdim=True)
+        if kept is not None:
+            m = torch.where(kept, m, 0.0)
+    else:
+        m = s.new_zeros((*s.shape[:-1], 1))
     e = s.sub_(m).exp_()
     l = e.sum(dim=-1, keepdim=True)
     lse = torch.log(l).add_(m)
     # (s is [c*Hkv, Hg, n] or [c, Hkv, Hg, n]: the sink [1, Hkv, Hg, 1] meets m in the 4-D view)
     denom = l if call.sink is None else l + torch.exp(call.sink - m.view(-1, call.Hkv, call.Hg, 1)).view_as(m)
-    if not nonempty or call.sink is not None:
+    if kept is not None or call.sink is not None or not s.shape[-1]:
         denom = denom.clamp_min(1.0)
     return lse, e, l, denom
 
@@ -357,11 +415,12 @@ def selective_attention(
         c1 = min(Tc, c0 + chunk)
         selected = _select(call, indices if Tc == c1 - c0 else indices[c0:c1], c0, c1)
         u = _union_rows(call, *selected, chunk_bytes)
-        if u is not None:
-            o, lse = _chunk_union(call, q, q_rope, c0, c1, *selected, u)
+        res = None if u is None else _chunk_union(call, q, q_rope, c0, c1, *selected, u)
+        if res is not None:
+            o, lse = res
         else:
             x = _chunk_scores(call, q, q_rope, indices, c0, c1, selected)
-            lse, e, _, denom = _softmax(call, x["s"], x["nonempty"])
+            lse, e, _, denom = _softmax(call, x["s"], x["kept"])
             o = torch.bmm(e, x["vals"]).div_(denom)  # [c*Hkv, Hg, Dv]
         o = o.reshape(c1 - c0, H, Dv)
         lse = lse.reshape(c1 - c0, H)
@@ -462,14 +521,14 @@ def selective_attention_backward(
         c = c1 - c0
         x = _chunk_scores(call, q, q_rope, indices, c0, c1)
         if lse is None:
-            row_lse, e, l, denom = _softmax(call, x["s"], x["nonempty"])
+            _, e, l, denom = _softmax(call, x["s"], x["kept"])
             pp = e / denom  # P' = the weights that produced out (sink included)
             p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
             sink_share = None if dsink is None else 1 - l / denom  # exp(sink) / (exp(lse) + exp(sink))
         else:
             row_lse = lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
-            # An empty row (lse = -inf) has every s = -inf: subtracting 0 keeps P = 0 there, never NaN.
-            p = torch.exp(x["s"] - torch.where(torch.isfinite(row_lse), row_lse, 0.0))
+            # An empty row (lse = -inf, every s = -inf) subtracts 0 instead: P = 0 there, never NaN.
+            p = torch.exp(x["s"] - (row_lse if x["kept"] is None else torch.where(x["kept"], row_lse, 0.0)))
             if dsink is None:
                 pp = p
             else:
@@ -491,11 +550,22 @@ def selective_attention_backward(
             dvals = None
         if grad_lse is not None:
             gl = grad_lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
-            gl = torch.where(torch.isfinite(row_lse), gl, 0.0)  # an empty row's lse is the constant -inf
+            if x["kept"] is not None:  # an empty row's lse is the constant -inf
+                gl = torch.where(x["kept"], gl, 0.0)
             ds = ds + gl * p
         ds = ds * call.scale
+        kept_h = None if x["keep"] is None else _per_head(x["keep"], Hkv)[:, :, None]  # [c*Hkv, n, 1]
+        if kept_h is not None:
+            # A dropped candidate contributes exactly nothing: mask its terms rather than trust a zero
+            # weight, since 0 * NaN (a NaN query, grad_out or kept value elsewhere in the row) is NaN
+            # and its gradient row would land on storage row 0, which the token never selected.
+            ds = ds.masked_fill(~kept_h.transpose(1, 2), 0.0)
+            if dvals is not None:
+                dvals = dvals.masked_fill(~kept_h, 0.0)
         dq[c0:c1] = torch.matmul(ds, x["keys"]).reshape(c, H, call.Dqk)
         dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c*Hkv, n, Dqk]
+        if kept_h is not None:
+            dkeys = dkeys.masked_fill_(~kept_h, 0.0)
         if dvals is not None:
             if v is None:
                 dkeys[..., :Dv] += dvals
@@ -504,7 +574,8 @@ def selective_attention_backward(
         scatter(dkv, x["rows"], dkeys)
         if q_rope is not None:
             dqr[c0:c1] = torch.matmul(ds, x["kr"]).reshape(c, H, call.Dr)
-            scatter(dkvr, x["rows"], torch.matmul(ds.transpose(-1, -2), x["qr"]))
+            dkr = torch.matmul(ds.transpose(-1, -2), x["qr"])
+            scatter(dkvr, x["rows"], dkr if kept_h is None else dkr.masked_fill_(~kept_h, 0.0))
     return (
         dq.to(q.dtype),
         dkv.reshape(kv.shape).to(kv.dtype),
@@ -586,7 +657,8 @@ def selective_attention_dense(
                 gi = g if idx.shape[1] == Hkv else 0
                 j = idx[t, gi]
                 j = j[(j >= 0) & (j <= Lb // block_size)]  # beyond that, every position is >= Lb
-                p = (j[:, None] * block_size + torch.arange(block_size)).flatten()
+                # offsets past L_b are never kept: expand at most L_b of them (block_size may be huge)
+                p = (j[:, None] * block_size + torch.arange(min(block_size, Lb))).flatten()
                 p = p[(p < Lb) & ((p <= q_pos) if causal else True)]
                 count = torch.bincount(p, minlength=Lb).to(dtype)
                 for hh in range(Hg):

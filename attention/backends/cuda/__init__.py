@@ -35,6 +35,8 @@ class CudaTopkBackend(Backend):
     description = "CUDA C++ radix select (csrc/cuda) for topk_indices"
     priorities = {"cuda": 0}
     ops = {"topk_indices": frozenset()}  # scores [T, W] have no features
+    # float64 scores are not declared: the kernel ranks float32 keys, and float64 scores are ranked in
+    # float64 by the reference (docs/selection.md).
     dtypes = frozenset(FLOAT_DTYPES)
 
     def unavailable_reasons(self) -> List[str]:

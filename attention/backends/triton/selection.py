@@ -89,7 +89,8 @@ class TritonSelection:
             kx = kx.contiguous()
         paged = kx.dim() == 3
         k_flat = kx.reshape(-1, Di) if paged else kx
-        w = w.to(torch.float32)
+        # The kernels read weights rows as dense vectors of Hi (stride 1): copy a strided/expanded view.
+        w = w.to(torch.float32).contiguous()
         seq, L, q_pos, base = python_ref.token_metadata(T, None if paged else kx.shape[0], q.device,
                                                         inp.cu_seqlens_q, inp.cu_seqlens_k,
                                                         inp.seqlens_k if paged else None)

@@ -15,7 +15,7 @@ constexpr uint32_t STAT_SLOTS = 10;   // = selattn::STAT_SLOTS in the kernel
 uint64_t Align32(uint64_t x) { return (x + 31) / 32 * 32; }
 uint64_t Align512(uint64_t x) { return (x + 511) / 512 * 512; }
 uint32_t Up16(uint32_t x) { return (x + 15) / 16 * 16; }
-uint32_t CeilDiv(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
+uint64_t CeilDiv(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }  // no a + b - 1 overflow
 }  // namespace
 
 const std::vector<SocSpec>& SocTable()
@@ -118,7 +118,7 @@ TileChoice ChooseTiles(const ProblemShape& sh, const SocSpec& soc)
     const uint32_t c0 = 32 / sh.dtypeBytes;
     const uint32_t hg = std::max<uint32_t>(1, sh.H / std::max<uint32_t>(1, sh.Hkv));
     const uint32_t dkPad = Up16(sh.Dqk) + Up16(sh.Dr), dvPad = Up16(sh.Dv);
-    const uint64_t candidates = std::max<uint64_t>(1, uint64_t(sh.K) * sh.blockSize);
+    const uint64_t candidates = std::max<uint64_t>(1, sh.Candidates());
     const uint32_t mMax = Up16(hg), nMax = static_cast<uint32_t>(std::min<uint64_t>(Up16(static_cast<uint32_t>(
                                                                       std::min<uint64_t>(candidates, 1u << 20))), 512));
     TileChoice best;
@@ -188,6 +188,7 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.topk = sh.K;
     t.indexHeads = sh.indexHeads;
     t.blockSize = sh.blockSize;
+    t.blockSpan = sh.BlockSpan();
     t.paged = sh.paged;
     t.pageSize = sh.pageSize;
     t.maxPages = sh.maxPages;
@@ -207,10 +208,10 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.kvBufNum = tc.kvBufNum;
     t.l0BufNum = tc.l0BufNum;
     t.vecSubBlocks = soc.VecPerCube();
-    t.headTiles = CeilDiv(t.headsPerKv, tc.mTile);
-    t.numTiles = CeilDiv(uint64_t(sh.K) * sh.blockSize, tc.nTile);
-    t.numItems = sh.T * sh.Hkv * t.headTiles;
-    t.blockDim = std::max<uint32_t>(1, std::min<uint32_t>(t.numItems, soc.aicNum));
+    t.headTiles = static_cast<uint32_t>(CeilDiv(t.headsPerKv, tc.mTile));
+    t.numTiles = CeilDiv(sh.Candidates(), tc.nTile);
+    t.numItems = uint64_t(sh.T) * sh.Hkv * t.headTiles;
+    t.blockDim = static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(t.numItems, soc.aicNum)));
     const uint64_t sz = sh.dtypeBytes;
     uint64_t off = 0;
     t.wsQ = off;

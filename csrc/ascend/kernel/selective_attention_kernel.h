@@ -151,7 +151,7 @@ public:
             BuildTransposeOffsets();
         }
         const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum());
-        for (uint32_t item = BlockOfCore(); item < t_.numItems; item += blockNum) {
+        for (uint64_t item = BlockOfCore(); item < t_.numItems; item += blockNum) {
             Decode(item);
             if ASCEND_IS_AIV {
                 BeginItemVec();
@@ -165,7 +165,7 @@ public:
                     CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
                 }
             }
-            for (uint32_t tile = 0; tile < t_.numTiles; ++tile) {
+            for (uint64_t tile = 0; tile < t_.numTiles; ++tile) {
                 if ASCEND_IS_AIV {
                     if (tile + 1 < t_.numTiles) {
                         GatherTile(tile + 1);
@@ -226,12 +226,12 @@ private:
     }
 
     // ---------------------------------------------------------------- work item
-    __aicore__ inline void Decode(uint32_t item)
+    __aicore__ inline void Decode(uint64_t item)
     {
-        headTile_ = item % t_.headTiles;
-        const uint32_t tg = item / t_.headTiles;
-        kvHead_ = tg % t_.numKvHeads;
-        token_ = tg / t_.numKvHeads;
+        headTile_ = static_cast<uint32_t>(item % t_.headTiles);
+        const uint64_t tg = item / t_.headTiles;
+        kvHead_ = static_cast<uint32_t>(tg % t_.numKvHeads);
+        token_ = static_cast<uint32_t>(tg / t_.numKvHeads);
         head0_ = kvHead_ * t_.headsPerKv + headTile_ * t_.mTile;
         mCount_ = Min32(t_.mTile, t_.headsPerKv - headTile_ * t_.mTile);
         ownCount_ = mCount_ > rowBegin_ ? Min32(rowsPer_, mCount_ - rowBegin_) : 0;
@@ -302,6 +302,7 @@ private:
         Duplicate(acc, 0.0f, static_cast<int32_t>(rp * t_.dvPad));
         Duplicate(st[0 * rp], NEG_BIG, static_cast<int32_t>(rp));  // m (running max of scaled scores)
         Duplicate(st[2 * rp], 0.0f, static_cast<int32_t>(rp));     // l (running sum)
+        keptTotal_ = 0;
         if (t_.numTiles == 0) {
             return;  // K = 0: every row is empty, Q is never needed
         }
@@ -333,20 +334,22 @@ private:
         }
     }
 
-    __aicore__ inline void GatherTile(uint32_t tile)
+    __aicore__ inline void GatherTile(uint64_t tile)
     {
-        // 1. scan this tile's candidate slots; keep what the contract keeps, compacted to the front
+        // 1. scan this tile's candidate slots; keep what the contract keeps, compacted to the front.
+        //    Slot c is offset r = c % blockSpan of index c / blockSpan: offsets >= blockSpan of a block
+        //    lie past every sequence (the host clips them), so they are not scanned at all.
         LocalTensor<int32_t> rows = rowBuf_.Get<int32_t>();
-        const uint64_t total = static_cast<uint64_t>(t_.topk) * t_.blockSize;
-        const uint64_t c0 = static_cast<uint64_t>(tile) * t_.nTile;
+        const uint64_t total = static_cast<uint64_t>(t_.topk) * t_.blockSpan;
+        const uint64_t c0 = tile * t_.nTile;
         const uint64_t c1 = c0 + t_.nTile < total ? c0 + t_.nTile : total;
         uint32_t kept = 0;
         for (uint64_t c = c0; c < c1; ++c) {
-            const int64_t index = idxGm_.GetValue(idxRow_ + c / t_.blockSize);
+            const int64_t index = idxGm_.GetValue(idxRow_ + c / t_.blockSpan);
             if (index < 0) {
                 continue;
             }
-            const int64_t pos = index * static_cast<int64_t>(t_.blockSize) + static_cast<int64_t>(c % t_.blockSize);
+            const int64_t pos = index * static_cast<int64_t>(t_.blockSize) + static_cast<int64_t>(c % t_.blockSpan);
             if (pos >= seqLen_ || (t_.causal && pos > qPos_)) {
                 continue;
             }
@@ -354,6 +357,7 @@ private:
             ++kept;
         }
         nValid_[tile & 1] = kept;
+        keptTotal_ += kept;
         const uint32_t nValid = kept;
         const uint64_t kBase = (tile & 1) * static_cast<uint64_t>(t_.nTile) * t_.dkPad;
         const uint64_t vBase = (tile & 1) * static_cast<uint64_t>(t_.dvPad) * t_.nTile;
@@ -405,7 +409,7 @@ private:
         }
     }
 
-    __aicore__ inline void SoftmaxTile(uint32_t tile)
+    __aicore__ inline void SoftmaxTile(uint64_t tile)
     {
         const uint32_t rp = rowsPer_, nT = t_.nTile;
         LocalTensor<float> s = sBuf_.Get<float>();
@@ -508,8 +512,9 @@ private:
         LocalTensor<uint32_t> lseBits = lseRow.template ReinterpretCast<uint32_t>();
         for (uint32_t m = 0; m < ownCount_; ++m) {
             LocalTensor<float> a = acc[m * t_.dvPad];
-            const float lm = l.GetValue(m);
-            if (lm > 0.0f) {
+            // "empty" is decided by the indices and lengths (keptTotal_), never by the scores: a kept
+            // candidate holding NaN/inf makes l NaN and must propagate to out and lse (SPEC section 1)
+            if (keptTotal_ > 0) {
                 lseRow.SetValue(m, mOld.GetValue(m) + lnL.GetValue(m));
                 const float inv = 1.0f / denom.GetValue(m);
                 Sync<HardEvent::S_V>();
@@ -538,7 +543,7 @@ private:
     }
 
     // ---------------------------------------------------------------- cube side
-    __aicore__ inline void ScoreTile(uint32_t tile)
+    __aicore__ inline void ScoreTile(uint64_t tile)
     {
         const uint32_t mT = t_.mTile, nT = t_.nTile, Mf = mT / 16, Nf = nT / 16;
         if (tile == 0) {
@@ -588,7 +593,7 @@ private:
         c1_.FreeTensor(c);
     }
 
-    __aicore__ inline void ValueTile(uint32_t tile)
+    __aicore__ inline void ValueTile(uint64_t tile)
     {
         const uint32_t mT = t_.mTile, nT = t_.nTile, Mf = mT / 16, nKf = nT / C0, Dvf = t_.dvPad / 16;
         LocalTensor<T> pL1 = pA1_.AllocTensor<T>();
@@ -678,6 +683,7 @@ private:
     // this vector core's share of the packed heads: rows [rowBegin_, rowBegin_ + ownCount_) of the tile
     uint32_t sub_ = 0, rowsPer_ = 0, rowBegin_ = 0, ownCount_ = 0;
     uint64_t idxRow_ = 0;
+    uint64_t keptTotal_ = 0;  // kept candidates of the current item over all its tiles (vector cores)
     int64_t seqLen_ = 0, kvStart_ = 0, qPos_ = 0;
 };
 

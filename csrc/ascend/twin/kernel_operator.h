@@ -13,8 +13,9 @@
 // - It lives in its own folder, reached only by -I in the twin build: a twin header beside the kernel
 //   would shadow Huawei's in the conformance check.
 // - Every TPipe buffer is charged to its on-chip memory (UB, L1, L0A, L0B, L0C) and checked against
-//   the capacities of the SoC selected with twin::SetSoc; an overflow throws twin::CapacityError, so a
-//   tiling that would not fit on the chip fails here too.
+//   the capacities of the launch's SoC (twin::Group::soc, one per launch: two launches for different
+//   SoCs may run at once in two threads); an overflow throws twin::CapacityError, so a tiling that
+//   would not fit on the chip fails here too.
 // - Fresh buffers are filled with 0xFF bytes (NaN as float/half): the chip does not zero memory, so a
 //   kernel that reads what it never wrote must fail here rather than pass by luck.
 // - Cube layouts are modelled as we read Huawei's documentation and samples (not verified on a chip):
@@ -125,6 +126,7 @@ struct SocLimits {
 // One block of a mix launch: one cube core (AIC) and `ratio` vector cores (AIV), each a thread of its
 // own, sharing only global memory and the cross-core flags below (as on the chip).
 struct Group {
+    SocLimits soc;  // the SoC this launch runs as: per launch, never process-global
     std::mutex mu;
     std::condition_variable cv;
     int ratio = 2;
@@ -144,11 +146,11 @@ inline State& S() {
     static thread_local State s;
     return s;
 }
-inline SocLimits& Soc() {
-    static SocLimits soc;  // set once per launch, before the core threads start; read-only while they run
-    return soc;
+// the SoC of the launch this core belongs to
+inline const SocLimits& Soc() {
+    if (S().group == nullptr) throw MisuseError("AscendC twin: kernel code outside a launch (no core group)");
+    return S().group->soc;
 }
-inline void SetSoc(const SocLimits& soc) { Soc() = soc; }
 // called at the start of each core thread
 inline void EnterCore(int coreType, int64_t blockIdx, int64_t blockNum, int64_t subBlockIdx, Group* g) {
     State& st = S();
