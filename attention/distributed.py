@@ -404,8 +404,8 @@ def selective_attention(
             raise ValueError(f"shard must describe the group's {world} ranks, got a layout for {shard.world_size}")
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-        _inputs._need_tensor("q", q)
-        _inputs._need_tensor("kv_shard", kv_shard)
+        _inputs.need_tensor("q", q)
+        _inputs.need_tensor("kv_shard", kv_shard)
         B = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
         if shard.num_seqs != B:
             raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")
@@ -487,8 +487,8 @@ def select(
             raise TypeError(f"shard must be an attention.distributed.ShardLayout, got {type(shard).__name__}")
         if shard.world_size != world:
             raise ValueError(f"shard must describe the group's {world} ranks, got a layout for {shard.world_size}")
-        _inputs._need_tensor("q_idx", q_idx)
-        _inputs._need_tensor("k_idx_shard", k_idx_shard)
+        _inputs.need_tensor("q_idx", q_idx)
+        _inputs.need_tensor("k_idx_shard", k_idx_shard)
         B = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
         if shard.num_seqs != B:
             raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 import python_ref
 
-from .inputs import FLOAT_DTYPES, _dt, _need_rank, _need_tensor
+from .inputs import FLOAT_DTYPES, dtype_name, need_backend_name, need_rank, need_tensor
 
 __all__ = ["merge_attention_states", "validate_merge", "choose_merge_impl", "MERGE_IMPLS"]
 
@@ -52,11 +52,11 @@ def validate_merge(outs, lses, attn_sink=None, backend=None) -> Tuple[Tensor, Te
     outs = _stack("outs", outs)
     lses = _stack("lses", lses)
     if outs.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"outs must be float32, float16 or bfloat16, got {_dt(outs.dtype)}")
+        raise TypeError(f"outs must be float32, float16 or bfloat16, got {dtype_name(outs.dtype)}")
     if lses.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"lses must be a float tensor (float32), got {_dt(lses.dtype)}")
-    _need_rank("outs", outs, (4,), "[N, T, H, Dv] (N parts)")
-    _need_rank("lses", lses, (3,), "[N, T, H]")
+        raise TypeError(f"lses must be a float tensor (float32), got {dtype_name(lses.dtype)}")
+    need_rank("outs", outs, (4,), "[N, T, H, Dv] (N parts)")
+    need_rank("lses", lses, (3,), "[N, T, H]")
     if tuple(lses.shape) != tuple(outs.shape[:3]):
         raise ValueError(f"lses must have shape [N, T, H]={tuple(outs.shape[:3])} (outs' first three "
                          f"dimensions), got {tuple(lses.shape)}")
@@ -64,17 +64,16 @@ def validate_merge(outs, lses, attn_sink=None, backend=None) -> Tuple[Tensor, Te
     if lses.device != dev:
         raise ValueError(f"lses must be on outs' device {dev}, got {lses.device}")
     if attn_sink is not None:
-        _need_tensor("attn_sink", attn_sink)
+        need_tensor("attn_sink", attn_sink)
         if not attn_sink.is_floating_point():
-            raise TypeError(f"attn_sink must be a float tensor, got {_dt(attn_sink.dtype)}")
+            raise TypeError(f"attn_sink must be a float tensor, got {dtype_name(attn_sink.dtype)}")
         H = outs.shape[2]
         if attn_sink.dim() != 1 or attn_sink.shape[0] != H:
             raise ValueError(f"attn_sink must have shape [H]=({H},), got {tuple(attn_sink.shape)}")
         if attn_sink.device != dev:
             raise ValueError(f"attn_sink must be on outs' device {dev}, got {attn_sink.device}")
         attn_sink = attn_sink.to(torch.float32)  # another float dtype is converted (as in the op)
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    need_backend_name(backend)
     return outs, lses, attn_sink
 
 
@@ -86,11 +85,11 @@ def _stack(name: str, x) -> Tensor:
     if len(x) == 0:
         raise ValueError(f"{name} must hold at least one part (pass a stacked tensor with N=0 for none)")
     for i, t in enumerate(x):
-        _need_tensor(f"{name}[{i}]", t)
+        need_tensor(f"{name}[{i}]", t)
         if t.shape != x[0].shape or t.dtype != x[0].dtype or t.device != x[0].device:
             raise ValueError(f"{name}[{i}] must match {name}[0]'s shape {tuple(x[0].shape)}, dtype "
-                             f"{_dt(x[0].dtype)} and device {x[0].device}; got {tuple(t.shape)}, "
-                             f"{_dt(t.dtype)}, {t.device}")
+                             f"{dtype_name(x[0].dtype)} and device {x[0].device}; got {tuple(t.shape)}, "
+                             f"{dtype_name(t.dtype)}, {t.device}")
     return torch.stack(list(x))
 
 
@@ -153,7 +152,7 @@ def choose_merge_impl(device: torch.device, backend: Optional[str] = None) -> Me
 
 # ----------------------------------------------------------------------------- torch.library op
 # A FRAGMENT of the "attention" namespace. define/impl rather than @custom_op: ~7 us against ~20 us
-# of dispatch per call (TRAPS.md); the context-parallel decode merges once per layer per step.
+# of dispatch per call (docs/traps.md); the context-parallel decode merges once per layer per step.
 _lib = torch.library.Library("attention", "FRAGMENT")
 _lib.define("merge_attention_states(Tensor outs, Tensor lses, Tensor? attn_sink=None, str? backend=None) "
             "-> (Tensor, Tensor)")

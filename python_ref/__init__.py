@@ -5,6 +5,7 @@
 """
 from .selective_attention import (  # noqa: F401
     DEFAULT_CHUNK_BYTES,
+    max_logits,
     selective_attention,
     selective_attention_backward,
     selective_attention_dense,

@@ -114,7 +114,7 @@ class _Indexer:
         self.cd = torch.float64 if q_idx.dtype == torch.float64 else torch.float32
         self.scale = float(Di ** -0.5 if scale is None else scale)
         self.paged = k_idx.dim() == 3
-        # Upcast once: bfloat16 matmuls run ~400x slower than float32 on our CPUs (TRAPS.md).
+        # Upcast once: bfloat16 matmuls run ~400x slower than float32 on our CPUs (docs/traps.md).
         self.q = (q_idx.to(self.cd) * self.scale).contiguous()  # scale folded into q: one pass
         self.w = weights.to(self.cd)
         if self.paged:

@@ -428,22 +428,6 @@ def selective_attention(
     ``q``, ``q_rope`` and ``indices`` may be a slice of the call's query tokens starting at global
     token ``token_offset`` out of ``total_tokens``.
     """
-    return forward_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q,
-                              cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, chunk_bytes, token_offset,
-                              total_tokens)
-
-
-def forward_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
-                       block_table, seqlens_k, causal, attn_sink, chunk_bytes=None, token_offset=0,
-                       total_tokens=None):
-    """``selective_attention`` with the op schema's positional order (the hot path of the CPU backend).
-
-    Work is cut into pieces of c query tokens x a slice of their K indices whose working set
-    (:func:`bytes_per_candidate`) stays within ``chunk_bytes``: normally all K indices of c >= 1
-    tokens; when one token's candidates alone exceed the budget (huge K * block_size), one token at a
-    time over slices of its indices, whose partial results are merged exactly as SPEC.md section 6
-    merges split-K parts. The output is written in place, never concatenated (that would double it).
-    """
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens)
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
@@ -516,6 +500,33 @@ def _forward_split_k(call: _Call, q, q_rope, idx, c0, c1, k_piece, r_piece):
     return o_run, lse_run
 
 
+def max_logits(
+    q: Tensor, kv: Tensor, indices: Tensor, *, q_rope: Optional[Tensor] = None, kv_rope: Optional[Tensor] = None,
+    sm_scale: Optional[float] = None, block_size: int = 1, cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
+    causal: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """Row max over kept candidates of the scaled logit s_p (SPEC section 1): [T, H] float32, -inf if none kept.
+
+    The contract returns lse only; vendor APIs that also return the max (FlashMLA's max_logits,
+    torch_npu's softmax_max) get it here, from the same candidate selection and scoring as the
+    forward (one implementation of the keep rules), chunk by chunk on the inputs' device. It costs
+    about as much as a reference forward pass.
+    """
+    call = _Call(q, kv, indices, None, None, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
+                 block_table, seqlens_k, causal, None, 0, None)
+    T, H = q.shape[0], q.shape[1]
+    if call.n == 0 or T == 0:
+        return torch.full((T, H), float("-inf"), device=q.device, dtype=torch.float32)
+    chunk = tokens_per_chunk(H, call.Hkv, call.n, call.Dqk + call.Dr, chunk_bytes)
+    parts = []
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        s = _chunk_scores(call, q, q_rope, indices, c0, c1)["s"]  # [c*Hkv, Hg, n], dropped = -inf
+        parts.append(s.amax(dim=-1).reshape(c1 - c0, H).to(torch.float32))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def selective_attention_backward(
     grad_out: Optional[Tensor],
     grad_lse: Optional[Tensor],
@@ -536,6 +547,8 @@ def selective_attention_backward(
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
     chunk_bytes: Optional[int] = None,
+    out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
 ):
     """Gradients ``(dq, dkv, dv, dq_rope, dkv_rope, dattn_sink)`` of (out, lse), chunk by chunk.
 
@@ -545,6 +558,10 @@ def selective_attention_backward(
     dK = scale * dS^T @ q;  dV = P'^T @ dO;  dsink = -sum_t rowsum(dO * out) * exp(sink) / (exp(lse) + exp(sink)).
     Key/value rows are scattered back into the cache with ``index_put_(accumulate=True)``;
     dropped candidates have P = 0 and contribute exactly nothing. Entries for absent inputs are None.
+
+    ``out`` and ``lse``, the forward's results (the op saves them), spare the backward the forward's
+    softmax and its P' @ V: P = exp(s - lse) and P' = P * sigmoid(lse - sink). Without them both are
+    recomputed from the scores, which the backward computes either way.
     """
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, 0, None)
@@ -570,19 +587,31 @@ def selective_attention_backward(
         c1 = min(Tc, c0 + chunk)
         c = c1 - c0
         x = _chunk_scores(call, q, q_rope, indices, c0, c1)
-        lse, e, l, denom = _softmax(call, x["s"], x["kept"])
-        pp = e / denom  # P' = the weights that produced out (sink included)
-        p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
+        if lse is None:
+            _, e, l, denom = _softmax(call, x["s"], x["kept"])
+            pp = e / denom  # P' = the weights that produced out (sink included)
+            p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
+            sink_share = None if dsink is None else 1 - l / denom  # exp(sink) / (exp(lse) + exp(sink))
+        else:
+            row_lse = lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
+            # An empty row (lse = -inf, every s = -inf) subtracts 0 instead: P = 0 there, never NaN.
+            p = torch.exp(x["s"] - (row_lse if x["kept"] is None else torch.where(x["kept"], row_lse, 0.0)))
+            if dsink is None:
+                pp = p
+            else:
+                sink_share = torch.sigmoid(call.sink.view(1, Hkv, Hg, 1) - row_lse.view(c, Hkv, Hg, 1))
+                sink_share = sink_share.view(c * Hkv, Hg, 1)
+                pp = p * (1 - sink_share)
         vals = x["vals"]
         if grad_out is not None:
             do = grad_out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
-            o = torch.matmul(pp, vals)
+            o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
             delta = (do * o).sum(-1, keepdim=True)
             ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
             dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c, Hkv, n, Dv]
             if dsink is not None:
-                # d out / d sink = -out * exp(sink - m) / denom = -out * (1 - l / denom)
-                dsink -= (delta * (1 - l / denom)).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
+                # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
+                dsink -= (delta * sink_share).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
         else:
             ds = torch.zeros_like(p)
             dvals = None

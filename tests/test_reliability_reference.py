@@ -263,10 +263,9 @@ def test_topk_float64_matches_oracle_with_ties_and_padding():
 
 
 def test_cuda_topk_declines_float64_scores():
-    from attention.backends.cuda import SELECTION_BACKEND
     from attention.selection import validate_scores
 
-    reasons = SELECTION_BACKEND.not_supported_reasons(validate_scores(torch.zeros(2, 3, dtype=torch.float64), 2))
+    reasons = attention.get_backend("cuda").not_supported_reasons(validate_scores(torch.zeros(2, 3, dtype=torch.float64), 2))
     assert any("float64" in r for r in reasons)
 
 

@@ -12,7 +12,7 @@ import torch
 import attention
 import python_ref
 from attention import verify
-from attention.registry import Backend
+from attention.registry import ATTENTION_FEATURES, Backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,8 +56,8 @@ def test_cli_turns_on_the_triton_interpreter_for_cpu(tmp_path):
 
 class _OffByOne(Backend):
     name = "off-for-verify-test"
-    devices = frozenset({"cpu"})
-    priority = 10_000
+    priorities = {"cpu": 10_000}
+    ops = {"attention": ATTENTION_FEATURES}
     dtypes = frozenset({torch.float32})
 
     def forward(self, inp):
@@ -144,8 +144,8 @@ def test_cann_check_result_nan_inf_and_empty():
 class _Scaled(Backend):
     """The right answer times (1 + 2^-6): FlashMLA's and CANN's rules must both reject it."""
     name = "scaled-for-verify-test"
-    devices = frozenset({"cpu"})
-    priority = 10_000
+    priorities = {"cpu": 10_000}
+    ops = {"attention": ATTENTION_FEATURES}
     dtypes = frozenset({torch.float32})
 
     def forward(self, inp):

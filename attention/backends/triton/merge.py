@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import _new
+from ...inputs import new_empty as _new
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
