@@ -16,7 +16,7 @@ import torch
 
 import attention
 import python_ref
-from attention.selection import _SELECTION_BACKENDS, selection_backends, validate_selection
+from attention.selection import selection_backends, validate_selection
 from attention.testing import CASES_BY_NAME, TOLERANCES, max_error, oracle
 
 
@@ -149,7 +149,7 @@ def test_selection_arguments_strided(op, paged):
     for name in backends:
         inp = validate_selection(op, views["q_idx"], views["k_idx"], views["weights"], *(e["k"] for e in extra),
                                  **{k: v for k, v in views.items() if k not in ("q_idx", "k_idx", "weights")})
-        if _SELECTION_BACKENDS[name].not_supported_reasons(inp):
+        if attention.get_backend(name).not_supported_reasons(inp):
             continue
         got = fn(**views, **(extra[0] if extra else {}), backend=name)
         want = fn(**a, **(extra[0] if extra else {}), backend="reference")

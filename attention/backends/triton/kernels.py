@@ -24,7 +24,7 @@ _LN2 = tl.constexpr(LN2)
 @triton.jit
 def _dot(a, b, F32_DOT: tl.constexpr):
     # F32_DOT: float32 operands (float32 inputs, or any dtype under the interpreter, whose bfloat16
-    # dot is wrong, TRAPS.md). "ieee" keeps float32 inputs out of TF32 so 1e-4 tolerances hold.
+    # dot is wrong, docs/traps.md). "ieee" keeps float32 inputs out of TF32 so 1e-4 tolerances hold.
     if F32_DOT:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:

@@ -22,6 +22,7 @@ import torch
 import triton
 
 from ... import tuning
+from ...inputs import new_outputs, next_power_of_2
 from . import limits
 from .kernels import (LOG2E, selective_attention_combine_kernel, selective_attention_fwd_kernel,
                       selective_attention_latent_kernel)
@@ -45,8 +46,7 @@ SM_COUNTS = (("H200", 132), ("H100", 132), ("H800", 132), ("H20", 78), ("A100", 
              ("L40S", 142), ("L40", 142), ("RTX 4090", 128))
 
 
-def _p2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
+_p2 = next_power_of_2
 
 
 def target_name() -> Optional[str]:
@@ -243,9 +243,7 @@ def _named(prefix: str, axes: str, strides) -> Dict[str, int]:
 
 def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = None):
     """Run the kernels; returns (out [T, H, Dv] q.dtype, lse [T, H] float32)."""
-    from ...registry import Backend
-
-    out, lse = Backend.new_outputs(inp)
+    out, lse = new_outputs(inp)
     T, H = inp.num_tokens, inp.num_heads
     if T == 0:
         return out, lse
