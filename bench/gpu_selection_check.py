@@ -72,14 +72,12 @@ def main(argv=None) -> int:
     import attention
     import python_ref
     from attention.backends import cuda as cuda_topk
-    from attention.selection import _SELECTION_BACKENDS
-
+    cuda_topk = attention.get_backend("cuda").unavailable_reasons()
     dev = torch.device("cpu" if dry else "cuda")
     reps = 2 if dry else (5 if a.quick else 20)
     res = dict(device="cpu (dry run)" if dry else torch.cuda.get_device_name(), torch=torch.__version__,
                triton=getattr(sys.modules.get("triton"), "__version__", None),
-               cuda_topk=("available" if not _SELECTION_BACKENDS["cuda"].unavailable_reasons()
-                          else "; ".join(_SELECTION_BACKENDS["cuda"].unavailable_reasons())),
+               cuda_topk="; ".join(cuda_topk) or "available",
                checks=[], timings=[])
     failures = []
 

@@ -21,8 +21,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ...inputs import SelectiveAttentionInputs
-from ...registry import Backend
+from ...inputs import FLOAT_DTYPES, SelectiveAttentionInputs
+from ...registry import ATTENTION_FEATURES, Backend, npu_available
 
 try:
     from ... import _ascendc_twin as _twin  # type: ignore[attr-defined]
@@ -115,11 +115,9 @@ def _plan_cached(soc: str, key: tuple, tiling: Optional[tuple]) -> dict:
 class AscendCBackend(Backend):
     name = "ascendc"
     description = "AscendC kernel (csrc/ascend): on cpu the CPU twin of the same source; on npu the chip build"
-    devices = frozenset({"cpu", "npu"})
-    priority = 10  # first on npu
-
-    def priority_for(self, device_type: str) -> int:
-        return 60 if device_type == "cpu" else self.priority  # after the reference on cpu
+    priorities = {"npu": 10, "cpu": 60}  # first on npu; on cpu (the twin) after the reference
+    ops = {"attention": ATTENTION_FEATURES}  # the kernel implements all of SPEC.md section 1
+    dtypes = frozenset(FLOAT_DTYPES)  # per SoC narrowed in limit_reasons (no bf16 / fp32 cube on some)
 
     def unavailable_reasons(self) -> List[str]:
         return [_TWIN_ERROR] if _twin is None and _npu is None else []
@@ -130,10 +128,10 @@ class AscendCBackend(Backend):
             devs.add("cpu")
         if _npu is not None:
             devs.add("npu")
-        return frozenset(devs) or self.devices
+        return frozenset(devs) or frozenset(self.priorities)
 
-    def not_supported_reasons(self, inp: SelectiveAttentionInputs) -> List[str]:
-        reasons = super().not_supported_reasons(inp)
+    def limit_reasons(self, inp: SelectiveAttentionInputs) -> List[str]:
+        reasons = []
         dev = inp.device.type
         if dev == "cpu" and _twin is None:
             reasons.append(_TWIN_ERROR)
@@ -197,8 +195,7 @@ class AscendCBackend(Backend):
         devs = []
         if _twin is not None:
             devs.append("cpu")
-        npu = getattr(torch, "npu", None)
-        if _npu is not None and npu is not None and npu.is_available():
+        if _npu is not None and npu_available():
             devs.append("npu")
         return devs
 
