@@ -7,7 +7,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ops import _impl, selective_attention_op
+from .arguments import ARG_INDEX, ARG_NAMES, DIFFERENTIABLE
+from .inputs import validate
+from .ops import run_backend, selective_attention_op
+
+_DIFFERENTIABLE_AT = tuple(ARG_INDEX[n] for n in DIFFERENTIABLE)
 
 
 def selective_attention(
@@ -37,24 +41,26 @@ def selective_attention(
     ``v`` the value is ``kv[..., :d_v]`` (MLA latent mode). Returns out [T, H, Dv] in q's dtype, and
     lse [T, H] float32 (natural log) with ``return_lse=True``. See SPEC.md section 1 / docs/contract.md.
     """
-    args = (q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
-            block_table, seqlens_k, causal, attn_sink, backend)
-    if _plain_eager_call(q, kv, v, q_rope, kv_rope, attn_sink):
+    # The op's arguments in the schema's order, read off this signature by the argument table's names
+    # (tests/test_op.py checks that the signature and the table agree).
+    args = tuple(map(locals().__getitem__, ARG_NAMES))
+    if _plain_eager_call(args):
         # Same kernel, without the dispatcher + autograd wrapper round trip (~25 us on our CPUs):
         # nothing needs a gradient and nothing traces or intercepts the call.
-        out, lse = _impl(*args)
+        out, lse = run_backend(validate(*args))
     else:
         out, lse = selective_attention_op(*args)
     return (out, lse) if return_lse else out
 
 
-def _plain_eager_call(*tensors) -> bool:
+def _plain_eager_call(args: tuple) -> bool:
     if torch.compiler.is_compiling():  # first: dynamo folds it to a constant
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     grad = torch.is_grad_enabled()
-    for t in tensors:
+    for i in _DIFFERENTIABLE_AT:
+        t = args[i]
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 
@@ -30,30 +31,17 @@ def report() -> str:
     if torch.cuda.is_available():
         lines.append(f"cuda device: {torch.cuda.get_device_name()}")
     lines.append("")
-    rows = [("backend", "devices", "status", "priority (cpu/cuda/npu)", "detail")]
+    # One registry for every op: one row per backend, with the ops it implements.
+    rows = [("backend", "devices", "status", "priority (cpu/cuda/npu)", "ops", "detail")]
     for b in backends():
         why = b.unavailable_reasons()
         status = "available" if not why else "unavailable"
         devs = ",".join(sorted(b.device_types())) or "-"
         prio = "/".join(str(b.priority_for(d)) if b.runs_on(d) else "-" for d in ("cpu", "cuda", "npu"))
-        rows.append((b.name, devs, status, prio, "; ".join(why) or b.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((b.name, devs, status, prio, ",".join(sorted(b.ops)) or "-", "; ".join(why) or b.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
-    try:
-        from attention.selection import selection_backends
-    except ImportError:  # pragma: no cover
-        selection_backends = list
-    sel = selection_backends()
-    if sel:
-        lines.append("")
-        lines.append("selection (lightning_indexer / topk_indices / select):")
-        for b in sel:
-            why = b.unavailable_reasons()
-            ops = ",".join(sorted(b.ops))
-            lines.append(f"  {b.name.ljust(10)} {','.join(sorted(b.devices)).ljust(6)} "
-                         f"{'available' if not why else 'unavailable'}  ops: {ops}"
-                         f"{'  (' + '; '.join(why) + ')' if why else ''}")
+        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5])
     for b in backends():
         extra = b.info()
         if extra:
@@ -65,6 +53,9 @@ def report() -> str:
 
 
 def main(argv=None) -> int:
+    # No options yet, but a parser all the same: an unknown flag (a typo of a future option) is a
+    # usage error with exit 2, not a silent success.
+    argparse.ArgumentParser(prog="python -m attention.info", description=__doc__.split(": ", 1)[1].strip()).parse_args(argv)
     print(report())
     return 0
 

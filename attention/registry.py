@@ -1,42 +1,59 @@
-"""Backend registry and automatic dispatch (STYLE.md rule 3: no device chains outside this file).
+"""One backend registry for every op (STYLE.md rule 3): attention, its backward, and the selection ops.
 
-A backend is a small class that *declares* what it supports (devices, dtypes, head widths,
-features) and answers ``not_supported_reasons(inputs) -> list[str]``. Automatic choice walks the
-backends registered for the inputs' device in priority order and takes the first with no reasons.
-``backend="name"`` (or ``ATTENTION_BACKEND=name``) forces one; a forced backend that cannot run
-raises with its reasons. When nothing fits, the error lists every backend's reasons.
+A backend is a small class that *declares* what it has, opt-in (the default is nothing):
+
+- ``ops``: op name -> the features of that op it implements, e.g.
+  ``{"attention": frozenset({"latent", "paged", ...}), "select": frozenset({"contiguous"})}``.
+  Op names: ``attention``, ``attention_backward``, ``lightning_indexer``, ``topk_indices``, ``select``.
+- ``priorities``: device type -> rank, lower first (``{"cuda": 10, "cpu": 50}``; ``"*"`` = any device).
+- ``dtypes``, ``max_head_dim``, ``max_heads_per_kv``, and ``limit_reasons(inp)`` for shape limits.
+
+``not_supported_reasons(inp) -> list[str]`` answers from those declarations; ``supports`` is "no
+reasons". Automatic choice walks the backends of the inputs' device in priority order and takes the
+first with no reasons; the choice is cached on the inputs' ``choice_key()`` (op, device type, dtype,
+declared features and the sizes limits read), so a backend must decide from exactly those.
+``backend="name"`` (or the op's environment variable, ``ATTENTION_BACKEND`` /
+``ATTENTION_SELECTION_BACKEND``) forces one; a forced backend that cannot run raises with its
+reasons. When nothing fits, the error lists every backend's reasons.
+
+The backward of the attention op is chosen the same way for the op ``attention_backward``; a forced
+forward backend that has no backward of its own leaves the backward to the automatic choice.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 
-from .inputs import FLOAT_DTYPES, SelectiveAttentionInputs
+from .inputs import dtype_name, new_outputs
 
-# Every feature name SelectiveAttentionInputs.features can report.
-ALL_FEATURES: FrozenSet[str] = frozenset({
+#: Every op the registry chooses a backend for.
+OPS = ("attention", "attention_backward", "lightning_indexer", "topk_indices", "select")
+
+#: Every feature name ``SelectiveAttentionInputs.features`` can report (a backend lists the ones it has).
+ATTENTION_FEATURES: FrozenSet[str] = frozenset({
     "latent", "separate_v", "contiguous", "paged", "rope", "block", "causal", "sink", "varlen",
     "shared_indices",
 })
+#: Every feature name ``SelectionInputs.features`` can report.
+SELECTION_FEATURES: FrozenSet[str] = frozenset({"contiguous", "paged", "varlen", "causal", "block"})
 
 
 class Backend:
-    """Base class: declare capabilities as class attributes, implement ``forward``."""
+    """Base class: declare capabilities as class attributes (opt-in), implement ``forward``."""
 
     name: str = ""
     description: str = ""
-    #: device types this backend runs on ("cpu", "cuda", "npu"); "*" = any device.
-    devices: FrozenSet[str] = frozenset()
-    #: lower runs first; a backend may rank differently per device (see ``priority_for``).
-    priority: int = 100
-    dtypes: FrozenSet[torch.dtype] = frozenset(FLOAT_DTYPES)
-    features: FrozenSet[str] = ALL_FEATURES
-    max_head_dim: Optional[int] = None  # largest Dqk / Dv / Dr it handles
-    max_heads_per_kv: Optional[int] = None
+    #: device type -> rank (lower runs first); "*" ranks every device not listed.
+    priorities: Mapping[str, int] = {}
+    #: op -> features of that op this backend implements; an op not listed is not implemented.
+    ops: Mapping[str, FrozenSet[str]] = {}
+    dtypes: FrozenSet[torch.dtype] = frozenset()
+    max_head_dim: Optional[int] = None  # largest Dqk / Dv / Dr it handles (attention)
+    max_heads_per_kv: Optional[int] = None  # query heads per kv head (attention)
 
     # ---- machine level ----
     def unavailable_reasons(self) -> List[str]:
@@ -44,59 +61,71 @@ class Backend:
         return []
 
     def device_types(self) -> FrozenSet[str]:
-        return self.devices
+        return frozenset(self.priorities)
 
     def priority_for(self, device_type: str) -> int:
-        return self.priority
+        p = self.priorities
+        return p[device_type] if device_type in p else p.get("*", 1 << 30)
 
     def runs_on(self, device_type: str) -> bool:
         d = self.device_types()
         return "*" in d or device_type in d
 
+    def implements(self, op: str) -> bool:
+        return op in self.ops
+
     # ---- per call ----
-    def not_supported_reasons(self, inp: SelectiveAttentionInputs) -> List[str]:
-        """Why these inputs cannot run here. Must depend only on the inputs' device, dtypes,
-        features and shapes (automatic choices are cached on exactly that signature)."""
+    def not_supported_reasons(self, inp) -> List[str]:
+        """Why these inputs cannot run here, from the declarations and ``limit_reasons``. Must depend
+        only on what ``inp.choice_key()`` holds (automatic choices are cached on it)."""
         reasons = list(self.unavailable_reasons())
+        op = inp.op
+        if op not in self.ops:
+            reasons.append(f"op {op} not implemented")
+            return reasons
         dev = inp.device.type
         if not self.runs_on(dev):
             reasons.append(f"device {dev} not in {sorted(self.device_types())}")
         if inp.dtype not in self.dtypes:
-            reasons.append(f"dtype {str(inp.dtype).replace('torch.', '')} not supported")
-        missing = inp.features - self.features
+            reasons.append(f"dtype {dtype_name(inp.dtype)} not supported")
+        missing = inp.features - self.ops[op]
         if missing:
             reasons.append(f"features not supported: {', '.join(sorted(missing))}")
-        if self.max_head_dim is not None:
-            widest = max(inp.head_dim, inp.d_v, inp.rope_dim)
-            if widest > self.max_head_dim:
-                reasons.append(f"head width {widest} > {self.max_head_dim}")
-        if self.max_heads_per_kv is not None:
-            hg = inp.num_heads // inp.num_kv_heads
-            if hg > self.max_heads_per_kv:
-                reasons.append(f"{hg} query heads per kv head > {self.max_heads_per_kv}")
+        if op == "attention":
+            if self.max_head_dim is not None:
+                widest = max(inp.head_dim, inp.d_v, inp.rope_dim)
+                if widest > self.max_head_dim:
+                    reasons.append(f"head width {widest} > {self.max_head_dim}")
+            if self.max_heads_per_kv is not None:
+                heads_per_kv = inp.num_heads // inp.num_kv_heads
+                if heads_per_kv > self.max_heads_per_kv:
+                    reasons.append(f"{heads_per_kv} query heads per kv head > {self.max_heads_per_kv}")
+        if not reasons:
+            reasons.extend(self.limit_reasons(inp))
         return reasons
 
-    def supports(self, inp: SelectiveAttentionInputs) -> bool:
+    def limit_reasons(self, inp) -> List[str]:
+        """Shape limits beyond the declared ones (launch grids, on-chip memory); none by default."""
+        return []
+
+    def supports(self, inp) -> bool:
         return not self.not_supported_reasons(inp)
 
-    def forward(self, inp: SelectiveAttentionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inp):
+        """Run ``inp.op`` on validated inputs: (out, lse) for attention, one tensor for selection."""
         raise NotImplementedError
 
-    @staticmethod
-    def new_outputs(inp: SelectiveAttentionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(out [T, H, Dv] q.dtype, lse [T, H] float32) for a kernel to write into.
+    def backward(self, inp, out, lse, grad_out, grad_lse) -> tuple:
+        """Gradients of the attention op for the arguments in ``attention.arguments.DIFFERENTIABLE``
+        order. Default: the reference's analytical backward (any device), fed the forward's saved
+        ``out`` and ``lse``; a backend with a backward kernel overrides it and declares
+        ``attention_backward`` in ``ops``."""
+        import python_ref
 
-        Filled with NaN when ATTENTION_NAN_FILL=1 (the test suite and verify set it), so an element
-        a kernel fails to write cannot pass a comparison; uninitialised otherwise.
-        """
-        T, H = inp.num_tokens, inp.num_heads
-        if os.environ.get("ATTENTION_NAN_FILL", "0") not in ("", "0"):
-            out = torch.full((T, H, inp.d_v), float("nan"), device=inp.device, dtype=inp.dtype)
-            lse = torch.full((T, H), float("nan"), device=inp.device, dtype=torch.float32)
-        else:
-            out = torch.empty((T, H, inp.d_v), device=inp.device, dtype=inp.dtype)
-            lse = torch.empty((T, H), device=inp.device, dtype=torch.float32)
-        return out, lse
+        return python_ref.selective_attention_backward(grad_out, grad_lse, inp.q, inp.kv, inp.indices, out=out,
+                                                       lse=lse, **inp.reference_kwargs())
+
+    new_outputs = staticmethod(new_outputs)
 
     def test_devices(self) -> List[str]:
         """Devices on which this machine can exercise the backend (the test matrix uses these)."""
@@ -107,14 +136,19 @@ class Backend:
             devs.append("cpu")
         if self.runs_on("cuda") and torch.cuda.is_available():
             devs.append("cuda")
-        npu = getattr(torch, "npu", None)
-        if self.runs_on("npu") and npu is not None and npu.is_available():
+        if self.runs_on("npu") and npu_available():
             devs.append("npu")
         return devs
 
     def info(self) -> Dict[str, str]:
         """Extra lines for ``python -m attention.info`` (tuning, build details)."""
         return {}
+
+
+def npu_available() -> bool:
+    """An Ascend NPU through torch_npu (which registers ``torch.npu`` when imported)."""
+    npu = getattr(torch, "npu", None)
+    return npu is not None and npu.is_available()
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -126,6 +160,9 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
         raise ValueError("a backend needs a name")
     if backend.name in _BACKENDS and not replace:
         raise ValueError(f"backend {backend.name!r} is already registered")
+    unknown = set(backend.ops) - set(OPS)
+    if unknown:
+        raise ValueError(f"backend {backend.name!r} declares unknown ops {sorted(unknown)}; ops are {OPS}")
     _BACKENDS[backend.name] = backend
     _choice_cache.clear()
     return backend
@@ -136,9 +173,9 @@ def unregister_backend(name: str) -> None:
     _choice_cache.clear()
 
 
-def backends() -> List[Backend]:
-    """All registered backends (registration order)."""
-    return list(_BACKENDS.values())
+def backends(op: Optional[str] = None) -> List[Backend]:
+    """Registered backends (registration order); with ``op``, those that implement it."""
+    return [b for b in _BACKENDS.values() if op is None or b.implements(op)]
 
 
 def get_backend(name: str) -> Backend:
@@ -148,81 +185,87 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {name!r}") from None
 
 
-def backends_for(device_type: str) -> List[Backend]:
-    """Backends that run on ``device_type``, in priority order."""
-    cands = [b for b in _BACKENDS.values() if b.runs_on(device_type)]
+def backends_for(device_type: str, op: str = "attention") -> List[Backend]:
+    """Backends that implement ``op`` and run on ``device_type``, in priority order."""
+    cands = [b for b in _BACKENDS.values() if b.implements(op) and b.runs_on(device_type)]
     return sorted(cands, key=lambda b: b.priority_for(device_type))
 
 
-def forced_backend_name(inp: SelectiveAttentionInputs) -> Optional[str]:
-    """The argument wins over the environment variable."""
+def forced_backend_name(inp) -> Optional[str]:
+    """The argument wins over the op's environment variable."""
     if inp.backend:
         return inp.backend
-    env = os.environ.get("ATTENTION_BACKEND", "").strip()
-    return env or None
+    return os.environ.get(inp.force_env, "").strip() or None
 
 
-def check_backend_name(name: Optional[str]) -> None:
-    if name is not None:
-        get_backend(name)
-
-
-# The automatic choice is made on every decode step of every layer, so it is cached per input
-# signature: device, dtypes, features and every tensor's shape. Backends must decide support from
-# exactly that (tensor *contents* cannot matter: reading them would be a device sync). Any registry
-# change clears the cache; it is bounded because a growing contiguous cache changes S every step.
+# The automatic choice is made on every decode step of every layer, so it is cached on the inputs'
+# choice_key(): op, device type, dtype, declared features and the sizes the limits read (never a
+# tensor's contents: reading them would be a device sync). A growing kv cache does not change the
+# key. Any registry change clears the cache; its size is bounded all the same.
 _choice_cache: Dict[tuple, Backend] = {}
 _CACHE_LIMIT = 4096
 
 
-def _shape(t):
-    return None if t is None else t.shape
-
-
-def _signature(inp: SelectiveAttentionInputs) -> tuple:
-    # Everything `features` and the declared limits derive from, without computing them: shapes
-    # (torch.Size hashes as a tuple), dtypes, device type and the two flags shapes cannot show.
-    return (inp.q.device.type, inp.q.dtype, inp.indices.dtype, inp.q.shape, inp.kv.shape, inp.indices.shape,
-            _shape(inp.v), _shape(inp.q_rope), _shape(inp.cu_seqlens_q), _shape(inp.block_table), inp.d_v,
-            inp.block_size, inp.causal, inp.attn_sink is None)
-
-
-def choose_backend(inp: SelectiveAttentionInputs) -> Backend:
+def choose_backend(inp, op: Optional[str] = None) -> Backend:
+    """The backend for ``op`` (default ``inp.op``) on these inputs."""
+    op = op or inp.op
     forced = forced_backend_name(inp)
-    if forced is None:
-        key = _signature(inp)
+    if forced is not None and (op == inp.op or get_backend(forced).implements(op)):
+        return _choose_forced(inp, forced, op)
+    key = (op,) + inp.choice_key()
+    try:
         b = _choice_cache.get(key)
-        if b is None:
-            b = _choose_automatic(inp)
-            if len(_choice_cache) >= _CACHE_LIMIT:
-                _choice_cache.clear()
-            _choice_cache[key] = b
-        return b
-    return _choose_forced(inp, forced)
+    except TypeError:  # symbolic sizes (tracing with dynamic shapes) do not hash: choose uncached
+        return _choose_automatic(inp, op)
+    if b is None:
+        b = _choose_automatic(inp, op)
+        if len(_choice_cache) >= _CACHE_LIMIT:
+            _choice_cache.clear()
+        _choice_cache[key] = b
+    return b
 
 
-def _choose_forced(inp: SelectiveAttentionInputs, forced: str) -> Backend:
-    if forced is not None:
-        b = get_backend(forced)
-        reasons = b.not_supported_reasons(inp)
-        if reasons:
-            raise ValueError(f"backend {forced!r} cannot run these inputs ({inp.describe()}): {'; '.join(reasons)}")
-        return b
-    raise AssertionError("unreachable")
+def choose_backward(inp) -> Backend:
+    """The backend whose ``backward`` differentiates the attention op for these inputs."""
+    return choose_backend(inp, "attention_backward")
 
 
-def _choose_automatic(inp: SelectiveAttentionInputs) -> Backend:
+def _with_op(inp, op: str):
+    """``inp`` as seen by ``op``'s declarations (the backward is asked about its own op)."""
+    return inp if op == inp.op else _OpView(inp, op)
+
+
+class _OpView:
+    __slots__ = ("_inp", "op")
+
+    def __init__(self, inp, op):
+        self._inp, self.op = inp, op
+
+    def __getattr__(self, name):
+        return getattr(self._inp, name)
+
+
+def _choose_forced(inp, forced: str, op: str) -> Backend:
+    b = get_backend(forced)
+    reasons = b.not_supported_reasons(_with_op(inp, op))
+    if reasons:
+        raise ValueError(f"backend {forced!r} cannot run {op} on these inputs ({inp.describe()}): "
+                         f"{'; '.join(reasons)}")
+    return b
+
+
+def _choose_automatic(inp, op: str) -> Backend:
+    view = _with_op(inp, op)
     dev = inp.device.type
     declined: List[Tuple[Backend, List[str]]] = []
-    for b in backends_for(dev):
-        reasons = b.not_supported_reasons(inp)
+    for b in backends_for(dev, op):
+        reasons = b.not_supported_reasons(view)
         if not reasons:
             _warn_fallback(b, declined)
             return b
         declined.append((b, reasons))
-    every = [(b, b.not_supported_reasons(inp)) for b in _BACKENDS.values()]
-    lines = "\n".join(f"  {b.name}: {'; '.join(r) or 'ok'}" for b, r in every)
-    raise ValueError(f"no backend can run these inputs ({inp.describe()}) on device {dev}:\n{lines}")
+    lines = "\n".join(f"  {b.name}: {'; '.join(b.not_supported_reasons(view)) or 'ok'}" for b in _BACKENDS.values())
+    raise ValueError(f"no backend can run {op} on these inputs ({inp.describe()}) on device {dev}:\n{lines}")
 
 
 def _warn_fallback(chosen: Backend, declined: List[Tuple[Backend, List[str]]]) -> None:

@@ -1,15 +1,14 @@
 """Selection (SPEC.md section 2): ``lightning_indexer``, ``topk_indices`` and the fused ``select``.
 
 Each call is validated once into a :class:`SelectionInputs` (errors name the argument) and handed to
-the first selection backend, by priority for the inputs' device, that can run it - the same
-declarative scheme as ``attention/registry.py`` for the attention op, on a table of its own because
-the ops differ (a backend may implement only some of them: the CUDA C++ one is top-k only):
+the backend the registry (attention/registry.py) chooses, the same one that chooses the attention
+op's: a backend lists the ops it implements, so the CUDA C++ one declares ``topk_indices`` only.
 
 =========== ======== ============================================== ===================================
 backend     devices  ops                                            notes
 =========== ======== ============================================== ===================================
 cuda        cuda     topk_indices                                   csrc/cuda radix select; when built
-triton      cuda     lightning_indexer, select (+ topk via ref.)    CPU tensors only when forced under
+triton      cuda     lightning_indexer, select                      CPU tensors too under
                                                                     TRITON_INTERPRET=1 (tests)
 reference   any      all                                            python_ref; first on the CPU
 =========== ======== ============================================== ===================================
@@ -27,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -35,11 +34,12 @@ from torch import Tensor
 import python_ref
 from python_ref.selection import BLOCK_REDUCES
 
-from .inputs import (FLOAT_DTYPES, _dt, _is_fake, _need_rank, _need_tensor, check_sequence_args,
-                     check_sequence_values, debug_checks_enabled, finite_float)
+from . import registry
+from .inputs import (FLOAT_DTYPES, KVLayout, debug_checks_enabled, dtype_name,
+                     finite_float, is_fake, need_backend_name, need_choice, need_int, need_rank, need_tensor)
 
 __all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "SelectionInputs", "validate_selection",
-           "selection_backends", "choose_selection_backend", "SelectionBackend"]
+           "selection_backends", "choose_selection_backend"]
 
 OPS = ("lightning_indexer", "topk_indices", "select")
 
@@ -55,28 +55,60 @@ class SelectionInputs:
     scores: Optional[Tensor] = None
     k: int = 0
     scale: Optional[float] = None
-    cu_seqlens_q: Optional[Tensor] = None
-    cu_seqlens_k: Optional[Tensor] = None
-    block_table: Optional[Tensor] = None
-    seqlens_k: Optional[Tensor] = None
-    max_seqlen_k: Optional[int] = None
+    layout: Optional[KVLayout] = None  # k_idx's sequences (None for topk_indices)
     causal: bool = True
     block_size: int = 1
     block_reduce: str = "max"
     backend: Optional[str] = None
+
+    # The sequence arguments, as the kernels read them (one KVLayout holds and checks them).
+    cu_seqlens_q = property(lambda self: self.layout.cu_seqlens_q)
+    cu_seqlens_k = property(lambda self: self.layout.cu_seqlens_k)
+    block_table = property(lambda self: self.layout.block_table)
+    seqlens_k = property(lambda self: self.layout.seqlens_k)
+    max_seqlen_k = property(lambda self: self.layout.max_seqlen_k)
+
+    #: environment variable that forces a backend for the selection ops (the ``backend`` argument wins)
+    force_env = "ATTENTION_SELECTION_BACKEND"
 
     @property
     def device(self) -> torch.device:
         return (self.scores if self.q_idx is None else self.q_idx).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return (self.scores if self.q_idx is None else self.q_idx).dtype
+
+    @property
+    def features(self) -> frozenset:
+        """Named features these inputs use (registry.SELECTION_FEATURES); backends declare theirs."""
+        if self.q_idx is None:
+            return frozenset()
+        f = {"paged" if self.paged else "contiguous"}
+        if self.causal:
+            f.add("causal")
+        if self.block_size > 1:
+            f.add("block")
+        if self.cu_seqlens_q is not None and self.cu_seqlens_q.shape[0] > 2:
+            f.add("varlen")
+        return frozenset(f)
+
+    @property
+    def sizes(self) -> tuple:
+        """Every size a backend's declared limits may read: (k, block_size, T, W or Hi, Di)."""
+        if self.q_idx is None:
+            return (self.k, 1) + tuple(self.scores.shape)
+        return (self.k, self.block_size) + tuple(self.q_idx.shape)
+
+    def choice_key(self) -> tuple:
+        return (self.device.type, self.dtype, self.features, self.sizes)
+
+    @property
     def paged(self) -> bool:
         return self.k_idx is not None and self.k_idx.dim() == 3
 
     def indexer_kwargs(self) -> dict:
-        return dict(scale=self.scale, cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
-                    block_table=self.block_table, seqlens_k=self.seqlens_k, max_seqlen_k=self.max_seqlen_k,
-                    causal=self.causal)
+        return dict(scale=self.scale, max_seqlen_k=self.max_seqlen_k, causal=self.causal, **self.layout.kwargs())
 
     def describe(self) -> str:
         if self.q_idx is None:
@@ -86,25 +118,20 @@ class SelectionInputs:
 
 
 # ----------------------------------------------------------------------------- validation
-def _need_int(name: str, x, lo: int = 0):
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    if x < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {x}")
-
-
-def _check_backend(backend):
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+# Positions come back as int32: a score row or a sequence longer than this has unrepresentable ones.
+MAX_POSITIONS = 2**31 - 1
 
 
 def validate_scores(scores, k, backend=None) -> SelectionInputs:
-    _need_tensor("scores", scores)
+    need_tensor("scores", scores)
     if not scores.is_floating_point():
-        raise TypeError(f"scores must be a float tensor, got {_dt(scores.dtype)}")
-    _need_rank("scores", scores, (2,), "[T, W]")
-    _need_int("k", k)
-    _check_backend(backend)
+        raise TypeError(f"scores must be a float tensor, got {dtype_name(scores.dtype)}")
+    need_rank("scores", scores, (2,), "[T, W]")
+    if scores.shape[1] > MAX_POSITIONS:
+        raise ValueError(f"scores must have at most {MAX_POSITIONS} columns (positions are int32), "
+                         f"got shape {tuple(scores.shape)}")
+    need_int("k", k)
+    need_backend_name(backend)
     return SelectionInputs(op="topk_indices", scores=scores, k=k, backend=backend)
 
 
@@ -113,26 +140,26 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
                        block_reduce="max", backend=None, check_contents: Optional[bool] = None) -> SelectionInputs:
     """Every shape, dtype, device and range rule of SPEC.md section 2 (and section 1's for kv)."""
     for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("weights", weights)):
-        _need_tensor(name, x)
+        need_tensor(name, x)
     for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
                     ("block_table", block_table), ("seqlens_k", seqlens_k)):
-        _need_tensor(name, x, optional=True)
+        need_tensor(name, x, optional=True)
     if q_idx.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q_idx must be float32, float16 or bfloat16, got {_dt(q_idx.dtype)}")
+        raise TypeError(f"q_idx must be float32, float16 or bfloat16, got {dtype_name(q_idx.dtype)}")
     if k_idx.dtype != q_idx.dtype:
-        raise TypeError(f"k_idx must have q_idx's dtype {_dt(q_idx.dtype)}, got {_dt(k_idx.dtype)}")
+        raise TypeError(f"k_idx must have q_idx's dtype {dtype_name(q_idx.dtype)}, got {dtype_name(k_idx.dtype)}")
     if not weights.is_floating_point():
-        raise TypeError(f"weights must be a float tensor, got {_dt(weights.dtype)}")
+        raise TypeError(f"weights must be a float tensor, got {dtype_name(weights.dtype)}")
     dev = q_idx.device
     for name, x in (("k_idx", k_idx), ("weights", weights), ("cu_seqlens_q", cu_seqlens_q),
                     ("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table), ("seqlens_k", seqlens_k)):
         if x is not None and x.device != dev:
             raise ValueError(f"{name} must be on q_idx's device {dev}, got {x.device}")
-    _need_rank("q_idx", q_idx, (3,), "[T, Hi, Di]")
+    need_rank("q_idx", q_idx, (3,), "[T, Hi, Di]")
     T, Hi, Di = q_idx.shape
     if Hi < 1 or Di < 1:
         raise ValueError(f"q_idx must have Hi >= 1 and Di >= 1, got shape {tuple(q_idx.shape)}")
-    _need_rank("k_idx", k_idx, (2, 3), "[S, Di] or paged [P, page, Di]")
+    need_rank("k_idx", k_idx, (2, 3), "[S, Di] or paged [P, page, Di]")
     if k_idx.shape[-1] != Di:
         raise ValueError(f"k_idx's last dimension must equal q_idx's width Di={Di}, got {k_idx.shape[-1]}")
     paged = k_idx.dim() == 3
@@ -141,140 +168,52 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
     if weights.dim() != 2 or tuple(weights.shape) != (T, Hi):
         raise ValueError(f"weights must have shape [T, Hi]=({T}, {Hi}), got {tuple(weights.shape)}")
     if op != "lightning_indexer":
-        _need_int("k", k)
+        need_int("k", k)
     if scale is not None:
         scale = finite_float("scale", scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    _need_int("block_size", block_size, 1)
-    if block_reduce not in BLOCK_REDUCES:
-        raise ValueError(f"block_reduce must be one of {BLOCK_REDUCES}, got {block_reduce!r}")
+    need_int("block_size", block_size, 1)
+    need_choice("block_reduce", block_reduce, BLOCK_REDUCES)
     if max_seqlen_k is not None:
-        _need_int("max_seqlen_k", max_seqlen_k)
-    _check_backend(backend)
+        need_int("max_seqlen_k", max_seqlen_k)
+        if max_seqlen_k > MAX_POSITIONS:
+            raise ValueError(f"max_seqlen_k must be at most {MAX_POSITIONS} (positions are int32), got {max_seqlen_k}")
+    need_backend_name(backend)
 
-    check_sequence_args(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, cache="k_idx",
-                        paged_shape="[P, page, Di]", contiguous_shape="[S, Di]")
-    inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale,
-                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_table=block_table,
-                          seqlens_k=seqlens_k, max_seqlen_k=max_seqlen_k, causal=causal, block_size=block_size,
-                          block_reduce=block_reduce, backend=backend)
+    layout = KVLayout.check(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_k, cache="k_idx",
+                            paged_shape="[P, page, Di]", contiguous_shape="[S, Di]")
+    inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale, layout=layout,
+                          causal=causal, block_size=block_size, block_reduce=block_reduce, backend=backend)
     if check_contents is None:
         check_contents = dev.type == "cpu" or debug_checks_enabled()
-    if check_contents and not _is_fake(q_idx):
-        _check_contents(inp)
+    if check_contents and not is_fake(q_idx):
+        # host reads of the small metadata tensors: free on the CPU, a sync elsewhere
+        layout.check_values(T, k_idx, cache="k_idx")
     return inp
 
 
-def _check_contents(inp: SelectionInputs) -> None:
-    """Content rules (host reads of the small metadata tensors: free on the CPU, a sync elsewhere)."""
-    lens = check_sequence_values(inp.q_idx.shape[0], inp.k_idx, inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k,
-                                 inp.block_table, inp.seqlens_k, cache="k_idx")
-    if inp.max_seqlen_k is not None and lens.numel() and int(lens.max()) > inp.max_seqlen_k:
-        raise ValueError(f"max_seqlen_k must be at least the longest sequence {int(lens.max())}, "
-                         f"got {inp.max_seqlen_k}")
-
-
 # ----------------------------------------------------------------------------- backends
-class SelectionBackend:
-    """A selection backend: which ops, on which devices, and why not (STYLE.md rule 3)."""
-
-    name: str = ""
-    devices: FrozenSet[str] = frozenset()
-    ops: FrozenSet[str] = frozenset()
-    priority: int = 100
-
-    def unavailable_reasons(self) -> List[str]:
-        return []
-
-    def priority_for(self, device_type: str) -> int:
-        return self.priority
-
-    def runs_on(self, device_type: str) -> bool:
-        return "*" in self.devices or device_type in self.devices
-
-    def not_supported_reasons(self, inp: SelectionInputs) -> List[str]:
-        reasons = list(self.unavailable_reasons())
-        if inp.op not in self.ops:
-            reasons.append(f"op {inp.op} not implemented")
-        if not self.runs_on(inp.device.type):
-            reasons.append(f"device {inp.device.type} not in {sorted(self.devices)}")
-        return reasons
-
-    def run(self, inp: SelectionInputs) -> Tensor:
-        raise NotImplementedError
+def selection_backends():
+    """Registered backends that implement at least one selection op."""
+    return [b for b in registry.backends() if any(b.implements(op) for op in OPS)]
 
 
-class ReferenceSelection(SelectionBackend):
-    name = "reference"
-    devices = frozenset({"*"})
-    ops = frozenset(OPS)
-    priority = 1000
-
-    def priority_for(self, device_type):
-        return 0 if device_type == "cpu" else self.priority
-
-    def run(self, inp):
-        if inp.op == "topk_indices":
-            return python_ref.topk_indices(inp.scores, inp.k)
-        if inp.op == "lightning_indexer":
-            return python_ref.lightning_indexer(inp.q_idx, inp.k_idx, inp.weights, **inp.indexer_kwargs())
-        return python_ref.select(inp.q_idx, inp.k_idx, inp.weights, inp.k, block_size=inp.block_size,
-                                 block_reduce=inp.block_reduce, **inp.indexer_kwargs())
-
-
-_SELECTION_BACKENDS: Dict[str, SelectionBackend] = {}
-
-
-def register_selection_backend(b: SelectionBackend) -> SelectionBackend:
-    _SELECTION_BACKENDS[b.name] = b
-    return b
-
-
-def selection_backends() -> List[SelectionBackend]:
-    return list(_SELECTION_BACKENDS.values())
-
-
-def choose_selection_backend(inp: SelectionInputs) -> SelectionBackend:
-    forced = inp.backend or os.environ.get("ATTENTION_SELECTION_BACKEND", "").strip() or None
-    if forced is not None:
-        if forced not in _SELECTION_BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(_SELECTION_BACKENDS)}, got {forced!r}")
-        b = _SELECTION_BACKENDS[forced]
-        reasons = b.not_supported_reasons(inp)
-        if reasons:
-            raise ValueError(f"backend {forced!r} cannot run {inp.describe()}: {'; '.join(reasons)}")
-        return b
-    dev = inp.device.type
-    for b in sorted((b for b in _SELECTION_BACKENDS.values() if b.runs_on(dev)), key=lambda b: b.priority_for(dev)):
-        if not b.not_supported_reasons(inp):
-            return b
-    lines = "\n".join(f"  {b.name}: {'; '.join(b.not_supported_reasons(inp))}" for b in _SELECTION_BACKENDS.values())
-    raise ValueError(f"no selection backend can run {inp.describe()} on device {dev}:\n{lines}")
-
-
-register_selection_backend(ReferenceSelection())
-for _mod in ("triton.selection", "cuda"):
-    try:  # optional backends never break import attention; they report their own unavailability
-        _m = __import__(f"attention.backends.{_mod}", fromlist=["SELECTION_BACKEND"])
-        if getattr(_m, "SELECTION_BACKEND", None) is not None:
-            register_selection_backend(_m.SELECTION_BACKEND)
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith(f"attention.backends.{_mod}"):
-            import warnings
-            warnings.warn(f"attention: selection backend {_mod!r} failed to import: {e}", RuntimeWarning)
+def choose_selection_backend(inp: SelectionInputs) -> registry.Backend:
+    return registry.choose_backend(inp)
 
 
 # ----------------------------------------------------------------------------- torch.library op
 # A FRAGMENT of the "attention" namespace that attention/ops.py defines. Plain define/impl rather than
-# @custom_op: ~7 us against ~20 us per call (TRAPS.md), and decode calls this once per layer per step.
+# @custom_op: ~7 us against ~20 us per call (docs/architecture.md), and decode calls this once per layer
+# per step.
 _lib = torch.library.Library("attention", "FRAGMENT")
 _lib.define("topk_indices(Tensor scores, int k, str? backend=None) -> Tensor")
 
 
 def _topk_impl(scores, k, backend=None):
     inp = validate_scores(scores, k, backend)
-    return choose_selection_backend(inp).run(inp)
+    return registry.choose_backend(inp).forward(inp)
 
 
 _lib.impl("topk_indices", _topk_impl, "CompositeExplicitAutograd")
@@ -282,7 +221,7 @@ _lib.impl("topk_indices", _topk_impl, "CompositeExplicitAutograd")
 
 def _register_cuda_kernel() -> None:
     """The CUDA C++ radix select as the op's CUDA kernel, when the extension is built."""
-    b = _SELECTION_BACKENDS.get("cuda")
+    b = next((x for x in registry.backends("topk_indices") if x.name == "cuda"), None)
     if b is None or b.unavailable_reasons():
         return
 
@@ -290,7 +229,7 @@ def _register_cuda_kernel() -> None:
         if backend in (None, "cuda") and not os.environ.get("ATTENTION_SELECTION_BACKEND"):
             inp = validate_scores(scores, k, backend)
             if not b.not_supported_reasons(inp):
-                return b.run(inp)
+                return b.forward(inp)
         return _topk_impl(scores, k, backend)
 
     _lib.impl("topk_indices", _cuda, "CUDA")
@@ -321,7 +260,7 @@ def lightning_indexer(q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, scale: O
     inp = validate_selection("lightning_indexer", q_idx, k_idx, weights, scale=scale, cu_seqlens_q=cu_seqlens_q,
                              cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
                              max_seqlen_k=max_seqlen_k, causal=causal, backend=backend)
-    return choose_selection_backend(inp).run(inp).to(torch.float32)
+    return registry.choose_backend(inp).forward(inp).to(torch.float32)
 
 
 def topk_indices(scores: Tensor, k: int, *, backend: Optional[str] = None) -> Tensor:
@@ -335,9 +274,8 @@ def block_scores(scores: Tensor, block_size: int, block_reduce: str = "max") -> 
     """[T, W] position scores -> [T, ceil(W / block_size)] NSA-style block scores ("max" or "mean" over
     each block's valid positions; -inf for a block with none)."""
     validate_scores(scores, 0)
-    _need_int("block_size", block_size, 1)
-    if block_reduce not in BLOCK_REDUCES:
-        raise ValueError(f"block_reduce must be one of {BLOCK_REDUCES}, got {block_reduce!r}")
+    need_int("block_size", block_size, 1)
+    need_choice("block_reduce", block_reduce, BLOCK_REDUCES)
     return python_ref.block_scores(scores, block_size, block_reduce)
 
 
@@ -357,4 +295,4 @@ def select(q_idx: Tensor, k_idx: Tensor, weights: Tensor, k: int, *, scale: Opti
                              cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
                              max_seqlen_k=max_seqlen_k, causal=causal, block_size=block_size,
                              block_reduce=block_reduce, backend=backend)
-    return choose_selection_backend(inp).run(inp)
+    return registry.choose_backend(inp).forward(inp)

@@ -22,8 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-# The interpreter is chosen when triton is imported: decide before importing anything that does.
-if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]:
+from ._cli import device_arg, dir_problem, file_problem, positive_int
+
+# The interpreter is chosen when triton is imported: decide before importing anything that does
+# (either spelling of the flag: --device cpu and --device=cpu).
+if __name__ == "__main__" and device_arg(sys.argv[1:]) == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
@@ -204,7 +207,6 @@ def tune_preset(preset: Preset, device: str, full: bool = False, repeats: int = 
     import attention
     from attention.testing import TOLERANCES
 
-    from . import tuning
     from .backends.triton import launch
 
     args = make_inputs(preset, device)
@@ -240,17 +242,37 @@ def tune_preset(preset: Preset, device: str, full: bool = False, repeats: int = 
     if not ok:
         raise RuntimeError(f"{preset.name}: no config ran: {results[0][2]}")
     best_t, best_cfg, _ = min(ok, key=lambda r: r[0])
-    path = None
+    entry = dict(config=best_cfg, measured=True, us=round(best_t * 1e6, 2), tflops=round(fl / best_t / 1e12, 3),
+                 preset=preset.name, configs_tried=len(results), torch=torch.__version__,
+                 triton=__import__("triton").__version__,
+                 when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    row = dict(preset=preset.name, bucket=bucket, tried=len(results), failed=len(results) - len(ok),
+               best=best_cfg, us=best_t * 1e6, tflops=fl / best_t / 1e12, base_us=base_t * 1e6, base_source=base_src,
+               speedup=base_t / best_t, device=launch.device_name(inp.device), entry=entry, path=None)
     if save:
-        entry = dict(config=best_cfg, measured=True, us=round(best_t * 1e6, 2), tflops=round(fl / best_t / 1e12, 3),
-                     preset=preset.name, configs_tried=len(results), torch=torch.__version__,
-                     triton=__import__("triton").__version__,
-                     when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        path = tuning.save_entries(launch.BACKEND_NAME, launch.device_name(inp.device), launch.KERNEL_VERSION,
-                                   {bucket: entry})
-    return dict(preset=preset.name, bucket=bucket, tried=len(results), failed=len(results) - len(ok),
-                best=best_cfg, us=best_t * 1e6, tflops=fl / best_t / 1e12, base_us=base_t * 1e6, base_source=base_src,
-                speedup=base_t / best_t, path=str(path) if path else None)
+        save_row(row)
+    return row
+
+
+def save_row(row: Dict) -> str:
+    """Merge one ``tune_preset`` result into the user store; returns (and records in ``row``) the path."""
+    from . import tuning
+    from .backends.triton import launch
+
+    path = tuning.save_entries(launch.BACKEND_NAME, row["device"], launch.KERNEL_VERSION, {row["bucket"]: row["entry"]})
+    row["path"] = str(path)
+    return row["path"]
+
+
+def store_problem(device_name: str) -> Optional[str]:
+    """Why the store file of ``device_name`` cannot be written (checked before measuring), or None."""
+    from . import tuning
+
+    path = tuning.store_path(device_name)
+    why = dir_problem(path.parent)
+    if why is None and path.is_dir():
+        why = f"{path} is a directory"
+    return None if why is None else f"tuning store {path}: {why} (set ATTENTION_TUNING_DIR, or pass --no-save)"
 
 
 def format_table(rows: List[Dict]) -> str:
@@ -272,7 +294,7 @@ def main(argv=None) -> int:
                     help="cuda (default when present) or cpu (Triton interpreter; tiny preset)")
     ap.add_argument("--preset", action="append", choices=sorted(PRESETS), help="repeatable; default by device")
     ap.add_argument("--full", action="store_true", help="the wide search space (slow: hundreds of compiles)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--no-save", action="store_true", help="measure and print only")
     ap.add_argument("--json", help="also write the results table as JSON here")
     a = ap.parse_args(argv)
@@ -285,14 +307,46 @@ def main(argv=None) -> int:
     from . import tuning
     from .backends.triton import launch
 
-    print(f"tuning triton {launch.KERNEL_VERSION} on {launch.device_name(torch.device(device))} "
-          f"-> {tuning.store_path(launch.device_name(torch.device(device)))}", file=sys.stderr)
-    rows = [tune_preset(PRESETS[p], device, full=a.full, repeats=a.repeats, save=not a.no_save) for p in presets]
-    print(format_table(rows))
+    name = launch.device_name(torch.device(device))
+    # Every output is checked before the first measurement (minutes on a GPU), not after it.
+    if not a.no_save:
+        why = store_problem(name)
+        if why:
+            ap.error(why)
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1, default=str)
-    return 0
+        why = file_problem(a.json)
+        if why:
+            ap.error(f"--json {a.json}: {why}")
+    print(f"tuning triton {launch.KERNEL_VERSION} on {name} "
+          f"-> {'(not saved)' if a.no_save else tuning.store_path(name)}", file=sys.stderr)
+    rows, errors = [], []
+    for p in presets:
+        try:
+            rows.append(tune_preset(PRESETS[p], device, full=a.full, repeats=a.repeats, save=False))
+        except RuntimeError as e:  # one preset that cannot run must not lose the others' measurements
+            errors.append(f"{p}: {e}")
+    # Measurements are printed before anything is written: a write that fails after all cannot lose them.
+    if rows:
+        print(format_table(rows))
+    for e in errors:
+        print(f"tune: {e}", file=sys.stderr)
+    status = 1 if errors else 0
+    if not a.no_save:
+        for r in rows:
+            try:
+                save_row(r)
+            except OSError as e:
+                print(f"tune: could not save {r['preset']} ({e}); its entry, to merge by hand:\n"
+                      f"{json.dumps({r['bucket']: r['entry']}, default=str)}", file=sys.stderr)
+                status = 2
+    if a.json:
+        try:
+            with open(a.json, "w") as fh:
+                json.dump(rows, fh, indent=1, default=str)
+        except OSError as e:
+            print(f"tune: could not write --json {a.json}: {e} (the table above holds the results)", file=sys.stderr)
+            status = 2
+    return status
 
 
 if __name__ == "__main__":

@@ -33,25 +33,17 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from attention._cli import device_arg, device_unavailable, dir_problem, file_problem, usage_error
+
 _REEXEC_MARK = "ATTENTION_VERIFY_CHILD"
 
 
 def _needs_interpreter_reexec(argv: Sequence[str]) -> bool:
-    dev = _device_arg(argv)
+    dev = device_arg(argv)
     return dev == "cpu" and "TRITON_INTERPRET" not in os.environ and not os.environ.get(_REEXEC_MARK)
 
 
-def _device_arg(argv: Sequence[str]) -> Optional[str]:
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        if a == "--device" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--device="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _parse(argv) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m attention.verify", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", required=True, help="cpu, cuda or npu (cuda:1 etc. accepted)")
@@ -62,22 +54,11 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--case", action="append", help="only this case (repeatable; default: all)")
     ap.add_argument("--out", help="directory for verify-<device>.json and verify-<device>.md")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
-    return ap.parse_args(argv)
+    return ap
 
 
-def _device_available(dev: str) -> Tuple[bool, str]:
-    import torch
-
-    kind = dev.split(":")[0]
-    if kind == "cpu":
-        return True, ""
-    if kind == "cuda":
-        return (torch.cuda.is_available(), "torch.cuda.is_available() is False")
-    if kind == "npu":
-        npu = getattr(torch, "npu", None)
-        ok = npu is not None and npu.is_available()
-        return ok, "torch.npu is not available (torch_npu not imported or no NPU)"
-    return False, f"unknown device type {kind!r} (expected cpu, cuda or npu)"
+def _report_stem(device: str) -> str:
+    return f"verify-{device.replace(':', '')}"
 
 
 def _machine(device: str) -> Dict[str, object]:
@@ -134,6 +115,47 @@ def render_table(results: List[Dict], columns: List[Tuple[str, str]], cases: Lis
     return rows
 
 
+VENDOR_CAPTION = ("vendors' rules on out (reported, not part of the verdict): FlashMLA cosine difference "
+                  "(its tests: < 1e-5) and CANN check_result pass rate (passes at >= 99.5%); '!' = that "
+                  "vendor's test would reject it")
+
+
+def _vendor_cell(results: List[Dict]) -> str:
+    """FlashMLA's cosine difference and CANN's check_result pass rate of one cell; '!' marks a value
+    that vendor's test would reject."""
+    r = results[0]
+    if r["skipped"]:
+        return "skip"
+    cos, pct = r.get("cos_diff"), r.get("cann_percent")
+    if cos is None or pct is None or (isinstance(cos, float) and math.isnan(cos) and math.isnan(pct)):
+        return "-"
+    from attention.vendor_rules import FLASHMLA_COS_DIFF_LIMIT
+
+    cos_s = "nan" if math.isnan(cos) else f"{cos:.1e}"
+    cos_bad = not cos < FLASHMLA_COS_DIFF_LIMIT
+    return f"{cos_s}{'!' if cos_bad else ''} {pct:.1f}%{'' if r.get('cann_pass') else '!'}"
+
+
+def render_vendor_table(results: List[Dict], columns: List[Tuple[str, str]], cases: List[str]) -> List[List[str]]:
+    by = {}
+    for r in results:
+        by.setdefault((r["case"], r["backend"], r["dtype"]), []).append(r)
+    rows = [["case"] + [f"{b}/{d}" for b, d in columns]]
+    for c in cases:
+        rows.append([c] + [_vendor_cell(by[(c, b, d)]) if (c, b, d) in by else "-" for b, d in columns])
+    worst = ["worst"]
+    for b, d in columns:
+        ran = [r for r in results if r["backend"] == b and r["dtype"] == d and not r["skipped"]
+               and r.get("cann_percent") is not None and not math.isnan(r["cann_percent"])]
+        if not ran:
+            worst.append("-")
+            continue
+        cos = [r["cos_diff"] for r in ran]
+        wc = float("nan") if any(math.isnan(x) for x in cos) else max(cos)
+        worst.append(f"{'nan' if math.isnan(wc) else format(wc, '.1e')} {min(r['cann_percent'] for r in ran):.1f}%")
+    return rows + [worst]
+
+
 def _text_table(rows: List[List[str]]) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(x.ljust(w[i]) for i, x in enumerate(r)) for r in rows)
@@ -148,7 +170,15 @@ def _md_table(rows: List[List[str]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = _parse(argv)
+    ap = _parser()
+    a = ap.parse_args(argv)
+    if a.out and not a.list:
+        # Before the matrix runs (minutes on a device), not after: a report that cannot be written
+        # is a usage error, exit 2, distinct from a failed case's 1.
+        why = dir_problem(a.out) or next(filter(None, (file_problem(os.path.join(a.out, _report_stem(a.device) + ext))
+                                                       for ext in (".json", ".md"))), None)
+        if why:
+            return usage_error(ap, f"--out {a.out}: {why}")
     os.environ.setdefault("ATTENTION_NAN_FILL", "1")
 
     import torch
@@ -161,8 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(c.name)
         return 0
     device = a.device
-    ok, why = _device_available(device)
-    if not ok:
+    why = device_unavailable(device)
+    if why:
         print(f"verify: device {device} is not usable here: {why}", file=sys.stderr)
         return 2
     kind = device.split(":")[0]
@@ -251,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(header)
     print("cells: max |out - float64 reference| (SPEC.md tolerances: float32 1e-4, float16 5e-3, bfloat16 3e-2)")
     print(_text_table(rows))
+    vendor_rows = render_vendor_table(results, columns, [c.name for c in cases])
+    print(VENDOR_CAPTION)
+    print(_text_table(vendor_rows))
     for b, reasons in not_run:
         print(f"not verified: {b.name}: {'; '.join(reasons)}")
     for r in failed:
@@ -261,8 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"(backend's own reasons) in {wall:.1f} s")
 
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        stem = f"verify-{device.replace(':', '')}"
+        stem = _report_stem(device)
 
         def clean(x):
             if isinstance(x, float) and not math.isfinite(x):
@@ -276,13 +308,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    tolerances={"float32": [1e-4, 1e-4], "float16": [5e-3, 1e-2], "bfloat16": [3e-2, 1e-2]},
                    counts=dict(passed=len(results) - n_skip - len(failed), failed=len(failed), skipped=n_skip),
                    results=[{k: clean(v) for k, v in r.items()} for r in results])
-        with open(os.path.join(a.out, stem + ".json"), "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
         md = [f"# {header}", "", f"Verdict: **{verdict}** ({doc['counts']['passed']} passed, "
               f"{doc['counts']['failed']} failed, {n_skip} skipped) at {machine['time_utc']}.", "",
               "Cells: max |out - float64 reference| per case, backend and dtype; `skip` = the backend's "
-              "own not-supported reason.", "", _md_table(rows), ""]
+              "own not-supported reason.", "", _md_table(rows), "",
+              VENDOR_CAPTION[0].upper() + VENDOR_CAPTION[1:] + ".", "", _md_table(vendor_rows), ""]
         if not_run:
             md += ["Not verified:", ""] + [f"- `{b.name}`: {'; '.join(r)}" for b, r in not_run] + [""]
         if failed:
@@ -290,8 +320,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         skipped = [r for r in results if r["skipped"]]
         if skipped:
             md += ["Skips:", ""] + [f"- `{r['backend']}/{r['dtype']}/{r['case']}`: {r['message']}" for r in skipped]
-        with open(os.path.join(a.out, stem + ".md"), "w") as f:
-            f.write("\n".join(md) + "\n")
+        try:
+            with open(os.path.join(a.out, stem + ".json"), "w") as f:
+                json.dump(doc, f, indent=2)
+                f.write("\n")
+            with open(os.path.join(a.out, stem + ".md"), "w") as f:
+                f.write("\n".join(md) + "\n")
+        except OSError as e:  # checked before the run, so only a change since then gets here
+            print(f"verify: could not write the report to {a.out}: {e}; the table above is the result",
+                  file=sys.stderr)
+            return 2
         print(f"wrote {stem}.json and {stem}.md to {a.out}")
     return 0 if not failed else 1
 

@@ -2,7 +2,11 @@
 
 import sys
 
-from .runner import main
-
 if __name__ == "__main__":
+    if "cp-decode" in sys.argv[1:] and "--preset" in sys.argv[1:]:  # multi-process: its own driver
+        from .cp import main as cp_main
+
+        sys.exit(cp_main())
+    from .runner import main
+
     sys.exit(main())

@@ -100,7 +100,7 @@ class DenseSDPA(Impl):
 
     Timed: building the mask from the indices + the SDPA call (what a user pays per step).
     Untimed, in the baseline's favour: the contiguous [B, Hkv, L, D] copy of the (paged) cache, and
-    on the CPU its float32 upcast (bfloat16 matmul there runs ~400x slower, TRAPS.md).
+    on the CPU its float32 upcast (bfloat16 matmul there runs ~400x slower, docs/traps.md).
     Query heads share kv heads as :func:`sdpa_mode` says.
     """
 

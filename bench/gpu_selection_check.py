@@ -86,15 +86,13 @@ def main(argv=None) -> int:
     import attention
     import python_ref
     import triton  # imported by attention already; its version is read after that import
-    from attention.backends import cuda as cuda_topk
-    from attention.selection import _SELECTION_BACKENDS
-
+    from attention.backends import cuda as cuda_topk  # the module: cuda_topk._ext is timed raw below
+    cuda_reasons = attention.get_backend("cuda").unavailable_reasons()
     dev = torch.device("cpu" if dry else "cuda")
     reps = 1 if dry else (5 if a.quick else 20)  # the interpreter's select takes seconds per call
     res = dict(device="cpu (dry run)" if dry else torch.cuda.get_device_name(), torch=torch.__version__,
                triton=triton.__version__, attention_from=os.path.dirname(os.path.abspath(attention.__file__)),
-               cuda_topk=("available" if not _SELECTION_BACKENDS["cuda"].unavailable_reasons()
-                          else "; ".join(_SELECTION_BACKENDS["cuda"].unavailable_reasons())),
+               cuda_topk="; ".join(cuda_reasons) or "available",
                checks=[], timings=[])
     failures = []
 

@@ -24,6 +24,9 @@ import torch
 
 from attention.testing import max_error as _max_err
 
+from attention._cli import (device_type, device_unavailable, dir_problem, file_problem, nonnegative_float,
+                            nonnegative_int, positive_int)
+
 from . import report
 from .baselines import BackendImpl, Impl, Unavailable, all_baselines, sdpa_mode, split_result
 from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
@@ -318,17 +321,26 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
 
 
 def _ints(s: str) -> List[int]:
+    """``--context``: comma list of positive lengths, 'k' = 1024 (``8k``, ``1.5k``)."""
     out = []
     for x in s.split(","):
         x = x.strip().lower()
         if not x:
             continue
         mult = 1024 if x.endswith("k") else 1
-        out.append(int(float(x.rstrip("k")) * mult))
+        try:
+            v = float(x[:-1] if mult > 1 else x) * mult
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{x!r} is not a length (e.g. 4096 or 4k)") from None
+        if not (v >= 1 and v == int(v)):
+            raise argparse.ArgumentTypeError(f"{x!r} is not a positive whole number of positions")
+        out.append(int(v))
+    if not out:
+        raise argparse.ArgumentTypeError("no length given")
     return out
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench",
         description="Check, then time, selective attention backends against dense SDPA and peers in one run.",
@@ -338,33 +350,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backends", help="comma-separated backend names (default: every registered backend "
                                        "that runs on the device)")
     ap.add_argument("--no-baselines", action="store_true", help="time the package's backends only")
-    ap.add_argument("--device", default=None, help="cpu, cuda or npu (default: the accelerator if present)")
+    ap.add_argument("--device", default=None, type=device_type,
+                    help="cpu, cuda or npu (default: the accelerator if present)")
     ap.add_argument("--dtype", choices=sorted(DTYPES))
     ap.add_argument("--out", help="directory for JSON, CSV and PNG results")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls after the check call (default 1 CPU, 10 GPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed samples (default 5 CPU, 20 GPU)")
-    ap.add_argument("--min-sample-ms", type=float, default=None,
+    ap.add_argument("--warmup", type=nonnegative_int, default=None,
+                    help="untimed calls after the check call (default 1 CPU, 10 GPU)")
+    ap.add_argument("--repeats", type=positive_int, default=None, help="timed samples (default 5 CPU, 20 GPU)")
+    ap.add_argument("--min-sample-ms", type=nonnegative_float, default=None,
                     help="each sample averages enough calls to last this long (default 5 CPU, 20 GPU)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-plots", action="store_true")
     g = ap.add_argument_group("shape overrides")
     g.add_argument("--context", type=_ints, help="kv length(s), comma list, 'k' = 1024 (one problem each)")
-    g.add_argument("--batch", type=int, help="sequences")
-    g.add_argument("--tokens", type=int, dest="q_per_seq", help="query tokens per sequence")
-    g.add_argument("--heads", type=int, dest="H")
-    g.add_argument("--kv-heads", type=int, dest="Hkv")
-    g.add_argument("--dqk", type=int, dest="Dqk")
-    g.add_argument("--dv", type=int, dest="Dv")
-    g.add_argument("--dr", type=int, dest="Dr", help="split rope width (q_rope/kv_rope)")
-    g.add_argument("--topk", type=int, dest="K", help="selected tokens (or blocks) per query")
-    g.add_argument("--block-size", type=int, dest="block_size")
-    g.add_argument("--page-size", type=int, dest="page_size", help="0 = contiguous cache")
+    g.add_argument("--batch", type=positive_int, help="sequences")
+    g.add_argument("--tokens", type=positive_int, dest="q_per_seq", help="query tokens per sequence")
+    g.add_argument("--heads", type=positive_int, dest="H")
+    g.add_argument("--kv-heads", type=positive_int, dest="Hkv")
+    g.add_argument("--dqk", type=positive_int, dest="Dqk")
+    g.add_argument("--dv", type=positive_int, dest="Dv")
+    g.add_argument("--dr", type=nonnegative_int, dest="Dr", help="split rope width (q_rope/kv_rope)")
+    g.add_argument("--topk", type=positive_int, dest="K", help="selected tokens (or blocks) per query")
+    g.add_argument("--block-size", type=positive_int, dest="block_size")
+    g.add_argument("--page-size", type=nonnegative_int, dest="page_size", help="0 = contiguous cache")
     g.add_argument("--causal", dest="causal", action="store_true", default=None)
     g.add_argument("--no-causal", dest="causal", action="store_false")
     g.add_argument("--separate-v", dest="latent", action="store_false", default=None)
     g.add_argument("--per-kv-head-indices", dest="shared_indices", action="store_false", default=None)
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags, checked as a whole before anything runs: every error here is argparse's (exit 2)."""
+    ap = _parser()
+    a = ap.parse_args(argv)
+    if a.device is not None:
+        why = device_unavailable(a.device)
+        if why:
+            ap.error(f"--device {a.device}: {why}")
+    for p in problems_from_args(a):
+        why = shape_problem(p)
+        if why:
+            ap.error(f"{p.name}: {why}")
+    if a.out:
+        stem = a.preset
+        why = dir_problem(a.out) or next(filter(None, (file_problem(os.path.join(a.out, stem + ext))
+                                                       for ext in (".json", ".csv"))), None)
+        if why:
+            ap.error(f"--out {a.out}: {why}")
+    return a
+
+
+def shape_problem(p) -> Optional[str]:
+    """What makes a problem (after the flags' overrides) impossible to build, or None. The single-value
+    rules are the flags' types; these are the ones that relate two fields."""
+    if isinstance(p, SelectionProblem):
+        return None if p.T <= p.context else f"{p.T} query tokens do not fit in a context of {p.context}"
+    if p.H % p.Hkv:
+        return f"--heads {p.H} is not a multiple of --kv-heads {p.Hkv}"
+    if p.latent and p.Dv > p.Dqk:
+        return f"latent value width --dv {p.Dv} exceeds --dqk {p.Dqk} (pass --separate-v for a separate v)"
+    if p.q_per_seq > p.context:
+        return f"{p.q_per_seq} query tokens per sequence do not fit in a context of {p.context}"
+    return None
 
 
 SHAPE_KEYS = ("batch", "q_per_seq", "H", "Hkv", "Dqk", "Dv", "Dr", "K", "block_size", "page_size", "causal",
@@ -439,16 +488,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               command=" ".join(["python -m bench"] + list(sys.argv[1:] if argv is None else argv)))
     print(report.table(doc["results"], doc["limits"], doc["machine"]))
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
         stem = a.preset
-        report.write_json(os.path.join(a.out, f"{stem}.json"), doc)
-        report.write_csv(os.path.join(a.out, f"{stem}.csv"), doc["results"])
-        written = [f"{stem}.json", f"{stem}.csv"]
-        if not a.no_plots:
-            try:
-                written += [os.path.basename(p) for p in report.write_plots(a.out, stem, doc["results"])]
-            except ImportError:
-                print("bench: plots skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        written = []
+        try:
+            os.makedirs(a.out, exist_ok=True)
+            report.write_json(os.path.join(a.out, f"{stem}.json"), doc)
+            report.write_csv(os.path.join(a.out, f"{stem}.csv"), doc["results"])
+            written = [f"{stem}.json", f"{stem}.csv"]
+            if not a.no_plots:
+                try:
+                    written += [os.path.basename(p) for p in report.write_plots(a.out, stem, doc["results"])]
+                except ImportError:
+                    print("bench: plots skipped: matplotlib is not installed (pip install matplotlib)",
+                          file=sys.stderr)
+        except OSError as e:  # --out was checked before the run: only a change since then gets here
+            print(f"bench: could not write to {a.out}: {e}; the table above is the result", file=sys.stderr)
+            return 2
         print(f"\nwrote {', '.join(written)} to {a.out}")
     failed = [r for r in doc["results"] if r["status"] in ("FAIL", "error")]
     if failed:

@@ -1,7 +1,7 @@
 """CPU target of issue 4: fused select over 2048 queries x 65536 keys (8 indexer heads of width 64)
 within 256 MB of extra peak memory, where the [T, W] float32 score matrix alone is 512 MB.
 
-Each measurement runs in a fresh process (TRAPS.md): the inputs are built, the peak is reset by
+Each measurement runs in a fresh process (docs/traps.md): the inputs are built, the peak is reset by
 writing 5 to /proc/self/clear_refs, the call runs, and extra peak = VmHWM - VmRSS before the call.
 Correctness first (STYLE.md rule 9): on a slice of the queries the fused result must equal
 ``topk_indices(lightning_indexer(...))``.

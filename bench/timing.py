@@ -107,7 +107,7 @@ def measure_limits(device: torch.device, dtype: torch.dtype, quick: bool = False
     """Matmul peak and copy bandwidth of this device, measured now (best of several runs).
 
     On the CPU the matmul runs in float32 whatever the problem dtype, because that is what every CPU
-    path computes in (bfloat16 matmul there is ~400x slower, TRAPS.md).
+    path computes in (bfloat16 matmul there is ~400x slower, docs/traps.md).
     """
     cpu = device.type == "cpu"
     mdt = torch.float32 if cpu else dtype

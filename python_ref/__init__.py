@@ -5,12 +5,14 @@
 """
 from .selective_attention import (  # noqa: F401
     DEFAULT_CHUNK_BYTES,
+    max_logits,
     selective_attention,
     selective_attention_backward,
     selective_attention_dense,
     token_metadata,
     tokens_per_chunk,
 )
+from .merge import merge_attention_states, merge_attention_states_dense  # noqa: F401
 from .selection import (  # noqa: F401
     SELECT_CHUNK_BYTES,
     block_scores,

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .selective_attention import token_metadata
+from .selective_attention import paged_rows, token_metadata
 
 __all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "pack_keys", "unpack_positions",
            "score_width", "lightning_indexer_dense", "topk_indices_dense", "block_scores_dense",
@@ -114,7 +114,7 @@ class _Indexer:
         self.cd = torch.float64 if q_idx.dtype == torch.float64 else torch.float32
         self.scale = float(Di ** -0.5 if scale is None else scale)
         self.paged = k_idx.dim() == 3
-        # Upcast once: bfloat16 matmuls run ~400x slower than float32 on our CPUs (TRAPS.md).
+        # Upcast once: bfloat16 matmuls run ~400x slower than float32 on our CPUs (docs/traps.md).
         self.q = (q_idx.to(self.cd) * self.scale).contiguous()  # scale folded into q: one pass
         self.w = weights.to(self.cd)
         if self.paged:
@@ -157,12 +157,9 @@ class _Indexer:
             if self.causal:
                 valid = valid & (pos[None, :] <= self.q_pos[t0:t1, None])
             if self.paged:
-                table = self.table[self.seq[t0:t1]]  # [c, max_pages]
-                pidx = (pos // self.page).clamp(max=table.shape[1] - 1)[None, :].expand(c, n)
-                page = torch.gather(table, 1, pidx)
+                rows, ok = paged_rows(self.table[self.seq[t0:t1]], pos[None, :].expand(c, n), self.page, self.P)
                 # A page id outside the cache is never dereferenced (its position is dropped).
-                valid = valid & (page >= 0) & (page < self.P)
-                rows = page * self.page + (pos % self.page)[None, :]
+                valid = valid & ok
             else:
                 rows = self.base[t0:t1, None] + pos[None, :]
             rows = torch.where(valid, rows, 0)
@@ -191,7 +188,7 @@ class _Indexer:
 def _reduce_blocks(s: Tensor, block_size: int, block_reduce: str) -> Tensor:
     """[c, n*b] position scores -> [c, n] block scores over each block's valid positions."""
     c = s.shape[0]
-    s = s.view(c, -1, block_size)
+    s = s.view(c, s.shape[1] // block_size, block_size)  # not -1: c may be 0 (an empty batch)
     if block_reduce == "max":
         return s.amax(dim=2)  # -inf when the whole block is invalid
     valid = s > float("-inf")
@@ -288,8 +285,21 @@ def block_scores(scores: Tensor, block_size: int, block_reduce: str = "max") -> 
 @torch.no_grad()  # indices are not differentiable; no autograd graph may hold the chunks alive
 def topk_indices(scores: Tensor, k: int) -> Tensor:
     """[T, W] scores -> [T, 1, k] int32: valid (> -inf, not NaN) positions by descending score,
-    ties to the lower position, then -1."""
+    ties to the lower position, then -1.
+
+    Scores are ranked in their own dtype. float64 ones do not fit the 32-bit half of a packed key
+    (rounding them to float32 would tie 1.0 with 1.0 + 1e-12 and turn -1e39 into -inf), so they take
+    a stable descending sort instead: equal scores keep position order, the same tie rule.
+    """
     T, W = scores.shape
+    if scores.dtype == torch.float64:
+        s = torch.where(torch.isnan(scores), float("-inf"), scores)
+        kk = min(k, W)
+        top = torch.sort(s, dim=1, descending=True, stable=True)
+        pos = torch.where(top.values[:, :kk] > float("-inf"), top.indices[:, :kk], -1).to(torch.int32)
+        if kk < k:
+            pos = torch.cat([pos, pos.new_full((T, k - kk), -1)], dim=1)
+        return pos.view(T, 1, k)
     pos = torch.arange(W, device=scores.device, dtype=torch.int64)
     return _finish(pack_keys(scores, pos[None, :]), k)
 

@@ -4,9 +4,10 @@ Two implementations of the same definition live here:
 
 * :func:`selective_attention` - the chunked gather formulation. It is the CPU production path and
   the fallback on every device, so it is written to be fast and memory-bounded: it gathers only the
-  selected rows, computes in float32, and walks the query tokens in chunks whose working set is
-  capped (``chunk_bytes``), so a 2048-token prefill with top-k 2048 never builds the
-  [T, K, Dqk] gather. It never synchronises with the device (no ``.item()``), so it also runs
+  selected rows, computes in float32, and walks the query tokens (and, for a token whose candidates
+  alone exceed it, the candidates) in pieces whose working set stays within a byte budget
+  (``chunk_bytes``, default :data:`DEFAULT_CHUNK_BYTES`), so a prefill never builds the [T, K, Dqk]
+  gather and its extra memory does not grow with T, H or K. It never synchronises with the device (no ``.item()``), so it also runs
   inside CUDA graphs and ``torch.compile``.
 * :func:`selective_attention_dense` - the oracle. A deliberately different formulation: per
   sequence, count how many times each position is a kept candidate and take a weighted softmax over
@@ -18,6 +19,7 @@ check shapes themselves.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -26,10 +28,12 @@ from torch import Tensor
 __all__ = ["selective_attention", "selective_attention_backward", "selective_attention_dense", "token_metadata",
            "tokens_per_chunk", "DEFAULT_CHUNK_BYTES"]
 
-# Working-set cap per chunk of query tokens (gathered rows + scores). 256 MiB keeps a DeepSeek
-# prefill (K=2048, Dqk=576) at ~25 tokens per chunk: large enough for efficient batched GEMMs,
-# small enough that the whole call stays far below the 1.5 GB extra-memory budget.
-DEFAULT_CHUNK_BYTES = 256 << 20
+# The forward's working-set budget beyond its output (gathered rows, scores, index tensors of one
+# piece of work), in bytes. 256 MiB keeps a DeepSeek prefill (K=2048, Dqk=576, H=128) at ~20 tokens
+# per piece, large enough for efficient batched GEMMs, and any prefill within 0.5 GB of extra peak
+# memory beyond its output (docs/contract.md; measured by bench/reference_targets.py). Change it per
+# call with ``chunk_bytes=``, per process with ATTENTION_REFERENCE_BUDGET_BYTES (read at import).
+DEFAULT_CHUNK_BYTES = int(os.environ.get("ATTENTION_REFERENCE_BUDGET_BYTES", 256 << 20))
 
 
 def token_metadata(
@@ -70,14 +74,23 @@ def token_metadata(
     return seq, L, q_pos, base
 
 
-def tokens_per_chunk(H: int, Hkv: int, n: int, row_width: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Query tokens per chunk so that one chunk's working set stays under ``chunk_bytes``.
+def bytes_per_candidate(H: int, Hkv: int, row_width: int, G: int = 1) -> int:
+    """Peak working-set bytes of one candidate of one token in the gather path (an upper bound).
 
-    Per token: ``n`` gathered rows of ``row_width`` values per kv head (float32, plus the
-    low-precision copy made before the upcast) and a few [H, n] float32 score buffers.
+    Per kv head, the gathered row of ``row_width`` values: its float32 copy (4 bytes a value) plus
+    at most two transient copies before the upcast (index_select's result and the per-head
+    reshape: 2 x 2 bytes in bf16/fp16, 4 in float32, which then *is* the float32 copy); at most three
+    [H] float32 score buffers alive at once (scores, rope scores, their sum); the int64/bool index
+    tensors (position, kept mask, row, per kv-head selection G).
     """
-    per_token = Hkv * n * row_width * 6 + H * n * 4 * 4
-    return max(1, int(chunk_bytes // max(1, per_token)))
+    return Hkv * row_width * 8 + H * 12 + G * 26
+
+
+def tokens_per_chunk(H: int, Hkv: int, n: int, row_width: int, chunk_bytes: Optional[int] = None) -> int:
+    """Query tokens per chunk so that one chunk's working set stays under ``chunk_bytes`` (at least 1)."""
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    per_token = n * bytes_per_candidate(H, Hkv, row_width)
+    return max(1, int(budget // max(1, per_token)))
 
 
 class _Call:
@@ -104,14 +117,20 @@ class _Call:
         self.block_size = int(block_size)
         self.causal = bool(causal)
         self.G, self.K = indices.shape[1], indices.shape[2]
-        self.n = self.K * self.block_size
         if self.paged:
             self.num_pages, self.page_size = kv.shape[0], kv.shape[1]
             S = self.num_pages * self.page_size
+            cap = block_table.shape[1] * self.page_size  # no sequence is longer than its table
         else:
             self.num_pages, self.page_size = 0, 0
             S = kv.shape[0]
+            cap = S
         self.S = S
+        # Offsets expanded per block: a block's kept positions lie in [j*b, L_b) with L_b <= cap, so
+        # offsets past min(b, cap) are never kept. Expanding them all would make the work and memory
+        # grow with K * block_size even over a tiny cache (block_size 2**20 over 64 rows).
+        self.span = max(1, min(self.block_size, cap))
+        self.n = self.K * self.span  # candidates expanded per token and kv head
         self.kv_flat = kv.reshape(S, self.Hkv, Dqk)
         self.v_flat = None if v is None else v.reshape(S, self.Hkv, self.Dv)
         self.kvr_flat = None if kv_rope is None else kv_rope.reshape(S, self.Hkv, self.Dr)
@@ -146,11 +165,14 @@ class _Call:
                 None if self.base is None else b3(self.base), self.seq[c0:c1])
 
 
-def _select(call: _Call, idx: Tensor, c0: int, c1: int):
+def _select(call: _Call, idx: Tensor, c0: int, c1: int, r0: int = 0, r1: Optional[int] = None):
     """Storage rows [c, G, n] of the candidates of tokens [c0, c1) and the kept mask.
 
+    With blocks, only offsets [r0, r1) of each block are expanded (default: the whole ``span``).
+
     Dropped candidates point at row 0 (never dereferenced as data: their rows are zeroed after the
-    gather). The mask is ``None`` when nothing was dropped (known only on the CPU).
+    gather). The mask is ``None`` when nothing was dropped (known only on the CPU). Every product of
+    an index is formed only after the index was found in range, so nothing can overflow.
     """
     L, q_pos, base, seq = call.facts(c0, c1)
     bs = call.block_size
@@ -162,32 +184,51 @@ def _select(call: _Call, idx: Tensor, c0: int, c1: int):
         if int(lo) >= 0 and int(hi) < L:
             return idx, None
     if bs > 1:
-        # Range-check the block index before multiplying: idx * block_size could overflow.
+        # Range-check the block index before multiplying: idx * block_size could overflow. Only the
+        # first ``span`` offsets of a block can be kept (see _Call), so only those are expanded.
         idx = idx.to(torch.int64)
-        keep = (idx >= 0) & (idx < (L + (bs - 1)) // bs)
+        keep = (idx >= 0) & (idx < (L + (bs - 1)) // bs) if bs <= call.span else (idx == 0) & (L > 0)
         idx = torch.where(keep, idx, 0)
-        r = torch.arange(bs, device=idx.device, dtype=torch.int64)
+        r = torch.arange(r0, call.span if r1 is None else r1, device=idx.device, dtype=torch.int64)
         pos = (idx[..., None] * bs + r).flatten(-2)
-        keep = keep.repeat_interleave(bs, dim=-1) & (pos < L)
+        keep = keep.repeat_interleave(r.numel(), dim=-1) & (pos < L)
     else:
         pos = idx
         keep = (idx >= 0) & (idx < L)
     if q_pos is not None:
         keep = keep & (pos <= q_pos)
+    pos = torch.where(keep, pos, 0).to(torch.int64)  # dropped: position 0, so no arithmetic below overflows
     if call.paged:
-        pos = torch.where(keep, pos, 0).to(torch.int64)
-        table = call.block_table[seq].to(torch.int64)  # [c, max_pages]
-        c, G, n = pos.shape
-        page_idx = (pos // call.page_size).reshape(c, G * n).clamp_(max=table.shape[1] - 1)
-        page = torch.gather(table, 1, page_idx).reshape(c, G, n)
+        rows, ok = paged_rows(call.block_table[seq], pos.flatten(1), call.page_size, call.num_pages)
+        rows = rows.view(pos.shape)
         # A table entry outside the cache is never dereferenced (its candidate is dropped instead).
-        keep = keep & (page >= 0) & (page < call.num_pages)
-        rows = page * call.page_size + pos % call.page_size
+        keep = keep & ok.view(pos.shape)
+    elif isinstance(base, int) and base == 0:
+        rows = pos
     else:
-        rows = pos if isinstance(base, int) and base == 0 else pos + base
+        rows = pos + base
+        # Lengths past the cache (unchecked device metadata) drop the candidate, never read past S.
+        keep = keep & (rows < call.S)
     if call.host and bool(keep.all()):
         return rows, None
     return torch.where(keep, rows, 0), keep
+
+
+def paged_rows(table: Tensor, pos: Tensor, page_size: int, num_pages: int) -> Tuple[Tensor, Tensor]:
+    """Storage rows of logical positions ``pos`` [c, m] through block-table rows ``table`` [c, max_pages].
+
+    Returns (rows [c, m] int64, ok [c, m]): ``ok`` is False where the page entry is outside the cache
+    (such a row is never to be read). Positions past the table read its last column; a table with no
+    column at all (every sequence empty: a fresh ``PagedLatentCache``) reads as -1, i.e. no page.
+    Shared by the attention and the indexer references.
+    """
+    table = table.to(torch.int64)
+    if table.shape[1] == 0:
+        table = torch.full((table.shape[0], 1), -1, dtype=torch.int64, device=table.device)
+    page_idx = (pos // page_size).clamp_(max=table.shape[1] - 1)
+    page = torch.gather(table, 1, page_idx)
+    ok = (page >= 0) & (page < num_pages)
+    return torch.where(ok, page, 0) * page_size + pos % page_size, ok
 
 
 def _per_head(keep: Tensor, Hkv: int) -> Tensor:
@@ -211,24 +252,26 @@ def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.
         x = torch.index_select(storage, 0, rows.reshape(-1))
         x = x.view(c, n, Hkv, D).transpose(1, 2).reshape(c * Hkv, n, D) if Hkv > 1 else x.view(c, n, D)
     else:
-        x = storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]].view(c * Hkv, n, D)
+        # reshape, not view: advanced indexing lays the result out like ``rows``, which may be any
+        # view of the caller's indices (e.g. a transposed topk whose K axis is not innermost).
+        x = storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]].reshape(c * Hkv, n, D)
     if x.dtype != dtype:
         x = x.to(dtype)
     if keep is not None:
         # Dropped candidates may point at garbage (NaN/inf in an unused page): zero their rows so
         # that 0-probability x value stays 0 and no NaN reaches a gradient either.
-        x = x.masked_fill(~_per_head(keep, Hkv)[..., None], 0.0)
+        x = x.masked_fill_(~_per_head(keep, Hkv)[..., None], 0.0)
     return x
 
 
-def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int) -> Optional[Tensor]:
+def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int, in_bytes: int) -> Optional[Tensor]:
     """Sorted distinct storage rows kept by a chunk, when attending over them densely is cheaper.
 
     In a prefill, neighbouring tokens select mostly the same positions (top-2048 of a 4K context):
     gathering K rows per token then multiplies [Hg, D] x [D, K] per token, which is bound by the
     gather's memory traffic. Over the chunk's union of rows instead, one gather serves every token
     and the GEMMs have c*Hg rows. Used on the CPU only (``unique`` is a host sync elsewhere) and
-    when the union is at most half the candidates and its score matrices fit the chunk budget.
+    when the union is at most half the candidates and its working set fits the chunk budget.
     """
     c, _, n = rows.shape
     if not call.host or c < 2 or n == 0 or call.S == 0:
@@ -238,37 +281,51 @@ def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: 
     count = torch.zeros(call.S, dtype=torch.int32).index_add_(0, rows.reshape(-1), ones)
     u = count.nonzero().squeeze(1)
     U = u.numel()
-    if U == 0 or 2 * U > c * n or 2 * c * call.H * U * 4 > chunk_bytes:
+    if U == 0 or 2 * U > c * n:
+        return None
+    # _chunk_union's working set: dense scores (+ rope scores) and weights [c, H, U], the gathered
+    # candidate scores [c, H, n], the union rows (float32 + the low-precision copy), the inverse map.
+    width = call.Dqk + call.Dr + (0 if call.v_flat is None else call.Dv)
+    need = (c * call.H * (U * (3 if call.kvr_flat is not None else 2) + n) * 4
+            + U * call.Hkv * width * (4 + in_bytes) + c * rows.shape[1] * n * 8)
+    if need > chunk_bytes:
         return None
     return u
 
 
 def _chunk_union(call: _Call, q, q_rope, c0, c1, rows, keep, u):
-    """(out [c, Hkv, Hg, Dv], lse) of tokens [c0, c1) by dense scores over the union rows ``u``.
+    """(out [c, Hkv, Hg, Dv], lse) of tokens [c0, c1) by dense scores over the union rows ``u``, or
+    None when the union's value rows are not all finite (then the caller takes the gather path).
 
     Scores of each token's own candidates are gathered from the dense [c, Hkv, Hg, U] matrix (so
     duplicates and masks behave exactly as in the gather path), and the softmax weights are
     scattered back (``scatter_add_`` sums duplicates) before one [c*Hg, U] x [U, Dv] GEMM per kv head.
+    That GEMM multiplies every token's weights with every union row, including the rows the token
+    did not select (weight 0): 0 * NaN or 0 * inf would poison it (SPEC: a row a token did not select
+    never influences it). Hence the finiteness check; the dense scores need none, since each token
+    reads back only its own candidates' columns.
     """
     c, cd = c1 - c0, call.compute_dtype
     Hkv, Hg, D, Dv, U = call.Hkv, call.Hg, call.Dqk, call.Dv, u.numel()
+    ku = call.kv_flat[u].to(cd)  # [U, Hkv, Dqk]
+    vu = ku[..., :Dv] if call.v_flat is None else call.v_flat[u].to(cd)  # [U, Hkv, Dv]
+    if not bool(torch.isfinite(vu).all()):  # host-only path: free to read
+        return None
     inv = torch.searchsorted(u, rows).clamp_(max=U - 1)  # dropped candidates: any column, masked below
     index = inv[:, :, None, :].expand(c, Hkv, Hg, rows.shape[2])
 
-    def dense(x_flat, qx, width):  # [c, Hkv, Hg, U] scores of qx against the union rows
-        xu = x_flat[u].to(cd)  # [U, Hkv, width]
+    def dense(xu, qx, width):  # [Hkv, c*Hg, U] scores of qx against the union rows xu [U, Hkv, width]
         qh = qx[c0:c1].to(cd).reshape(c, Hkv, Hg, width).transpose(0, 1).reshape(Hkv, c * Hg, width)
-        return torch.bmm(qh * call.scale, xu.permute(1, 2, 0)), xu
+        return torch.bmm(qh * call.scale, xu.permute(1, 2, 0))
 
-    sd, ku = dense(call.kv_flat, q, D)
+    sd = dense(ku, q, D)
     if call.kvr_flat is not None:
-        sd = sd + dense(call.kvr_flat, q_rope, call.Dr)[0]
+        sd = sd + dense(call.kvr_flat[u].to(cd), q_rope, call.Dr)
     s = torch.gather(sd.view(Hkv, c, Hg, U).transpose(0, 1), -1, index)
     if keep is not None:
-        s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
-    lse, e, _, denom = _softmax(call, s, keep is None)
+        s = s.masked_fill_(~keep[:, :, None, :], float("-inf"))
+    lse, e, _, denom = _softmax(call, s, _kept_rows(keep, s.shape))
     w = torch.zeros(c, Hkv, Hg, U, dtype=cd, device=e.device).scatter_add_(-1, index, e)
-    vu = ku[..., :Dv] if call.v_flat is None else call.v_flat[u].to(cd)  # [U, Hkv, Dv]
     o = torch.bmm(w.transpose(0, 1).reshape(Hkv, c * Hg, U), vu.transpose(0, 1))
     return o.view(Hkv, c, Hg, Dv).transpose(0, 1).div_(denom), lse
 
@@ -295,29 +352,52 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
     else:
         vals = _gather(call.v_flat, rows, keep, cd)
     if keep is not None:
-        s = s.masked_fill(~_per_head(keep, call.Hkv)[:, None, :], float("-inf"))
+        s = s.masked_fill_(~_per_head(keep, call.Hkv)[:, None, :], float("-inf"))
     return dict(rows=rows, keep=keep, keys=keys, vals=vals, kr=kr, qc=qc, qr=qr, s=s,
-                nonempty=keep is None and call.n > 0)
+                kept=_kept_rows(keep, s.shape))
 
 
-def _softmax(call: _Call, s: Tensor, nonempty: bool = False):
+def _kept_rows(keep: Optional[Tensor], shape) -> Optional[Tensor]:
+    """Which rows of scores ``shape`` ([c*Hkv, Hg, n] or [c, Hkv, Hg, n]) keep a candidate, as a bool
+    tensor broadcastable to ``shape[:-1] + (1,)``; None when nothing was dropped (then a row keeps
+    all of its n candidates, so it is empty only when n = 0).
+
+    Decided from the kept mask alone (indices, lengths, causality), never from score values.
+    """
+    if keep is None:
+        return None
+    any_kept = keep.any(dim=-1)  # [c, G]
+    if len(shape) == 4:
+        return any_kept[:, :, None, None]
+    c, G = any_kept.shape
+    Hkv = shape[0] // max(1, c)
+    return any_kept.expand(c, Hkv).reshape(c * Hkv, 1, 1) if G != Hkv else any_kept.reshape(c * Hkv, 1, 1)
+
+
+def _softmax(call: _Call, s: Tensor, kept: Optional[Tensor]):
     """Online-softmax pieces of masked scores s [c, Hkv, Hg, n] (consumed in place).
 
     Returns (lse, e, l, denom): lse [.., 1] natural log (-inf for an empty row); e = exp(s - m) with
     m the row max (0 for an empty row, so e = 0 there, never NaN); l = sum(e); and the output
-    denominator denom = l + exp(sink - m), so that out = (e @ v) / denom. A non-empty row has l >= 1
-    (its max term is exp(0)), so clamping denom at 1 changes nothing there and turns an empty row's
-    0 / 0 into 0. ``nonempty=True`` (every row known to keep a candidate) skips the -inf guard.
+    denominator denom = l + exp(sink - m), so that out = (e @ v) / denom. ``kept`` (see _kept_rows)
+    says which rows keep a candidate: only those are non-empty, whatever their scores. A kept row whose
+    scores hold NaN or +inf, or are all -inf, keeps its max m and so gives NaN, exactly as the float64
+    evaluation does (SPEC: NaN propagates). A non-empty finite row has l >= 1 (its max term is
+    exp(0)), so clamping denom at 1 changes nothing there and turns an empty row's 0 / 0 into 0
+    (clamp_min keeps NaN).
     """
-    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full((*s.shape[:-1], 1), float("-inf"))
-    if not nonempty:
-        m = torch.nan_to_num(m, neginf=0.0)
+    if s.shape[-1]:
+        m = s.amax(dim=-1, keepdim=True)
+        if kept is not None:
+            m = torch.where(kept, m, 0.0)
+    else:
+        m = s.new_zeros((*s.shape[:-1], 1))
     e = s.sub_(m).exp_()
     l = e.sum(dim=-1, keepdim=True)
     lse = torch.log(l).add_(m)
     # (s is [c*Hkv, Hg, n] or [c, Hkv, Hg, n]: the sink [1, Hkv, Hg, 1] meets m in the 4-D view)
     denom = l if call.sink is None else l + torch.exp(call.sink - m.view(-1, call.Hkv, call.Hg, 1)).view_as(m)
-    if not nonempty or call.sink is not None:
+    if kept is not None or call.sink is not None or not s.shape[-1]:
         denom = denom.clamp_min(1.0)
     return lse, e, l, denom
 
@@ -339,7 +419,7 @@ def selective_attention(
     seqlens_k: Optional[Tensor] = None,
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
     token_offset: int = 0,
     total_tokens: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -348,39 +428,103 @@ def selective_attention(
     ``q``, ``q_rope`` and ``indices`` may be a slice of the call's query tokens starting at global
     token ``token_offset`` out of ``total_tokens``.
     """
-    return forward_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q,
-                              cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, chunk_bytes, token_offset,
-                              total_tokens)
-
-
-def forward_positional(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
-                       block_table, seqlens_k, causal, attn_sink, chunk_bytes=DEFAULT_CHUNK_BYTES, token_offset=0,
-                       total_tokens=None):
-    """``selective_attention`` with the op schema's positional order (the hot path of the CPU backend)."""
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens)
-    Tc, H, Dv = call.Tc, call.H, call.Dv
-    chunk = tokens_per_chunk(H, call.Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
-    outs, lses = [], []
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    Tc, H, Dv, K = call.Tc, call.H, call.Dv, call.K
+    per_cand = bytes_per_candidate(H, call.Hkv, call.Dqk + call.Dr + (0 if v is None else Dv), call.G)
+    chunk = max(1, budget // max(1, call.n * per_cand))
+    # A piece: all K indices of `chunk` tokens; when one token's candidates exceed the budget, one
+    # token and `k_piece` of its indices; when even one index (a block of `span` positions) exceeds
+    # it, one index and `r_piece` offsets of its block.
+    k_piece, r_piece = K, call.span
+    if call.n * per_cand > budget:
+        k_piece = max(1, budget // (per_cand * call.span))
+        r_piece = call.span if per_cand * call.span <= budget else max(1, budget // per_cand)
+    if chunk >= Tc and k_piece >= K:  # one piece (decode): no output buffer, no copy
+        o, lse = _forward_piece(call, q, q_rope, indices, 0, Tc, budget, kv.element_size())
+        o = o.reshape(Tc, H, Dv)
+        return (o if o.dtype == q.dtype else o.to(q.dtype)), lse.reshape(Tc, H).to(torch.float32)
+    out = torch.empty((Tc, H, Dv), dtype=q.dtype, device=q.device)
+    lse_out = torch.empty((Tc, H), dtype=torch.float32, device=q.device)
     for c0 in range(0, Tc, chunk):
         c1 = min(Tc, c0 + chunk)
-        selected = _select(call, indices if Tc == c1 - c0 else indices[c0:c1], c0, c1)
-        u = _union_rows(call, *selected, chunk_bytes)
-        if u is not None:
-            o, lse = _chunk_union(call, q, q_rope, c0, c1, *selected, u)
+        if k_piece >= K:
+            o, lse = _forward_piece(call, q, q_rope, indices[c0:c1], c0, c1, budget, kv.element_size())
         else:
-            x = _chunk_scores(call, q, q_rope, indices, c0, c1, selected)
-            lse, e, _, denom = _softmax(call, x["s"], x["nonempty"])
-            o = torch.bmm(e, x["vals"]).div_(denom)  # [c*Hkv, Hg, Dv]
-        o = o.reshape(c1 - c0, H, Dv)
-        lse = lse.reshape(c1 - c0, H)
-        outs.append(o if o.dtype == q.dtype else o.to(q.dtype))
-        lses.append(lse if lse.dtype == torch.float32 else lse.to(torch.float32))
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    if not outs:
-        return q.new_empty(0, H, Dv), q.new_empty(0, H, dtype=torch.float32)
-    return torch.cat(outs), torch.cat(lses)
+            o, lse = _forward_split_k(call, q, q_rope, indices[c0:c1], c0, c1, k_piece, r_piece)
+        out[c0:c1] = o.reshape(c1 - c0, H, Dv)
+        lse_out[c0:c1] = lse.reshape(c1 - c0, H)
+    return out, lse_out
+
+
+def _forward_piece(call: _Call, q, q_rope, idx, c0, c1, budget, in_bytes):
+    """(out, lse) of tokens [c0, c1) over their candidates ``idx`` [c, G, k]: the union or gather path."""
+    selected = _select(call, idx, c0, c1)
+    u = _union_rows(call, *selected, budget, in_bytes)
+    res = None if u is None else _chunk_union(call, q, q_rope, c0, c1, *selected, u)
+    if res is not None:
+        return res
+    x = _chunk_scores(call, q, q_rope, idx, c0, c1, selected)
+    lse, e, _, denom = _softmax(call, x["s"], x["kept"])
+    return torch.bmm(e, x["vals"]).div_(denom), lse  # [c*Hkv, Hg, Dv]
+
+
+def _forward_split_k(call: _Call, q, q_rope, idx, c0, c1, k_piece, r_piece):
+    """(out, lse) of tokens [c0, c1) whose K indices are taken ``k_piece`` at a time, and each block's
+    ``span`` offsets ``r_piece`` at a time (gather path).
+
+    Each slice gives a part (o_i = softmax-weighted values over its kept candidates, no sink; lse_i);
+    parts merge as in SPEC.md section 6: lse = log sum exp(lse_i), out = sum exp(lse_i - lse) o_i, then
+    the sink scales out by exp(lse) / (exp(lse) + exp(sink)). A part without a kept candidate
+    (lse_i = -inf) adds nothing; a NaN part makes lse and out NaN, as the one-piece path does.
+    """
+    o_run = lse_run = None
+    pieces = ((j0, r0) for j0 in range(0, call.K, k_piece) for r0 in range(0, call.span, r_piece))
+    for j0, r0 in pieces:
+        sel = _select(call, idx[:, :, j0:j0 + k_piece], c0, c1, r0, min(call.span, r0 + r_piece))
+        x = _chunk_scores(call, q, q_rope, None, c0, c1, sel)
+        lse_i, e, l, _ = _softmax(call, x["s"], x["kept"])
+        o_i = torch.bmm(e, x["vals"]).div_(l.clamp_min(1.0))  # an empty part: 0 / 0 -> 0
+        if o_run is None:
+            o_run, lse_run = o_i, lse_i
+            continue
+        lse_new = torch.logaddexp(lse_run, lse_i)
+        w_run = torch.where(torch.isneginf(lse_run), 0.0, torch.exp(lse_run - lse_new))
+        w_i = torch.where(torch.isneginf(lse_i), 0.0, torch.exp(lse_i - lse_new))
+        o_run = o_run * w_run + o_i * w_i
+        lse_run = lse_new
+    if call.sink is not None:
+        sink = call.sink.reshape(1, call.Hkv, call.Hg, 1).expand(c1 - c0, -1, -1, -1).reshape(lse_run.shape)
+        o_run = o_run / (1.0 + torch.exp(sink - lse_run))  # lse = -inf: o is 0 and stays 0
+    return o_run, lse_run
+
+
+def max_logits(
+    q: Tensor, kv: Tensor, indices: Tensor, *, q_rope: Optional[Tensor] = None, kv_rope: Optional[Tensor] = None,
+    sm_scale: Optional[float] = None, block_size: int = 1, cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
+    causal: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """Row max over kept candidates of the scaled logit s_p (SPEC section 1): [T, H] float32, -inf if none kept.
+
+    The contract returns lse only; vendor APIs that also return the max (FlashMLA's max_logits,
+    torch_npu's softmax_max) get it here, from the same candidate selection and scoring as the
+    forward (one implementation of the keep rules), chunk by chunk on the inputs' device. It costs
+    about as much as a reference forward pass.
+    """
+    call = _Call(q, kv, indices, None, None, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
+                 block_table, seqlens_k, causal, None, 0, None)
+    T, H = q.shape[0], q.shape[1]
+    if call.n == 0 or T == 0:
+        return torch.full((T, H), float("-inf"), device=q.device, dtype=torch.float32)
+    chunk = tokens_per_chunk(H, call.Hkv, call.n, call.Dqk + call.Dr, chunk_bytes)
+    parts = []
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        s = _chunk_scores(call, q, q_rope, indices, c0, c1)["s"]  # [c*Hkv, Hg, n], dropped = -inf
+        parts.append(s.amax(dim=-1).reshape(c1 - c0, H).to(torch.float32))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def selective_attention_backward(
@@ -402,7 +546,9 @@ def selective_attention_backward(
     seqlens_k: Optional[Tensor] = None,
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
+    out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
 ):
     """Gradients ``(dq, dkv, dv, dq_rope, dkv_rope, dattn_sink)`` of (out, lse), chunk by chunk.
 
@@ -412,6 +558,10 @@ def selective_attention_backward(
     dK = scale * dS^T @ q;  dV = P'^T @ dO;  dsink = -sum_t rowsum(dO * out) * exp(sink) / (exp(lse) + exp(sink)).
     Key/value rows are scattered back into the cache with ``index_put_(accumulate=True)``;
     dropped candidates have P = 0 and contribute exactly nothing. Entries for absent inputs are None.
+
+    ``out`` and ``lse``, the forward's results (the op saves them), spare the backward the forward's
+    softmax and its P' @ V: P = exp(s - lse) and P' = P * sigmoid(lse - sink). Without them both are
+    recomputed from the scores, which the backward computes either way.
     """
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, 0, None)
@@ -437,29 +587,52 @@ def selective_attention_backward(
         c1 = min(Tc, c0 + chunk)
         c = c1 - c0
         x = _chunk_scores(call, q, q_rope, indices, c0, c1)
-        lse, e, l, denom = _softmax(call, x["s"], x["nonempty"])
-        pp = e / denom  # P' = the weights that produced out (sink included)
-        p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
+        if lse is None:
+            _, e, l, denom = _softmax(call, x["s"], x["kept"])
+            pp = e / denom  # P' = the weights that produced out (sink included)
+            p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
+            sink_share = None if dsink is None else 1 - l / denom  # exp(sink) / (exp(lse) + exp(sink))
+        else:
+            row_lse = lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
+            # An empty row (lse = -inf, every s = -inf) subtracts 0 instead: P = 0 there, never NaN.
+            p = torch.exp(x["s"] - (row_lse if x["kept"] is None else torch.where(x["kept"], row_lse, 0.0)))
+            if dsink is None:
+                pp = p
+            else:
+                sink_share = torch.sigmoid(call.sink.view(1, Hkv, Hg, 1) - row_lse.view(c, Hkv, Hg, 1))
+                sink_share = sink_share.view(c * Hkv, Hg, 1)
+                pp = p * (1 - sink_share)
         vals = x["vals"]
         if grad_out is not None:
             do = grad_out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
-            o = torch.matmul(pp, vals)
+            o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
             delta = (do * o).sum(-1, keepdim=True)
             ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
             dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c, Hkv, n, Dv]
             if dsink is not None:
-                # d out / d sink = -out * exp(sink - m) / denom = -out * (1 - l / denom)
-                dsink -= (delta * (1 - l / denom)).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
+                # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
+                dsink -= (delta * sink_share).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
         else:
             ds = torch.zeros_like(p)
             dvals = None
         if grad_lse is not None:
             gl = grad_lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
-            gl = torch.where(torch.isfinite(lse), gl, 0.0)  # an empty row's lse is the constant -inf
+            if x["kept"] is not None:  # an empty row's lse is the constant -inf
+                gl = torch.where(x["kept"], gl, 0.0)
             ds = ds + gl * p
         ds = ds * call.scale
+        kept_h = None if x["keep"] is None else _per_head(x["keep"], Hkv)[:, :, None]  # [c*Hkv, n, 1]
+        if kept_h is not None:
+            # A dropped candidate contributes exactly nothing: mask its terms rather than trust a zero
+            # weight, since 0 * NaN (a NaN query, grad_out or kept value elsewhere in the row) is NaN
+            # and its gradient row would land on storage row 0, which the token never selected.
+            ds = ds.masked_fill(~kept_h.transpose(1, 2), 0.0)
+            if dvals is not None:
+                dvals = dvals.masked_fill(~kept_h, 0.0)
         dq[c0:c1] = torch.matmul(ds, x["keys"]).reshape(c, H, call.Dqk)
         dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c*Hkv, n, Dqk]
+        if kept_h is not None:
+            dkeys = dkeys.masked_fill_(~kept_h, 0.0)
         if dvals is not None:
             if v is None:
                 dkeys[..., :Dv] += dvals
@@ -468,7 +641,8 @@ def selective_attention_backward(
         scatter(dkv, x["rows"], dkeys)
         if q_rope is not None:
             dqr[c0:c1] = torch.matmul(ds, x["kr"]).reshape(c, H, call.Dr)
-            scatter(dkvr, x["rows"], torch.matmul(ds.transpose(-1, -2), x["qr"]))
+            dkr = torch.matmul(ds.transpose(-1, -2), x["qr"])
+            scatter(dkvr, x["rows"], dkr if kept_h is None else dkr.masked_fill_(~kept_h, 0.0))
     return (
         dq.to(q.dtype),
         dkv.reshape(kv.shape).to(kv.dtype),
@@ -550,7 +724,8 @@ def selective_attention_dense(
                 gi = g if idx.shape[1] == Hkv else 0
                 j = idx[t, gi]
                 j = j[(j >= 0) & (j <= Lb // block_size)]  # beyond that, every position is >= Lb
-                p = (j[:, None] * block_size + torch.arange(block_size)).flatten()
+                # offsets past L_b are never kept: expand at most L_b of them (block_size may be huge)
+                p = (j[:, None] * block_size + torch.arange(min(block_size, Lb))).flatten()
                 p = p[(p < Lb) & ((p <= q_pos) if causal else True)]
                 count = torch.bincount(p, minlength=Lb).to(dtype)
                 for hh in range(Hg):

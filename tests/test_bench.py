@@ -11,7 +11,8 @@ import torch
 
 import attention
 import python_ref
-from attention.registry import Backend
+from attention.inputs import FLOAT_DTYPES
+from attention.registry import ATTENTION_FEATURES, Backend
 
 from bench import report, runner, summarize
 from bench.presets import SelectionProblem, dsv32, nsa
@@ -25,8 +26,9 @@ class _WrongBackend(Backend):
     """Registered only inside these tests: the reference answer, slightly off."""
 
     name = "wrong-for-test"
-    devices = frozenset({"cpu"})
-    priority = 10_000
+    priorities = {"cpu": 10_000}
+    ops = {"attention": ATTENTION_FEATURES}
+    dtypes = frozenset(FLOAT_DTYPES)
 
     def forward(self, inp):
         out, lse = python_ref.selective_attention(inp.q, inp.kv, inp.indices, **inp.reference_kwargs())
@@ -37,8 +39,9 @@ class _UnwrittenBackend(Backend):
     """Returns its output buffers without writing them: must fail once outputs start as NaN."""
 
     name = "unwritten-for-test"
-    devices = frozenset({"cpu"})
-    priority = 10_000
+    priorities = {"cpu": 10_000}
+    ops = {"attention": ATTENTION_FEATURES}
+    dtypes = frozenset(FLOAT_DTYPES)
 
     def forward(self, inp):
         return self.new_outputs(inp)
@@ -46,8 +49,9 @@ class _UnwrittenBackend(Backend):
 
 class _RaisingBackend(Backend):
     name = "raising-for-test"
-    devices = frozenset({"cpu"})
-    priority = 10_000
+    priorities = {"cpu": 10_000}
+    ops = {"attention": ATTENTION_FEATURES}
+    dtypes = frozenset(FLOAT_DTYPES)
 
     def forward(self, inp):
         raise RuntimeError("kernel exploded")

@@ -5,7 +5,10 @@ The float64 oracles loop over batches on the host, reading each layout the way t
 describe it (op-plugin docs/context/torch_npu-npu_sparse_flash_attention.md and
 torch_npu-npu_lightning_indexer.md): "BSND" per-batch lengths, "TND" prefix sums, "PA_BSND" through
 block_table; sparse_mode 3 = bottom-right causal; the indexer score sum_j w_j * relu(q_j . k) with no
-scale, top-k descending with ties to the lower position, -1 / -inf at the tail.
+scale, top-k descending with ties to the lower position, -1 / -inf at the tail. Where Huawei's own CPU
+golden (ops-transformer attention/sparse_flash_attention/tests/pytest/sparse_flash_attention_golden.py)
+defines a rule the docs leave open (which index entries a row reads, the sink in softmax_max/sum, the
+statistics of empty rows), the attention oracle follows the golden (docs/migration.md).
 """
 
 import math
@@ -62,7 +65,7 @@ class SfaCase:
     page: int = 8
     sparse_mode: int = 3
     sink: bool = False
-    unordered: bool = False  # invalid entries anywhere in the row, some past the end (beyond torch_npu)
+    unordered: bool = False  # invalid entries anywhere in the row, some past the end: the golden stops at the first -1
 
 
 SFA_CASES = [
@@ -192,16 +195,33 @@ def make_sfa(case: SfaCase, dtype):
     return (query, key, value, idx, (D + Dr) ** -0.5), kw, facts
 
 
+def golden_entries(row, threshold, sbs):
+    """The index entries Huawei's golden reads from one row (ops-transformer
+    attention/sparse_flash_attention/tests/pytest/sparse_flash_attention_golden.py, gatherKV): at most
+    ceil(threshold / sparse_block_size) of them, stopping at the first -1."""
+    out = []
+    for j in row[:max(0, min(len(row), math.ceil(threshold / sbs)))]:
+        if j == -1:
+            break
+        out.append(j)
+    return out
+
+
+def row_threshold(case, Lk, Lq, s):
+    return Lk if case.sparse_mode == 0 else Lk - Lq + s + 1
+
+
 def oracle_sfa(case, pos_args, kw, facts):
-    """float64: per batch, per valid query row, per query head. Returns (out, max, sum) in vendor layouts
-    and the [rows] list for the native comparison."""
+    """float64: per batch, per valid query row, per query head, with the golden's rules: the entries it
+    reads, the sink inside softmax_max / softmax_sum, zeros for rows it skips or that keep nothing
+    without a sink. Returns (out, max, sum) in vendor layouts."""
     query, key, value, idx, scale = pos_args
     q_rope, k_rope, sinks = kw["query_rope"], kw["key_rope"], kw["sinks"]
     N1, N2 = query.shape[-2], key.shape[-2]
     hg = N1 // N2
     Dv = value.shape[-1]
     out = torch.zeros(*query.shape[:-1], Dv, dtype=torch.float64)
-    mx = torch.full(query.shape[:-1], float("-inf"), dtype=torch.float64)
+    mx = torch.zeros(query.shape[:-1], dtype=torch.float64)
     sm = torch.zeros(query.shape[:-1], dtype=torch.float64)
     for b, rows in enumerate(facts["q_rows"]):
         kvr = facts["kv_rows"][b]
@@ -210,32 +230,32 @@ def oracle_sfa(case, pos_args, kw, facts):
         V_ = torch.stack([value[c].double() for c in kvr]) if Lk else torch.zeros(0, N2, Dv)
         KR = torch.stack([k_rope[c].double() for c in kvr]) if (Lk and k_rope is not None) else None
         for s, r in enumerate(rows):
+            thr = row_threshold(case, Lk, Lq, s)
+            if case.sparse_mode == 3 and thr <= 0:
+                continue  # the golden skips the row: zero output, zero statistics
             for h in range(N1):
                 gk = h // hg
                 cand = []
-                for j in idx[r + (gk,)].tolist():
+                for j in golden_entries(idx[r + (gk,)].tolist(), thr, case.sbs):
                     if j < 0:
                         continue
-                    for o in range(case.sbs):
-                        p = j * case.sbs + o
-                        if p >= Lk:
-                            continue
-                        if case.sparse_mode == 3 and p > Lk - Lq + s:
-                            continue
-                        cand.append(p)
+                    cand += [p for p in range(j * case.sbs, j * case.sbs + case.sbs) if p < min(Lk, thr)]
+                sink = sinks[h].double() if sinks is not None else None
                 if not cand:
+                    if sink is not None:
+                        mx[r + (h,)], sm[r + (h,)] = sink, 1.0
                     continue
                 ci = torch.tensor(cand)
                 logit = K_[ci, gk] @ query[r + (h,)].double()
                 if KR is not None:
                     logit = logit + KR[ci, gk] @ q_rope[r + (h,)].double()
                 logit = logit * scale
-                m = logit.max()
+                m = logit.max() if sink is None else torch.maximum(logit.max(), sink)
                 e = torch.exp(logit - m)
-                denom = e.sum() + (torch.exp(sinks[h].double() - m) if sinks is not None else 0.0)
+                denom = e.sum() + (torch.exp(sink - m) if sink is not None else 0.0)
                 out[r + (h,)] = (e[:, None] * V_[ci, gk]).sum(0) / denom
                 mx[r + (h,)] = m
-                sm[r + (h,)] = e.sum()
+                sm[r + (h,)] = denom
     G = hg
 
     def vendor(x):
@@ -254,7 +274,16 @@ def native_sfa(case, pos_args, kw, facts, backend):
     rows = [r for rs in facts["q_rows"] for r in rs]
     q = torch.stack([query[r] for r in rows])
     qr = torch.stack([kw["query_rope"][r] for r in rows]) if kw["query_rope"] is not None else None
-    ind = torch.stack([idx[r] for r in rows])
+    ind = []  # the entries the golden reads, -1 after them
+    for b, rs in enumerate(facts["q_rows"]):
+        for s, r in enumerate(rs):
+            thr = row_threshold(case, len(facts["kv_rows"][b]), len(rs), s)
+            per_head = []
+            for g in idx[r].tolist():
+                e = golden_entries(g, thr, case.sbs)
+                per_head.append(e + [-1] * (len(g) - len(e)))
+            ind.append(torch.tensor(per_head, dtype=idx.dtype))
+    ind = torch.stack(ind)
     kv_rows = [c for cs in facts["kv_rows"] for c in cs]
     kv = torch.stack([key[c] for c in kv_rows])
     kvr = torch.stack([kw["key_rope"][c] for c in kv_rows]) if kw["key_rope"] is not None else None
@@ -280,7 +309,7 @@ def test_sparse_flash_attention(backend, case, dtype):
     tol_out, tol_lse = TOLERANCES[dtype]
     _check(out, r_out, tol_out, "attention_out")
     _check(smax, r_max, tol_lse, "softmax_max")
-    # sum = exp(lse - max): compare relatively (it is >= 1 wherever a row has candidates)
+    # the sum is >= 1 wherever a row has a candidate or a sink (0 elsewhere): compare relatively
     _check(ssum / r_sum.clamp_min(1.0).float(), r_sum / r_sum.clamp_min(1.0), tol_lse, "softmax_sum")
     # padding rows (BSND past actual_seq_lengths_query) are zero, never NaN
     assert not torch.isnan(out).any()
@@ -294,7 +323,12 @@ def test_sparse_flash_attention(backend, case, dtype):
     else:
         lse = lse.permute(1, 0, 2).reshape(query.shape[0], -1)
     got_lse = torch.stack([lse[r] for r in rows])
-    assert _err(got_lse, n_lse.double()) <= tol_lse
+    # max + log(sum) is the log of the whole softmax denominator: the sink's term included
+    want = n_lse.double() if kw["sinks"] is None else torch.logaddexp(n_lse.double(), kw["sinks"].double())
+    skipped = torch.tensor([case.sparse_mode == 3 and row_threshold(case, len(facts["kv_rows"][b]), len(rs), s) <= 0
+                            for b, rs in enumerate(facts["q_rows"]) for s in range(len(rs))])
+    want = torch.where(skipped[:, None], float("-inf"), want)
+    assert _err(got_lse, want) <= tol_lse
 
 
 def test_sparse_flash_attention_without_lse_returns_empty_tensors():
@@ -590,3 +624,100 @@ def test_sparse_flash_attention_gradients_match_the_native_op():
     rows, n_out, _ = native_sfa(case, (q2, key, value, idx, scale), kw, facts, None)
     (n_out * torch.stack([w[r] for r in rows])).sum().backward()
     assert torch.allclose(q1.grad, q2.grad, atol=1e-6, rtol=0) and q1.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #13 items 1-2: Huawei's goldens, by hand, and the backend routing of the indexer
+# ---------------------------------------------------------------------------------------------
+
+def _one_row(idx_row, sinks=None, sparse_mode=0, kv_len=8):
+    """TND, one batch, one query row, one head, D=4: returns (out, softmax_max, softmax_sum) flat and the
+    inputs, so expected values are computable by hand."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 1, 4, generator=g, dtype=torch.float64).float()
+    k = torch.randn(kv_len, 1, 4, generator=g, dtype=torch.float64).float()
+    idx = torch.tensor([[idx_row]], dtype=torch.int32)
+    out, smax, ssum = npu.npu_sparse_flash_attention(
+        q, k, k, idx, 0.5, actual_seq_lengths_query=[1], actual_seq_lengths_kv=[kv_len], layout_query="TND",
+        layout_kv="TND", sparse_mode=sparse_mode, return_softmax_lse=True, sinks=sinks)
+    return out.reshape(-1), float(smax.reshape(-1)[0]), float(ssum.reshape(-1)[0]), q, k
+
+
+def test_golden_stops_at_the_first_minus_one():
+    """[2, -1, 2, 5]: the golden reads entry 0 only (valid indices are packed first), so the one
+    candidate is position 2 and the output is that row exactly; reading every entry (the old shim)
+    would average rows 2, 2 and 5."""
+    out, smax, ssum, q, k = _one_row([2, -1, 2, 5])
+    assert torch.allclose(out, k[2, 0], atol=1e-6, rtol=0)
+    assert abs(smax - 0.5 * float(q[0, 0] @ k[2, 0])) < 1e-6 and abs(ssum - 1.0) < 1e-6
+
+
+def test_golden_reads_at_most_ceil_threshold_over_block_entries():
+    """Causal row of a 1-token query over 3 keys: threshold 3, so of [0, 1, 2, 1] only the first
+    three entries are read (the duplicate 1 at position 3 is not)."""
+    out, _, ssum, q, k = _one_row([0, 1, 2, 1], sparse_mode=3, kv_len=3)
+    s = 0.5 * (k[:3, 0].double() @ q[0, 0].double())
+    p = torch.softmax(s, 0)
+    assert torch.allclose(out.double(), p @ k[:3, 0].double(), atol=1e-6, rtol=0)
+    assert abs(ssum - float(torch.exp(s - s.max()).sum())) < 1e-6
+
+
+@pytest.mark.parametrize("sink", [-3.0, 5.0], ids=["below", "above"])
+def test_golden_sink_is_in_softmax_max_and_sum(sink):
+    out, smax, ssum, q, k = _one_row([1, 4, -1, -1], sinks=torch.tensor([sink]))
+    s = 0.5 * (k[[1, 4], 0].double() @ q[0, 0].double())
+    m = max(float(s.max()), sink)
+    denom = float(torch.exp(s - m).sum()) + math.exp(sink - m)
+    assert abs(smax - m) < 1e-6 and abs(ssum - denom) < 1e-5 * denom
+    want = (torch.exp(s - m)[:, None] * k[[1, 4], 0].double()).sum(0) / denom
+    assert torch.allclose(out.double(), want, atol=1e-6, rtol=0)
+
+
+def test_golden_empty_rows_report_zero_or_the_sink():
+    out, smax, ssum, _, _ = _one_row([-1, 3, 4, 5])  # reads nothing
+    assert (smax, ssum) == (0.0, 0.0) and not out.abs().any()
+    out, smax, ssum, _, _ = _one_row([-1, 3, 4, 5], sinks=torch.tensor([1.5]))
+    assert (smax, ssum) == (1.5, 1.0) and not out.abs().any()
+
+
+@NEEDS_SELECTION
+@pytest.mark.parametrize("return_value", [False, True], ids=["select", "indexer+topk"])
+def test_lightning_indexer_backend_goes_only_to_the_ops_it_implements(return_value):
+    """backend="triton" names the Triton selection backend, which has no top-k: with return_value=True
+    the indexer runs on Triton and top-k chooses automatically (it used to raise "op topk_indices not
+    implemented")."""
+    triton_sel = _selection_backends().get("triton")
+    if triton_sel is None or triton_sel.unavailable_reasons():
+        pytest.skip("Triton selection backend: " + ("; ".join(triton_sel.unavailable_reasons()) if triton_sel
+                                                    else "not in this build"))
+    case = LI_CASES[2]
+    pos, kw, facts = make_li(case, torch.float32)
+    idx, vals = npu.npu_lightning_indexer(*pos, return_value=return_value, backend="triton", **kw)
+    r_idx, _ = oracle_li(case, pos, facts)
+    assert torch.equal(idx, r_idx)
+    with pytest.raises(ValueError, match="backend"):
+        npu.npu_lightning_indexer(*pos, return_value=return_value, backend="no-such-backend", **kw)
+
+
+def _selection_backends():
+    from attention.selection import selection_backends
+
+    return {b.name: b for b in selection_backends()}
+
+
+def test_selection_backend_routing_rule():
+    from attention.compat._common import selection_backend_for
+
+    if not {"triton", "cuda"} <= set(_selection_backends()):
+        pytest.skip("needs the triton and cuda selection backends registered (they register even when unbuilt)")
+
+    assert selection_backend_for(("lightning_indexer", "topk_indices"), None) == {
+        "lightning_indexer": None, "topk_indices": None}
+    assert selection_backend_for(("lightning_indexer", "topk_indices"), "reference") == {
+        "lightning_indexer": "reference", "topk_indices": "reference"}
+    assert selection_backend_for(("lightning_indexer", "topk_indices"), "triton") == {
+        "lightning_indexer": "triton", "topk_indices": None}
+    with pytest.raises(ValueError, match="none of the ops"):
+        selection_backend_for(("select",), "cuda")  # a top-k-only backend for a select-only call
+    with pytest.raises(ValueError, match="selection backend"):
+        selection_backend_for(("select",), "ascendc")  # an attention backend, not a selection one

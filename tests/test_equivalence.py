@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import attention
-from attention.testing import CASES, DTYPE_NAMES, oracle, run_case
+from attention.registry import ATTENTION_FEATURES
+from attention.testing import CASES, DTYPE_NAMES, DTYPES, oracle, run_case
 
 
 def _matrix():
-    for b in attention.backends():
+    for b in attention.backends("attention"):
         for dev in b.test_devices():
-            for dt in sorted(b.dtypes, key=lambda d: DTYPE_NAMES[d]):
+            for dt in sorted(set(b.dtypes) & set(DTYPES), key=lambda d: DTYPE_NAMES[d]):
                 for case in CASES:
                     yield pytest.param(b.name, dev, dt, case, id=f"{b.name}-{dev}-{DTYPE_NAMES[dt]}-{case.name}")
 
@@ -43,12 +44,27 @@ def test_matrix_is_large_enough():
 
 
 def test_oracle_catches_a_wrong_answer():
-    """The comparison is live: a perturbed output must fail."""
-    case = CASES[0]
-    args = case.make(torch.float32)
-    out, lse = oracle(args)
-    got, got_lse = attention.selective_attention(**args, return_lse=True)
-    assert (got.double() - out).abs().max() <= 1e-4
-    bad = got.clone()
-    bad[0, 0, 0] += 1e-3
-    assert (bad.double() - out).abs().max() > 1e-4
+    """The comparison is live: run_case fails a backend whose output is off by a little more than the
+    float32 tolerance, and passes the same backend without the perturbation."""
+    class OffByALittle(attention.Backend):
+        name = "off_by_a_little_test_only"
+        ops = {"attention": ATTENTION_FEATURES}
+        dtypes = frozenset({torch.float32})
+        priorities = {"cpu": 1000}
+        delta = 0.0
+
+        def forward(self, inp):
+            out, lse = attention.get_backend("reference").forward(inp)
+            out = out.clone()
+            out.view(-1)[0] += self.delta
+            return out, lse
+
+    b = attention.register_backend(OffByALittle())
+    try:
+        case = CASES[0]
+        assert run_case(b.name, case, torch.float32).ok
+        b.delta = 2e-4  # SPEC.md section 4: float32 out tolerance is 1e-4
+        res = run_case(b.name, case, torch.float32)
+        assert not res.ok and "max |out - ref|" in res.message
+    finally:
+        attention.unregister_backend(b.name)

@@ -9,6 +9,7 @@ import torch
 
 import attention
 import python_ref
+from attention.registry import ATTENTION_FEATURES
 from attention.testing import CASES_BY_NAME, oracle
 
 OPCHECK_CASES = ["mqa_latent", "paged_latent_rope_sink_causal", "block_causal_varlen", "gqa_separate_v",
@@ -135,8 +136,8 @@ def test_no_backend_error_lists_every_backend():
 def test_declining_preferred_backend_warns_once_and_falls_back():
     class PreferredButPicky(attention.Backend):
         name = "preferred_test_only"
-        devices = frozenset({"cpu"})
-        priority = -10
+        priorities = {"cpu": -10}
+        ops = {"attention": ATTENTION_FEATURES}
         dtypes = frozenset({torch.float16})
 
         def forward(self, inp):  # pragma: no cover
@@ -182,3 +183,153 @@ def test_zero_query_tokens():
     out, lse = attention.selective_attention(torch.randn(0, 4, 8), torch.randn(5, 1, 8),
                                              torch.zeros(0, 1, 3, dtype=torch.int32), return_lse=True)
     assert out.shape == (0, 4, 8) and lse.shape == (0, 4)
+
+
+# ---------------------------------------------------------------- architecture (issue: one table, one registry)
+def test_argument_table_is_the_one_declaration():
+    """Schema, dataclass, validator, public signature and reference keywords all follow attention.arguments."""
+    import inspect
+
+    from attention import arguments
+
+    schema = torch.ops.attention.selective_attention.default._schema
+    assert [a.name for a in schema.arguments] == list(arguments.ARG_NAMES)
+    assert [str(a.default_value) if a.has_default_value() else None for a in schema.arguments][3:] == \
+        [str(d) for d in arguments.DEFAULTS]
+    fields = [f.name for f in __import__("dataclasses").fields(attention.SelectiveAttentionInputs)]
+    assert fields == list(arguments.ARG_NAMES)
+    assert list(inspect.signature(attention.validate).parameters) == list(arguments.ARG_NAMES) + ["check_contents"]
+    api = [n for n in inspect.signature(attention.selective_attention).parameters if n != "return_lse"]
+    assert api == list(arguments.ARG_NAMES)
+    ref = inspect.signature(python_ref.selective_attention).parameters
+    assert all(n in ref for n in arguments.REFERENCE_KWARGS)
+    assert set(arguments.DIFFERENTIABLE) == {"q", "kv", "v", "q_rope", "kv_rope", "attn_sink"}
+
+
+def test_validate_binds_positional_and_keyword_arguments_alike():
+    args = CASES_BY_NAME["paged_latent_rope_sink_causal"].make(torch.float32)
+    from attention.arguments import ARG_NAMES
+
+    by_kw = attention.validate(**args)
+    by_pos = attention.validate(*[args.get(n, d) for n, d in zip(ARG_NAMES, (None,) * 3 + _defaults())])
+    for n in ARG_NAMES:
+        a, b = getattr(by_kw, n), getattr(by_pos, n)
+        assert (a is b) or (isinstance(a, torch.Tensor) and torch.equal(a, b)) or a == b, n
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kv_scale'"):
+        attention.validate(**args, kv_scale=1.0)
+
+
+def _defaults():
+    from attention.arguments import DEFAULTS
+
+    return DEFAULTS
+
+
+def _register(backend):
+    attention.register_backend(backend)
+    return backend
+
+
+def test_capabilities_are_opt_in():
+    """A backend has only what it declares: no ops by default, and only the listed features of an op."""
+    class Bare(attention.Backend):
+        name = "bare_test_only"
+        priorities = {"cpu": -100}
+
+        def forward(self, inp):  # pragma: no cover
+            raise AssertionError("a backend that declares nothing must never run")
+
+    class NoPaged(attention.Backend):
+        name = "no_paged_test_only"
+        priorities = {"cpu": -100}
+        ops = {"attention": ATTENTION_FEATURES - {"paged"}}
+        dtypes = frozenset({torch.float32})
+        calls = 0
+
+        def forward(self, inp):
+            NoPaged.calls += 1
+            return attention.get_backend("reference").forward(inp)
+
+    contiguous = CASES_BY_NAME["mqa_latent"].make(torch.float32)
+    paged = CASES_BY_NAME["paged_latent_rope_sink_causal"].make(torch.float32)
+    _register(Bare())
+    try:
+        reasons = Bare().not_supported_reasons(attention.validate(**contiguous))
+        assert any("op attention not implemented" in r for r in reasons)
+        attention.selective_attention(**contiguous)  # the reference runs it; Bare is never a candidate
+        _register(NoPaged())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            attention.selective_attention(**contiguous)
+            assert NoPaged.calls == 1
+            assert "features not supported: paged" in "; ".join(NoPaged().not_supported_reasons(
+                attention.validate(**paged)))
+            attention.selective_attention(**paged)
+            assert NoPaged.calls == 1
+    finally:
+        attention.unregister_backend("bare_test_only")
+        attention.unregister_backend("no_paged_test_only")
+
+
+def test_choice_cache_keys_on_features_and_sizes_not_the_cache_length():
+    """A decode step that grows the kv cache reuses the cached choice (same features and sizes)."""
+    from attention import registry
+
+    registry._choice_cache.clear()
+    q = torch.randn(1, 4, 16)
+    idx = torch.zeros(1, 1, 8, dtype=torch.int32)
+    for S in (32, 33, 34):
+        attention.selective_attention(q, torch.randn(S, 1, 16), idx)
+    assert len(registry._choice_cache) == 1
+    attention.selective_attention(q, torch.randn(2, 8, 1, 16), idx, block_table=torch.tensor([[0, 1]]),
+                                  seqlens_k=torch.tensor([16]))
+    assert len(registry._choice_cache) == 2  # paged is another feature set
+
+
+def test_backward_slot_is_chosen_by_the_registry_and_gets_the_saved_lse():
+    """A backend declaring attention_backward differentiates the op; it receives the forward's out and lse."""
+    seen = {}
+
+    class BackwardOnly(attention.Backend):
+        name = "backward_test_only"
+        priorities = {"cpu": -100}
+        ops = {"attention_backward": ATTENTION_FEATURES}
+        dtypes = frozenset({torch.float32})
+
+        def backward(self, inp, out, lse, grad_out, grad_lse):
+            seen["out"], seen["lse"] = out, lse
+            return super().backward(inp, out, lse, grad_out, grad_lse)  # the reference's analytical one
+
+    args = CASES_BY_NAME["paged_latent_rope_sink_causal"].make(torch.float32)
+    q = args.pop("q").clone().requires_grad_(True)
+    _register(BackwardOnly())
+    try:
+        out, lse = attention.selective_attention(q, **args, return_lse=True)
+        (gq,) = torch.autograd.grad((out * out).sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), [q])
+    finally:
+        attention.unregister_backend("backward_test_only")
+    assert torch.equal(seen["out"], out.detach()) and torch.equal(seen["lse"], lse.detach())
+    (want,) = torch.autograd.grad(*_loss_and_q(args, q))
+    torch.testing.assert_close(gq, want)
+
+
+def _loss_and_q(args, q):
+    q2 = q.detach().clone().requires_grad_(True)
+    out, lse = attention.selective_attention(q2, **args, return_lse=True)
+    return (out * out).sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), [q2]
+
+
+@pytest.mark.parametrize("name", ["paged_latent_rope_sink_causal", "sink_all_dropped", "gqa_separate_v"])
+def test_reference_backward_from_saved_out_and_lse_equals_recomputed(name):
+    args = CASES_BY_NAME[name].make(torch.float32)
+    q, kv, idx = args.pop("q"), args.pop("kv"), args.pop("indices")
+    args.pop("backend", None)
+    out, lse = python_ref.selective_attention(q, kv, idx, **args)
+    g = torch.Generator().manual_seed(3)
+    go, gl = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    fresh = python_ref.selective_attention_backward(go, gl, q, kv, idx, **args)
+    saved = python_ref.selective_attention_backward(go, gl, q, kv, idx, **args, out=out, lse=lse)
+    for a, b in zip(fresh, saved):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -130,7 +130,7 @@ def _cpu_backends(op):
     """Selection backends this machine can exercise on CPU tensors for ``op``."""
     out = []
     for b in selection_backends():
-        if op not in b.ops or b.unavailable_reasons():
+        if not b.implements(op) or b.unavailable_reasons():
             continue
         if b.runs_on("cpu") or (b.name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
             out.append(b.name)
@@ -139,11 +139,11 @@ def _cpu_backends(op):
 
 def _skip_unless_supported(backend, op, case, a):
     """Unsupported combinations skip with the backend's own reason (STYLE.md rule 5)."""
-    from attention.selection import _SELECTION_BACKENDS, validate_selection
+    from attention.selection import validate_selection
 
     inp = validate_selection(op, a["q_idx"], a["k_idx"], a["weights"], case.k, block_size=case.block_size,
                              block_reduce=case.block_reduce, **_indexer_kw(a))
-    reasons = _SELECTION_BACKENDS[backend].not_supported_reasons(inp)
+    reasons = attention.get_backend(backend).not_supported_reasons(inp)
     if reasons:
         pytest.skip(f"{backend}: {'; '.join(reasons)}")
 
@@ -249,9 +249,9 @@ def test_reference_indexer_both_varlen_strategies(case, per_sequence):
     "block4_max_varlen_paged", "k_exceeds_valid", "max_seqlen_wider")], ids=lambda c: c.name)
 def test_triton_select_split_keys(case, monkeypatch):
     """The key-range split (decode path on a GPU) merges exactly: force 3 splits under the interpreter."""
-    from attention.selection import _SELECTION_BACKENDS
+    from attention.backends.triton.selection import LAUNCHER
 
-    monkeypatch.setattr(_SELECTION_BACKENDS["triton"], "splits_override", 3)
+    monkeypatch.setattr(LAUNCHER, "splits_override", 3)
     a = case.make()
     _skip_unless_supported("triton", "select", case, a)
     got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
@@ -413,9 +413,7 @@ _gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device 
 @pytest.mark.parametrize("backend", ["cuda", "reference"])
 @pytest.mark.parametrize("rows,W,k", [(3, 37, 5), (4, 1000, 2048), (5, 4096, 100), (2, 131072, 2048)])
 def test_gpu_topk_matches_oracle(backend, rows, W, k):
-    from attention.selection import _SELECTION_BACKENDS
-
-    why = _SELECTION_BACKENDS[backend].unavailable_reasons()
+    why = attention.get_backend(backend).unavailable_reasons()
     if why:
         pytest.skip(f"{backend}: {'; '.join(why)}")
     g = torch.Generator().manual_seed(W + k)

@@ -129,6 +129,7 @@ def test_host_path_reads_no_device_data(monkeypatch):
             return run
 
     monkeypatch.setattr(launch, "selective_attention_fwd_kernel", Recorder())
+    monkeypatch.setattr(launch, "selective_attention_latent_kernel", Recorder())
     monkeypatch.setattr(launch, "selective_attention_combine_kernel", Recorder())
 
     def forbidden(name):

@@ -111,11 +111,122 @@ def test_stale_file_is_ignored_with_one_warning(store, field, value):
     assert launch.resolve_config(inp)[1] == "default"
 
 
-def test_save_replaces_a_corrupt_file(store):
+def _store_file(entries, default=None, **meta):
+    data = dict(format=tuning.FORMAT, backend="triton", device=tuning.CPU_DEVICE, kernel_version=VERSION,
+                entries=entries)
+    if default is not None:
+        data["default"] = default
+    data.update(meta)
     path = tuning.store_path(tuning.CPU_DEVICE)
-    path.write_text("not json")
-    tuning.save_entries("triton", tuning.CPU_DEVICE, VERSION, {"b": dict(config=dict(BLOCK_N=16))})
+    path.write_text(json.dumps(data))
+    return path
+
+
+GOOD = dict(BLOCK_H=16, BLOCK_N=16, BLOCK_D=32, BLOCK_DV=64, num_warps=1, num_stages=1, num_splits=0)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(BLOCK_N=None), dict(BLOCK_N=1e9), dict(BLOCK_N=32.0), dict(BLOCK_N=True), dict(BLOCK_N="32"),
+    dict(BLOCK_N=48), dict(BLOCK_N=0), dict(BLOCK_N=-16), dict(BLOCK_DV=1 << 20), dict(num_warps=3),
+    dict(num_stages=0), dict(num_splits=-1), dict(min_per_split=2 ** 40), dict(block_n=32), [32], None,
+], ids=lambda b: json.dumps(b))
+def test_invalid_stored_config_is_ignored_with_one_warning(store, bad):
+    """issue #11 item 11: every loaded config is checked field by field; a bad entry is skipped (the
+    next layer answers) with one warning, and never reaches the kernel."""
+    _, inp = _inp()
+    bucket = launch.shape_bucket(inp)
+    _store_file({bucket: dict(config=bad)}, default=GOOD)
+
+    def resolve():
+        for _ in range(3):
+            cfg, source = launch.resolve_config(inp)
+            assert source == "default" and all(cfg[k] == v for k, v in GOOD.items())
+            launch.plan(inp, cfg)
+
+    w = _count_warnings(resolve)
+    assert len(w) == 1 and repr(bucket) in str(w[0].message)
+
+
+def test_invalid_default_and_shipped_configs_fall_through(store, monkeypatch, tmp_path):
+    _, inp = _inp()
+    _store_file({}, default=dict(GOOD, BLOCK_D=None))
+    w = _count_warnings(lambda: [launch.resolve_config(inp) for _ in range(2)])
+    cfg, source = launch.resolve_config(inp)
+    assert source == "default" and cfg == tuning.shipped_entry("triton", tuning.CPU_DEVICE)["config"]
+    assert len(w) == 1 and "the default" in str(w[0].message)
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps(dict(format=1, triton=dict(devices=[dict(
+        name=tuning.CPU_DEVICE, match=[], kernel_version=VERSION, config=dict(BLOCK_H=1e9))]))))
+    monkeypatch.setattr(tuning, "SHIPPED_PATH", shipped)
+    w = _count_warnings(lambda: [launch.resolve_config(inp) for _ in range(2)])
+    assert launch.resolve_config(inp) == (tuning.FALLBACK_CONFIG, "built-in fallback")
+    assert len(w) == 1 and "shipped" in str(w[0].message)
+
+
+@needs_interpreter
+def test_op_runs_over_a_null_stored_field(store):
+    args, inp = _inp()
+    _store_file({launch.shape_bucket(inp): dict(config=dict(GOOD, BLOCK_N=None))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = attention.selective_attention(**args, backend="triton")
+    assert _max_err(out, oracle(args)[0]) <= TOLERANCES[torch.float32][0]
+
+
+def _backups(store):
+    return sorted(store.glob("*.bak-*"))
+
+
+@pytest.mark.parametrize("other", [
+    dict(kernel_version="fwd-0"), dict(format=99), dict(backend="cuda"),
+    dict(device="cpu interpreter"),  # another device name with the same slug, hence the same file
+    "not json", "[1, 2]",
+], ids=str)
+def test_save_moves_a_foreign_file_aside(store, other):
+    """issue #11 item 12: a file save_entries cannot merge into is kept as <name>.bak-<timestamp>."""
+    path = tuning.store_path(tuning.CPU_DEVICE)
+    if isinstance(other, str):
+        path.write_text(other)
+    else:
+        _store_file({"mine": dict(config=dict(BLOCK_N=64), us=3.0)}, **other)
+        assert tuning.slug(tuning.CPU_DEVICE) == tuning.slug("cpu interpreter")
+    before = path.read_text()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        tuning.save_entries("triton", tuning.CPU_DEVICE, VERSION, {"b": dict(config=dict(BLOCK_N=16))})
+    (bak,) = _backups(store)
+    assert bak.read_text() == before and bak.name.startswith(path.name + ".bak-")
+    assert any(str(bak) in str(x.message) for x in w)
     assert json.loads(path.read_text())["entries"] == {"b": dict(config=dict(BLOCK_N=16))}
+    # A second save into the now-matching file merges and makes no further copy.
+    tuning.save_entries("triton", tuning.CPU_DEVICE, VERSION, {"c": dict(config=dict(BLOCK_N=32))})
+    assert _backups(store) == [bak] and set(json.loads(path.read_text())["entries"]) == {"b", "c"}
+
+
+def test_two_foreign_files_in_one_second_keep_both_copies(store):
+    path = tuning.store_path(tuning.CPU_DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for version in ("v-a", "v-b", "v-c"):
+            tuning.save_entries("triton", tuning.CPU_DEVICE, version, {version: dict(config=dict(BLOCK_N=16))})
+    kept = {tuple(json.loads(b.read_text())["entries"]) for b in _backups(store)}
+    assert kept == {("v-a",), ("v-b",)} and set(json.loads(path.read_text())["entries"]) == {"v-c"}
+
+
+def test_lookup_rereads_a_replaced_file_of_equal_size_and_mtime(store):
+    """issue #11 item 13: the cache key is (inode, mtime_ns, size), not a number mixing mtime and size."""
+    _, inp = _inp()
+    bucket = launch.shape_bucket(inp)
+    path = _store_file({bucket: dict(config=dict(GOOD, BLOCK_N=16))})
+    assert launch.resolve_config(inp)[0]["BLOCK_N"] == 16
+    st = path.stat()
+    new = path.with_name("replacement.json")
+    new.write_text(path.read_text().replace('"BLOCK_N": 16', '"BLOCK_N": 32'))
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)
+    st2 = path.stat()
+    assert (st2.st_size, st2.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and st2.st_ino != st.st_ino
+    assert launch.resolve_config(inp)[0]["BLOCK_N"] == 32
 
 
 def _writer(args):

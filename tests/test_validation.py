@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import attention
+from attention.registry import ATTENTION_FEATURES
 
 i32 = torch.int32
 
@@ -147,7 +148,8 @@ def test_sink_of_other_float_dtype_is_converted():
 def test_forced_backend_that_cannot_run_lists_reasons():
     class Picky(attention.Backend):
         name = "picky_test_only"
-        devices = frozenset({"cpu"})
+        priorities = {"cpu": 100}
+        ops = {"attention": ATTENTION_FEATURES}
         dtypes = frozenset({torch.float16})
 
         def forward(self, inp):  # pragma: no cover - never reached

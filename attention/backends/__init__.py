@@ -1,4 +1,10 @@
-"""Backends register themselves here. Optional ones must never break ``import attention``."""
+"""Backends register themselves here, in one discovery loop. Optional ones never break ``import attention``.
+
+Each module ``attention.backends.<name>`` defines ``BACKEND`` (a ``registry.Backend``: which ops it
+implements, on which devices, with which features). A module that cannot work on this machine still
+imports and reports why through ``unavailable_reasons()``; a genuine import error becomes a warning,
+never an import failure of the package.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,15 @@ import importlib
 import warnings
 
 from ..registry import register_backend
-from .reference import ReferenceBackend
 
-register_backend(ReferenceBackend())
+_BUILTIN = ("reference", "triton", "cuda", "ascendc")
 
-# Optional backends: each module defines BACKEND (a Backend instance) and may fail to import
-# only for reasons it reports itself through unavailable_reasons(); a genuine import error is
-# turned into a warning, never an import failure of the package.
-_OPTIONAL = ("triton", "ascendc")
-
-for _name in _OPTIONAL:
+for _name in _BUILTIN:
     try:
         _mod = importlib.import_module(f"{__name__}.{_name}")
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith(f"{__name__}.{_name}"):
-            continue  # backend not written yet / not shipped
+            continue  # backend not shipped
         warnings.warn(f"attention: optional backend {_name!r} failed to import: {e}", RuntimeWarning)
         continue
     except Exception as e:  # pragma: no cover - defensive: never break import attention

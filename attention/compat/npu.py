@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..api import selective_attention
 from ._common import max_logits as _max_logits
-from ._common import need_choice, need_int_tensor, need_rank, need_tensor
+from ._common import need_choice, need_int_tensor, need_rank, need_tensor, selection_backend_for
 
 __all__ = ["npu_sparse_flash_attention", "npu_lightning_indexer"]
 
@@ -197,6 +197,46 @@ def _q_unflat(t: Tensor, plan: _Plan) -> Tensor:
     return t.reshape(*plan.query_shape, *t.shape[1:])
 
 
+def _row_reach(plan: _Plan, causal: bool, dev) -> Tuple[Tensor, Tensor]:
+    """Per flat query row: (threshold, skipped), computed on the device from the plan.
+
+    ``threshold`` is Huawei's golden's bound on the key positions a row may read: its kv length, or
+    with ``sparse_mode=3`` the row's bottom-right causal position + 1. ``skipped`` marks the rows the
+    golden never computes (query padding rows, and causal rows with threshold <= 0), whose softmax
+    statistics stay at their zero initialisation.
+    """
+    T = plan.T
+    t = torch.arange(T, device=dev)
+    if plan.cu_seqlens_q is None:
+        seq = torch.zeros(T, device=dev, dtype=torch.int64)
+        first = torch.zeros(1, device=dev, dtype=torch.int64)
+        lq = torch.full((1,), T, device=dev, dtype=torch.int64)
+    else:
+        cu = plan.cu_seqlens_q.to(torch.int64)
+        seq = torch.searchsorted(cu[1:], t, right=True)  # sequence s holds rows [cu[s], cu[s+1])
+        first, lq = cu[:-1], cu[1:] - cu[:-1]
+    if plan.paged:
+        lk = plan.seqlens_k.to(torch.int64)
+    else:
+        ck = plan.cu_seqlens_k.to(torch.int64)
+        lk = ck[1:] - ck[:-1]
+    L = lk[seq]
+    threshold = (L - lq[seq] + (t - first[seq]) + 1) if causal else L
+    skipped = plan.seq_pad[seq] | ((threshold <= 0) if causal else torch.zeros_like(plan.seq_pad[seq]))
+    return threshold, skipped
+
+
+def _golden_indices(idx: Tensor, threshold: Tensor, block_size: int) -> Tensor:
+    """``idx`` [T, N2, K] as Huawei's golden reads it: a row reads at most ceil(threshold / block_size)
+    entries and stops at its first -1 (valid indices are packed first); entries it does not read
+    become -1. Everything the golden does read is then dropped or kept by SPEC.md's rules."""
+    limit = torch.div(threshold.clamp_min(0) + block_size - 1, block_size, rounding_mode="floor")
+    pos = torch.arange(idx.shape[-1], device=idx.device)
+    before_stop = torch.cumsum((idx == -1).to(torch.int32), dim=-1) == 0
+    keep = before_stop & (pos < limit[:, None, None])
+    return torch.where(keep, idx, torch.full_like(idx, -1))
+
+
 # ----------------------------------------------------------------------------------------------
 # npu_sparse_flash_attention
 # ----------------------------------------------------------------------------------------------
@@ -228,15 +268,19 @@ def npu_sparse_flash_attention(
     """torch_npu.npu_sparse_flash_attention. Returns ``(attention_out, softmax_max, softmax_sum)``.
 
     attention_out has the query's layout ([B, S1, N1, Dv] or [T1, N1, Dv]). With
-    ``return_softmax_lse=True``, softmax_max (the row max of the scaled logits, -inf for a row with no
-    valid index) and softmax_sum (sum of exp(logit - softmax_max), 0 for such a row) are
-    [B, N2, S1, N1/N2] ("BSND") or [N2, T1, N1/N2] ("TND") float32, so that
-    ``lse = softmax_max + log(softmax_sum)``; otherwise both are empty [0] float32 tensors, as
+    ``return_softmax_lse=True``, softmax_max and softmax_sum are [B, N2, S1, N1/N2] ("BSND") or
+    [N2, T1, N1/N2] ("TND") float32, as Huawei's golden computes them: the row max of the scaled
+    logits and the sink (when given), and the sum of exp(logit - softmax_max) plus exp(sink -
+    softmax_max), so that ``softmax_max + log(softmax_sum)`` is the log of the full softmax
+    denominator; 0 and 0 for a row with no kept key and no sink, and for the rows the golden skips
+    (query padding, causal rows that see no key). Otherwise both are empty [0] float32 tensors, as
     torch_npu returns them.
 
     ``sparse_indices[.., j]`` names key positions ``[j * sparse_block_size, (j+1) * sparse_block_size)``
-    of the query's batch (logical positions: through ``block_table`` with "PA_BSND"); negative and
-    out-of-range indices are ignored wherever they sit in the row.
+    of the query's batch (logical positions: through ``block_table`` with "PA_BSND"). As in the
+    golden, a row reads at most ``ceil(threshold / sparse_block_size)`` entries (threshold: the kv
+    length, or the causal position + 1) and stops at its first -1; other negative and out-of-range
+    entries it reads are dropped.
     """
     if prefer_vendor:
         torch_npu = _vendor()
@@ -285,7 +329,9 @@ def npu_sparse_flash_attention(
                          f"got {tuple(key_rope.shape)} for key {tuple(key.shape)}")
 
     q = _q_flat(query, layout_query)
-    idx = _q_flat(sparse_indices, layout_query)
+    causal = SPARSE_MODES[sparse_mode]
+    threshold, skipped = _row_reach(plan, causal, query.device)
+    idx = _golden_indices(_q_flat(sparse_indices, layout_query), threshold, sparse_block_size)
     q_rope = _q_flat(query_rope, layout_query)
     # MLA-absorb passes the same tensor as key and value: use latent mode (value = kv[..., :D]) so the
     # rows are gathered once.
@@ -295,7 +341,7 @@ def npu_sparse_flash_attention(
         v=None if shared else value, d_v=key.shape[-1] if shared else None,
         q_rope=q_rope, kv_rope=key_rope, sm_scale=float(scale_value),
         block_size=sparse_block_size, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
-        block_table=plan.block_table, seqlens_k=plan.seqlens_k, causal=SPARSE_MODES[sparse_mode])
+        block_table=plan.block_table, seqlens_k=plan.seqlens_k, causal=causal)
     out, lse = selective_attention(q, key, idx, attn_sink=sinks, return_lse=True,
                                    backend=backend, **kw)
     out = _q_unflat(out, plan)
@@ -304,9 +350,20 @@ def npu_sparse_flash_attention(
         return out, empty, empty.clone()
     kw.pop("v"), kw.pop("d_v")
     with torch.no_grad():  # a statistic: no gradient flows through the row max
-        mx = _max_logits(q, key, idx, **kw)  # [T, N1]
-    finite = torch.isfinite(mx)
-    ssum = torch.where(finite, torch.exp(lse - torch.where(finite, mx, 0.0)), 0.0)
+        mx = _max_logits(q, key, idx, **kw)  # [T, N1], -inf where no candidate is kept
+    # Huawei's golden (see docs/migration.md, torch_npu item 3): the sink takes part in both statistics
+    # (max(logits, sink), and exp(sink - max) in the sum), and a row the golden does not compute, or
+    # one with no kept key and no sink, reports softmax_max = softmax_sum = 0.
+    mx, lse = mx.detach(), lse.detach()
+    if sinks is not None:
+        sink = sinks.detach().to(device=mx.device, dtype=torch.float32)[None, :]
+        mx = torch.maximum(mx, sink)
+        ssum = torch.exp(lse - mx) + torch.exp(sink - mx)
+    else:
+        ssum = torch.exp(lse - mx)
+    zero = skipped[:, None] | torch.isneginf(mx)
+    mx = torch.where(zero, 0.0, mx)
+    ssum = torch.where(zero, 0.0, ssum)
     N1, N2 = query.shape[-2], key.shape[-2]
     G = N1 // N2
 
@@ -362,8 +419,9 @@ def npu_lightning_indexer(
     [T1, 1, sparse_count] ("TND") int32: valid positions first in descending score order (ties: lower
     position first), -1 at the tail; query padding rows are all -1. sparse_values: the scores of those
     positions in the query's dtype (-inf at -1 slots) with ``return_value=True``, else an empty [0]
-    tensor, as torch_npu returns it. ``backend`` names a selection backend (passed to
-    ``attention.select`` / ``lightning_indexer`` / ``topk_indices``).
+    tensor, as torch_npu returns it. ``backend`` names a selection backend, passed to those of
+    ``attention.select`` / ``lightning_indexer`` / ``topk_indices`` this call runs that it implements
+    (the others choose automatically: ``_common.selection_backend_for``).
     """
     if prefer_vendor:
         torch_npu = _vendor()
@@ -402,12 +460,14 @@ def npu_lightning_indexer(
     kw = dict(scale=1.0, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
               block_table=plan.block_table, seqlens_k=plan.seqlens_k, max_seqlen_k=plan.max_seqlen_k,
               causal=SPARSE_MODES[sparse_mode])
-    bk = {} if backend is None else {"backend": backend}
     if not return_value:
-        idx = api.select(q, k, w, sparse_count, **kw, **bk)  # [T, 1, K] int32, fused: no [T, L] score matrix
+        bk = selection_backend_for(("select",), backend)
+        # [T, 1, K] int32, fused: no [T, L] score matrix
+        idx = api.select(q, k, w, sparse_count, **kw, backend=bk["select"])
         return _q_unflat(idx, plan), torch.empty(0, device=query.device, dtype=query.dtype)
-    scores = api.lightning_indexer(q, k, w, **kw, **bk)  # [T, W] float32, -inf where invalid
-    idx = api.topk_indices(scores, sparse_count, **bk)  # [T, 1, K]
+    bk = selection_backend_for(("lightning_indexer", "topk_indices"), backend)
+    scores = api.lightning_indexer(q, k, w, **kw, backend=bk["lightning_indexer"])  # [T, W] float32, -inf where invalid
+    idx = api.topk_indices(scores, sparse_count, backend=bk["topk_indices"])  # [T, 1, K]
     vals = torch.gather(scores, 1, idx[:, 0, :].clamp_min(0).to(torch.int64))
     vals = vals.masked_fill(idx[:, 0, :] < 0, float("-inf")).unsqueeze(1).to(query.dtype)
     return _q_unflat(idx, plan), _q_unflat(vals, plan)

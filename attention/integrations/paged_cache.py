@@ -26,6 +26,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..inputs import KVLayout
+
 
 class PagedLatentCache:
     """Paged storage of MLA latents for ``batch_size`` sequences (one attention layer)."""
@@ -152,10 +154,14 @@ class PagedLatentCache:
         self.seqlens_k = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
 
     # ---- reading ----
+    def layout(self) -> KVLayout:
+        """This cache's sequences as the ops see them (paged: block_table + seqlens_k)."""
+        return KVLayout(paged=True, block_table=self.block_table, seqlens_k=self.seqlens_k,
+                        num_seqs=self.batch_size)
+
     def attention_kwargs(self) -> dict:
         """The keyword arguments of ``selective_attention`` that describe this cache (latent mode)."""
-        return {"kv": self.kv, "kv_rope": self.kv_rope, "block_table": self.block_table,
-                "seqlens_k": self.seqlens_k, "d_v": self.kv_lora_rank}
+        return {"kv": self.kv, "kv_rope": self.kv_rope, "d_v": self.kv_lora_rank, **self.layout().kwargs()}
 
     def gather(self, b: int) -> tuple:
         """Sequence b's rows, contiguous ([L, kv_lora_rank], [L, rope_dim]): for tests and debugging."""

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cfloat>
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -18,6 +20,7 @@
 
 #include "kernel_operator.h"  // the twin (include path csrc/ascend/twin): block index, SoC limits, errors
 #include "tiling.h"
+#include "twin_launch.h"
 
 using GmAddr = uint8_t*;
 extern "C" {
@@ -38,6 +41,18 @@ using OptTensor = std::optional<Tensor>;
 namespace {
 
 [[noreturn]] void Bad(const std::string& msg) { throw py::value_error("ascendc twin: " + msg); }
+[[noreturn]] void BadType(const std::string& msg) { throw py::type_error("ascendc twin: " + msg); }
+
+// a Python value as T, or a TypeError naming it (pybind11's own cast error names neither side)
+template <typename T>
+T Cast(const py::handle& h, const std::string& what)
+{
+    try {
+        return h.cast<T>();
+    } catch (const py::cast_error&) {
+        BadType(what + " has the wrong type (" + std::string(py::str(py::type::of(h))) + ")");
+    }
+}
 
 std::string Shape(const Tensor& t)
 {
@@ -81,10 +96,11 @@ const selattn::SocSpec& Soc(const std::string& name)
 selattn::TileChoice ApplyOverride(selattn::TileChoice tc, const py::object& override_)
 {
     if (override_.is_none()) return tc;
+    if (!py::isinstance<py::dict>(override_)) BadType("tiling must be a dict of tile sizes or None");
     py::dict d = override_.cast<py::dict>();
     for (auto item : d) {
-        const std::string key = item.first.cast<std::string>();
-        const int64_t v = item.second.cast<int64_t>();
+        const std::string key = Cast<std::string>(item.first, "a tiling override key");
+        const int64_t v = Cast<int64_t>(item.second, "tiling override " + key);
         if (v < 0 || v > 65535) Bad("tiling override " + key + " out of range");
         const uint32_t u = static_cast<uint32_t>(v);
         if (key == "mTile") tc.mTile = u;
@@ -132,8 +148,8 @@ selattn::ProblemShape ShapeFromDict(const py::dict& d)
 {
     selattn::ProblemShape sh;
     auto get = [&](const char* k, int64_t dflt) -> uint32_t {
-        int64_t v = d.contains(k) ? d[k].cast<int64_t>() : dflt;
-        if (v < 0 || v > (int64_t(1) << 31)) Bad(std::string("shape field ") + k + " out of range");
+        int64_t v = d.contains(k) ? Cast<int64_t>(d[k], std::string("shape field ") + k) : dflt;
+        if (v < 0 || v >= (int64_t(1) << 31)) Bad(std::string("shape field ") + k + " out of range [0, 2^31)");
         return static_cast<uint32_t>(v);
     };
     sh.T = get("T", 1);
@@ -144,13 +160,14 @@ selattn::ProblemShape ShapeFromDict(const py::dict& d)
     sh.Dv = get("Dv", sh.Dqk);
     sh.K = get("K", 64);
     sh.blockSize = get("block_size", 1);
+    if (d.contains("max_seqlen") && !d["max_seqlen"].is_none()) sh.maxSeqLen = get("max_seqlen", 0);
     sh.indexHeads = 1;
-    const std::string dt = d.contains("dtype") ? d["dtype"].cast<std::string>() : "float16";
+    const std::string dt = d.contains("dtype") ? Cast<std::string>(d["dtype"], "shape field dtype") : "float16";
     if (dt == "float32") { sh.dtypeBytes = 4; sh.isFloat32 = true; }
     else if (dt == "bfloat16") { sh.dtypeBytes = 2; sh.isBf16 = true; }
     else if (dt == "float16") { sh.dtypeBytes = 2; }
     else Bad("dtype must be float32, float16 or bfloat16");
-    sh.separateV = d.contains("separate_v") && d["separate_v"].cast<bool>();
+    sh.separateV = d.contains("separate_v") && Cast<bool>(d["separate_v"], "shape field separate_v");
     if (sh.H == 0 || sh.Hkv == 0 || sh.H % sh.Hkv) Bad("H must be a positive multiple of Hkv");
     if (sh.Dqk == 0 || sh.Dv == 0 || sh.blockSize == 0) Bad("Dqk, Dv and block_size must be positive");
     return sh;
@@ -229,6 +246,7 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     if (Hkv < 1 || H < 1 || H % Hkv) Bad("H must be a positive multiple of Hkv");
     if (kv.size(-1) != Dqk || Dqk < 1) Bad("kv's last dimension must equal Dqk");
     const int64_t pageSize = paged ? kv.size(1) : 0;
+    if (paged && pageSize < 1) Bad("a paged kv needs a page size (kv.shape[1]) >= 1, got " + Shape(kv));
     const int64_t kvRows = paged ? kv.size(0) * kv.size(1) : kv.size(0);
     std::vector<int64_t> lead = kv.sizes().vec();
     lead.pop_back();
@@ -261,7 +279,8 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
         Bad("indices must be int32 [T, Hkv or 1, K], got " + Shape(indices));
     const int64_t K = indices.size(2);
     if (blockSize < 1 || blockSize > (int64_t(1) << 20)) Bad("block_size must be in [1, 2^20]");
-    if (!std::isfinite(smScale)) Bad("sm_scale must be finite");
+    // the kernel computes in float32: a finite double beyond float32 would become inf there
+    if (!std::isfinite(smScale) || std::fabs(smScale) > double(FLT_MAX)) Bad("sm_scale must be finite in float32");
     NeedDtype("cu_seqlens_q", cuSeqlensQ, at::kInt);
     if (cuSeqlensQ.dim() != 1 || cuSeqlensQ.size(0) < 2) Bad("cu_seqlens_q must be int32 [B+1]");
     const int64_t B = cuSeqlensQ.size(0) - 1;
@@ -304,8 +323,14 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     NeedShape("out", out, {T, H, Dv});
     NeedDtype("lse", lse, at::kFloat);
     NeedShape("lse", lse, {T, H});
-    if (kvRows >= (int64_t(1) << 31) || T >= (int64_t(1) << 31) || K >= (int64_t(1) << 24))
-        Bad("sizes beyond the kernel's 32-bit fields");
+    // the tiling struct's 32-bit fields; every product of them (candidate slots, work items, offsets)
+    // is formed in 64 bits by the host and the kernel
+    const int64_t LIM = int64_t(1) << 31;
+    if (T >= LIM) Bad("q: more than 2^31 - 1 tokens");
+    if (kvRows >= LIM) Bad("kv: more than 2^31 - 1 cache rows");
+    if (K >= LIM) Bad("indices: K beyond 2^31 - 1");
+    if (maxPages >= LIM) Bad("block_table: more than 2^31 - 1 columns");
+    if (H >= LIM || Dqk >= LIM || Dr >= LIM || Dv >= LIM) Bad("q/kv/v: a head count or width beyond 2^31 - 1");
 
     // ---- tiling ----
     selattn::ProblemShape sh;
@@ -321,16 +346,18 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     sh.maxPages = maxPages;
     sh.numSeqs = B;
     sh.kvRows = kvRows;
+    sh.maxSeqLen = paged ? uint64_t(maxPages) * uint64_t(pageSize) : uint64_t(kvRows);
     sh.causal = causal;
     sh.hasSink = attnSink.has_value();
     sh.smScale = static_cast<float>(smScale);
     std::string why = selattn::DtypeProblems(sh, soc);
     if (!why.empty()) Bad(why);
-    selattn::TileChoice tc = ApplyOverride(override_.is_none() ? selattn::ChooseTiles(sh, soc) : selattn::TileChoice{},
-                                           override_);
-    if (!override_.is_none()) {
-        // an override names only what it changes: start from the planner's choice
+    // an override names only what it changes: start from the planner's choice
+    selattn::TileChoice tc;
+    try {
         tc = ApplyOverride(selattn::ChooseTiles(sh, soc), override_);
+    } catch (const std::runtime_error& e) {
+        Bad(e.what());  // nothing fits this SoC: a ValueError, as for every other refused argument
     }
     why = selattn::FitProblems(sh, tc, soc);
     if (checkFit && !why.empty()) Bad("tiling does not fit " + soc.name + ": " + why);
@@ -341,65 +368,36 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
         Bad("malformed tiling override");
     const selattn::SelectiveAttentionTiling tiling = selattn::MakeTiling(sh, tc, soc);
 
-    // ---- launch: one call per block, as the chip would run blockDim blocks ----
-    // workspace starts as NaN bytes: the chip does not clear it, so neither do we
-    std::vector<uint8_t> workspace(tiling.workspacePerBlock * tiling.blockDim, 0xFF);
-    std::vector<uint8_t> tilingBytes(sizeof(tiling));
-    std::memcpy(tilingBytes.data(), &tiling, sizeof(tiling));
+    // ---- launch (twin/twin_launch.h): one call per block, as the chip would run blockDim blocks ----
     auto kernel = dt == at::kFloat ? selective_attention_f32
                   : dt == at::kHalf ? selective_attention_f16
                                     : selective_attention_bf16;
-    AscendC::twin::SocLimits limits;
-    limits.name = soc.name;
-    limits.bytes[AscendC::twin::UB] = soc.UbUsable();
-    limits.bytes[AscendC::twin::L1] = soc.l1Bytes;
-    limits.bytes[AscendC::twin::L0A] = soc.l0aBytes;
-    limits.bytes[AscendC::twin::L0B] = soc.l0bBytes;
-    limits.bytes[AscendC::twin::L0C] = soc.l0cBytes;
-    AscendC::twin::SetSoc(limits);
-    uint64_t peak[AscendC::twin::NUM_MEM] = {0, 0, 0, 0, 0};
+    selattn::KernelArgs args;
+    args.q = static_cast<GmAddr>(q.data_ptr());
+    args.qRope = Addr(qRope);
+    args.kv = static_cast<GmAddr>(kv.data_ptr());
+    args.kvRope = Addr(kvRope);
+    args.v = Addr(v);
+    args.indices = static_cast<GmAddr>(indices.data_ptr());
+    args.cuSeqlensQ = static_cast<GmAddr>(cuSeqlensQ.data_ptr());
+    args.cuSeqlensK = Addr(cuSeqlensK);
+    args.blockTable = Addr(blockTable);
+    args.seqlensK = Addr(seqlensK);
+    args.attnSink = Addr(attnSink);
+    args.out = static_cast<GmAddr>(out.data_ptr());
+    args.lse = static_cast<GmAddr>(lse.data_ptr());
+    selattn::LaunchReport rep;
     {
-        // one block at a time; inside a block, one thread per core (1 AIC + vecSubBlocks AIVs) running
-        // concurrently and meeting only at the cross-core flags, as on the chip
         py::gil_scoped_release nogil;
-        const int ratio = static_cast<int>(tiling.vecSubBlocks);
-        for (uint32_t b = 0; b < tiling.blockDim; ++b) {
-            AscendC::twin::Group group;
-            group.ratio = ratio;
-            std::mutex errMu;
-            std::exception_ptr firstError;
-            std::vector<std::array<uint64_t, AscendC::twin::NUM_MEM>> corePeak(ratio + 1);
-            auto core = [&](int coreType, int sub, int slot) {
-                try {
-                    AscendC::twin::EnterCore(coreType, b, tiling.blockDim, sub, &group);
-                    kernel(static_cast<GmAddr>(q.data_ptr()), Addr(qRope), static_cast<GmAddr>(kv.data_ptr()),
-                           Addr(kvRope), Addr(v), static_cast<GmAddr>(indices.data_ptr()),
-                           static_cast<GmAddr>(cuSeqlensQ.data_ptr()), Addr(cuSeqlensK), Addr(blockTable),
-                           Addr(seqlensK), Addr(attnSink), static_cast<GmAddr>(out.data_ptr()),
-                           static_cast<GmAddr>(lse.data_ptr()), workspace.data(), tilingBytes.data());
-                    for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) corePeak[slot][m] = AscendC::twin::S().peak[m];
-                } catch (...) {
-                    {
-                        std::lock_guard<std::mutex> lk(errMu);
-                        if (!firstError) firstError = std::current_exception();
-                    }
-                    AscendC::twin::Abort(group);
-                }
-            };
-            std::vector<std::thread> threads;
-            for (int sub = 0; sub < ratio; ++sub) threads.emplace_back(core, AscendC::AIV, sub, sub + 1);
-            core(AscendC::AIC, 0, 0);
-            for (auto& th : threads) th.join();
-            if (firstError) std::rethrow_exception(firstError);
-            AscendC::twin::CheckQuiescent(group);
-            for (const auto& cp : corePeak)
-                for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) peak[m] = std::max(peak[m], cp[m]);
-        }
+        rep = selattn::LaunchTwin(kernel, args, tiling, soc);
     }
     py::dict d = TilingDict(tiling, selattn::MemoryFor(sh, tc, soc.VecPerCube()), soc);
     py::dict peakDict;
-    for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) peakDict[AscendC::twin::MemName(m)] = peak[m];
+    for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) peakDict[AscendC::twin::MemName(m)] = rep.peak[m];
     d["twin_peak"] = peakDict;  // the most any one core's TPipe allocated, per memory
+    py::list mte2;
+    for (uint64_t v : rep.blockMte2) mte2.append(v);
+    d["twin_mte2_gm_bytes"] = mte2;  // per block (cube core and its vector cores): MTE2 reads from GM
     return d;
 }
 

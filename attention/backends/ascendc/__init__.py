@@ -14,14 +14,15 @@ The SoC whose capacities and tiling the twin uses: ``ATTENTION_ASCEND_SOC`` (def
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from typing import Dict, List, Optional
 
 import torch
 
-from ...inputs import SelectiveAttentionInputs
-from ...registry import Backend
+from ...inputs import FLOAT_DTYPES, SelectiveAttentionInputs
+from ...registry import ATTENTION_FEATURES, Backend, npu_available
 
 try:
     from ... import _ascendc_twin as _twin  # type: ignore[attr-defined]
@@ -43,24 +44,27 @@ DEFAULT_SOC = "Ascend910B2"
 #: The SoCs the test suite runs the twin for: two 910B parts, a 910C die and the 310P3.
 TEST_SOCS = ("Ascend910B2", "Ascend910B4", "Ascend910_9391", "Ascend310P3")
 
-_soc_override: Optional[str] = None
-_tiling_override: Optional[Dict[str, int]] = None
+# (soc, tiling) chosen by use_soc: a context variable, so two threads (or tasks) can run the twin as
+# different SoCs at the same time; a new thread starts with the environment's SoC.
+_override: contextvars.ContextVar = contextvars.ContextVar("ascendc_soc_override", default=(None, None))
 
 
 def current_soc() -> str:
-    return _soc_override or os.environ.get("ATTENTION_ASCEND_SOC", "").strip() or DEFAULT_SOC
+    return _override.get()[0] or os.environ.get("ATTENTION_ASCEND_SOC", "").strip() or DEFAULT_SOC
+
+
+def _tiling_override() -> Optional[Dict[str, int]]:
+    return _override.get()[1]
 
 
 @contextlib.contextmanager
 def use_soc(name: str, tiling: Optional[Dict[str, int]] = None):
-    """Run the twin as ``name`` (and optionally force tile sizes) inside the block."""
-    global _soc_override, _tiling_override
-    old = (_soc_override, _tiling_override)
-    _soc_override, _tiling_override = name, tiling
+    """Run the twin as ``name`` (and optionally force tile sizes) inside the block (this thread only)."""
+    token = _override.set((name, tiling))
     try:
         yield
     finally:
-        _soc_override, _tiling_override = old
+        _override.reset(token)
 
 
 def soc_table() -> List[dict]:
@@ -73,7 +77,7 @@ def _soc_info(name: str) -> Optional[dict]:
 
 def plan(shape: dict, soc: Optional[str] = None, tiling: Optional[Dict[str, int]] = None) -> dict:
     """The tiling the host picks for ``shape`` (keys T, H, Hkv, Dqk, Dr, Dv, K, block_size, dtype,
-    separate_v) on ``soc``; with ``tiling``, that choice checked instead. No kernel runs."""
+    separate_v, max_seqlen) on ``soc``; with ``tiling``, that choice checked instead. No kernel runs."""
     if _twin is None:
         raise RuntimeError(_TWIN_ERROR)
     return _twin.plan(soc or current_soc(), shape, tiling)
@@ -82,30 +86,38 @@ def plan(shape: dict, soc: Optional[str] = None, tiling: Optional[Dict[str, int]
 _DT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+def _max_seqlen(inp: SelectiveAttentionInputs) -> int:
+    """Bound on every sequence length from shapes alone (no read of the lengths): what the binding
+    clips block ranges to, so the plan here sees the same candidate count as the launch."""
+    if inp.paged:
+        return int(inp.block_table.shape[1]) * int(inp.kv.shape[1])
+    return int(inp.kv.shape[0])
+
+
 def _shape_key(inp: SelectiveAttentionInputs) -> tuple:
     return (inp.num_tokens, inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rope_dim, inp.d_v, inp.topk,
-            inp.block_size, _DT[inp.dtype], not inp.latent)
+            inp.block_size, _DT[inp.dtype], not inp.latent, _max_seqlen(inp))
 
 
 def _tiling_key():
-    return None if _tiling_override is None else tuple(sorted(_tiling_override.items()))
+    tiling = _tiling_override()
+    return None if tiling is None else tuple(sorted(tiling.items()))
 
 
 @functools.lru_cache(maxsize=256)
 def _plan_cached(soc: str, key: tuple, tiling: Optional[tuple]) -> dict:
-    T, H, Hkv, Dqk, Dr, Dv, K, bs, dt, sep = key
-    shape = dict(T=T, H=H, Hkv=Hkv, Dqk=Dqk, Dr=Dr, Dv=Dv, K=K, block_size=bs, dtype=dt, separate_v=sep)
+    T, H, Hkv, Dqk, Dr, Dv, K, bs, dt, sep, max_seqlen = key
+    shape = dict(T=T, H=H, Hkv=Hkv, Dqk=Dqk, Dr=Dr, Dv=Dv, K=K, block_size=bs, dtype=dt, separate_v=sep,
+                 max_seqlen=max_seqlen)
     return _twin.plan(soc, shape, None if tiling is None else dict(tiling))
 
 
 class AscendCBackend(Backend):
     name = "ascendc"
     description = "AscendC kernel (csrc/ascend): on cpu the CPU twin of the same source; on npu the chip build"
-    devices = frozenset({"cpu", "npu"})
-    priority = 10  # first on npu
-
-    def priority_for(self, device_type: str) -> int:
-        return 60 if device_type == "cpu" else self.priority  # after the reference on cpu
+    priorities = {"npu": 10, "cpu": 60}  # first on npu; on cpu (the twin) after the reference
+    ops = {"attention": ATTENTION_FEATURES}  # the kernel implements all of SPEC.md section 1
+    dtypes = frozenset(FLOAT_DTYPES)  # per SoC narrowed in limit_reasons (no bf16 / fp32 cube on some)
 
     def unavailable_reasons(self) -> List[str]:
         return [_TWIN_ERROR] if _twin is None and _npu is None else []
@@ -116,10 +128,10 @@ class AscendCBackend(Backend):
             devs.add("cpu")
         if _npu is not None:
             devs.add("npu")
-        return frozenset(devs) or self.devices
+        return frozenset(devs) or frozenset(self.priorities)
 
-    def not_supported_reasons(self, inp: SelectiveAttentionInputs) -> List[str]:
-        reasons = super().not_supported_reasons(inp)
+    def limit_reasons(self, inp: SelectiveAttentionInputs) -> List[str]:
+        reasons = []
         dev = inp.device.type
         if dev == "cpu" and _twin is None:
             reasons.append(_TWIN_ERROR)
@@ -171,7 +183,7 @@ class AscendCBackend(Backend):
 
     def _forward_twin(self, inp: SelectiveAttentionInputs):
         out, lse = self.new_outputs(inp)
-        _twin.forward(**self._args(inp), out=out, lse=lse, soc=current_soc(), tiling=_tiling_override)
+        _twin.forward(**self._args(inp), out=out, lse=lse, soc=current_soc(), tiling=_tiling_override())
         return out, lse
 
     def _forward_npu(self, inp: SelectiveAttentionInputs):  # pragma: no cover - needs an NPU
@@ -183,8 +195,7 @@ class AscendCBackend(Backend):
         devs = []
         if _twin is not None:
             devs.append("cpu")
-        npu = getattr(torch, "npu", None)
-        if _npu is not None and npu is not None and npu.is_available():
+        if _npu is not None and npu_available():
             devs.append("npu")
         return devs
 

@@ -3,6 +3,7 @@
 Never breaks ``import attention``: when the extension is not built (no CUDA torch or no nvcc at
 install time) the backend reports why through ``unavailable_reasons``. attention/selection.py
 registers it as the CUDA kernel of ``torch.ops.attention.topk_indices`` when it is available.
+It implements ``topk_indices`` only; the registry chooses other backends for every other op.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import List
 
 import torch
 
-from ...selection import SelectionBackend
+from ...inputs import FLOAT_DTYPES
+from ...registry import Backend
 
 _ext = None
 if importlib.util.find_spec("attention._cuda_topk") is None:
@@ -28,11 +30,14 @@ else:
 MAX_K = 2048 if _ext is None else int(_ext.max_k)
 
 
-class CudaTopkSelection(SelectionBackend):
+class CudaTopkBackend(Backend):
     name = "cuda"
-    devices = frozenset({"cuda"})
-    ops = frozenset({"topk_indices"})
-    priority = 0
+    description = "CUDA C++ radix select (csrc/cuda) for topk_indices"
+    priorities = {"cuda": 0}
+    ops = {"topk_indices": frozenset()}  # scores [T, W] have no features
+    # float64 scores are not declared: the kernel ranks float32 keys, and float64 scores are ranked in
+    # float64 by the reference (docs/selection.md).
+    dtypes = frozenset(FLOAT_DTYPES)
 
     def unavailable_reasons(self) -> List[str]:
         if _ext is None:
@@ -41,14 +46,11 @@ class CudaTopkSelection(SelectionBackend):
             return ["no CUDA device"]
         return []
 
-    def not_supported_reasons(self, inp) -> List[str]:
-        reasons = super().not_supported_reasons(inp)
-        if inp.op == "topk_indices" and inp.k > MAX_K:
-            reasons.append(f"k={inp.k} > {MAX_K}")
-        return reasons
+    def limit_reasons(self, inp) -> List[str]:
+        return [f"k={inp.k} > {MAX_K}"] if inp.k > MAX_K else []
 
-    def run(self, inp):
+    def forward(self, inp):
         return _ext.topk_indices(inp.scores, inp.k)
 
 
-SELECTION_BACKEND = CudaTopkSelection()
+BACKEND = CudaTopkBackend()

@@ -1,4 +1,7 @@
-"""Backend declaration of the Triton kernels (capabilities, priority, availability)."""
+"""Backend declaration of the Triton kernels (ops, capabilities, priorities, availability).
+
+One backend for the attention kernels (launch.py) and the selection kernels (selection.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ import importlib.util
 import os
 from typing import Dict, FrozenSet, List
 
-from ...registry import Backend
+from ...inputs import FLOAT_DTYPES
+from ...registry import ATTENTION_FEATURES, Backend
 
 
 def _triton_import_error() -> str:
@@ -27,7 +31,14 @@ class TritonBackend(Backend):
     name = "triton"
     description = ("Triton kernels: heads of a kv group packed into tl.dot's M dimension, split-K "
                    "(flash-decoding) for few queries over many candidates; cuda, or cpu under TRITON_INTERPRET=1")
-    priority = 10
+    # On the CPU the reference (0) stays first: the interpreter is for tests only.
+    priorities = {"cuda": 10, "cpu": 50}
+    ops = {
+        "attention": ATTENTION_FEATURES,  # the kernel implements all of SPEC.md section 1
+        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal"}),
+        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block"}),
+    }
+    dtypes = frozenset(FLOAT_DTYPES)
 
     def __init__(self):
         # Triton is imported lazily, not when `attention` is imported: whether its kernels run in the
@@ -44,24 +55,25 @@ class TritonBackend(Backend):
         # CPU tensors run only through the interpreter (tests); never a CPU production path.
         return frozenset({"cuda", "cpu"}) if interpreting() else frozenset({"cuda"})
 
-    def priority_for(self, device_type: str) -> int:
-        # On the CPU the reference (priority 0) stays first: the interpreter is for tests only.
-        return 50 if device_type == "cpu" else self.priority
-
-    def not_supported_reasons(self, inp) -> List[str]:
-        reasons = super().not_supported_reasons(inp)
-        if reasons:
-            return reasons
+    def limit_reasons(self, inp) -> List[str]:
         # Launch-geometry limits (CUDA grid axes 1/2 hold at most 65535 programs; offsets inside a
-        # candidate list are int32). Everything else of SPEC section 1 is handled by the kernel.
-        from . import limits
+        # candidate list are int32) and the selection kernels' block/k limits.
+        if inp.op == "attention":
+            from . import limits
 
-        return limits.reasons(inp)
+            return limits.reasons(inp)
+        from . import selection
+
+        return selection.limit_reasons(inp)
 
     def forward(self, inp):
-        from .launch import forward
+        if inp.op == "attention":
+            from .launch import forward
 
-        return forward(inp)
+            return forward(inp)
+        from .selection import LAUNCHER
+
+        return LAUNCHER.run(inp)
 
     def info(self) -> Dict[str, str]:
         if self.unavailable_reasons():

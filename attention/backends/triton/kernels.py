@@ -16,12 +16,15 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# The same constants inside @triton.jit code (a plain global float is not allowed there).
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 
 
 @triton.jit
 def _dot(a, b, F32_DOT: tl.constexpr):
     # F32_DOT: float32 operands (float32 inputs, or any dtype under the interpreter, whose bfloat16
-    # dot is wrong, TRAPS.md). "ieee" keeps float32 inputs out of TF32 so 1e-4 tolerances hold.
+    # dot is wrong, docs/traps.md). "ieee" keeps float32 inputs out of TF32 so 1e-4 tolerances hold.
     if F32_DOT:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
@@ -43,6 +46,126 @@ def _sequence_of_token(t, CUQ, B, SEARCH_STEPS: tl.constexpr):
         lo = tl.where(go_right, mid + 1, lo)
         hi = tl.where(active & (end > t), mid, hi)
     return tl.minimum(lo, B - 1)
+
+
+@triton.jit
+def _sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN: tl.constexpr, HAS_CUK: tl.constexpr,
+                    PAGED: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(sequence b, first kv row, length L, query position, units holding a position < L) of token t."""
+    if VARLEN:
+        b = _sequence_of_token(t, CUQ, B, SEARCH_STEPS)
+        q_start = tl.load(CUQ + b)
+        lq = tl.load(CUQ + b + 1) - q_start
+    else:
+        b = t * 0
+        q_start = t * 0
+        lq = t * 0 + T
+    if PAGED:
+        L = tl.load(SEQK + b)
+        base = t * 0
+    elif HAS_CUK:
+        base = tl.load(CUK + b)
+        L = tl.load(CUK + b + 1) - base
+    else:
+        base = t * 0
+        L = t * 0 + S_total
+    # Positions, lengths and row numbers in int64: L + BLOCK_SIZE - 1, idx * BLOCK_SIZE and base + pos
+    # overflow int32 for caches near 2**31 rows (issue 11 item 3); pointer offsets are int64 too.
+    L = L.to(tl.int64)
+    q_pos = L - lq + (t - q_start)
+    n_units = (L + BLOCK_SIZE - 1) // BLOCK_SIZE  # blocks (or tokens) that hold any position < L
+    return b, base.to(tl.int64), L, q_pos, n_units
+
+
+@triton.jit
+def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT, stride_btb, stride_btp,
+                    max_pages, num_pages, BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    CAUSAL: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Candidates c0 .. c0 + BLOCK_N: (kept mask, page, row) with the row of a kept candidate at
+    ``page * stride_page + row * stride_row`` (contiguous caches: page 0, stride_page 0).
+
+    Candidate c is position indices[c // b] * b + c % b. Kept is decided by the indices, lengths and
+    causality alone (SPEC.md section 1), and a dropped candidate's page and row are 0, so no load
+    of it can leave the cache."""
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    c_mask = offs_c < c_end
+    if BLOCK_SIZE == 1:
+        j = offs_c
+        r = offs_c * 0
+    else:
+        j = offs_c // BLOCK_SIZE
+        r = offs_c % BLOCK_SIZE
+    idx = tl.load(idx_base + j.to(tl.int64) * stride_ik, mask=c_mask, other=-1)
+    # Range-check the index in its own dtype before multiplying (int64 indices could overflow).
+    valid = c_mask & (idx >= 0) & (idx < n_units)
+    pos = tl.where(valid, idx, 0).to(tl.int64) * BLOCK_SIZE + r
+    valid = valid & (pos < L)
+    if CAUSAL:
+        valid = valid & (pos <= q_pos)
+    if PAGED:
+        page_i = pos // PAGE_SIZE
+        valid = valid & (page_i < max_pages)
+        page = tl.load(BT + b.to(tl.int64) * stride_btb + page_i * stride_btp, mask=valid, other=0)
+        valid = valid & (page >= 0) & (page < num_pages)
+        page = tl.where(valid, page, 0).to(tl.int64)
+        row = tl.where(valid, pos % PAGE_SIZE, 0)
+    else:
+        page = pos * 0
+        row = base + tl.where(valid, pos, 0)
+    return valid, page, row
+
+
+@triton.jit
+def _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, dvb, SINK,
+                  OUT, LSE, OPART, LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
+                  stride_ops, stride_opt, stride_oph, stride_opd, stride_lps, stride_lpt, stride_lph,
+                  HAS_SINK: tl.constexpr, SPLIT: tl.constexpr):
+    """The epilogue of both forward kernels: the sink rule, empty rows, the natural-log LSE, or the
+    partial (normalised output, base-2 LSE) of one split for the combine kernel.
+
+    ``n_kept`` counts kept candidates from indices and lengths alone: a row is empty when it is 0,
+    never because of its scores (a NaN/inf in a kept row propagates to out and lse, SPEC.md).
+    Only the program of value block 0 (``dvb``) writes the LSE."""
+    nonempty = (heads * 0 + n_kept) > 0
+    write_lse = h_mask & ((heads * 0 + dvb) == 0)
+    if SPLIT:
+        # Partial result of this split: normalised output and its base-2 LSE; the combine kernel
+        # weights the splits by exp2(lse2) and applies the sink once.
+        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        op = (OPART + pid_s.to(tl.int64) * stride_ops + t.to(tl.int64) * stride_opt
+              + heads[:, None].to(tl.int64) * stride_oph + offs_dv[None, :] * stride_opd)
+        tl.store(op, o, mask=h_mask[:, None] & dv_mask[None, :])
+        lp = LPART + pid_s.to(tl.int64) * stride_lps + t.to(tl.int64) * stride_lpt + heads * stride_lph
+        tl.store(lp, lse2, mask=write_lse)
+    else:
+        # -inf max: empty row, or kept candidates that all score -inf (their terms are exact zeros).
+        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+        denom = l_i
+        if HAS_SINK:
+            sink2 = tl.load(SINK + heads, mask=h_mask, other=0.0) * _LOG2E
+            denom = denom + tl.exp2(sink2 - m_fin)
+        # A kept row with finite scores has l >= 1 (its max term is exp2(0)); an empty one has acc = 0,
+        # divided by 1: out 0. NaN in l or acc (NaN/inf in a kept row) is left to propagate.
+        denom = tl.where(nonempty, denom, 1.0)
+        o = acc / denom[:, None]
+        op = OUT + t.to(tl.int64) * stride_ot + heads[:, None].to(tl.int64) * stride_oh + offs_dv[None, :] * stride_od
+        tl.store(op, o.to(OUT.dtype.element_ty), mask=h_mask[:, None] & dv_mask[None, :])
+        lse = tl.where(nonempty, (m_fin + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2, float("-inf"))
+        tl.store(LSE + t.to(tl.int64) * stride_lt + heads * stride_lh, lse, mask=write_lse)
+
+
+@triton.jit
+def _online_softmax(s, valid, m_i, l_i, sm_scale_log2):
+    """One tile of the online softmax in base 2: (p, alpha, new max, new sum). An all-dropped tile
+    leaves the max at -inf, and 0 is subtracted there, never -inf - (-inf)."""
+    s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
 
 
 @triton.jit
@@ -76,26 +199,8 @@ def selective_attention_fwd_kernel(
     hb = (pid1 // NUM_DVB) % NUM_HB
     dvb = pid1 % NUM_DVB
 
-    # ---- sequence facts of token t, on the device ----
-    if VARLEN:
-        b = _sequence_of_token(t, CUQ, B, SEARCH_STEPS)
-        q_start = tl.load(CUQ + b)
-        lq = tl.load(CUQ + b + 1) - q_start
-    else:
-        b = t * 0
-        q_start = t * 0
-        lq = t * 0 + T
-    if PAGED:
-        L = tl.load(SEQK + b)
-        base = t * 0
-    elif HAS_CUK:
-        base = tl.load(CUK + b)
-        L = tl.load(CUK + b + 1) - base
-    else:
-        base = t * 0
-        L = t * 0 + S_total
-    q_pos = L - lq + (t - q_start)
-    n_units = (L + BLOCK_SIZE - 1) // BLOCK_SIZE  # blocks (or tokens) that hold any position < L
+    b, base, L, q_pos, n_units = _sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN, HAS_CUK, PAGED,
+                                                 SEARCH_STEPS, BLOCK_SIZE)
 
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < HG
@@ -105,107 +210,155 @@ def selective_attention_fwd_kernel(
 
     q_base = Q + t.to(tl.int64) * stride_qt + heads[:, None].to(tl.int64) * stride_qh
     qr_base = QR + t.to(tl.int64) * stride_qrt + heads[:, None].to(tl.int64) * stride_qrh
-    idx_base = IDX + t.to(tl.int64) * stride_it + g * stride_ig
+    idx_base = IDX + t.to(tl.int64) * stride_it + g.to(tl.int64) * stride_ig
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    # Kept candidates counted from indices and lengths alone: a row is empty when this stays 0, never
+    # because of its scores (a NaN/inf in a kept row must propagate to out and lse, SPEC.md section 1).
+    n_kept = t * 0
 
     c_start = pid_s * cand_per_split
     c_end = tl.minimum(c_start + cand_per_split, n_cand)
     for c0 in range(c_start, c_end, BLOCK_N):
-        offs_c = c0 + tl.arange(0, BLOCK_N)
-        c_mask = offs_c < c_end
-        if BLOCK_SIZE == 1:
-            j = offs_c
-            r = offs_c * 0
-        else:
-            j = offs_c // BLOCK_SIZE
-            r = offs_c % BLOCK_SIZE
-        idx = tl.load(idx_base + j * stride_ik, mask=c_mask, other=-1)
-        # Range-check the index in its own dtype before multiplying (int64 indices could overflow).
-        valid = c_mask & (idx >= 0) & (idx < n_units)
-        pos = tl.where(valid, idx, 0).to(tl.int32) * BLOCK_SIZE + r
-        valid = valid & (pos < L)
-        if CAUSAL:
-            valid = valid & (pos <= q_pos)
-        if PAGED:
-            page_i = pos // PAGE_SIZE
-            valid = valid & (page_i < max_pages)
-            page = tl.load(BT + b * stride_btb + page_i * stride_btp, mask=valid, other=0)
-            valid = valid & (page >= 0) & (page < num_pages)
-            page = tl.where(valid, page, 0).to(tl.int64)
-            in_page = (pos % PAGE_SIZE).to(tl.int64)
-            k_row = page * stride_kp + in_page * stride_kr
-            v_row = page * stride_vp + in_page * stride_vr
-            kr_row = page * stride_krp + in_page * stride_krr
-        else:
-            row = (base + tl.where(valid, pos, 0)).to(tl.int64)
-            k_row = row * stride_kr
-            v_row = row * stride_vr
-            kr_row = row * stride_krr
+        valid, page, row = _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
+                                           stride_btb, stride_btp, max_pages, num_pages, BLOCK_SIZE, PAGE_SIZE,
+                                           CAUSAL, PAGED, BLOCK_N)
+        k_row = page * stride_kp + row * stride_kr
+        v_row = page * stride_vp + row * stride_vr
+        kr_row = page * stride_krp + row * stride_krr
+        n_kept += tl.sum(valid.to(tl.int32), 0)
 
         # ---- scores [BLOCK_H, BLOCK_N]: head widths walked in power-of-two chunks (576 = 9 x 64) ----
         # A runtime loop, not static_range: unrolled, the compiler hoists all of q (64 heads x 576,
         # loop-invariant) into registers and spills (measured: 255 regs + 816 B stack on sm_90 for
         # BLOCK_H=64, BLOCK_DV=256, 8 warps; 0 B with this loop). q chunks are re-read from L1/L2.
         s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        k_base = KV + g * stride_kh + k_row[None, :]
+        k_base = KV + g.to(tl.int64) * stride_kh + k_row[None, :]
         for d0 in range(0, DQK, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < DQK
-            qc = tl.load(q_base + offs_d[None, :] * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-            kc = tl.load(k_base + offs_d[:, None] * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0)
+            qc = tl.load(q_base + offs_d[None, :].to(tl.int64) * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+            kc = tl.load(k_base + offs_d[:, None].to(tl.int64) * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0)
             s += _dot(qc, kc, F32_DOT)
         if DR > 0:
-            kr_base = KVR + g * stride_krh + kr_row[None, :]
+            kr_base = KVR + g.to(tl.int64) * stride_krh + kr_row[None, :]
             for d0 in range(0, DR, BLOCK_DR):
                 offs_d = d0 + tl.arange(0, BLOCK_DR)
                 d_mask = offs_d < DR
-                qc = tl.load(qr_base + offs_d[None, :] * stride_qrd, mask=h_mask[:, None] & d_mask[None, :],
+                qc = tl.load(qr_base + offs_d[None, :].to(tl.int64) * stride_qrd, mask=h_mask[:, None] & d_mask[None, :],
                              other=0.0)
-                kc = tl.load(kr_base + offs_d[:, None] * stride_krd, mask=valid[None, :] & d_mask[:, None],
+                kc = tl.load(kr_base + offs_d[:, None].to(tl.int64) * stride_krd, mask=valid[None, :] & d_mask[:, None],
                              other=0.0)
                 s += _dot(qc, kc, F32_DOT)
-        s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
-
-        # ---- online softmax; an all-dropped tile leaves m at -inf, so subtract 0 there, never NaN ----
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
         # Masked load: a dropped row is never read, so NaN in an unused page cannot reach acc.
-        vt = tl.load(V + g * stride_vh + v_row[:, None] + offs_dv[None, :] * stride_vd,
+        vt = tl.load(V + g.to(tl.int64) * stride_vh + v_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_vd,
                      mask=valid[:, None] & dv_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, F32_DOT)
         m_i = m_new
 
-    nonempty = l_i > 0
-    if SPLIT:
-        # Partial result of this split: normalised output and its base-2 LSE; the combine kernel
-        # weights the splits by exp2(lse2) and applies the sink once.
-        o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        op = (OPART + pid_s.to(tl.int64) * stride_ops + t.to(tl.int64) * stride_opt
-              + heads[:, None].to(tl.int64) * stride_oph + offs_dv[None, :] * stride_opd)
-        tl.store(op, o, mask=h_mask[:, None] & dv_mask[None, :])
-        lp = LPART + pid_s.to(tl.int64) * stride_lps + t.to(tl.int64) * stride_lpt + heads * stride_lph
-        tl.store(lp, lse2, mask=h_mask & ((offs_h * 0 + dvb) == 0))
-    else:
-        m_fin = tl.where(nonempty, m_i, 0.0)
-        denom = l_i
-        if HAS_SINK:
-            sink2 = tl.load(SINK + heads, mask=h_mask, other=0.0) * 1.4426950408889634
-            denom = denom + tl.exp2(sink2 - m_fin)
-        # A kept row has l >= 1 (its max term is exp2(0)); an empty one has acc = 0: 0 / 1 = 0.
-        denom = tl.where(nonempty, denom, 1.0)
-        o = acc / denom[:, None]
-        op = OUT + t.to(tl.int64) * stride_ot + heads[:, None].to(tl.int64) * stride_oh + offs_dv[None, :] * stride_od
-        tl.store(op, o.to(OUT.dtype.element_ty), mask=h_mask[:, None] & dv_mask[None, :])
-        lse = tl.where(nonempty, (m_fin + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        tl.store(LSE + t.to(tl.int64) * stride_lt + heads * stride_lh, lse, mask=h_mask & ((offs_h * 0 + dvb) == 0))
+    _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, dvb, SINK, OUT, LSE, OPART,
+                  LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh, stride_ops, stride_opt, stride_oph,
+                  stride_opd, stride_lps, stride_lpt, stride_lph, HAS_SINK, SPLIT)
+
+
+@triton.jit
+def selective_attention_latent_kernel(
+    Q, KV, QR, KVR, IDX, SINK, BT, CUQ, CUK, SEQK, OUT, LSE, OPART, LPART,
+    sm_scale_log2, T, B, S_total, num_pages, max_pages, n_cand, cand_per_split,
+    stride_qt, stride_qh, stride_qd, stride_kp, stride_kr, stride_kh, stride_kd,
+    stride_qrt, stride_qrh, stride_qrd, stride_krp, stride_krr, stride_krh, stride_krd,
+    stride_it, stride_ig, stride_ik, stride_btb, stride_btp,
+    stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
+    stride_ops, stride_opt, stride_oph, stride_opd, stride_lps, stride_lpt, stride_lph,
+    HG: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_CUK: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_SINK: tl.constexpr, SPLIT: tl.constexpr, SEARCH_STEPS: tl.constexpr, F32_DOT: tl.constexpr,
+    NUM_HB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_DT: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Latent (MLA) mode, value = the first DV columns of the key row: FlashMLA's data flow.
+
+    One program = one query token x one kv head x one block of BLOCK_H query heads (x one split).
+    Each tile of BLOCK_N selected rows is gathered once, as k_nope [BLOCK_N, DV] (the value, reused
+    for P.V) and the tail k_tail [BLOCK_N, DQK - DV] (DeepSeek's 64 rope columns inside the 576-wide
+    row), plus the split rope part kv_rope when given. q is loaded once per program (loop
+    invariant). No value split: the [BLOCK_H, BLOCK_DV] float32 accumulator stays on chip, so the
+    scores are computed once per tile. A tile whose candidates are all dropped (the -1 padding of
+    early causal tokens) skips its loads and dots. The tile loop is software-pipelined NUM_STAGES
+    deep, so the gather of tile i+1 overlaps the dots of tile i.
+    """
+    t = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    g = pid1 // NUM_HB
+    hb = pid1 % NUM_HB
+
+    b, base, L, q_pos, n_units = _sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN, HAS_CUK, PAGED,
+                                                 SEARCH_STEPS, BLOCK_SIZE)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < HG
+    heads = g * HG + offs_h
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < DV
+
+    # ---- q, once: q_nope [BLOCK_H, DV], q_tail [BLOCK_H, DQK - DV], q_rope [BLOCK_H, DR] ----
+    q_base = Q + t.to(tl.int64) * stride_qt + heads[:, None].to(tl.int64) * stride_qh
+    q_nope = tl.load(q_base + offs_dv[None, :].to(tl.int64) * stride_qd, mask=h_mask[:, None] & dv_mask[None, :],
+                     other=0.0)
+    if DQK > DV:
+        offs_dt = DV + tl.arange(0, BLOCK_DT)
+        dt_mask = offs_dt < DQK
+        q_tail = tl.load(q_base + offs_dt[None, :].to(tl.int64) * stride_qd,
+                         mask=h_mask[:, None] & dt_mask[None, :], other=0.0)
+    if DR > 0:
+        offs_dr = tl.arange(0, BLOCK_DR)
+        dr_mask = offs_dr < DR
+        q_rope = tl.load(QR + t.to(tl.int64) * stride_qrt + heads[:, None].to(tl.int64) * stride_qrh
+                         + offs_dr[None, :].to(tl.int64) * stride_qrd, mask=h_mask[:, None] & dr_mask[None, :],
+                         other=0.0)
+    idx_base = IDX + t.to(tl.int64) * stride_it + g.to(tl.int64) * stride_ig
+    k_head = KV + g.to(tl.int64) * stride_kh
+    kr_head = KVR + g.to(tl.int64) * stride_krh
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    n_kept = t * 0
+
+    c_start = pid_s * cand_per_split
+    c_end = tl.minimum(c_start + cand_per_split, n_cand)
+    for c0 in tl.range(c_start, c_end, BLOCK_N, num_stages=NUM_STAGES):
+        valid, page, row = _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
+                                           stride_btb, stride_btp, max_pages, num_pages, BLOCK_SIZE, PAGE_SIZE,
+                                           CAUSAL, PAGED, BLOCK_N)
+        n_tile = tl.sum(valid.to(tl.int32), 0)
+        n_kept += n_tile
+        if n_tile > 0:
+            k_row = k_head + page * stride_kp + row * stride_kr
+            # Masked gather: a dropped row is never read, so NaN in an unused page cannot reach acc.
+            k_nope = tl.load(k_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_kd,
+                             mask=valid[:, None] & dv_mask[None, :], other=0.0)
+            s = _dot(q_nope, tl.trans(k_nope), F32_DOT)
+            if DQK > DV:
+                k_tail = tl.load(k_row[:, None] + offs_dt[None, :].to(tl.int64) * stride_kd,
+                                 mask=valid[:, None] & dt_mask[None, :], other=0.0)
+                s += _dot(q_tail, tl.trans(k_tail), F32_DOT)
+            if DR > 0:
+                kr_row = kr_head + page * stride_krp + row * stride_krr
+                k_rope = tl.load(kr_row[:, None] + offs_dr[None, :].to(tl.int64) * stride_krd,
+                                 mask=valid[:, None] & dr_mask[None, :], other=0.0)
+                s += _dot(q_rope, tl.trans(k_rope), F32_DOT)
+            p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
+            acc = acc * alpha[:, None] + _dot(p.to(k_nope.dtype), k_nope, F32_DOT)
+            m_i = m_new
+
+    _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, pid1 * 0, SINK, OUT, LSE, OPART,
+                  LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh, stride_ops, stride_opt, stride_oph,
+                  stride_opd, stride_lps, stride_lpt, stride_lph, HAS_SINK, SPLIT)
 
 
 @triton.jit
@@ -224,28 +377,40 @@ def selective_attention_combine_kernel(
     h_mask = offs_h < H
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < DV
+    # Pointers advanced split by split (64-bit pointer arithmetic): i * stride_ops in int32 would wrap
+    # once splits * T * H * Dv passes 2**31 elements.
+    lp0 = LPART + t * stride_lpt + offs_h * stride_lph
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    lp = lp0
     for i in range(0, num_splits):
-        l2 = tl.load(LPART + i * stride_lps + t * stride_lpt + offs_h * stride_lph, mask=h_mask, other=float("-inf"))
+        l2 = tl.load(lp, mask=h_mask, other=float("-inf"))
         m = tl.maximum(m, l2)
+        lp += stride_lps
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     wsum = tl.zeros([BLOCK_H], tl.float32)
+    nonempty = offs_h < 0
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    lp = lp0
+    op = OPART + t * stride_opt + offs_h[:, None] * stride_oph + offs_dv[None, :] * stride_opd
     for i in range(0, num_splits):
-        l2 = tl.load(LPART + i * stride_lps + t * stride_lpt + offs_h * stride_lph, mask=h_mask, other=float("-inf"))
+        l2 = tl.load(lp, mask=h_mask, other=float("-inf"))
         w = tl.exp2(l2 - m_sub)
-        o = tl.load(OPART + i * stride_ops + t * stride_opt + offs_h[:, None] * stride_oph + offs_dv[None, :] * stride_opd,
-                    mask=h_mask[:, None] & dv_mask[None, :] & (l2 > float("-inf"))[:, None], other=0.0)
+        # lse2 = -inf marks a split without kept candidates (its o is never read); NaN (a NaN in a
+        # kept row) is not -inf, so it propagates through w and o as it would in float64.
+        part = l2 != float("-inf")
+        o = tl.load(op, mask=h_mask[:, None] & dv_mask[None, :] & part[:, None], other=0.0)
         wsum += w
         acc += w[:, None] * o
-    nonempty = wsum > 0
+        lp += stride_lps
+        op += stride_ops
+        nonempty = nonempty | part
     denom = wsum
     if HAS_SINK:
-        sink2 = tl.load(SINK + offs_h, mask=h_mask, other=0.0) * 1.4426950408889634
+        sink2 = tl.load(SINK + offs_h, mask=h_mask, other=0.0) * _LOG2E
         denom = denom + tl.exp2(sink2 - m_sub)
     denom = tl.where(nonempty, denom, 1.0)
     out = acc / denom[:, None]
     tl.store(OUT + t * stride_ot + offs_h[:, None] * stride_oh + offs_dv[None, :] * stride_od,
              out.to(OUT.dtype.element_ty), mask=h_mask[:, None] & dv_mask[None, :])
-    lse = tl.where(nonempty, (m_sub + tl.log2(tl.where(nonempty, wsum, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(nonempty, (m_sub + tl.log2(tl.where(nonempty, wsum, 1.0))) * _LN2, float("-inf"))
     tl.store(LSE + t * stride_lt + offs_h * stride_lh, lse, mask=h_mask & ((offs_h * 0 + tl.program_id(2)) == 0))

@@ -22,21 +22,40 @@ import torch
 import triton
 
 from ... import tuning
+from ...inputs import new_outputs, next_power_of_2
 from . import limits
-from .kernels import LOG2E, selective_attention_combine_kernel, selective_attention_fwd_kernel
+from .kernels import (LOG2E, selective_attention_combine_kernel, selective_attention_fwd_kernel,
+                      selective_attention_latent_kernel)
 
 BACKEND_NAME = "triton"
 # Bump when the kernel's meaning of a config changes: tuned entries of another version are ignored.
-KERNEL_VERSION = "fwd-1"
+KERNEL_VERSION = "fwd-2"
 
 MAX_SPLITS = 64
+# The latent kernel keeps the whole value width in one accumulator (no value split) up to this width,
+# and the key columns past d_v (DeepSeek's 64 rope columns) in one tile up to MAX_LATENT_TAIL.
+MAX_LATENT_DV = 512
+MAX_LATENT_TAIL = 256
+
+# ATTENTION_TRITON_TARGET="NVIDIA H200": plan for that device (its tuned/shipped config and SM count)
+# whatever the tensors' device, e.g. on CPU tensors under the interpreter, so that bench.work can
+# count the work of the GPU plan. SM counts by substring of the device name (as the tuning store
+# matches names); measured with torch.cuda.get_device_properties on those parts.
+TARGET_ENV = "ATTENTION_TRITON_TARGET"
+SM_COUNTS = (("H200", 132), ("H100", 132), ("H800", 132), ("H20", 78), ("A100", 108), ("A800", 108),
+             ("L40S", 142), ("L40", 142), ("RTX 4090", 128))
 
 
-def _p2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
+_p2 = next_power_of_2
+
+
+def target_name() -> Optional[str]:
+    return os.environ.get(TARGET_ENV) or None
 
 
 def device_name(device: torch.device) -> str:
+    if target_name():
+        return target_name()
     if device.type == "cpu":
         return tuning.CPU_DEVICE
     return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
@@ -52,6 +71,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> Optional[int]:
+    """SMs of the device the plan is for: the target's (ATTENTION_TRITON_TARGET), the GPU's, or None
+    (CPU tensors without a target: the interpreter has no SMs to fill)."""
+    name = target_name()
+    if name:
+        for key, n in SM_COUNTS:
+            if key in name:
+                return n
+        raise ValueError(f"{TARGET_ENV}={name!r}: unknown device; known: {[k for k, _ in SM_COUNTS]}")
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _max_shared_mem(index: int) -> int:
     try:
@@ -63,10 +96,12 @@ def _max_shared_mem(index: int) -> int:
 
 def shape_bucket(inp) -> str:
     """Store key of a call's shape: exact widths and group size, power-of-two candidate count,
-    and decode (few query tokens, where split-K matters) versus prefill."""
+    and decode (few query tokens, where split-K matters) versus prefill. A decode bucket also holds
+    the power-of-two number of query tokens: the split count that fills the GPU for 64 x 1 tokens
+    starves it for 4 x 1 (issue 15 item 2)."""
     hg = inp.num_heads // inp.num_kv_heads
     n = inp.topk * inp.block_size
-    phase = "decode" if inp.num_tokens * inp.num_kv_heads <= 128 else "prefill"
+    phase = (f"decode-t{_p2(max(inp.num_tokens, 1))}" if inp.num_tokens * inp.num_kv_heads <= 128 else "prefill")
     dt = str(inp.dtype).replace("torch.", "")
     return (f"hg{_p2(hg)}-dqk{inp.head_dim}-dv{inp.d_v}-dr{inp.rope_dim}-n{_p2(max(n, 1))}-"
             f"{'paged' if inp.paged else 'contig'}-{phase}-{dt}")
@@ -91,7 +126,7 @@ def smem_estimate(cfg: Dict, block_h: int, block_dv: int, elem: int) -> int:
 
 def _prune(configs, named_args, **kwargs):
     """early_config_prune for triton.autotune: drop configs that do not fit the device's smem."""
-    q = named_args["Q"]
+    q = named_args["Q"] if "Q" in named_args else kwargs["Q"]  # launched by keyword: Q is in kwargs
     limit = _max_shared_mem(q.device.index or 0)
     bh, bdv = kwargs.get("BLOCK_H", named_args.get("BLOCK_H", 64)), kwargs.get("BLOCK_DV", named_args.get("BLOCK_DV", 512))
     elem = q.element_size()
@@ -125,16 +160,51 @@ def resolve_config(inp, override: Optional[Dict] = None) -> Tuple[Dict, str]:
     return cfg, source
 
 
+def use_latent_kernel(inp, cfg: Dict) -> bool:
+    """Latent mode with d_v <= 512 and a short key tail runs the latent kernel (one gather per tile,
+    k_nope reused as the value); separate-V mode and wider shapes run the general kernel.
+    ``LATENT: 0`` in a config forces the general kernel (tests, comparisons)."""
+    return (inp.v is None and _p2(inp.d_v) <= MAX_LATENT_DV and inp.head_dim - inp.d_v <= MAX_LATENT_TAIL
+            and bool(int(cfg.get("LATENT", 1))))
+
+
+def choose_splits(programs: int, n: int, bn: int, sms: Optional[int], cfg: Dict) -> int:
+    """Split count of the candidate list (flash decoding) when the grid alone would leave SMs idle.
+
+    Each split must keep at least ``min_per_split`` candidates (the combine and the partial
+    buffers cost about one tile each). Among the allowed counts, the one whose grid best fills
+    whole waves of ``sms`` programs wins (fewest splits on a tie): 128 programs on 132 SMs need no
+    split; 4 programs get 32 splits (128 programs), not 66 with a half-empty second wave."""
+    target = int(cfg.get("target_programs", 0)) or sms or 1
+    min_per_split = max(bn, int(cfg.get("min_per_split", 256)))
+    if not programs or programs >= target or n < 2 * min_per_split:
+        return 1
+    most = max(1, min(MAX_SPLITS, n // min_per_split))
+    best, best_fill = 1, -1.0
+    for s in range(1, most + 1):
+        total = programs * s
+        fill = min(total, target) / (math.ceil(total / target) * target)
+        if fill > best_fill + 1e-9:
+            best, best_fill = s, fill
+    return best
+
+
 def plan(inp, cfg: Dict) -> Dict:
-    """Block sizes clamped to the shape (power-of-two, >= 16 for tl.dot) and the split count."""
+    """Which kernel, block sizes clamped to the shape (power-of-two, >= 16 for tl.dot), the split count."""
     T, H, Hkv = inp.num_tokens, inp.num_heads, inp.num_kv_heads
     hg = H // Hkv
     n = inp.topk * inp.block_size
+    latent = use_latent_kernel(inp, cfg)
     bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))
     bn = max(16, _p2(cfg["BLOCK_N"]))
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
     bdr = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.rope_dim))) if inp.rope_dim else 16
-    bdv = max(16, min(_p2(cfg["BLOCK_DV"]), _p2(inp.d_v)))
+    if latent:  # the whole value width and the whole tail in one tile each: no value split
+        bdv = max(16, _p2(inp.d_v))
+        bdr = max(16, _p2(inp.rope_dim)) if inp.rope_dim else 16
+    else:
+        bdv = max(16, min(_p2(cfg["BLOCK_DV"]), _p2(inp.d_v)))
+    bdt = max(16, _p2(inp.head_dim - inp.d_v)) if latent and inp.head_dim > inp.d_v else 16
     # Grid axis 1 holds at most 65535 programs: widen head/value blocks for extreme head counts.
     while Hkv * triton.cdiv(hg, bh) * triton.cdiv(inp.d_v, bdv) > limits.MAX_GRID_Y and (bh < 128 or bdv < 512):
         if bh < min(128, _p2(hg)):
@@ -146,20 +216,14 @@ def plan(inp, cfg: Dict) -> Dict:
     num_hb, num_dvb = triton.cdiv(hg, bh), triton.cdiv(inp.d_v, bdv)
     programs = T * Hkv * num_hb * num_dvb
     splits = int(cfg.get("num_splits", 0))
-    if splits <= 0:  # split-K when the grid is too small to fill the device and there is work to share
-        if inp.device.type == "cuda":
-            target = int(cfg.get("target_programs", 0)) or 2 * _sm_count(inp.device.index or 0)
-        else:
-            target = int(cfg.get("target_programs", 0)) or 1
-        min_per_split = max(bn, int(cfg.get("min_per_split", 256)))
-        splits = 1
-        if programs and programs < target and n >= 2 * min_per_split:
-            splits = min(math.ceil(target / programs), n // min_per_split)
+    if splits <= 0:
+        splits = choose_splits(programs, n, bn, sm_count(inp.device), cfg)
     splits = max(1, min(splits, MAX_SPLITS, max(1, math.ceil(n / bn))))
     per_split = math.ceil(max(n, 1) / splits / bn) * bn
     splits = max(1, math.ceil(n / per_split)) if n else 1
-    return dict(BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DR=bdr, BLOCK_DV=bdv, NUM_HB=num_hb, NUM_DVB=num_dvb,
-                num_splits=splits, cand_per_split=per_split, num_warps=int(cfg.get("num_warps", 4)),
+    return dict(kernel="latent" if latent else "general", BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DR=bdr,
+                BLOCK_DV=bdv, BLOCK_DT=bdt, NUM_HB=num_hb, NUM_DVB=num_dvb, num_splits=splits,
+                cand_per_split=per_split, num_warps=int(cfg.get("num_warps", 4)),
                 num_stages=int(cfg.get("num_stages", 1)))
 
 
@@ -172,11 +236,14 @@ def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
     return tuple(x.stride())
 
 
+def _named(prefix: str, axes: str, strides) -> Dict[str, int]:
+    """{prefix + axis: stride}: the kernels name their strides stride_<tensor><axis>."""
+    return {prefix + a: int(x) for a, x in zip(axes, strides)}
+
+
 def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = None):
     """Run the kernels; returns (out [T, H, Dv] q.dtype, lse [T, H] float32)."""
-    from ...registry import Backend
-
-    out, lse = Backend.new_outputs(inp)
+    out, lse = new_outputs(inp)
     T, H = inp.num_tokens, inp.num_heads
     if T == 0:
         return out, lse
@@ -191,6 +258,11 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     q, kv, idx = inp.q, inp.kv, inp.indices
     v = kv if inp.v is None else inp.v  # latent: values are the first d_v columns of the key rows
     paged = inp.paged
+    # The kernels index these small per-sequence / per-head tensors as dense vectors (a strided or
+    # expanded view, e.g. cu_seqlens[::2] or seqlens_k.expand(B), would be read wrongly or out of
+    # bounds): one tiny device copy when not contiguous, no sync.
+    cuq, cuk, seqk, sink = (None if x is None else x.contiguous()
+                            for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqlens_k, inp.attn_sink))
     dummy = q
     B = inp.num_seqs
     n = inp.topk * inp.block_size
@@ -203,43 +275,48 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     S_total = 0 if paged else kv.shape[0]
     num_pages = kv.shape[0] if paged else 0
     bt = inp.block_table
-    args = [
-        q, kv, v, inp.q_rope if inp.q_rope is not None else dummy, inp.kv_rope if inp.kv_rope is not None else dummy,
-        idx, inp.attn_sink if inp.attn_sink is not None else dummy, bt if bt is not None else dummy,
-        inp.cu_seqlens_q if inp.cu_seqlens_q is not None else dummy,
-        inp.cu_seqlens_k if inp.cu_seqlens_k is not None else dummy,
-        inp.seqlens_k if inp.seqlens_k is not None else dummy,
-        out, lse, opart, lpart,
-        float(inp.sm_scale) * LOG2E, T, B, S_total, num_pages, bt.shape[1] if bt is not None else 0, n,
-        p["cand_per_split"],
-        *q.stride(), *_strides(kv, paged, 4), *_strides(v, paged, 4), *_strides(inp.q_rope, paged, 3),
-        *_strides(inp.kv_rope, paged, 4),
-        idx.stride(0), 0 if idx.shape[1] == 1 else idx.stride(1), idx.stride(2),
-        *(bt.stride() if bt is not None else (0, 0)),
-        *out.stride(), *lse.stride(),
-        *(opart.stride() if split else (0, 0, 0, 0)), *(lpart.stride() if split else (0, 0, 0)),
-    ]
-    meta = dict(
+    # Arguments by name (the kernels' parameter names), shared by both forward kernels.
+    args = dict(
+        Q=q, KV=kv, QR=inp.q_rope if inp.q_rope is not None else dummy,
+        KVR=inp.kv_rope if inp.kv_rope is not None else dummy, IDX=idx, SINK=sink if sink is not None else dummy,
+        BT=bt if bt is not None else dummy, CUQ=cuq if cuq is not None else dummy,
+        CUK=cuk if cuk is not None else dummy, SEQK=seqk if seqk is not None else dummy,
+        OUT=out, LSE=lse, OPART=opart, LPART=lpart,
+        sm_scale_log2=float(inp.sm_scale) * LOG2E, T=T, B=B, S_total=S_total, num_pages=num_pages,
+        max_pages=bt.shape[1] if bt is not None else 0, n_cand=n, cand_per_split=p["cand_per_split"],
+        **_named("stride_q", "thd", q.stride()), **_named("stride_k", "prhd", _strides(kv, paged, 4)),
+        **_named("stride_qr", "thd", _strides(inp.q_rope, paged, 3)),
+        **_named("stride_kr", "prhd", _strides(inp.kv_rope, paged, 4)),
+        stride_it=idx.stride(0), stride_ig=0 if idx.shape[1] == 1 else idx.stride(1), stride_ik=idx.stride(2),
+        **_named("stride_bt", "bp", bt.stride() if bt is not None else (0, 0)),
+        **_named("stride_o", "thd", out.stride()), **_named("stride_l", "th", lse.stride()),
+        **_named("stride_op", "sthd", opart.stride() if split else (0, 0, 0, 0)),
+        **_named("stride_lp", "sth", lpart.stride() if split else (0, 0, 0)),
         HG=H // inp.num_kv_heads, DQK=inp.head_dim, DV=inp.d_v, DR=inp.rope_dim, BLOCK_SIZE=inp.block_size,
         PAGE_SIZE=inp.page_size if paged else 1, VARLEN=inp.cu_seqlens_q is not None,
         HAS_CUK=inp.cu_seqlens_k is not None, PAGED=paged, CAUSAL=inp.causal, HAS_SINK=inp.attn_sink is not None,
         SPLIT=split, SEARCH_STEPS=max(1, B.bit_length() + 1),
         F32_DOT=on_cpu or inp.dtype == torch.float32,
-        NUM_HB=p["NUM_HB"], NUM_DVB=p["NUM_DVB"], BLOCK_H=p["BLOCK_H"], BLOCK_DV=p["BLOCK_DV"],
-        BLOCK_DR=p["BLOCK_DR"],
+        NUM_HB=p["NUM_HB"], BLOCK_H=p["BLOCK_H"], BLOCK_DV=p["BLOCK_DV"], BLOCK_DR=p["BLOCK_DR"],
     )
     grid = (T, inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"], p["num_splits"])
-    if autotune:
-        _autotuned_kernel()[grid](*args, **meta)
+    if p["kernel"] == "latent":
+        # The loop's own pipelining (tl.range num_stages) is the ring of candidate tiles.
+        selective_attention_latent_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_DT=p["BLOCK_DT"],
+                                                NUM_STAGES=p["num_stages"], num_warps=p["num_warps"])
     else:
-        selective_attention_fwd_kernel[grid](*args, **meta, BLOCK_N=p["BLOCK_N"], BLOCK_D=p["BLOCK_D"],
-                                             num_warps=p["num_warps"], num_stages=p["num_stages"])
+        args.update(V=v, **_named("stride_v", "prhd", _strides(v, paged, 4)), NUM_DVB=p["NUM_DVB"])
+        if autotune:
+            _autotuned_kernel()[grid](**args)
+        else:
+            selective_attention_fwd_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_D=p["BLOCK_D"],
+                                                 num_warps=p["num_warps"], num_stages=p["num_stages"])
     if split:
         bh = min(16, _p2(H))
         bdv = min(_p2(inp.d_v), 128)
         cgrid = (T, triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv))
         selective_attention_combine_kernel[cgrid](
-            opart, lpart, inp.attn_sink if inp.attn_sink is not None else dummy, out, lse, H, p["num_splits"],
+            opart, lpart, sink if sink is not None else dummy, out, lse, H, p["num_splits"],
             *opart.stride(), *lpart.stride(), *out.stride(), *lse.stride(),
             DV=inp.d_v, HAS_SINK=inp.attn_sink is not None, BLOCK_H=bh, BLOCK_DV=bdv,
         )

@@ -18,7 +18,7 @@ and equal to the reference bit for bit, ties included.
 
 Dots: float32 inputs use ``input_precision="ieee"`` (TF32 would reorder near-equal scores against
 the reference); float16/bfloat16 use their native tensor-core dot on the GPU and are upcast under
-``TRITON_INTERPRET=1`` because the interpreter's bfloat16 ``tl.dot`` is wrong (TRAPS.md).
+``TRITON_INTERPRET=1`` because the interpreter's bfloat16 ``tl.dot`` is wrong (docs/traps.md).
 
 Block selection (``block_size = b > 1``, b a power of two <= 128): each score tile holds whole
 blocks and is reduced to block scores ("max" or "mean" over valid positions) before it is parked.
@@ -29,8 +29,6 @@ kernel (attention/backends/cuda/__init__.py).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import List
 
 import torch
@@ -38,14 +36,12 @@ import torch
 import python_ref
 from python_ref.selection import _INVALID_MAX, _finish, score_width
 
-from ...selection import SelectionBackend
-
-# triton itself is imported only when a kernel first runs (_kernels()): see selection_kernels.py.
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
-_TRITON_ERROR = None if _HAVE_TRITON else "no module named 'triton'"
+from ...inputs import new_empty, next_power_of_2
+from .backend import interpreting
 
 
 def _kernels():
+    # triton itself is imported only when a kernel first runs: see selection_kernels.py.
     from . import selection_kernels
 
     return selection_kernels
@@ -54,55 +50,34 @@ def _kernels():
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
+
 MAX_K = 4096
 MAX_BLOCK = 128  # block selection: power-of-two blocks up to this size
 _SENTINEL = -(1 << 63)  # smaller than every packed key: an empty slot of the running top-k
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _new(*shape, device, dtype):
-    """Output buffer; with ATTENTION_NAN_FILL=1 (the test suite) pre-filled with NaN / -2, values no
-    kernel writes, so an element a kernel forgets cannot pass a comparison."""
-    if os.environ.get("ATTENTION_NAN_FILL", "0") not in ("", "0"):
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -2, device=device, dtype=dtype)
-    return torch.empty(shape, device=device, dtype=dtype)
+def limit_reasons(inp) -> List[str]:
+    """What the kernels cannot do (the registry then chooses another backend)."""
+    reasons = []
+    if inp.op == "select":
+        b = inp.block_size
+        if b & (b - 1) or b > MAX_BLOCK:
+            reasons.append(f"block_size={b}: triton needs a power of two <= {MAX_BLOCK}")
+        if inp.k > MAX_K:
+            reasons.append(f"k={inp.k} > {MAX_K}")
+    return reasons
 
 
 def _p2(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << max(0, int(n) - 1).bit_length())
+    return max(lo, next_power_of_2(n))
 
 
-class TritonSelection(SelectionBackend):
-    name = "triton"
-    ops = frozenset({"lightning_indexer", "select"})
-    priority = 10
+def _new(*shape, device, dtype):
+    return new_empty(*shape, device=device, dtype=dtype)
 
-    @property
-    def devices(self):  # CPU tensors only through the interpreter (tests / CI)
-        return frozenset({"cuda", "cpu"}) if _interpreting() else frozenset({"cuda"})
 
-    def unavailable_reasons(self) -> List[str]:
-        if not _HAVE_TRITON:
-            return [f"triton not importable ({_TRITON_ERROR})"]
-        if not torch.cuda.is_available() and not _interpreting():
-            return ["no CUDA device (CPU tensors need TRITON_INTERPRET=1)"]
-        return []
-
-    def priority_for(self, device_type):
-        return 10 if device_type == "cuda" else 100  # on the CPU the reference (0) stays first
-
-    def not_supported_reasons(self, inp) -> List[str]:
-        reasons = super().not_supported_reasons(inp)
-        if inp.op == "select":
-            b = inp.block_size
-            if b & (b - 1) or b > MAX_BLOCK:
-                reasons.append(f"block_size={b}: triton needs a power of two <= {MAX_BLOCK}")
-            if inp.k > MAX_K:
-                reasons.append(f"k={inp.k} > {MAX_K}")
-        return reasons
+class TritonSelection:
+    """Launches of the selection kernels; the ``triton`` backend (backend.py) declares and calls them."""
 
     # ---- launch ----
     def _common(self, inp):
@@ -114,15 +89,16 @@ class TritonSelection(SelectionBackend):
             kx = kx.contiguous()
         paged = kx.dim() == 3
         k_flat = kx.reshape(-1, Di) if paged else kx
-        w = w.to(torch.float32)
+        # The kernels read weights rows as dense vectors of Hi (stride 1): copy a strided/expanded view.
+        w = w.to(torch.float32).contiguous()
         seq, L, q_pos, base = python_ref.token_metadata(T, None if paged else kx.shape[0], q.device,
                                                         inp.cu_seqlens_q, inp.cu_seqlens_k,
                                                         inp.seqlens_k if paged else None)
         table = inp.block_table.to(torch.int32).contiguous() if paged else L  # dummy pointer when contiguous
         W = score_width(kx, inp.cu_seqlens_k, inp.seqlens_k if paged else None, inp.max_seqlen_k)
         lowp = q.dtype in (torch.float16, torch.bfloat16)
-        meta = dict(CAUSAL=inp.causal, PAGED=paged, UPCAST=_interpreting() or not lowp,
-                    IEEE=not lowp or _interpreting(), BLOCK_H=_p2(Hi), BLOCK_D=_p2(Di))
+        meta = dict(CAUSAL=inp.causal, PAGED=paged, UPCAST=interpreting() or not lowp,
+                    IEEE=not lowp or interpreting(), BLOCK_H=_p2(Hi), BLOCK_D=_p2(Di))
         args = dict(q=q, k=k_flat, w=w, L=L, q_pos=q_pos, base=L if base is None else base, seq=seq, table=table,
                     T=T, Hi=Hi, Di=Di, W=W, scale=float(Di ** -0.5 if inp.scale is None else inp.scale),
                     num_pages=kx.shape[0] if paged else 0, page_size=kx.shape[1] if paged else 1,
@@ -181,4 +157,4 @@ class TritonSelection(SelectionBackend):
         return max(1, min(-(-2 * sms // max(T, 1)), chunks // 2))
 
 
-SELECTION_BACKEND = TritonSelection() if _HAVE_TRITON else None
+LAUNCHER = TritonSelection()

@@ -15,7 +15,7 @@ constexpr uint32_t STAT_SLOTS = 10;   // = selattn::STAT_SLOTS in the kernel
 uint64_t Align32(uint64_t x) { return (x + 31) / 32 * 32; }
 uint64_t Align512(uint64_t x) { return (x + 511) / 512 * 512; }
 uint32_t Up16(uint32_t x) { return (x + 15) / 16 * 16; }
-uint32_t CeilDiv(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
+uint64_t CeilDiv(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }  // no a + b - 1 overflow
 }  // namespace
 
 const std::vector<SocSpec>& SocTable()
@@ -95,7 +95,11 @@ std::string FitProblems(const ProblemShape& sh, const TileChoice& tc, const SocS
     // LoadData2DParams.repeatTimes is 8 bits; Nd2NzParams and MmadParams fields are 16 bits (A2/A3)
     if (tc.dkChunk / c0 > 255 || tc.nTile / 16 > 255 || tc.nTile / c0 > 255 || tc.dvChunk / 16 > 255)
         bad("a LoadData repeat count would exceed 255");
-    if (dkPad > 65535 || dvPad > 65535 || tc.mTile > 4096 || tc.nTile > 4096) bad("a 16-bit API field would overflow");
+    // Mmad m, n, k <= 4095 (Mmad.md); the V^T write is one DataCopyPad of dvPad blocks, blockCount <= 4095
+    // (DataCopyPad docs); Nd2Nz dValue <= 16384
+    if (tc.mTile > 4095 || tc.nTile > 4095 || tc.dkChunk > 4095 || tc.dvChunk > 4095) bad("an Mmad dimension would exceed 4095");
+    if (dvPad > 4095) bad("value width " + std::to_string(dvPad) + " > 4095: the V^T DataCopyPad blockCount limit");
+    if (dkPad > 16384) bad("key width " + std::to_string(dkPad) + " > 16384: the Nd2Nz dValue limit");
     const MemoryUse u = MemoryFor(sh, tc, soc.VecPerCube());
     auto over = [&](const char* mem, uint64_t need, uint64_t cap) {
         if (need > cap) bad(std::string(mem) + " needs " + std::to_string(need) + " bytes > " + std::to_string(cap));
@@ -118,7 +122,7 @@ TileChoice ChooseTiles(const ProblemShape& sh, const SocSpec& soc)
     const uint32_t c0 = 32 / sh.dtypeBytes;
     const uint32_t hg = std::max<uint32_t>(1, sh.H / std::max<uint32_t>(1, sh.Hkv));
     const uint32_t dkPad = Up16(sh.Dqk) + Up16(sh.Dr), dvPad = Up16(sh.Dv);
-    const uint64_t candidates = std::max<uint64_t>(1, uint64_t(sh.K) * sh.blockSize);
+    const uint64_t candidates = std::max<uint64_t>(1, sh.Candidates());
     const uint32_t mMax = Up16(hg), nMax = static_cast<uint32_t>(std::min<uint64_t>(Up16(static_cast<uint32_t>(
                                                                       std::min<uint64_t>(candidates, 1u << 20))), 512));
     TileChoice best;
@@ -188,6 +192,7 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.topk = sh.K;
     t.indexHeads = sh.indexHeads;
     t.blockSize = sh.blockSize;
+    t.blockSpan = sh.BlockSpan();
     t.paged = sh.paged;
     t.pageSize = sh.pageSize;
     t.maxPages = sh.maxPages;
@@ -207,10 +212,10 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.kvBufNum = tc.kvBufNum;
     t.l0BufNum = tc.l0BufNum;
     t.vecSubBlocks = soc.VecPerCube();
-    t.headTiles = CeilDiv(t.headsPerKv, tc.mTile);
-    t.numTiles = CeilDiv(uint64_t(sh.K) * sh.blockSize, tc.nTile);
-    t.numItems = sh.T * sh.Hkv * t.headTiles;
-    t.blockDim = std::max<uint32_t>(1, std::min<uint32_t>(t.numItems, soc.aicNum));
+    t.headTiles = static_cast<uint32_t>(CeilDiv(t.headsPerKv, tc.mTile));
+    t.numTiles = CeilDiv(sh.Candidates(), tc.nTile);
+    t.numItems = uint64_t(sh.T) * sh.Hkv * t.headTiles;
+    t.blockDim = static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(t.numItems, soc.aicNum)));
     const uint64_t sz = sh.dtypeBytes;
     uint64_t off = 0;
     t.wsQ = off;

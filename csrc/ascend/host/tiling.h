@@ -42,7 +42,15 @@ struct ProblemShape {
     bool isFloat32 = false, isBf16 = false;
     bool separateV = false, paged = false, causal = false, hasSink = false;
     uint32_t pageSize = 0, maxPages = 0, numSeqs = 1, kvRows = 0;
+    // Upper bound of every sequence length L_b: the cache rows (contiguous) or max_pages * page (paged);
+    // UINT64_MAX when unknown (plan() without it). Positions >= it are dropped by the contract.
+    uint64_t maxSeqLen = UINT64_MAX;
     float smScale = 1.0f;
+    // Candidate slots of one index that can ever be kept: r < min(block_size, maxSeqLen), since
+    // position = index * block_size + r >= r. The kernel scans K * BlockSpan() slots, never K * block_size,
+    // so a huge block over a small cache costs the cache, not the block.
+    uint32_t BlockSpan() const { return static_cast<uint32_t>(blockSize < maxSeqLen ? blockSize : maxSeqLen); }
+    uint64_t Candidates() const { return uint64_t(K) * BlockSpan(); }
 };
 
 struct TileChoice {

@@ -19,6 +19,7 @@ struct SelectiveAttentionTiling {
     uint32_t topk;           // K
     uint32_t indexHeads;     // indices' middle dimension: 1 (shared) or Hkv
     uint32_t blockSize;      // positions per index (1 = token selection)
+    uint32_t blockSpan;      // min(blockSize, longest possible sequence): slots per index that can be kept
     uint32_t paged;          // 1: kv is [P, page, Hkv, D] with block_table / seqlens_k
     uint32_t pageSize;
     uint32_t maxPages;       // block_table's row length
@@ -40,9 +41,10 @@ struct SelectiveAttentionTiling {
     uint32_t l0BufNum;       // L0A/L0B ping-pong buffers
     uint32_t vecSubBlocks;   // vector cores per cube core (2 on A2/A3): they split the heads of a tile
     uint32_t headTiles;      // ceil(headsPerKv / mTile)
-    uint32_t numTiles;       // ceil(topk * blockSize / nTile)
-    uint32_t numItems;       // T * Hkv * headTiles work items, spread over the blocks
     uint32_t blockDim;       // blocks launched (cube cores used)
+    // 64-bit: topk * blockSpan reaches 2^55 and T * Hkv * headTiles 2^62 on legal inputs
+    uint64_t numTiles;       // ceil(topk * blockSpan / nTile)
+    uint64_t numItems;       // T * Hkv * headTiles work items, spread over the blocks
     uint64_t workspacePerBlock;  // bytes of global scratch each block owns (cube <-> vector hand-over)
     uint64_t wsQ, wsK, wsVt, wsS, wsP, wsO;  // byte offsets of the hand-over buffers inside one block's part
 };
