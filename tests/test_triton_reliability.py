@@ -165,8 +165,7 @@ def test_selection_arguments_strided(op, paged):
 # ---- item 4: NaN / inf in a kept candidate ----
 # Backends whose fix belongs to another change of issue 11 (reference: item 1's chunk union; the
 # AscendC twin: item 4's twin part). strict: the marker must go when the fix lands.
-_NOT_FIXED_YET = {("reference", "value"): "issue 11 item 1 (reference chunk union) not fixed yet",
-                  ("ascendc", "key"): "issue 11 item 4 (twin part) not fixed yet"}
+_NOT_FIXED_YET = {("ascendc", "key"): "issue 11 item 4 (twin part) not fixed yet"}
 
 
 def _poison_params():

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ...inputs import FLOAT_DTYPES, SelectiveAttentionInputs
+from ...inputs import FLOAT_DTYPES, SelectiveAttentionInputs, dtype_name
 from ...registry import ATTENTION_FEATURES, Backend, npu_available
 
 try:
@@ -83,7 +83,6 @@ def plan(shape: dict, soc: Optional[str] = None, tiling: Optional[Dict[str, int]
     return _twin.plan(soc or current_soc(), shape, tiling)
 
 
-_DT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _max_seqlen(inp: SelectiveAttentionInputs) -> int:
@@ -96,7 +95,7 @@ def _max_seqlen(inp: SelectiveAttentionInputs) -> int:
 
 def _shape_key(inp: SelectiveAttentionInputs) -> tuple:
     return (inp.num_tokens, inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rope_dim, inp.d_v, inp.topk,
-            inp.block_size, _DT[inp.dtype], not inp.latent, _max_seqlen(inp))
+            inp.block_size, dtype_name(inp.dtype), not inp.latent, _max_seqlen(inp))
 
 
 def _tiling_key():
