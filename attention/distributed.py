@@ -134,6 +134,17 @@ class ShardLayout:
             out.append(ids)
         return out
 
+    def boundary_table(self, block_size: int, device) -> Tensor:
+        """:meth:`boundary_blocks` as a [B, n_max] int64 tensor padded with -1 (built once per device)."""
+        key = ("boundary", block_size, str(device))
+        t = self._cache.get(key)
+        if t is None:
+            ids = self.boundary_blocks(block_size)
+            n = max((len(x) for x in ids), default=0)
+            t = torch.tensor([x + [-1] * (n - len(x)) for x in ids], device=device, dtype=torch.int64).view(len(ids), n)
+            self._cache[key] = t
+        return t
+
     def tensors(self, rank: int, device) -> Dict[str, Tensor]:
         """Small per-rank metadata tensors on ``device`` (built once, cached): global ``starts``/``ends``/
         ``seqlens`` [B] int64, local ``cu_seqlens_k`` [B+1] and ``seqlens_k`` [B] int32."""
@@ -395,8 +406,9 @@ def selective_attention(
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
         _inputs.need_tensor("q", q)
         _inputs.need_tensor("kv_shard", kv_shard)
-        B = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
-        if shard.num_seqs != B:
+        _inputs.need_tensor("cu_seqlens_q", cu_seqlens_q, optional=True)
+        B = 1 if cu_seqlens_q is None else (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else shard.num_seqs)
+        if shard.num_seqs != B:  # (a cu_seqlens_q of the wrong rank is the validator's error, below)
             raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")
         paged = kv_shard.dim() == 4
         meta = shard.tensors(rank, q.device)
@@ -478,8 +490,9 @@ def select(
             raise ValueError(f"shard must describe the group's {world} ranks, got a layout for {shard.world_size}")
         _inputs.need_tensor("q_idx", q_idx)
         _inputs.need_tensor("k_idx_shard", k_idx_shard)
-        B = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
-        if shard.num_seqs != B:
+        _inputs.need_tensor("cu_seqlens_q", cu_seqlens_q, optional=True)
+        B = 1 if cu_seqlens_q is None else (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else shard.num_seqs)
+        if shard.num_seqs != B:  # (a cu_seqlens_q of the wrong rank is the validator's error, below)
             raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")
         paged = k_idx_shard.dim() == 3
         meta = shard.tensors(rank, q_idx.device)
@@ -539,10 +552,10 @@ def select(
 
     # 3. Blocks shared by several ranks: leave them out of the local candidates and send their position
     #    scores instead (every position is held by exactly one rank; the others send -inf).
-    bblocks = shard.boundary_blocks(b) if b > 1 else [[] for _ in range(B)]
-    nb_max = max((len(x) for x in bblocks), default=0)
+    # (Cached per device: a host-to-device copy per call would be a sync on CUDA.)
+    table = shard.boundary_table(b, dev) if b > 1 else None
+    nb_max = table.shape[1] if table is not None else 0
     if nb_max:
-        table = torch.tensor([x + [-1] * (nb_max - len(x)) for x in bblocks], device=dev, dtype=torch.int64)
         bid = table[seq]  # [T, nb_max]
         shared = (gid[:, :, None] == bid[:, None, :]).any(dim=2)
         blk = torch.where(shared, float("-inf"), blk)

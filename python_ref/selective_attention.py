@@ -4,9 +4,10 @@ Two implementations of the same definition live here:
 
 * :func:`selective_attention` - the chunked gather formulation. It is the CPU production path and
   the fallback on every device, so it is written to be fast and memory-bounded: it gathers only the
-  selected rows, computes in float32, and walks the query tokens in chunks whose working set is
-  capped (``chunk_bytes``), so a 2048-token prefill with top-k 2048 never builds the
-  [T, K, Dqk] gather. It never synchronises with the device (no ``.item()``), so it also runs
+  selected rows, computes in float32, and walks the query tokens (and, for a token whose candidates
+  alone exceed it, the candidates) in pieces whose working set stays within a byte budget
+  (``chunk_bytes``, default :data:`DEFAULT_CHUNK_BYTES`), so a prefill never builds the [T, K, Dqk]
+  gather and its extra memory does not grow with T, H or K. It never synchronises with the device (no ``.item()``), so it also runs
   inside CUDA graphs and ``torch.compile``.
 * :func:`selective_attention_dense` - the oracle. A deliberately different formulation: per
   sequence, count how many times each position is a kept candidate and take a weighted softmax over
@@ -18,6 +19,7 @@ check shapes themselves.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -26,10 +28,12 @@ from torch import Tensor
 __all__ = ["selective_attention", "selective_attention_backward", "selective_attention_dense", "token_metadata",
            "tokens_per_chunk", "DEFAULT_CHUNK_BYTES"]
 
-# Working-set cap per chunk of query tokens (gathered rows + scores). 256 MiB keeps a DeepSeek
-# prefill (K=2048, Dqk=576) at ~25 tokens per chunk: large enough for efficient batched GEMMs,
-# small enough that the whole call stays far below the 1.5 GB extra-memory budget.
-DEFAULT_CHUNK_BYTES = 256 << 20
+# The forward's working-set budget beyond its output (gathered rows, scores, index tensors of one
+# piece of work), in bytes. 256 MiB keeps a DeepSeek prefill (K=2048, Dqk=576, H=128) at ~20 tokens
+# per piece, large enough for efficient batched GEMMs, and any prefill within 0.5 GB of extra peak
+# memory beyond its output (docs/contract.md; measured by bench/reference_targets.py). Change it per
+# call with ``chunk_bytes=``, per process with ATTENTION_REFERENCE_BUDGET_BYTES (read at import).
+DEFAULT_CHUNK_BYTES = int(os.environ.get("ATTENTION_REFERENCE_BUDGET_BYTES", 256 << 20))
 
 
 def token_metadata(
@@ -70,14 +74,24 @@ def token_metadata(
     return seq, L, q_pos, base
 
 
-def tokens_per_chunk(H: int, Hkv: int, n: int, row_width: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Query tokens per chunk so that one chunk's working set stays under ``chunk_bytes``.
+def bytes_per_candidate(H: int, Hkv: int, row_width: int, G: int = 1, in_bytes: int = 2, rope: bool = True) -> int:
+    """Peak working-set bytes of one candidate of one token in the gather path (an upper bound).
 
-    Per token: ``n`` gathered rows of ``row_width`` values per kv head (float32, plus the
-    low-precision copy made before the upcast) and a few [H, n] float32 score buffers.
+    Per kv head, the gathered row of ``row_width`` values: the gather's result in the storage dtype
+    (``in_bytes`` a value; twice when one selection shared by several kv heads is regrouped per
+    head) and its float32 copy (none when the storage is float32); the [H] float32 scores (three
+    buffers alive at once with a rope part: scores, rope scores, their sum); the int64/bool index
+    tensors (position, kept mask, row; G selections).
     """
-    per_token = Hkv * n * row_width * 6 + H * n * 4 * 4
-    return max(1, int(chunk_bytes // max(1, per_token)))
+    copies = in_bytes * (2 if Hkv > 1 and G == 1 else 1) + (0 if in_bytes >= 4 else 4)
+    return Hkv * row_width * copies + H * 4 * (3 if rope else 1) + G * 26
+
+
+def tokens_per_chunk(H: int, Hkv: int, n: int, row_width: int, chunk_bytes: Optional[int] = None) -> int:
+    """Query tokens per chunk so that one chunk's working set stays under ``chunk_bytes`` (at least 1)."""
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    per_token = n * bytes_per_candidate(H, Hkv, row_width)
+    return max(1, int(budget // max(1, per_token)))
 
 
 class _Call:
@@ -152,8 +166,10 @@ class _Call:
                 None if self.base is None else b3(self.base), self.seq[c0:c1])
 
 
-def _select(call: _Call, idx: Tensor, c0: int, c1: int):
+def _select(call: _Call, idx: Tensor, c0: int, c1: int, r0: int = 0, r1: Optional[int] = None):
     """Storage rows [c, G, n] of the candidates of tokens [c0, c1) and the kept mask.
+
+    With blocks, only offsets [r0, r1) of each block are expanded (default: the whole ``span``).
 
     Dropped candidates point at row 0 (never dereferenced as data: their rows are zeroed after the
     gather). The mask is ``None`` when nothing was dropped (known only on the CPU). Every product of
@@ -174,16 +190,17 @@ def _select(call: _Call, idx: Tensor, c0: int, c1: int):
         idx = idx.to(torch.int64)
         keep = (idx >= 0) & (idx < (L + (bs - 1)) // bs) if bs <= call.span else (idx == 0) & (L > 0)
         idx = torch.where(keep, idx, 0)
-        r = torch.arange(call.span, device=idx.device, dtype=torch.int64)
+        r = torch.arange(r0, call.span if r1 is None else r1, device=idx.device, dtype=torch.int64)
         pos = (idx[..., None] * bs + r).flatten(-2)
-        keep = keep.repeat_interleave(call.span, dim=-1) & (pos < L)
+        keep = keep.repeat_interleave(r.numel(), dim=-1) & (pos < L)
     else:
         pos = idx
         keep = (idx >= 0) & (idx < L)
     if q_pos is not None:
         keep = keep & (pos <= q_pos)
-    pos = torch.where(keep, pos, 0).to(torch.int64)  # dropped: position 0, so no arithmetic below overflows
+    # (dropped positions are set to 0 before any row arithmetic below: nothing can overflow)
     if call.paged:
+        pos = torch.where(keep, pos, 0).to(torch.int64)
         rows, ok = paged_rows(call.block_table[seq], pos.flatten(1), call.page_size, call.num_pages)
         rows = rows.view(pos.shape)
         # A table entry outside the cache is never dereferenced (its candidate is dropped instead).
@@ -191,7 +208,7 @@ def _select(call: _Call, idx: Tensor, c0: int, c1: int):
     elif isinstance(base, int) and base == 0:
         rows = pos
     else:
-        rows = pos + base
+        rows = torch.where(keep, pos, 0) + base
         # Lengths past the cache (unchecked device metadata) drop the candidate, never read past S.
         keep = keep & (rows < call.S)
     if call.host and bool(keep.all()):
@@ -245,18 +262,18 @@ def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.
     if keep is not None:
         # Dropped candidates may point at garbage (NaN/inf in an unused page): zero their rows so
         # that 0-probability x value stays 0 and no NaN reaches a gradient either.
-        x = x.masked_fill(~_per_head(keep, Hkv)[..., None], 0.0)
+        x = x.masked_fill_(~_per_head(keep, Hkv)[..., None], 0.0)
     return x
 
 
-def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int) -> Optional[Tensor]:
+def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int, in_bytes: int) -> Optional[Tensor]:
     """Sorted distinct storage rows kept by a chunk, when attending over them densely is cheaper.
 
     In a prefill, neighbouring tokens select mostly the same positions (top-2048 of a 4K context):
     gathering K rows per token then multiplies [Hg, D] x [D, K] per token, which is bound by the
     gather's memory traffic. Over the chunk's union of rows instead, one gather serves every token
     and the GEMMs have c*Hg rows. Used on the CPU only (``unique`` is a host sync elsewhere) and
-    when the union is at most half the candidates and its score matrices fit the chunk budget.
+    when the union is at most half the candidates and its working set fits the chunk budget.
     """
     c, _, n = rows.shape
     if not call.host or c < 2 or n == 0 or call.S == 0:
@@ -266,7 +283,14 @@ def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: 
     count = torch.zeros(call.S, dtype=torch.int32).index_add_(0, rows.reshape(-1), ones)
     u = count.nonzero().squeeze(1)
     U = u.numel()
-    if U == 0 or 2 * U > c * n or 2 * c * call.H * U * 4 > chunk_bytes:
+    if U == 0 or 2 * U > c * n:
+        return None
+    # _chunk_union's working set: dense scores (+ rope scores) and weights [c, H, U], the gathered
+    # candidate scores [c, H, n], the union rows (float32 + the low-precision copy), the inverse map.
+    width = call.Dqk + call.Dr + (0 if call.v_flat is None else call.Dv)
+    need = (c * call.H * (U * (3 if call.kvr_flat is not None else 2) + n) * 4
+            + U * call.Hkv * width * (4 + in_bytes) + c * rows.shape[1] * n * 8)
+    if need > chunk_bytes:
         return None
     return u
 
@@ -301,7 +325,7 @@ def _chunk_union(call: _Call, q, q_rope, c0, c1, rows, keep, u):
         sd = sd + dense(call.kvr_flat[u].to(cd), q_rope, call.Dr)
     s = torch.gather(sd.view(Hkv, c, Hg, U).transpose(0, 1), -1, index)
     if keep is not None:
-        s = s.masked_fill(~keep[:, :, None, :], float("-inf"))
+        s = s.masked_fill_(~keep[:, :, None, :], float("-inf"))
     lse, e, _, denom = _softmax(call, s, _kept_rows(keep, s.shape))
     w = torch.zeros(c, Hkv, Hg, U, dtype=cd, device=e.device).scatter_add_(-1, index, e)
     o = torch.bmm(w.transpose(0, 1).reshape(Hkv, c * Hg, U), vu.transpose(0, 1))
@@ -331,7 +355,7 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
     else:
         vals = _gather(call.v_flat, rows, keep, cd)
     if keep is not None:
-        s = s.masked_fill(~_per_head(keep, call.Hkv)[:, None, :], float("-inf"))
+        s = s.masked_fill_(~_per_head(keep, call.Hkv)[:, None, :], float("-inf"))
     return dict(rows=rows, keep=keep, keys=keys, vals=vals, kr=kr, qc=qc, qr=qr, s=s,
                 kept=_kept_rows(keep, s.shape))
 
@@ -398,7 +422,7 @@ def selective_attention(
     seqlens_k: Optional[Tensor] = None,
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
     token_offset: int = 0,
     total_tokens: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -409,29 +433,75 @@ def selective_attention(
     """
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens)
-    Tc, H, Dv = call.Tc, call.H, call.Dv
-    chunk = tokens_per_chunk(H, call.Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
-    outs, lses = [], []
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    Tc, H, Dv, K = call.Tc, call.H, call.Dv, call.K
+    per_cand = bytes_per_candidate(H, call.Hkv, call.Dqk + call.Dr + (0 if v is None else Dv), call.G,
+                                   kv.element_size(), q_rope is not None)
+    chunk = max(1, budget // max(1, call.n * per_cand))
+    # A piece: all K indices of `chunk` tokens; when one token's candidates exceed the budget, one
+    # token and `k_piece` of its indices; when even one index (a block of `span` positions) exceeds
+    # it, one index and `r_piece` offsets of its block.
+    k_piece, r_piece = K, call.span
+    if call.n * per_cand > budget:
+        k_piece = max(1, budget // (per_cand * call.span))
+        r_piece = call.span if per_cand * call.span <= budget else max(1, budget // per_cand)
+    if chunk >= Tc and k_piece >= K:  # one piece (decode): no output buffer, no copy
+        o, lse = _forward_piece(call, q, q_rope, indices, 0, Tc, budget, kv.element_size())
+        o = o.reshape(Tc, H, Dv)
+        return (o if o.dtype == q.dtype else o.to(q.dtype)), lse.reshape(Tc, H).to(torch.float32)
+    out = torch.empty((Tc, H, Dv), dtype=q.dtype, device=q.device)
+    lse_out = torch.empty((Tc, H), dtype=torch.float32, device=q.device)
     for c0 in range(0, Tc, chunk):
         c1 = min(Tc, c0 + chunk)
-        selected = _select(call, indices if Tc == c1 - c0 else indices[c0:c1], c0, c1)
-        u = _union_rows(call, *selected, chunk_bytes)
-        res = None if u is None else _chunk_union(call, q, q_rope, c0, c1, *selected, u)
-        if res is not None:
-            o, lse = res
+        if k_piece >= K:
+            o, lse = _forward_piece(call, q, q_rope, indices[c0:c1], c0, c1, budget, kv.element_size())
         else:
-            x = _chunk_scores(call, q, q_rope, indices, c0, c1, selected)
-            lse, e, _, denom = _softmax(call, x["s"], x["kept"])
-            o = torch.bmm(e, x["vals"]).div_(denom)  # [c*Hkv, Hg, Dv]
-        o = o.reshape(c1 - c0, H, Dv)
-        lse = lse.reshape(c1 - c0, H)
-        outs.append(o if o.dtype == q.dtype else o.to(q.dtype))
-        lses.append(lse if lse.dtype == torch.float32 else lse.to(torch.float32))
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    if not outs:
-        return q.new_empty(0, H, Dv), q.new_empty(0, H, dtype=torch.float32)
-    return torch.cat(outs), torch.cat(lses)
+            o, lse = _forward_split_k(call, q, q_rope, indices[c0:c1], c0, c1, k_piece, r_piece)
+        out[c0:c1] = o.reshape(c1 - c0, H, Dv)
+        lse_out[c0:c1] = lse.reshape(c1 - c0, H)
+    return out, lse_out
+
+
+def _forward_piece(call: _Call, q, q_rope, idx, c0, c1, budget, in_bytes):
+    """(out, lse) of tokens [c0, c1) over their candidates ``idx`` [c, G, k]: the union or gather path."""
+    selected = _select(call, idx, c0, c1)
+    u = _union_rows(call, *selected, budget, in_bytes)
+    res = None if u is None else _chunk_union(call, q, q_rope, c0, c1, *selected, u)
+    if res is not None:
+        return res
+    x = _chunk_scores(call, q, q_rope, idx, c0, c1, selected)
+    lse, e, _, denom = _softmax(call, x["s"], x["kept"])
+    return torch.bmm(e, x["vals"]).div_(denom), lse  # [c*Hkv, Hg, Dv]
+
+
+def _forward_split_k(call: _Call, q, q_rope, idx, c0, c1, k_piece, r_piece):
+    """(out, lse) of tokens [c0, c1) whose K indices are taken ``k_piece`` at a time, and each block's
+    ``span`` offsets ``r_piece`` at a time (gather path).
+
+    Each slice gives a part (o_i = softmax-weighted values over its kept candidates, no sink; lse_i);
+    parts merge as in SPEC.md section 6: lse = log sum exp(lse_i), out = sum exp(lse_i - lse) o_i, then
+    the sink scales out by exp(lse) / (exp(lse) + exp(sink)). A part without a kept candidate
+    (lse_i = -inf) adds nothing; a NaN part makes lse and out NaN, as the one-piece path does.
+    """
+    o_run = lse_run = None
+    pieces = ((j0, r0) for j0 in range(0, call.K, k_piece) for r0 in range(0, call.span, r_piece))
+    for j0, r0 in pieces:
+        sel = _select(call, idx[:, :, j0:j0 + k_piece], c0, c1, r0, min(call.span, r0 + r_piece))
+        x = _chunk_scores(call, q, q_rope, None, c0, c1, sel)
+        lse_i, e, l, _ = _softmax(call, x["s"], x["kept"])
+        o_i = torch.bmm(e, x["vals"]).div_(l.clamp_min(1.0))  # an empty part: 0 / 0 -> 0
+        if o_run is None:
+            o_run, lse_run = o_i, lse_i
+            continue
+        lse_new = torch.logaddexp(lse_run, lse_i)
+        w_run = torch.where(torch.isneginf(lse_run), 0.0, torch.exp(lse_run - lse_new))
+        w_i = torch.where(torch.isneginf(lse_i), 0.0, torch.exp(lse_i - lse_new))
+        o_run = o_run * w_run + o_i * w_i
+        lse_run = lse_new
+    if call.sink is not None:
+        sink = call.sink.reshape(1, call.Hkv, call.Hg, 1).expand(c1 - c0, -1, -1, -1).reshape(lse_run.shape)
+        o_run = o_run / (1.0 + torch.exp(sink - lse_run))  # lse = -inf: o is 0 and stays 0
+    return o_run, lse_run
 
 
 def max_logits(
@@ -480,7 +550,7 @@ def selective_attention_backward(
     seqlens_k: Optional[Tensor] = None,
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: Optional[int] = None,
     out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None,
 ):

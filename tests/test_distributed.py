@@ -147,11 +147,17 @@ def _attn_problem(c, seed):
         cols.append(torch.randint(-2, units + 3, (n, c["Hkv"], c["K"]), generator=g, dtype=torch.int32))
     idx = torch.cat(cols)
     idx[0] = -1  # a token with no candidate anywhere: out 0, lse -inf
+    idx[1] = 0  # a token whose candidates (K copies of one) all live on one rank: the others have none
     sink = torch.randn(c["H"], generator=g) if c["sink"] else None
     return q, kv, v, q_rope, kv_rope, idx, sink, _cu(lq), _cu(lens)
 
 
+def _straddled(layout, block):
+    return block > 1 and any(layout.boundary_blocks(block))
+
+
 def _scenario_attention(rank, world):
+    straddled = 0
     for ci, c in enumerate(ATTN_CASES):
         q, kv, v, q_rope, kv_rope, idx, sink, cu_q, cu_k = _attn_problem(c, seed=100 + ci)
         layout = _layout(c["lens"], world, seed=7 * ci + world)
@@ -176,6 +182,8 @@ def _scenario_attention(rank, world):
             _check_attn(out, lse, ref_out, ref_lse, c["dtype"], what)
             _check_attn(out, lse, one_out, one_lse, c["dtype"], what + " vs single device")
             assert torch.equal(out[0], torch.zeros_like(out[0])) and bool((lse[0] == float("-inf")).all()), what
+        straddled += _straddled(layout, c["block"])
+    assert straddled or world == 1, "no block straddles two ranks: the layouts lost their coverage"
 
 
 # ----------------------------------------------------------------------------- selection scenarios
@@ -211,6 +219,7 @@ def _sel_problem(c, seed):
 
 
 def _scenario_select(rank, world):
+    straddled = 0
     for ci, c in enumerate(SEL_CASES):
         q, kx, w, scale, cu_q, cu_k = _sel_problem(c, seed=200 + ci)
         layout = _layout(c["lens"], world, seed=11 * ci + world)
@@ -224,6 +233,8 @@ def _scenario_select(rank, world):
         assert torch.equal(got, want), f"{c['name']} world={world} rank={rank}:\n{got}\n{want}"
         if c["integer"]:
             assert (python_ref.select_dense(q, kx, w, c["k"], cu_seqlens_k=cu_k, **kw) == want).all()
+        straddled += _straddled(layout, c["block"])
+    assert straddled or world == 1, "no block straddles two ranks: the layouts lost their coverage"
 
 
 # ----------------------------------------------------------------------------- errors on one rank

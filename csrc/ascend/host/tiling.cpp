@@ -95,7 +95,11 @@ std::string FitProblems(const ProblemShape& sh, const TileChoice& tc, const SocS
     // LoadData2DParams.repeatTimes is 8 bits; Nd2NzParams and MmadParams fields are 16 bits (A2/A3)
     if (tc.dkChunk / c0 > 255 || tc.nTile / 16 > 255 || tc.nTile / c0 > 255 || tc.dvChunk / 16 > 255)
         bad("a LoadData repeat count would exceed 255");
-    if (dkPad > 65535 || dvPad > 65535 || tc.mTile > 4096 || tc.nTile > 4096) bad("a 16-bit API field would overflow");
+    // Mmad m, n, k <= 4095 (Mmad.md); the V^T write is one DataCopyPad of dvPad blocks, blockCount <= 4095
+    // (DataCopyPad docs); Nd2Nz dValue <= 16384
+    if (tc.mTile > 4095 || tc.nTile > 4095 || tc.dkChunk > 4095 || tc.dvChunk > 4095) bad("an Mmad dimension would exceed 4095");
+    if (dvPad > 4095) bad("value width " + std::to_string(dvPad) + " > 4095: the V^T DataCopyPad blockCount limit");
+    if (dkPad > 16384) bad("key width " + std::to_string(dkPad) + " > 16384: the Nd2Nz dValue limit");
     const MemoryUse u = MemoryFor(sh, tc, soc.VecPerCube());
     auto over = [&](const char* mem, uint64_t need, uint64_t cap) {
         if (need > cap) bad(std::string(mem) + " needs " + std::to_string(need) + " bytes > " + std::to_string(cap));

@@ -52,6 +52,33 @@ constexpr uint32_t STAT_SLOTS = 10;    // per-row fp32 statistics vectors in UB
 constexpr float NEG_BIG = -3.0e38f;    // "no maximum yet": finite, so m_old - m_new never forms inf - inf
 constexpr uint32_t NEG_INF_BITS = 0xFF800000u;
 
+// Planted-bug switch, for tests/test_ascendc_planted.py only: a build with SELATTN_PLANTED_BUG = one of
+// these values gets exactly that deliberate bug, so that the test can prove the CPU twin catches it.
+// Every real build (chip, twin extension, conformance check) leaves it at PLANT_NONE, where each
+// `if constexpr (Planted(...))` below compiles to nothing.
+#ifndef SELATTN_PLANTED_BUG
+#define SELATTN_PLANTED_BUG 0
+#endif
+enum PlantedBug : int {
+    PLANT_NONE = 0,
+    PLANT_EVENT_ID0,             // Sync<> on a fixed EVENT_ID0, colliding with the TQue's own event ids
+    PLANT_NO_PIPE_M_BARRIER,     // accumulating small Mmads without PipeBarrier<PIPE_M>
+    PLANT_NO_MTE2_V_WAIT,        // vector Add reads an O row before its DataCopyPad landed
+    PLANT_NO_V_MTE3_WAIT,        // P copied out before the vector unit finished writing it
+    PLANT_DOUBLE_SET,            // SetFlag twice on one id without a wait
+    PLANT_WAIT_WITHOUT_SET,      // WaitFlag with no SetFlag
+    PLANT_CROSS_FLAG_OVERFLOW,   // a cross-core flag set more often than it is waited for
+    PLANT_MISALIGNED_COPY,       // DataCopyPad into UB at an address that is not 32-byte aligned
+    PLANT_BLOCK_COUNT_4096,      // DataCopyPad with blockCount 4096
+    PLANT_MMAD_K_UNALIGNED,      // Mmad with k not a multiple of C0
+    PLANT_UB_OVERFLOW,           // on-chip buffers beyond the SoC's UB
+    PLANT_UNPADDED_TAIL,         // rows copied without padding, their unspecified tail read as data
+    PLANT_NO_V_MTE2_WAIT,        // gather overwrites the zero-filled buffer before the vector fill is done
+    PLANT_CROSS_FLAG_WRONG_PIPE, // the K/V hand-over flag set on PIPE_S instead of the MTE3 pipe that wrote
+    PLANT_COUNT
+};
+__aicore__ inline constexpr bool Planted(PlantedBug b) { return SELATTN_PLANTED_BUG == b; }
+
 template <typename T>
 struct BitsOf {
     using type = uint16_t;
@@ -141,7 +168,7 @@ public:
             pipe_.InitBuffer(statBuf_, STAT_SLOTS * rowsPer_ * sizeof(float));
             pipe_.InitBuffer(oRowBuf_, t_.dvPad * sizeof(float));
             pipe_.InitBuffer(outRowBuf_, t_.dvPad * sizeof(T));
-            pipe_.InitBuffer(workBuf_, nT * sizeof(float));
+            pipe_.InitBuffer(workBuf_, nT * sizeof(float) + (Planted(PLANT_UB_OVERFLOW) ? 256 * 1024 : 0));
         }
     }
 
@@ -162,14 +189,17 @@ public:
             if ASCEND_IS_AIV {
                 if (t_.numTiles > 0) {
                     GatherTile(0);
-                    CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                    CrossCoreSetFlag<SYNC_MODE, Planted(PLANT_CROSS_FLAG_WRONG_PIPE) ? PIPE_S : PIPE_MTE3>(FLAG_KV);
                 }
             }
             for (uint64_t tile = 0; tile < t_.numTiles; ++tile) {
                 if ASCEND_IS_AIV {
                     if (tile + 1 < t_.numTiles) {
                         GatherTile(tile + 1);
-                        CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                        CrossCoreSetFlag<SYNC_MODE, Planted(PLANT_CROSS_FLAG_WRONG_PIPE) ? PIPE_S : PIPE_MTE3>(FLAG_KV);
+                        if constexpr (Planted(PLANT_CROSS_FLAG_OVERFLOW)) {
+                            CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                        }
                     }
                 }
                 if ASCEND_IS_AIC {
@@ -217,12 +247,21 @@ private:
     // 16-row chunks are dealt round-robin to the vector cores of the block
     __aicore__ inline bool MyChunk(uint32_t row0) const { return (row0 / GATHER_ROWS) % t_.vecSubBlocks == sub_; }
 
-    // set-then-wait on one event: the consumer pipe waits for everything the producer pipe issued
+    // set-then-wait on one event: the consumer pipe waits for everything the producer pipe issued. The id
+    // is fetched from TPipe's pool, never a fixed EVENT_ID0: the TQues hold ids of their own (FreeTensor
+    // leaves its V_MTE2 id set until the next AllocTensor), and setting a set flag can hang the chip
+    // (SetFlag-WaitFlag(ISASI).md).
     template <HardEvent evt>
     __aicore__ inline void Sync()
     {
-        SetFlag<evt>(EVENT_ID0);
-        WaitFlag<evt>(EVENT_ID0);
+        const int32_t id = Planted(PLANT_EVENT_ID0) ? EVENT_ID0 : static_cast<int32_t>(pipe_.template FetchEventID<evt>());
+        if constexpr (!Planted(PLANT_WAIT_WITHOUT_SET)) {
+            SetFlag<evt>(id);
+        }
+        if constexpr (Planted(PLANT_DOUBLE_SET)) {
+            SetFlag<evt>(id);
+        }
+        WaitFlag<evt>(id);
     }
 
     // ---------------------------------------------------------------- work item
@@ -275,7 +314,8 @@ private:
         const uint32_t bytes = width * sizeof(T);
         const uint32_t padded = (bytes + 31) / 32 * 32;
         DataCopyExtParams cp(1, bytes, 0, 0, 0);
-        DataCopyPadExtParams<T> pad(true, 0, static_cast<uint8_t>((padded - bytes) / sizeof(T)), static_cast<T>(0.0f));
+        DataCopyPadExtParams<T> pad(!Planted(PLANT_UNPADDED_TAIL), 0, static_cast<uint8_t>((padded - bytes) / sizeof(T)),
+                                    static_cast<T>(0.0f));
         DataCopyPad(dst, src, cp, pad);
     }
 
@@ -378,10 +418,12 @@ private:
                 vrows = vRowsBuf_.Get<T>();
                 Duplicate(vrows, static_cast<T>(0.0f), static_cast<int32_t>(GATHER_ROWS * t_.dvPad));
             }
-            Sync<HardEvent::V_MTE2>();
+            if constexpr (!Planted(PLANT_NO_V_MTE2_WAIT)) {
+                Sync<HardEvent::V_MTE2>();
+            }
             for (uint32_t s = 0; s < GATHER_ROWS && s0 + s < nValid; ++s) {
                 const uint64_t row = static_cast<uint64_t>(rows.GetValue(s0 + s)) * Hkv + kvHead_;
-                CopyRowIn(kb[s * t_.dkPad], kvGm_[row * t_.headDim], t_.headDim);
+                CopyRowIn(kb[s * t_.dkPad + (Planted(PLANT_MISALIGNED_COPY) ? 1 : 0)], kvGm_[row * t_.headDim], t_.headDim);
                 if (t_.ropeDim > 0) {
                     CopyRowIn(kb[s * t_.dkPad + t_.dqkPad], kvRopeGm_[row * t_.ropeDim], t_.ropeDim);
                 }
@@ -402,7 +444,8 @@ private:
             DataCopyPad(kWs_[kBase + s0 * t_.dkPad], kb, DataCopyExtParams(1, GATHER_ROWS * t_.dkPad * sizeof(T), 0, 0, 0));
             Sync<HardEvent::V_MTE3>();
             DataCopyPad(vtWs_[vBase + s0], vt,
-                        DataCopyExtParams(static_cast<uint16_t>(t_.dvPad), GATHER_ROWS * sizeof(T), 0,
+                        DataCopyExtParams(static_cast<uint16_t>(Planted(PLANT_BLOCK_COUNT_4096) ? 4096 : t_.dvPad),
+                                          GATHER_ROWS * sizeof(T), 0,
                                           (t_.nTile - GATHER_ROWS) * sizeof(T), 0));
             Sync<HardEvent::MTE3_V>();
             gatherQue_.FreeTensor(kb);
@@ -464,7 +507,9 @@ private:
             Add(l, l, rowSum, static_cast<int32_t>(rp));
             Adds(mOld, mNew, 0.0f, static_cast<int32_t>(rp));
         }
-        Sync<HardEvent::V_MTE3>();
+        if constexpr (!Planted(PLANT_NO_V_MTE3_WAIT)) {
+            Sync<HardEvent::V_MTE3>();
+        }
         DataCopyPad(pWs_[rowBegin_ * nT], p, DataCopyExtParams(1, rp * nT * sizeof(T), 0, 0, 0));
     }
 
@@ -475,7 +520,9 @@ private:
         for (uint32_t m = 0; m < ownCount_; ++m) {
             DataCopyPad(o, oWs_[(rowBegin_ + m) * t_.dvPad], DataCopyExtParams(1, t_.dvPad * sizeof(float), 0, 0, 0),
                         DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
-            Sync<HardEvent::MTE2_V>();
+            if constexpr (!Planted(PLANT_NO_MTE2_V_WAIT)) {
+                Sync<HardEvent::MTE2_V>();
+            }
             Add(acc[m * t_.dvPad], acc[m * t_.dvPad], o, static_cast<int32_t>(t_.dvPad));
             Sync<HardEvent::V_MTE2>();
         }
@@ -578,9 +625,13 @@ private:
             b2_.EnQue(b2);
             a2 = a2_.DeQue<T>();
             b2 = b2_.DeQue<T>();
+            if (d0 > 0 && (mT / 16) * (nT / 16) < 10 && !Planted(PLANT_NO_PIPE_M_BARRIER)) {
+                // Mmad.md: a small Mmad accumulating into the L0C tile of the previous one must wait for it
+                PipeBarrier<PIPE_M>();
+            }
             Mmad(c, a2, b2,
-                 MmadParams(static_cast<uint16_t>(mT), static_cast<uint16_t>(nT), static_cast<uint16_t>(w), 0, false,
-                            d0 == 0));
+                 MmadParams(static_cast<uint16_t>(mT), static_cast<uint16_t>(nT),
+                            static_cast<uint16_t>(w + (Planted(PLANT_MMAD_K_UNALIGNED) ? 1 : 0)), 0, false, d0 == 0));
             a2_.FreeTensor(a2);
             b2_.FreeTensor(b2);
         }
