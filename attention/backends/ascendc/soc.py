@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ...inputs import SelectiveAttentionInputs
+from ...inputs import SelectiveAttentionInputs, dtype_name
 from .builds import TWIN
 
 DEFAULT_SOC = "Ascend910B2"
@@ -56,7 +56,6 @@ def plan(shape: dict, soc: Optional[str] = None, tiling: Optional[Dict[str, int]
     return TWIN.module.plan(soc or current_soc(), shape, tiling)
 
 
-_DT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _max_seqlen(inp: SelectiveAttentionInputs) -> int:
@@ -69,7 +68,7 @@ def _max_seqlen(inp: SelectiveAttentionInputs) -> int:
 
 def _shape_key(inp: SelectiveAttentionInputs) -> tuple:
     return (inp.num_tokens, inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rope_dim, inp.d_v, inp.topk,
-            inp.block_size, _DT[inp.dtype], not inp.latent, _max_seqlen(inp))
+            inp.block_size, dtype_name(inp.dtype), not inp.latent, _max_seqlen(inp))
 
 
 @functools.lru_cache(maxsize=256)
