@@ -26,8 +26,7 @@ import gpu_triton_check as gc  # noqa: E402
 BUDGET_S = 420  # the lent machine gives one try of about 8 minutes: 7 minutes for the steps
 STEPS = ["env", "install", "cuda_ext", "matrix_float32", "matrix_float16", "matrix_bfloat16", "check", "tune",
          "bench", "selection", "report"]
-needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("flock") is None,
-                                reason="needs bash and flock")
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
 def _steps(final: Path):
