@@ -82,9 +82,9 @@ class TritonBackend(Backend):
         return LAUNCHER.run(inp)
 
     def backward(self, inp, out, lse, grad_out, grad_lse):
-        from .backward import backward
+        from .backward import backward_op
 
-        return backward(inp, out, lse, grad_out, grad_lse)
+        return backward_op(inp, out, lse, grad_out, grad_lse)
 
     def info(self) -> Dict[str, str]:
         if self.unavailable_reasons():

@@ -21,7 +21,8 @@ from typing import List
 
 import torch
 
-from ...inputs import new_empty, next_power_of_2
+from ...arguments import ARG_NAMES, ARGS, DIFFERENTIABLE
+from ...inputs import SelectiveAttentionInputs, new_empty, next_power_of_2
 from .launch import _named, _strides
 
 _p2 = next_power_of_2
@@ -152,3 +153,44 @@ def backward(inp, out, lse, grad_out, grad_lse, *, deterministic_mode=None):
             )
     return (dq, gk.to(kv.dtype), None if gv is None else gv.to(v.dtype), dqr,
             None if gkr is None else gkr.to(inp.kv_rope.dtype), dsink)
+
+
+# ---------------------------------------------------------------- the launcher as an op
+# torch.compile traces the attention op's backward (AOTAutograd) with fake tensors, which a Triton
+# launch cannot take: the launcher is an op of its own with a fake kernel, so a compiled training
+# step keeps the Triton backward in its graph. Its arguments are the forward's (the ARGS table,
+# already validated: d_v and sm_scale filled in) after the saved and incoming tensors; absent
+# gradients come back as empty tensors (an op's outputs cannot be None).
+_lib = torch.library.Library("attention", "FRAGMENT")
+_lib.define("triton_selective_attention_backward(Tensor out, Tensor lse, Tensor? grad_out, Tensor? grad_lse, "
+            "bool deterministic, " + ", ".join(a.schema() for a in ARGS) + ") -> (Tensor, Tensor, Tensor, Tensor, "
+            "Tensor, Tensor)")
+
+
+def _inputs(args):
+    return SelectiveAttentionInputs(**dict(zip(ARG_NAMES, args)))
+
+
+def _present(grads, like):
+    return tuple(torch.empty(0, device=like.device) if g is None else g for g in grads)
+
+
+def _op_impl(out, lse, grad_out, grad_lse, det, *args):
+    return _present(backward(_inputs(args), out, lse, grad_out, grad_lse, deterministic_mode=det), out)
+
+
+def _op_fake(out, lse, grad_out, grad_lse, det, *args):
+    inp = _inputs(args)
+    grads = tuple(None if getattr(inp, n) is None else torch.empty_like(getattr(inp, n)) for n in DIFFERENTIABLE)
+    return _present(grads, out)
+
+
+_lib.impl("triton_selective_attention_backward", _op_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("attention::triton_selective_attention_backward", _op_fake, lib=_lib)
+
+
+def backward_op(inp, out, lse, grad_out, grad_lse):
+    """The Triton backward through its op (what ``TritonBackend.backward`` calls)."""
+    grads = torch.ops.attention.triton_selective_attention_backward(
+        out, lse, grad_out, grad_lse, deterministic(), *(getattr(inp, n) for n in ARG_NAMES))
+    return tuple(None if getattr(inp, n) is None else g for n, g in zip(DIFFERENTIABLE, grads))
