@@ -183,7 +183,7 @@ def choose_splits(programs: int, n: int, bn: int, sms: Optional[int], cfg: Dict)
     best, best_fill = 1, -1.0
     for s in range(1, most + 1):
         total = programs * s
-        fill = min(total, target) / (math.ceil(total / target) * target)
+        fill = total / (math.ceil(total / target) * target)  # busy fraction of the waves it occupies
         if fill > best_fill + 1e-9:
             best, best_fill = s, fill
     return best

@@ -1,0 +1,264 @@
+"""Count the work the Triton kernels execute, on the CPU: ``python -m bench.work --target "NVIDIA H200"
+--preset dsv32-decode|dsv32-prefill|nsa-prefill|tiny [--json PATH]``.
+
+The Triton backend runs under the interpreter (``TRITON_INTERPRET=1``) with the launch plan of the
+named GPU (``ATTENTION_TRITON_TARGET``: that device's shipped/tuned config and SM count), and the
+interpreter itself is instrumented, not our kernels: :class:`WorkCounter` wraps the interpreter
+builder's ``create_dot`` (every ``tl.dot``: 2*M*N*K FLOPs, counted whatever the mask) and
+``create_masked_load`` (every ``tl.load``: the bytes of the elements whose mask is true, which is
+what a GPU fetches), and attributes each loaded address to the tensor whose storage holds it.
+
+Reported against the contract's useful work (bench/problems.py's model): useful FLOPs
+2 * kept * hg * (Dqk + Dr + Dv); compulsory bytes: each query token's selected rows once (per kv
+head), q once, out once. Shapes are scaled-down DeepSeek/NSA shapes with the tile ratios kept (the
+heads, widths and BLOCK sizes of the real plan; K a multiple of BLOCK_N; the same K / context ratio
+for the causal prefill): the ratios, not the absolute counts, are what carries over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from typing import Dict, List, Optional
+
+# The interpreter is chosen when triton is first imported: set it before anything imports triton.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .presets import dsv32, nsa  # noqa: E402
+from .problems import Problem, flop_count, kept_candidates, make_inputs  # noqa: E402
+
+
+class WorkCounter:
+    """Instrument Triton's interpreter while active (a context manager): FLOPs of every ``tl.dot``
+    and bytes of every ``tl.load``, per tensor. Works for any kernel run by the interpreter.
+
+    ``tensors``: {name: tensor} whose storage ranges name the loaded bytes; a load from any other
+    storage is attributed to the kernel parameter it was passed as (or "other")."""
+
+    def __init__(self, tensors: Optional[Dict[str, torch.Tensor]] = None):
+        self.flops = 0
+        self.dots = 0
+        self.bytes: Counter = Counter()
+        self._named = dict(tensors or {})
+        self._ranges: List = []  # (start, end, name), rebuilt per launch
+        self._saved = []
+
+    @staticmethod
+    def _span(t: torch.Tensor):
+        st = t.untyped_storage()
+        return st.data_ptr(), st.data_ptr() + st.nbytes()
+
+    def _set_launch_ranges(self, params: Dict[str, object]):
+        ranges, seen = [], set()
+        for name, t in list(self._named.items()) + list(params.items()):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                s, e = self._span(t)
+                if s not in seen:  # the first name wins for a storage passed twice (dummies)
+                    seen.add(s)
+                    ranges.append((s, e, name))
+        ranges.sort()
+        self._ranges = ranges
+        self._starts = np.array([r[0] for r in ranges], dtype=np.uint64)
+
+    def _attribute(self, addrs: np.ndarray, elem: int):
+        if addrs.size == 0:
+            return
+        if not self._ranges:
+            self.bytes["other"] += int(addrs.size) * elem
+            return
+        pos = np.searchsorted(self._starts, addrs.astype(np.uint64), side="right") - 1
+        for i in np.unique(pos):
+            n = int((pos == i).sum())
+            s, e, name = self._ranges[i] if i >= 0 else (0, 0, "other")
+            inside = addrs[pos == i]
+            ok = int(((inside >= s) & (inside < e)).sum()) if i >= 0 else 0
+            self.bytes[name] += ok * elem
+            self.bytes["other"] += (n - ok) * elem
+
+    def __enter__(self):
+        from triton.runtime import interpreter as itp
+
+        counter = self
+        builder = itp.InterpreterBuilder
+        orig_load, orig_dot = builder.create_masked_load, builder.create_dot
+        orig_init = itp.GridExecutor._init_args_hst
+
+        def create_masked_load(self, ptrs, mask, other, *a, **k):
+            elem = ptrs.get_element_ty().primitive_bitwidth // 8
+            m = np.broadcast_to(mask.data, ptrs.data.shape)
+            counter._attribute(ptrs.data[m], elem)
+            return orig_load(self, ptrs, mask, other, *a, **k)
+
+        def create_dot(self, a, b, d, *args, **kw):
+            sa, sb = a.data.shape, b.data.shape
+            batch = int(np.prod(sa[:-2])) if len(sa) > 2 else 1
+            counter.flops += 2 * batch * sa[-2] * sa[-1] * sb[-1]
+            counter.dots += 1
+            return orig_dot(self, a, b, d, *args, **kw)
+
+        def init_args(self, args_dev, kwargs):
+            import inspect
+
+            args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
+            try:
+                params = inspect.getcallargs(self.fn, *args_hst, **kwargs_hst)
+            except TypeError:
+                params = dict(kwargs_hst)
+            counter._set_launch_ranges(params)
+            return args_hst, kwargs_hst
+
+        self._saved = [(builder, "create_masked_load", orig_load), (builder, "create_dot", orig_dot),
+                       (itp.GridExecutor, "_init_args_hst", orig_init)]
+        builder.create_masked_load = create_masked_load
+        builder.create_dot = create_dot
+        itp.GridExecutor._init_args_hst = init_args
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, fn in self._saved:
+            setattr(obj, name, fn)
+        self._saved = []
+        return False
+
+
+# Scaled shapes (see the module docstring). dsv32: H=128 (two 64-head blocks), 576/512 latent rows,
+# BLOCK_N 64 tiles; decode keeps K=2048 (the split plan depends on it), context 4096 instead of
+# 32K (a decode reads only the selected rows: context does not change the counts); the prefill is
+# 512 causal tokens selecting 256 (K / context = 1/2 as at 4096 / 2048).
+WORK_PRESETS: Dict[str, List[Problem]] = {
+    "dsv32-decode": [dsv32("dsv32-decode-64x1", batch=64, q_per_seq=1, context=4096),
+                     dsv32("dsv32-decode-4x1", batch=4, q_per_seq=1, context=4096)],
+    "dsv32-prefill": [dsv32("dsv32-prefill", batch=1, q_per_seq=512, context=512, K=256, causal=True,
+                            page_size=0)],
+    # NSA selected-block branch: 64-token blocks, 4 of them (K * block / context = 1/4 as 16 x 64 / 4096),
+    # the last 256 tokens of a 1024-token causal prefill.
+    "nsa-prefill": [nsa("nsa-prefill", batch=1, q_per_seq=256, context=1024, K=4)],
+    # The counter's own test: one token, one tile, numbers computable by hand (tests/test_triton_work.py).
+    "tiny": [dsv32("tiny", batch=1, q_per_seq=1, context=32, H=16, Dqk=32, Dv=16, K=16, page_size=0)],
+}
+
+
+def compulsory_bytes(p: Problem, kept: int) -> Dict[str, int]:
+    """Each (token, kv head)'s kept rows once, q once, out once (bytes of the problem's dtype)."""
+    es = torch.tensor([], dtype=p.torch_dtype).element_size()
+    out = dict(kv=kept * p.Dqk * es, q=p.T * p.H * p.Dqk * es, out=p.T * p.H * p.Dv * es)
+    if p.Dr:
+        out.update(kv_rope=kept * p.Dr * es, q_rope=p.T * p.H * p.Dr * es)
+    if not p.latent:
+        out["v"] = kept * p.Dv * es
+    return out
+
+
+def measure(p: Problem, target: str) -> Dict[str, object]:
+    """Run problem ``p`` through the triton backend planned for ``target``; counts and ratios."""
+    import attention
+    from attention.backends.triton import launch
+
+    old = os.environ.get(launch.TARGET_ENV)
+    os.environ[launch.TARGET_ENV] = target
+    try:
+        inputs = make_inputs(p, "cpu")
+        kw = inputs.kwargs
+        inp = attention.validate(**kw)
+        cfg, source = launch.resolve_config(inp)
+        plan = launch.plan(inp, cfg)
+        names = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+        t0 = time.time()
+        with WorkCounter(names) as wc:
+            out, lse = launch.forward(inp, autotune=False)
+        secs = time.time() - t0
+    finally:
+        if old is None:
+            os.environ.pop(launch.TARGET_ENV, None)
+        else:
+            os.environ[launch.TARGET_ENV] = old
+    kept = kept_candidates(p, inputs.indices)
+    useful = flop_count(p, kept)
+    need = compulsory_bytes(p, kept)
+    hg = p.H // p.Hkv
+    blocks64 = math.ceil(hg / 64)
+    ratios = {k: (wc.bytes.get(k, 0) / v if v else float("nan")) for k, v in need.items() if k != "out"}
+    return dict(problem=p.name, describe=p.describe(), target=target, config_source=source,
+                plan={k: v for k, v in plan.items()}, kept=kept, flops_executed=wc.flops, flops_useful=useful,
+                flops_ratio=wc.flops / useful if useful else float("nan"), dots=wc.dots,
+                bytes_loaded=dict(wc.bytes), bytes_compulsory=need, bytes_ratio=ratios,
+                kv_ratio_per_64_heads=ratios["kv"] / blocks64, head_blocks_of_64=blocks64,
+                interpreter_seconds=round(secs, 1), finite=bool(torch.isfinite(out.float()).all()))
+
+
+def check_targets(row: Dict[str, object]) -> List[str]:
+    """Issue 15's targets at the DeepSeek shapes: FLOPs <= 1.05x useful, kv bytes <= 1.05x per
+    64-head block, q bytes <= 1.1x. Returns the misses."""
+    miss = []
+    if row["flops_ratio"] > 1.05:
+        miss.append(f"FLOPs {row['flops_ratio']:.3f}x useful > 1.05x")
+    if row["kv_ratio_per_64_heads"] > 1.05:
+        miss.append(f"kv bytes {row['kv_ratio_per_64_heads']:.3f}x per 64-head block > 1.05x")
+    if row["bytes_ratio"].get("q", 0) > 1.1:
+        miss.append(f"q bytes {row['bytes_ratio']['q']:.3f}x > 1.1x")
+    return miss
+
+
+def table(rows: List[Dict[str, object]]) -> str:
+    lines = ["| problem | plan | executed / useful FLOPs | kv bytes / compulsory (per 64-head block) "
+             "| q bytes / compulsory | indices bytes | targets |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pl = r["plan"]
+        plan = (f"{pl['kernel']}, BLOCK_H {pl['BLOCK_H']}, BLOCK_N {pl['BLOCK_N']}, BLOCK_DV {pl['BLOCK_DV']}, "
+                f"{pl['num_splits']} split(s)")
+        miss = r.get("misses")
+        tgt = "n/a" if miss is None else ("met" if not miss else "; ".join(miss))
+        lines.append(f"| {r['problem']} | {plan} | {r['flops_ratio']:.3f} | {r['bytes_ratio']['kv']:.3f} "
+                     f"({r['kv_ratio_per_64_heads']:.3f}) | {r['bytes_ratio']['q']:.3f} | "
+                     f"{r['bytes_loaded'].get('indices', 0)} | {tgt} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.work", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="NVIDIA H200", help="GPU whose launch plan is counted (default %(default)s)")
+    ap.add_argument("--preset", action="append", choices=sorted(WORK_PRESETS),
+                    help="repeatable; default: dsv32-decode and dsv32-prefill")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    from attention.backends.triton import launch
+
+    try:  # an unknown target is a usage error, before anything runs
+        os.environ[launch.TARGET_ENV] = args.target
+        launch.sm_count(torch.device("cpu"))
+    except ValueError as e:
+        ap.error(str(e))
+    finally:
+        os.environ.pop(launch.TARGET_ENV, None)
+    if args.json:
+        d = os.path.dirname(os.path.abspath(args.json))
+        if not os.access(d, os.W_OK):
+            ap.error(f"--json: cannot write to {d}")
+    rows = []
+    for name in args.preset or ["dsv32-decode", "dsv32-prefill"]:
+        for p in WORK_PRESETS[name]:
+            print(f"counting {p.name}: {p.describe()} ...", file=sys.stderr, flush=True)
+            row = measure(p, args.target)
+            if p.family.startswith("dsv32"):
+                row["misses"] = check_targets(row)
+            rows.append(row)
+            print(f"  done in {row['interpreter_seconds']} s", file=sys.stderr, flush=True)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

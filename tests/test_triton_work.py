@@ -1,0 +1,97 @@
+"""bench.work's counter of executed work (issue 15 item 3), proven on cases whose counts are known by
+hand, and the launch plan for a named target GPU (ATTENTION_TRITON_TARGET) on CPU tensors."""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the work counter instruments Triton's interpreter", allow_module_level=True)
+
+import triton.language as tl  # noqa: E402
+
+from attention.backends.triton import launch  # noqa: E402
+from bench import work  # noqa: E402
+
+
+@triton.jit
+def _dot_and_masked_load(A, B, C, n_valid, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    rm, rn, rk = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(A + rm[:, None] * K + rk[None, :])                          # M*K elements
+    b = tl.load(B + rk[:, None] * N + rn[None, :], mask=rk[:, None] < n_valid, other=0.0)  # n_valid*N
+    tl.store(C + rm[:, None] * N + rn[None, :], tl.dot(a, b, input_precision="ieee"))
+
+
+def test_counter_on_a_trivial_kernel():
+    """One 16x32 @ 32x16 dot (2*16*16*32 FLOPs), A loaded fully, B with 5 of 32 rows unmasked."""
+    a, b = torch.randn(16, 32), torch.randn(32, 16)
+    c = torch.empty(16, 16)
+    with work.WorkCounter({"a": a, "b": b}) as wc:
+        _dot_and_masked_load[(1,)](a, b, c, 5, M=16, N=16, K=32)
+    assert wc.flops == 2 * 16 * 16 * 32 and wc.dots == 1
+    assert wc.bytes["a"] == 16 * 32 * 4
+    assert wc.bytes["b"] == 5 * 16 * 4
+    assert wc.bytes.get("other", 0) == 0
+    b5 = b.clone()
+    b5[5:] = 0
+    assert torch.allclose(c, a @ b5, atol=1e-5)
+    # Outside the context the interpreter is restored: nothing more is counted.
+    _dot_and_masked_load[(1,)](a, b, c, 5, M=16, N=16, K=32)
+    assert wc.flops == 2 * 16 * 16 * 32
+
+
+def test_bench_work_tiny_preset_counts_by_hand(capsys):
+    """The 'tiny' preset: one token, 16 heads, 32-wide rows whose first 16 columns are the value,
+    16 candidates, planned for the H200 (BLOCK_N 64): one program, one tile of 64 slots of which 16
+    are kept. By hand: dots 16x16 @ 16x64 (q_nope . k_nope), 16x16 @ 16x64 (the 16-column tail) and
+    16x64 @ 64x16 (p . v); kv bytes = 16 rows x 32 columns x 2 B, each row once; q = 16 x 32 x 2 B."""
+    p = work.WORK_PRESETS["tiny"][0]
+    row = work.measure(p, "NVIDIA H200")
+    assert row["plan"]["kernel"] == "latent" and row["plan"]["BLOCK_N"] == 64 and row["plan"]["num_splits"] == 1
+    assert row["flops_executed"] == 3 * (2 * 16 * 64 * 16)
+    assert row["flops_useful"] == 2 * 16 * 16 * (32 + 16)
+    assert row["bytes_loaded"]["kv"] == 16 * 32 * 2
+    assert row["bytes_loaded"]["q"] == 16 * 32 * 2
+    assert row["bytes_loaded"]["indices"] == 16 * 4
+    assert row["bytes_ratio"]["kv"] == 1.0 and row["bytes_ratio"]["q"] == 1.0
+    assert row["finite"]
+    assert work.main(["--preset", "tiny"]) == 0
+    assert "tiny/L=32" in capsys.readouterr().out
+
+
+def test_target_plans_for_that_gpu_on_cpu_tensors(monkeypatch):
+    """ATTENTION_TRITON_TARGET picks the target's config and SM count for CPU tensors."""
+    import attention
+    from bench.problems import make_inputs
+
+    inp = attention.validate(**make_inputs(work.WORK_PRESETS["dsv32-decode"][1], "cpu").kwargs)  # 4 x 1 token
+    assert launch.device_name(inp.device) == "cpu-interpreter"
+    monkeypatch.setenv(launch.TARGET_ENV, "NVIDIA H200")
+    assert launch.device_name(inp.device) == "NVIDIA H200" and launch.sm_count(inp.device) == 132
+    cfg, source = launch.resolve_config(inp)
+    assert source == "default"
+    p = launch.plan(inp, cfg)
+    # 4 tokens x 2 head blocks = 8 programs: 16 splits of 128 candidates fill 128 of 132 SMs.
+    assert p["kernel"] == "latent" and p["NUM_HB"] == 2 and p["num_splits"] == 16
+    monkeypatch.setenv(launch.TARGET_ENV, "no such GPU")
+    with pytest.raises(ValueError, match="unknown device"):
+        launch.sm_count(inp.device)
+
+
+def test_decode_bucket_holds_the_number_of_tokens():
+    import attention
+    from bench.problems import make_inputs
+
+    b64, b4 = (launch.shape_bucket(attention.validate(**make_inputs(p, "cpu").kwargs))
+               for p in work.WORK_PRESETS["dsv32-decode"])
+    assert b64 != b4 and b64.endswith("decode-t64-bfloat16") and b4.endswith("decode-t4-bfloat16")
+
+
+@pytest.mark.parametrize("programs,n,expected", [(128, 2048, 1), (8, 2048, 16), (2, 2048, 16), (64, 2048, 2),
+                                                 (8, 200, 1)])
+def test_splits_fill_whole_waves(programs, n, expected):
+    """132 SMs, min 128 candidates per split: the grid that best fills whole waves, fewest splits on a tie."""
+    got = launch.choose_splits(programs, n, 64, 132, dict(min_per_split=128))
+    assert got == expected
