@@ -8,7 +8,6 @@ import functools
 import os
 from typing import Dict, List, Optional
 
-import torch
 
 from ...inputs import SelectiveAttentionInputs, dtype_name
 from .builds import TWIN
