@@ -314,8 +314,10 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
             selective_attention_fwd_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_D=p["BLOCK_D"],
                                                  num_warps=p["num_warps"], num_stages=p["num_stages"])
     if split:
-        bh = min(16, _p2(H))
-        bdv = min(_p2(inp.d_v), 128)
+        # Under the interpreter one program per token (fewer interpreted programs); on a GPU small
+        # tiles, many programs.
+        bh = _p2(H) if on_cpu else min(16, _p2(H))
+        bdv = _p2(inp.d_v) if on_cpu else min(_p2(inp.d_v), 128)
         cgrid = (T, triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv))
         selective_attention_combine_kernel[cgrid](
             OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=p["num_splits"],
