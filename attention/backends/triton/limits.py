@@ -15,7 +15,8 @@ def reasons(inp) -> List[str]:
     out = []
     if inp.num_tokens > MAX_GRID_X:
         out.append(f"T={inp.num_tokens} query tokens > {MAX_GRID_X} (grid axis 0)")
-    # Worst case of the launch plan: head blocks of 16 and value blocks of 16 columns.
+    # launch.plan widens head blocks up to 128 heads and value blocks up to 512 columns before giving
+    # up, so this is the smallest grid axis 1 it can reach: beyond the limit, no plan fits.
     hg = inp.num_heads // inp.num_kv_heads
     y = inp.num_kv_heads * -(-hg // 128) * -(-inp.d_v // 512)
     if y > MAX_GRID_Y:
