@@ -406,8 +406,9 @@ def selective_attention(
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
         _inputs.need_tensor("q", q)
         _inputs.need_tensor("kv_shard", kv_shard)
-        B = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
-        if shard.num_seqs != B:
+        _inputs.need_tensor("cu_seqlens_q", cu_seqlens_q, optional=True)
+        B = 1 if cu_seqlens_q is None else (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else shard.num_seqs)
+        if shard.num_seqs != B:  # (a cu_seqlens_q of the wrong rank is the validator's error, below)
             raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")
         paged = kv_shard.dim() == 4
         meta = shard.tensors(rank, q.device)
@@ -489,8 +490,9 @@ def select(
             raise ValueError(f"shard must describe the group's {world} ranks, got a layout for {shard.world_size}")
         _inputs.need_tensor("q_idx", q_idx)
         _inputs.need_tensor("k_idx_shard", k_idx_shard)
-        B = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
-        if shard.num_seqs != B:
+        _inputs.need_tensor("cu_seqlens_q", cu_seqlens_q, optional=True)
+        B = 1 if cu_seqlens_q is None else (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else shard.num_seqs)
+        if shard.num_seqs != B:  # (a cu_seqlens_q of the wrong rank is the validator's error, below)
             raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")
         paged = k_idx_shard.dim() == 3
         meta = shard.tensors(rank, q_idx.device)

@@ -170,7 +170,7 @@ def _time(fn, device: str, repeats: int) -> float:
     if device == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=5, rep=max(20, repeats * 5)) * 1e-3
+        return triton.testing.do_bench(fn, warmup=5, rep=max(20, repeats * 5), return_mode="median") * 1e-3
     fn()
     ts = []
     for _ in range(max(1, repeats)):

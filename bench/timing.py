@@ -10,6 +10,7 @@ the timer); the report gives the median and the minimum of the samples.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -20,6 +21,21 @@ from datetime import datetime, timezone
 from typing import Callable, Dict, List
 
 import torch
+
+
+@contextlib.contextmanager
+def nan_fill(enabled: bool):
+    """ATTENTION_NAN_FILL on for checks (an output element a kernel never writes fails them), off
+    while timing (the fill is one memset per output that a real caller does not pay)."""
+    old = os.environ.get("ATTENTION_NAN_FILL")
+    os.environ["ATTENTION_NAN_FILL"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ATTENTION_NAN_FILL", None)
+        else:
+            os.environ["ATTENTION_NAN_FILL"] = old
 
 
 def synchronize(device: torch.device) -> None:

@@ -74,16 +74,17 @@ def token_metadata(
     return seq, L, q_pos, base
 
 
-def bytes_per_candidate(H: int, Hkv: int, row_width: int, G: int = 1) -> int:
+def bytes_per_candidate(H: int, Hkv: int, row_width: int, G: int = 1, in_bytes: int = 2, rope: bool = True) -> int:
     """Peak working-set bytes of one candidate of one token in the gather path (an upper bound).
 
-    Per kv head, the gathered row of ``row_width`` values: its float32 copy (4 bytes a value) plus
-    at most two transient copies before the upcast (index_select's result and the per-head
-    reshape: 2 x 2 bytes in bf16/fp16, 4 in float32, which then *is* the float32 copy); at most three
-    [H] float32 score buffers alive at once (scores, rope scores, their sum); the int64/bool index
-    tensors (position, kept mask, row, per kv-head selection G).
+    Per kv head, the gathered row of ``row_width`` values: the gather's result in the storage dtype
+    (``in_bytes`` a value; twice when one selection shared by several kv heads is regrouped per
+    head) and its float32 copy (none when the storage is float32); the [H] float32 scores (three
+    buffers alive at once with a rope part: scores, rope scores, their sum); the int64/bool index
+    tensors (position, kept mask, row; G selections).
     """
-    return Hkv * row_width * 8 + H * 12 + G * 26
+    copies = in_bytes * (2 if Hkv > 1 and G == 1 else 1) + (0 if in_bytes >= 4 else 4)
+    return Hkv * row_width * copies + H * 4 * (3 if rope else 1) + G * 26
 
 
 def tokens_per_chunk(H: int, Hkv: int, n: int, row_width: int, chunk_bytes: Optional[int] = None) -> int:
@@ -197,8 +198,9 @@ def _select(call: _Call, idx: Tensor, c0: int, c1: int, r0: int = 0, r1: Optiona
         keep = (idx >= 0) & (idx < L)
     if q_pos is not None:
         keep = keep & (pos <= q_pos)
-    pos = torch.where(keep, pos, 0).to(torch.int64)  # dropped: position 0, so no arithmetic below overflows
+    # (dropped positions are set to 0 before any row arithmetic below: nothing can overflow)
     if call.paged:
+        pos = torch.where(keep, pos, 0).to(torch.int64)
         rows, ok = paged_rows(call.block_table[seq], pos.flatten(1), call.page_size, call.num_pages)
         rows = rows.view(pos.shape)
         # A table entry outside the cache is never dereferenced (its candidate is dropped instead).
@@ -206,7 +208,7 @@ def _select(call: _Call, idx: Tensor, c0: int, c1: int, r0: int = 0, r1: Optiona
     elif isinstance(base, int) and base == 0:
         rows = pos
     else:
-        rows = pos + base
+        rows = torch.where(keep, pos, 0) + base
         # Lengths past the cache (unchecked device metadata) drop the candidate, never read past S.
         keep = keep & (rows < call.S)
     if call.host and bool(keep.all()):
@@ -331,13 +333,14 @@ def _chunk_union(call: _Call, q, q_rope, c0, c1, rows, keep, u):
 
 
 def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
-    """Gathered operands and masked scores of tokens [c0, c1): s [c, Hkv, Hg, n] (scaled)."""
+    """Gathered operands and masked scores of tokens [c0, c1): s [c*Hkv, Hg, n] (scaled), keys/vals
+    [c*Hkv, n, D], qc [c*Hkv, Hg, Dqk] (token x kv head folded into the bmm batch)."""
     whole = c0 == 0 and c1 == call.Tc  # one chunk (decode): skip the slicing
     if selected is None:
         selected = _select(call, indices if whole else indices[c0:c1], c0, c1)
     rows, keep = selected
     c, cd = c1 - c0, call.compute_dtype
-    keys = _gather(call.kv_flat, rows, keep, cd)  # [c, Hkv, n, Dqk]
+    keys = _gather(call.kv_flat, rows, keep, cd)  # [c*Hkv, n, Dqk]
     qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.Hg, call.Dqk)
     if qc.dtype != cd:
         qc = qc.to(cd)
@@ -432,7 +435,8 @@ def selective_attention(
                  block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens)
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     Tc, H, Dv, K = call.Tc, call.H, call.Dv, call.K
-    per_cand = bytes_per_candidate(H, call.Hkv, call.Dqk + call.Dr + (0 if v is None else Dv), call.G)
+    per_cand = bytes_per_candidate(H, call.Hkv, call.Dqk + call.Dr + (0 if v is None else Dv), call.G,
+                                   kv.element_size(), q_rope is not None)
     chunk = max(1, budget // max(1, call.n * per_cand))
     # A piece: all K indices of `chunk` tokens; when one token's candidates exceed the budget, one
     # token and `k_piece` of its indices; when even one index (a block of `span` positions) exceeds
@@ -608,7 +612,7 @@ def selective_attention_backward(
             o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
             delta = (do * o).sum(-1, keepdim=True)
             ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
-            dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c, Hkv, n, Dv]
+            dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c*Hkv, n, Dv]
             if dsink is not None:
                 # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
                 dsink -= (delta * sink_share).view(c, Hkv, Hg, 1).sum(0, keepdim=True)

@@ -1,6 +1,7 @@
 """The kernel files the CPU twin compiles must also type-check against Huawei's open AscendC headers
-(shared/ascendc-check). Runs where the check and an asc-devkit checkout exist (ASC_DEVKIT_DIR, default
-/tmp/asc-devkit; ASCENDC_CHECK, default /work/shared/ascendc-check/check.sh); skipped elsewhere.
+(shared/ascendc-check). Runs where the check and an asc-devkit checkout exist (ASC_DEVKIT_DIR and
+ASCENDC_CHECK, with the Makefile's defaults: /tmp/asc-devkit and ../shared/ascendc-check/check.sh beside
+the repository); skipped elsewhere.
 """
 
 import os
@@ -11,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_DIR = ROOT / "csrc" / "ascend" / "kernel"
-CHECK = pathlib.Path(os.environ.get("ASCENDC_CHECK", "/work/shared/ascendc-check/check.sh"))
+CHECK = pathlib.Path(os.environ.get("ASCENDC_CHECK", ROOT.parent / "shared" / "ascendc-check" / "check.sh"))
 DEVKIT = pathlib.Path(os.environ.get("ASC_DEVKIT_DIR", "/tmp/asc-devkit"))
 
 

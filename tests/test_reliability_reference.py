@@ -295,7 +295,7 @@ def test_candidates_split_when_one_token_exceeds_the_budget(name, monkeypatch):
                      kw.get("block_size", 1), None, None, kw.get("block_table"), kw.get("seqlens_k"), False,
                      None, 0, None)
     width = call.Dqk + call.Dr + (0 if kw.get("v") is None else call.Dv)
-    per_index = REF.bytes_per_candidate(call.H, call.Hkv, width, call.G) * call.span
+    per_index = REF.bytes_per_candidate(call.H, call.Hkv, width, call.G, 4, call.Dr > 0) * call.span
     budget = per_index * max(1, call.K // 3)  # about three slices of indices per token
     out, lse = python_ref.selective_attention(q, kv, idx, **kw, chunk_bytes=budget)
     _check(out, lse, *oracle(args))
@@ -310,7 +310,7 @@ def test_block_offsets_split_when_one_block_exceeds_the_budget(name, monkeypatch
     args = CASES_BY_NAME[name].make(torch.float32)
     q, kv, idx, kw = _split(args)
     width = q.shape[-1] + (0 if kw.get("q_rope") is None else kw["q_rope"].shape[-1])
-    per_cand = REF.bytes_per_candidate(q.shape[1], kv.shape[-2], width, idx.shape[1])
+    per_cand = REF.bytes_per_candidate(q.shape[1], kv.shape[-2], width, idx.shape[1], 4, "q_rope" in kw)
     out, lse = python_ref.selective_attention(q, kv, idx, **kw, chunk_bytes=per_cand * 3)  # 3 of 4 offsets
     _check(out, lse, *oracle(args))
     assert calls and all(k == 1 and r == 3 for k, r in calls), calls

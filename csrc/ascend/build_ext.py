@@ -56,25 +56,27 @@ def _npu():
     except Exception as e:  # pragma: no cover - needs CANN + torch_npu
         warnings.warn(f"csrc/ascend: torch_npu unavailable ({e}); NPU kernel not built")
         return None
-    # 1. bisheng compiles npu/launch.asc (which includes the device-only kernel files) for dav-c220
-    #    (A2/A3) into an object carrying the device binary and the <<<>>> launch stubs;
-    # 2. the torch_npu binding (g++) links that object.
+    # 1. bisheng, as compiler and link driver (Huawei's pybind/torch samples build .asc sources with it),
+    #    makes a shared library of npu/launch.asc (the device-only kernel files for dav-c220 = A2/A3, their
+    #    device binary and the <<<>>> launch stubs);
+    # 2. the torch_npu binding (g++) links that library; it is found through the extension's rpath.
+    # The same commands, spelled out for a shell, are in bench/npu_check.sh.
     build = os.path.join(ROOT, "build", "ascend")
     os.makedirs(build, exist_ok=True)
-    obj = os.path.join(build, "selective_attention_launch.o")
-    cmd = [bisheng, "-x", "asc", "--npu-arch=dav-2201", "-O2", "-std=c++17", "-fPIC", "-c",
-           os.path.join(HERE, "npu", "launch.asc"), "-o", obj, "-I" + os.path.join(HERE, "kernel")]
+    lib = os.path.join(build, "libselattn_npu_kernel.so")
+    cmd = [bisheng, "-x", "asc", "--npu-arch=dav-2201", "-O2", "-std=c++17", "-fPIC", "-shared",
+           os.path.join(HERE, "npu", "launch.asc"), "-o", lib, "-I" + os.path.join(HERE, "kernel")]
     print("csrc/ascend:", " ".join(cmd), file=sys.stderr)
     subprocess.check_call(cmd)
     return NpuExtension(
         "attention._ascendc_npu",
         sources=[_rel("npu", "npu_binding.cpp")] + HOST_SOURCES,
-        include_dirs=[os.path.join(HERE, "kernel"), os.path.join(HERE, "host"),
+        include_dirs=[HERE, os.path.join(HERE, "kernel"), os.path.join(HERE, "host"),
                       os.path.join(home, "include"), os.path.join(home, "aarch64-linux", "include"),
                       os.path.join(home, "x86_64-linux", "include")],
-        extra_objects=[obj],
-        library_dirs=[os.path.join(home, "lib64")],
-        libraries=["ascendcl", "runtime", "platform", "tiling_api"],
+        library_dirs=[build, os.path.join(home, "lib64")],
+        runtime_library_dirs=[build],
+        libraries=["selattn_npu_kernel", "ascendcl", "runtime", "platform", "tiling_api"],
         extra_compile_args=["-O2", "-std=c++20"],
     )
 

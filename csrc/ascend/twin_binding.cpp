@@ -21,6 +21,7 @@
 #include "kernel_operator.h"  // the twin (include path csrc/ascend/twin): block index, SoC limits, errors
 #include "tiling.h"
 #include "twin_launch.h"
+#include "binding_common.h"
 
 using GmAddr = uint8_t*;
 extern "C" {
@@ -54,32 +55,10 @@ T Cast(const py::handle& h, const std::string& what)
     }
 }
 
-std::string Shape(const Tensor& t)
-{
-    std::ostringstream s;
-    s << t.sizes();
-    return s.str();
-}
-
 void NeedCpuContiguous(const char* name, const Tensor& t)
 {
     if (!t.device().is_cpu()) Bad(std::string(name) + " must be a CPU tensor for the twin");
     if (!t.is_contiguous()) Bad(std::string(name) + " must be contiguous");
-}
-
-void NeedDtype(const char* name, const Tensor& t, at::ScalarType dt)
-{
-    if (t.scalar_type() != dt)
-        Bad(std::string(name) + " must be " + c10::toString(dt) + ", got " + c10::toString(t.scalar_type()));
-}
-
-void NeedShape(const char* name, const Tensor& t, std::vector<int64_t> want)
-{
-    if (t.sizes().vec() != want) {
-        std::ostringstream s;
-        s << name << " must have shape " << at::IntArrayRef(want) << ", got " << Shape(t);
-        Bad(s.str());
-    }
 }
 
 const selattn::SocSpec& Soc(const std::string& name)
@@ -227,76 +206,18 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
                  const py::object& override_, bool checkFit)
 {
     const selattn::SocSpec& soc = Soc(socName);
-    // ---- every argument checked here: the kernel trusts the tiling struct and the pointers ----
-    for (auto [name, t] : std::vector<std::pair<const char*, const Tensor*>>{
-             {"q", &q}, {"kv", &kv}, {"indices", &indices}, {"cu_seqlens_q", &cuSeqlensQ}, {"out", &out}, {"lse", &lse}})
-        NeedCpuContiguous(name, *t);
-    for (auto [name, t] : std::vector<std::pair<const char*, const OptTensor*>>{
-             {"q_rope", &qRope}, {"kv_rope", &kvRope}, {"v", &v}, {"cu_seqlens_k", &cuSeqlensK},
-             {"block_table", &blockTable}, {"seqlens_k", &seqlensK}, {"attn_sink", &attnSink}})
-        if (*t) NeedCpuContiguous(name, **t);
-    const auto dt = q.scalar_type();
-    if (dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16) Bad("q must be float32, float16 or bfloat16");
-    if (q.dim() != 3) Bad("q must be [T, H, Dqk], got " + Shape(q));
-    const int64_t T = q.size(0), H = q.size(1), Dqk = q.size(2);
-    const bool paged = kv.dim() == 4;
-    if (kv.dim() != 3 && !paged) Bad("kv must be [S, Hkv, Dqk] or [P, page, Hkv, Dqk], got " + Shape(kv));
-    NeedDtype("kv", kv, dt);
-    const int64_t Hkv = kv.size(-2);
-    if (Hkv < 1 || H < 1 || H % Hkv) Bad("H must be a positive multiple of Hkv");
-    if (kv.size(-1) != Dqk || Dqk < 1) Bad("kv's last dimension must equal Dqk");
-    const int64_t pageSize = paged ? kv.size(1) : 0;
-    if (paged && pageSize < 1) Bad("a paged kv needs a page size (kv.shape[1]) >= 1, got " + Shape(kv));
-    const int64_t kvRows = paged ? kv.size(0) * kv.size(1) : kv.size(0);
-    std::vector<int64_t> lead = kv.sizes().vec();
-    lead.pop_back();
-    int64_t Dr = 0;
-    if (qRope.has_value() != kvRope.has_value()) Bad("q_rope and kv_rope go together");
-    if (qRope) {
-        NeedDtype("q_rope", *qRope, dt);
-        NeedDtype("kv_rope", *kvRope, dt);
-        if (qRope->dim() != 3 || qRope->size(0) != T || qRope->size(1) != H) Bad("q_rope must be [T, H, Dr]");
-        Dr = qRope->size(2);
-        std::vector<int64_t> want = lead;
-        want.push_back(Dr);
-        NeedShape("kv_rope", *kvRope, want);
-        if (Dr < 1) Bad("rope width must be >= 1");
-    }
-    int64_t Dv = dV;
-    if (v) {
-        NeedDtype("v", *v, dt);
-        Dv = v->size(-1);
-        std::vector<int64_t> want = lead;
-        want.push_back(Dv);
-        NeedShape("v", *v, want);
-        if (dV != Dv) Bad("d_v must equal v's width");
-    } else if (Dv < 1 || Dv > Dqk) {
-        Bad("latent d_v must be in [1, Dqk]");
-    }
-    if (Dv < 1) Bad("value width must be >= 1");
-    NeedDtype("indices", indices, at::kInt);
-    if (indices.dim() != 3 || indices.size(0) != T || (indices.size(1) != 1 && indices.size(1) != Hkv))
-        Bad("indices must be int32 [T, Hkv or 1, K], got " + Shape(indices));
-    const int64_t K = indices.size(2);
-    if (blockSize < 1 || blockSize > (int64_t(1) << 20)) Bad("block_size must be in [1, 2^20]");
-    // the kernel computes in float32: a finite double beyond float32 would become inf there
-    if (!std::isfinite(smScale) || std::fabs(smScale) > double(FLT_MAX)) Bad("sm_scale must be finite in float32");
-    NeedDtype("cu_seqlens_q", cuSeqlensQ, at::kInt);
-    if (cuSeqlensQ.dim() != 1 || cuSeqlensQ.size(0) < 2) Bad("cu_seqlens_q must be int32 [B+1]");
-    const int64_t B = cuSeqlensQ.size(0) - 1;
+    // ---- every argument checked here (binding_common.h): the kernel trusts the tiling and the pointers ----
+    const selattn::ArgChecker check("ascendc twin", NeedCpuContiguous);
+    const selattn::ProblemShape sh = check.Check({q, qRope, kv, kvRope, v, indices, cuSeqlensQ, cuSeqlensK, blockTable,
+                                                  seqlensK, attnSink, out, lse, smScale, dV, blockSize, causal});
+    // contents: a read of CPU tensors costs nothing here (the NPU build leaves them to the kernel's bounds)
+    const int64_t B = sh.numSeqs, T = sh.T;
     const int32_t* cq = cuSeqlensQ.data_ptr<int32_t>();
     if (cq[0] != 0 || cq[B] != T) Bad("cu_seqlens_q must start at 0 and end at T");
     for (int64_t b = 0; b < B; ++b)
         if (cq[b + 1] < cq[b]) Bad("cu_seqlens_q must be non-decreasing");
-    int64_t maxPages = 0;
-    if (paged) {
-        if (cuSeqlensK) Bad("a paged kv takes block_table and seqlens_k, not cu_seqlens_k");
-        if (!blockTable || !seqlensK) Bad("a paged kv needs block_table and seqlens_k");
-        NeedDtype("block_table", *blockTable, at::kInt);
-        NeedDtype("seqlens_k", *seqlensK, at::kInt);
-        if (blockTable->dim() != 2 || blockTable->size(0) != B) Bad("block_table must be int32 [B, max_pages]");
-        NeedShape("seqlens_k", *seqlensK, {B});
-        maxPages = blockTable->size(1);
+    if (sh.paged) {
+        const int64_t maxPages = sh.maxPages, pageSize = sh.pageSize;
         const int32_t* lens = seqlensK->data_ptr<int32_t>();
         const int32_t* table = blockTable->data_ptr<int32_t>();
         for (int64_t b = 0; b < B; ++b) {
@@ -306,50 +227,13 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
                     Bad("block_table names a page outside the cache");
         }
     } else {
-        if (blockTable || seqlensK) Bad("block_table / seqlens_k are for a paged kv");
-        if (!cuSeqlensK) Bad("cu_seqlens_k is required (the Python side passes [0, S] by default)");
-        NeedDtype("cu_seqlens_k", *cuSeqlensK, at::kInt);
-        NeedShape("cu_seqlens_k", *cuSeqlensK, {B + 1});
         const int32_t* ck = cuSeqlensK->data_ptr<int32_t>();
-        if (ck[0] != 0 || ck[B] > kvRows) Bad("cu_seqlens_k must start at 0 and end at or below S");
+        if (ck[0] != 0 || ck[B] > int64_t(sh.kvRows)) Bad("cu_seqlens_k must start at 0 and end at or below S");
         for (int64_t b = 0; b < B; ++b)
             if (ck[b + 1] < ck[b]) Bad("cu_seqlens_k must be non-decreasing");
     }
-    if (attnSink) {
-        NeedDtype("attn_sink", *attnSink, at::kFloat);
-        NeedShape("attn_sink", *attnSink, {H});
-    }
-    NeedDtype("out", out, dt);
-    NeedShape("out", out, {T, H, Dv});
-    NeedDtype("lse", lse, at::kFloat);
-    NeedShape("lse", lse, {T, H});
-    // the tiling struct's 32-bit fields; every product of them (candidate slots, work items, offsets)
-    // is formed in 64 bits by the host and the kernel
-    const int64_t LIM = int64_t(1) << 31;
-    if (T >= LIM) Bad("q: more than 2^31 - 1 tokens");
-    if (kvRows >= LIM) Bad("kv: more than 2^31 - 1 cache rows");
-    if (K >= LIM) Bad("indices: K beyond 2^31 - 1");
-    if (maxPages >= LIM) Bad("block_table: more than 2^31 - 1 columns");
-    if (H >= LIM || Dqk >= LIM || Dr >= LIM || Dv >= LIM) Bad("q/kv/v: a head count or width beyond 2^31 - 1");
 
     // ---- tiling ----
-    selattn::ProblemShape sh;
-    sh.T = T; sh.H = H; sh.Hkv = Hkv; sh.Dqk = Dqk; sh.Dr = Dr; sh.Dv = Dv; sh.K = K;
-    sh.indexHeads = indices.size(1);
-    sh.blockSize = blockSize;
-    sh.dtypeBytes = q.element_size();
-    sh.isFloat32 = dt == at::kFloat;
-    sh.isBf16 = dt == at::kBFloat16;
-    sh.separateV = v.has_value();
-    sh.paged = paged;
-    sh.pageSize = pageSize;
-    sh.maxPages = maxPages;
-    sh.numSeqs = B;
-    sh.kvRows = kvRows;
-    sh.maxSeqLen = paged ? uint64_t(maxPages) * uint64_t(pageSize) : uint64_t(kvRows);
-    sh.causal = causal;
-    sh.hasSink = attnSink.has_value();
-    sh.smScale = static_cast<float>(smScale);
     std::string why = selattn::DtypeProblems(sh, soc);
     if (!why.empty()) Bad(why);
     // an override names only what it changes: start from the planner's choice
@@ -369,6 +253,7 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     const selattn::SelectiveAttentionTiling tiling = selattn::MakeTiling(sh, tc, soc);
 
     // ---- launch (twin/twin_launch.h): one call per block, as the chip would run blockDim blocks ----
+    const auto dt = q.scalar_type();
     auto kernel = dt == at::kFloat ? selective_attention_f32
                   : dt == at::kHalf ? selective_attention_f16
                                     : selective_attention_bf16;
@@ -395,9 +280,13 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     py::dict peakDict;
     for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) peakDict[AscendC::twin::MemName(m)] = rep.peak[m];
     d["twin_peak"] = peakDict;  // the most any one core's TPipe allocated, per memory
-    py::list mte2;
-    for (uint64_t v : rep.blockMte2) mte2.append(v);
-    d["twin_mte2_gm_bytes"] = mte2;  // per block (cube core and its vector cores): MTE2 reads from GM
+    // per launched block (a cube core with its vector cores): MTE2 bytes read from the inputs in GM and
+    // from the workspace hand-over; a block with no input reads did no work
+    py::list inBytes, wsBytes;
+    for (uint64_t v : rep.blockInputBytes) inBytes.append(v);
+    for (uint64_t v : rep.blockWorkspaceBytes) wsBytes.append(v);
+    d["twin_mte2_input_bytes"] = inBytes;
+    d["twin_mte2_workspace_bytes"] = wsBytes;
     return d;
 }
 

@@ -195,7 +195,7 @@ def plan(inp, cfg: Dict) -> Dict:
     hg = H // Hkv
     n = inp.topk * inp.block_size
     latent = use_latent_kernel(inp, cfg)
-    bh = max(limits.MIN_BLOCK_H, min(_p2(cfg["BLOCK_H"]), _p2(hg)))
+    bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))  # tl.dot needs M >= 16: small groups pad to 16
     bn = max(16, _p2(cfg["BLOCK_N"]))
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
     bdr = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.rope_dim))) if inp.rope_dim else 16

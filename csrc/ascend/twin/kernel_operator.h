@@ -211,7 +211,8 @@ struct Group {
     CrossFlag aicToAiv[16][2];  // sets by the AIC, one per AIV, each consumed by that AIV's wait
     bool abort = false;         // a core failed: every waiter gives up instead of hanging
     Region workspace;           // the block's GM workspace, shared by its cores (guarded by mu)
-    uint64_t mte2GmBytes[MAX_SLOTS] = {};  // bytes each core's MTE2 read from GM (inputs and workspace)
+    // bytes each core's MTE2 read from GM: the kernel's inputs (kv rows, q, ...) and the workspace hand-over
+    uint64_t mte2InputBytes[MAX_SLOTS] = {}, mte2WorkspaceBytes[MAX_SLOTS] = {};
 };
 // per-thread (per simulated core) state
 struct EventSlot {
@@ -264,12 +265,17 @@ inline std::mutex& NameMu() {
     return mu;
 }
 inline uint16_t InternName(const char* name) {
+    // API names are string literals: a per-thread cache by pointer keeps the lock off the hot path
+    static thread_local std::vector<std::pair<const char*, uint16_t>> cache;
+    for (const auto& [p, id] : cache)
+        if (p == name) return id;
     std::lock_guard<std::mutex> lk(NameMu());
     auto& names = NameTable();
-    for (size_t i = 0; i < names.size(); ++i)
-        if (names[i] == name) return static_cast<uint16_t>(i);
-    names.push_back(name);
-    return static_cast<uint16_t>(names.size() - 1);
+    size_t i = 0;
+    while (i < names.size() && names[i] != name) ++i;
+    if (i == names.size()) names.push_back(name);
+    cache.emplace_back(name, static_cast<uint16_t>(i));
+    return static_cast<uint16_t>(i);
 }
 inline const char* NameAt(uint16_t i) {
     std::lock_guard<std::mutex> lk(NameMu());
@@ -357,6 +363,13 @@ inline void CheckQuiescent(const Group& g) {
         for (int s = 0; s < g.ratio; ++s)
             if (!g.aivToAic[i][s].pending.empty() || !g.aicToAiv[i][s].pending.empty())
                 Fail("cross-core flag " + std::to_string(i) + " left set at kernel end");
+}
+// MTE2 traffic from GM, per core, split into the workspace hand-over and everything else (the inputs)
+inline void CountMte2(const void* src, uint64_t bytes) {
+    Group& g = *S().group;
+    const uint8_t* b = static_cast<const uint8_t*>(src);
+    const bool ws = b >= g.workspace.base && b < g.workspace.base + g.workspace.size;
+    (ws ? g.mte2WorkspaceBytes : g.mte2InputBytes)[S().slot] += bytes;
 }
 // the launch's GM workspace, tracked for races between the cores of the block
 inline void SetWorkspace(Group& g, uint8_t* base, uint64_t size) {
@@ -924,7 +937,7 @@ __aicore__ inline void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor
         dst.Check(d0, padded / sizeof(T));
         twin::Access(twin::P_MTE2, src.GetPhyAddr() + so, p.blockLen, false, "DataCopyPad(GM->UB)");
         twin::Access(twin::P_MTE2, dst.Ptr() + d0, padded, true, "DataCopyPad(GM->UB)");
-        twin::S().group->mte2GmBytes[twin::S().slot] += p.blockLen;
+        twin::CountMte2(src.GetPhyAddr() + so, p.blockLen);
         std::memcpy(dst.Ptr() + d0, src.GetPhyAddr() + so, p.blockLen);
         if (pad.isPad) {
             for (uint32_t i = 0; i < pad.rightPadding; ++i) dst.Ptr()[d0 + n + i] = pad.paddingValue;
@@ -972,7 +985,7 @@ __aicore__ inline void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>
             uint64_t so = uint64_t(i) * p.srcNdMatrixStride + uint64_t(r) * p.srcDValue;
             src.Check(so, p.dValue);
             twin::Access(twin::P_MTE2, src.GetPhyAddr() + so, uint64_t(p.dValue) * sizeof(T), false, "DataCopy(Nd2Nz)");
-            twin::S().group->mte2GmBytes[twin::S().slot] += uint64_t(p.dValue) * sizeof(T);
+            twin::CountMte2(src.GetPhyAddr() + so, uint64_t(p.dValue) * sizeof(T));
             for (uint32_t c = 0; c < p.dValue; ++c) {
                 uint64_t d = uint64_t(i) * p.dstNzMatrixStride + uint64_t(c / C0) * p.dstNzC0Stride * C0 +
                              uint64_t(r) * p.dstNzNStride * C0 + c % C0;
@@ -980,8 +993,15 @@ __aicore__ inline void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>
                 dst.Ptr()[d] = src.GetPhyAddr()[so + c];
             }
         }
-        // the fractal rows written (padding columns of a partial C0 block included: the chip writes them)
-        for (uint32_t cb = 0; cb < (p.dValue + C0 - 1) / C0; ++cb)
+        // the fractal rows written (padding columns of a partial C0 block included: the chip writes them);
+        // one range when the column blocks are packed back to back, as the kernel lays them out
+        const uint32_t blocks = (p.dValue + C0 - 1) / C0;
+        if (p.dstNzNStride == 1 && p.dstNzC0Stride == p.nValue) {
+            twin::Access(twin::P_MTE2, dst.Ptr() + uint64_t(i) * p.dstNzMatrixStride,
+                         uint64_t(blocks) * p.nValue * 32, true, "DataCopy(Nd2Nz)");
+            continue;
+        }
+        for (uint32_t cb = 0; cb < blocks; ++cb)
             for (uint32_t r = 0; r < p.nValue; ++r)
                 twin::Access(twin::P_MTE2,
                              dst.Ptr() + uint64_t(i) * p.dstNzMatrixStride + uint64_t(cb) * p.dstNzC0Stride * C0 +

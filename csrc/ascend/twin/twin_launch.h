@@ -26,7 +26,9 @@ struct KernelArgs {
 };
 struct LaunchReport {
     uint64_t peak[AscendC::twin::NUM_MEM] = {0, 0, 0, 0, 0};  // the most any one core's TPipe allocated
-    std::vector<uint64_t> blockMte2;  // per block: bytes its cores' MTE2 read from GM (inputs + workspace)
+    // per block (its cube core and vector cores together): bytes MTE2 read from the kernel's inputs in
+    // GM and from the workspace hand-over, and the work items the block ran
+    std::vector<uint64_t> blockInputBytes, blockWorkspaceBytes;
 };
 
 inline AscendC::twin::SocLimits TwinLimits(const SocSpec& soc)
@@ -52,7 +54,8 @@ inline LaunchReport LaunchTwin(TwinKernel kernel, const KernelArgs& a, const Sel
     // this launch's SoC travels with its core groups: concurrent launches for other SoCs do not see it
     const AscendC::twin::SocLimits limits = TwinLimits(soc);
     LaunchReport rep;
-    rep.blockMte2.assign(tiling.blockDim, 0);
+    rep.blockInputBytes.assign(tiling.blockDim, 0);
+    rep.blockWorkspaceBytes.assign(tiling.blockDim, 0);
     const int ratio = static_cast<int>(tiling.vecSubBlocks);
     for (uint32_t b = 0; b < tiling.blockDim; ++b) {
         AscendC::twin::Group group;
@@ -85,7 +88,10 @@ inline LaunchReport LaunchTwin(TwinKernel kernel, const KernelArgs& a, const Sel
         AscendC::twin::CheckQuiescent(group);
         for (const auto& cp : corePeak)
             for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) rep.peak[m] = std::max(rep.peak[m], cp[m]);
-        for (int s = 0; s <= ratio; ++s) rep.blockMte2[b] += group.mte2GmBytes[s];
+        for (int s = 0; s <= ratio; ++s) {
+            rep.blockInputBytes[b] += group.mte2InputBytes[s];
+            rep.blockWorkspaceBytes[b] += group.mte2WorkspaceBytes[s];
+        }
     }
     return rep;
 }
