@@ -257,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", action="append", choices=sorted(WORK_PRESETS),
                     help="repeatable; default: dsv32-decode and dsv32-prefill")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--md", help="write the table (with the shapes and versions) here, e.g. docs/benchmarks/")
     args = ap.parse_args(argv)
     from attention.backends.triton import launch
 
@@ -267,10 +268,10 @@ def main(argv=None) -> int:
         ap.error(str(e))
     finally:
         os.environ.pop(launch.TARGET_ENV, None)
-    if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        if not os.access(d, os.W_OK):
-            ap.error(f"--json: cannot write to {d}")
+    for flag, path in (("--json", args.json), ("--md", args.md)):
+        d = os.path.dirname(os.path.abspath(path)) if path else None
+        if d and not os.access(d, os.W_OK):
+            ap.error(f"{flag}: cannot write to {d}")
     rows = []
     for name in args.preset or ["dsv32-decode", "dsv32-prefill"]:
         for p in WORK_PRESETS[name]:
@@ -285,7 +286,23 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(rows))
     return 0
+
+
+def markdown(rows: List[Dict[str, object]]) -> str:
+    """The report of a run: table, shapes, where the numbers come from."""
+    import triton
+
+    shapes = "\n".join(f"- `{r['problem']}`: {r['describe']}; kept candidates {r['kept']}" for r in rows)
+    target = rows[0]["target"] if rows else ""
+    return (f"# Executed work of the Triton kernels, planned for {target}\n\n"
+            f"`python -m bench.work --target \"{target}\"` (triton {triton.__version__} interpreter, "
+            f"torch {torch.__version__}): executed `tl.dot` FLOPs and loaded bytes counted by instrumenting the "
+            "interpreter, against the contract's useful FLOPs and compulsory bytes (bench/work.py). "
+            "Scaled shapes, tile ratios kept.\n\n" + table(rows) + "\n\n" + shapes + "\n")
 
 
 if __name__ == "__main__":
