@@ -35,6 +35,7 @@ class TritonBackend(Backend):
     priorities = {"cuda": 10, "cpu": 50}
     ops = {
         "attention": ATTENTION_FEATURES,  # the kernel implements all of SPEC.md section 1
+        "attention_backward": ATTENTION_FEATURES,  # backward.py; limits: backward.limit_reasons
         "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal"}),
         "select": frozenset({"contiguous", "paged", "varlen", "causal", "block"}),
     }
@@ -58,10 +59,15 @@ class TritonBackend(Backend):
     def limit_reasons(self, inp) -> List[str]:
         # Launch-geometry limits (CUDA grid axes 1/2 hold at most 65535 programs; offsets inside a
         # candidate list are int32) and the selection kernels' block/k limits.
-        if inp.op == "attention":
+        if inp.op in ("attention", "attention_backward"):
             from . import limits
 
-            return limits.reasons(inp)
+            reasons = limits.reasons(inp)
+            if inp.op == "attention_backward":
+                from .backward import limit_reasons
+
+                reasons += limit_reasons(inp)
+            return reasons
         from . import selection
 
         return selection.limit_reasons(inp)
@@ -74,6 +80,11 @@ class TritonBackend(Backend):
         from .selection import LAUNCHER
 
         return LAUNCHER.run(inp)
+
+    def backward(self, inp, out, lse, grad_out, grad_lse):
+        from .backward import backward_op
+
+        return backward_op(inp, out, lse, grad_out, grad_lse)
 
     def info(self) -> Dict[str, str]:
         if self.unavailable_reasons():
