@@ -109,8 +109,9 @@ def step_matrix(device: str, dtypes, cases=None, save=_noop) -> dict:
     return result()
 
 
-def step_check(device: str) -> dict:
-    """No host sync in a call; capture + replay in a CUDA graph; the opt-in triton.autotune path."""
+def step_check(device: str, save=_noop) -> dict:
+    """No host sync in a call; capture + replay in a CUDA graph; the opt-in triton.autotune path.
+    ``save`` gets the results after every sub-check (autotune compiles 16 configs: it may be cut)."""
     res = {}
     case = testing.CASES_BY_NAME["paged_latent_rope_sink_causal"]
     dt = torch.bfloat16
@@ -123,6 +124,9 @@ def step_check(device: str) -> dict:
 
     out, lse = call()
     _sync(device)
+    err_o, err_l = testing.max_error(out, ref_out), testing.max_error(lse, ref_lse)
+    res["correct"] = dict(ok=err_o <= tol[0] and err_l <= tol[1], out_err=err_o, lse_err=err_l)
+    save(res)
     if device == "cuda":
         # Two inputs: the matrix's paged/rope/sink/causal case (one kernel) and a decode shape whose
         # plan splits the candidates (kernel + combine, with partial buffers allocated per call).
@@ -132,6 +136,7 @@ def step_check(device: str) -> dict:
         plan = launch.plan(attention.validate(**inputs["decode_split"]),
                            launch.resolve_config(attention.validate(**inputs["decode_split"]))[0])
         res["decode_split_plan"] = dict(ok=plan["num_splits"] > 1, num_splits=plan["num_splits"])
+        save(res)
         for name, a in inputs.items():
             attention.selective_attention(**a, backend="triton", return_lse=True)  # compile first
             torch.cuda.synchronize()
@@ -165,6 +170,7 @@ def step_check(device: str) -> dict:
             except Exception as e:
                 res[f"cuda_graph_{name}"] = dict(ok=False, error=f"{type(e).__name__}: {e}",
                                                  trace=traceback.format_exc()[-2000:])
+            save(res)
         try:
             os.environ["ATTENTION_TRITON_AUTOTUNE"] = "1"
             a3 = testing.CASES_BY_NAME["deepseek_widths"].make(dt, device)
@@ -182,8 +188,6 @@ def step_check(device: str) -> dict:
         res["sync_free"] = dict(ok=None, note="no GPU: covered on CPU by tests/test_triton_kernels.py::test_host_path_reads_no_device_data")
         res["cuda_graph"] = dict(ok=None, note="no GPU")
         res["autotune"] = dict(ok=None, note="no GPU (triton.autotune benchmarks with CUDA events)")
-    err_o, err_l = testing.max_error(out, ref_out), testing.max_error(lse, ref_lse)
-    res["correct"] = dict(ok=err_o <= tol[0] and err_l <= tol[1], out_err=err_o, lse_err=err_l)
     return res
 
 
@@ -431,7 +435,7 @@ def main(argv=None) -> int:
         _write(out, name, r)
         rc |= int(r["failed"] > 0)
     if a.step in ("check", "all"):
-        r = step_check(device)
+        r = step_check(device, save=lambda part: _write(out, "check", part))
         _write(out, "check", r)
         rc |= int(any(v.get("ok") is False for v in r.values()))
     if a.step in ("tune", "all"):
