@@ -106,7 +106,7 @@ def table(rows: List[Dict[str, object]]) -> str:
     for r in rows:
         f = lambda k, fmt="{:.1f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
         lines.append(f"| {r['problem']} | {r['backend']} | {r['status']} | {f('fwd_ms')} | {f('fwd_bwd_ms')} | "
-                     f"{f('bwd_ms')} | {f("fwd_bwd_gflops", "{:.2f}")} |")
+                     f"{f('bwd_ms')} | {f('fwd_bwd_gflops', '{:.2f}')} |")
     return "\n".join(lines)
 
 
