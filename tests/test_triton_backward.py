@@ -227,3 +227,27 @@ def test_wide_shapes_decline_the_backward_with_reasons():
     reasons = BACKEND.not_supported_reasons(attention.registry._with_op(inp, "attention_backward"))
     assert any("backward: key tile 1024" in r for r in reasons)
     assert not BACKEND.not_supported_reasons(inp)  # the forward still runs it
+
+
+def test_work_count_of_the_backward_is_the_plans_dots():
+    """bench.work --backward counts what the kernel executes: one token, one tile of 32 candidates,
+    16 heads; the eight dots of a latent tile with a tail (scores on the value part and on the tail,
+    dP, dV, dq and dK of both parts), each at the plan's padded tile shape."""
+    from bench.work import WORK_PRESETS, measure_backward
+
+    row = measure_backward(WORK_PRESETS["tiny"][0], "NVIDIA H200")
+    pl = row["plan"]
+    bh, bn = pl["BLOCK_H"], pl["BLOCK_N"]
+    assert pl["HAS_TAIL"] and row["dots"] == 8 and row["finite"]
+    assert row["flops_executed"] == 2 * bh * bn * (3 * pl["BLOCK_DK"] + 3 * pl["BLOCK_DT"] + 2 * pl["BLOCK_DV"])
+    assert row["flops_useful"] == 2.5 * 2 * row["kept"] * 16 * (32 + 16)
+
+
+def test_training_bench_checks_triton_gradients_before_timing():
+    from bench.presets import dsv32
+    from bench.training import run
+
+    p = dsv32("train-tiny", batch=1, q_per_seq=4, context=32, H=16, Dqk=32, Dv=16, K=8, page_size=8, causal=True)
+    rows = run([p], ["reference", "triton"], DEVICE, repeats=1)
+    assert [r["status"] for r in rows] == ["checked", "checked"]
+    assert max(rows[1]["max_rel_grad_err"].values()) <= 1e-2 and rows[1]["fwd_bwd_ms"] > 0
