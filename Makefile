@@ -11,7 +11,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: all venv install test demo bench info verify cuda-check gpu-check ascendc-check clean
+.PHONY: all venv install test demo bench info verify cuda-check gpu-check ascendc-check clean compile-budget \
+	compile-budget-triton36 triton36
 
 all: test
 
@@ -65,5 +66,21 @@ cuda-check:
 	    $(NVCC) $(CUDA_CHECK_FLAGS) -gencode arch=compute_$$arch,code=sm_$$arch -c "$$f" -o /tmp/cuda_check_$$$$.o; \
 	  done; done; rm -f /tmp/cuda_check_*.o; echo "cuda-check: ok"
 
+# Compile budgets of the Triton kernels (registers, spills, shared memory) with the JIT's real
+# specialization, for sm_90, without a GPU (bench/compile_budget.py). compile-budget uses the venv's
+# (CI's) triton; compile-budget-triton36 the GPU machine's triton 3.6, installed beside the venv into
+# $(TRITON36_DIR) (pip --target, no torch: triton.compile needs none) and put first on PYTHONPATH.
+# Neither depends on `install`, so an existing venv is used as it is: make ... VENV=/path/to/venv.
+TRITON36_DIR ?= .triton36
+BUDGET_ARGS ?=
+$(TRITON36_DIR)/.installed:
+	$(PIP) install -q --no-deps --target $(TRITON36_DIR) "triton==3.6.0"
+	touch $@
+triton36: $(TRITON36_DIR)/.installed
+compile-budget:
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR) $(PY) bench/compile_budget.py $(BUDGET_ARGS)
+compile-budget-triton36: $(TRITON36_DIR)/.installed
+	env -u TRITON_INTERPRET PYTHONPATH=$(abspath $(TRITON36_DIR)):$(CURDIR) $(PY) bench/compile_budget.py $(BUDGET_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(TRITON36_DIR)

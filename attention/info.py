@@ -9,15 +9,14 @@ import sys
 import torch
 
 import attention
-from attention.registry import backends
+from attention.registry import backends, npu_available
 
 
 def _devices_here():
     devs = ["cpu"]
     if torch.cuda.is_available():
         devs.append("cuda")
-    npu = getattr(torch, "npu", None)
-    if npu is not None and npu.is_available():
+    if npu_available():
         devs.append("npu")
     return devs
 

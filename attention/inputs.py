@@ -9,8 +9,10 @@ device sync on a GPU/NPU, so they are checked always for CPU tensors and elsewhe
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import operator
 import os
 from dataclasses import dataclass, field, make_dataclass
 from typing import Optional, Tuple
@@ -22,6 +24,9 @@ from .arguments import ARGS, NUM_REQUIRED, OPTIONAL_TENSORS, REFERENCE_KWARGS, a
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+_reference_values = operator.attrgetter(*REFERENCE_KWARGS)
 
 
 class _Derived:
@@ -84,21 +89,16 @@ class _Derived:
 
     @property
     def features(self) -> frozenset:
-        """Named features these inputs use; backends declare which they support."""
-        f = {"latent" if self.latent else "separate_v", "paged" if self.paged else "contiguous"}
-        if self.q_rope is not None:
-            f.add("rope")
-        if self.block_size > 1:
-            f.add("block")
-        if self.causal:
-            f.add("causal")
-        if self.attn_sink is not None:
-            f.add("sink")
-        if self.cu_seqlens_q is not None and self.num_seqs > 1:
-            f.add("varlen")
-        if self.indices.shape[1] == 1 and self.num_kv_heads > 1:
-            f.add("shared_indices")
-        return frozenset(f)
+        """Named features these inputs use (``registry.ATTENTION_FEATURES``); backends declare theirs."""
+        return _features_of(self._feature_flags())
+
+    def _feature_flags(self) -> tuple:
+        # Everything `features` depends on, as a cheap hashable tuple (the registry's cache key). bool():
+        # while tracing with dynamic shapes the size tests are symbolic; features are decided concretely.
+        cu_q = self.cu_seqlens_q
+        return (self.v is None, self.kv.dim() == 4, self.q_rope is not None, self.block_size > 1, self.causal,
+                self.attn_sink is not None, cu_q is not None and bool(cu_q.shape[0] > 2),
+                bool(self.indices.shape[1] == 1 and self.kv.shape[-2] > 1))
 
     @property
     def sizes(self) -> tuple:
@@ -108,16 +108,25 @@ class _Derived:
 
     def choice_key(self) -> tuple:
         """What the registry's cached choice depends on: device type, dtype, features, sizes."""
-        return (self.q.device.type, self.q.dtype, self.features, self.sizes)
+        return (self.q.device.type, self.q.dtype, self._feature_flags(), self.sizes)
 
     def reference_kwargs(self) -> dict:
         """Keyword arguments for ``python_ref.selective_attention`` (every math argument after indices)."""
-        return {n: getattr(self, n) for n in REFERENCE_KWARGS}
+        return dict(zip(REFERENCE_KWARGS, _reference_values(self)))
 
     def describe(self) -> str:
         return (f"T={self.num_tokens} H={self.num_heads} Hkv={self.num_kv_heads} Dqk={self.head_dim} "
                 f"Dv={self.d_v} Dr={self.rope_dim} K={self.topk} block={self.block_size} "
                 f"dtype={str(self.dtype).replace('torch.', '')} {'paged' if self.paged else 'contiguous'}")
+
+
+@functools.lru_cache(maxsize=None)
+def _features_of(flags: tuple) -> frozenset:
+    latent, paged, rope, block, causal, sink, varlen, shared = flags
+    named = (("rope", rope), ("block", block), ("causal", causal), ("sink", sink), ("varlen", varlen),
+             ("shared_indices", shared))
+    return frozenset([("latent" if latent else "separate_v"), ("paged" if paged else "contiguous")]
+                     + [name for name, on in named if on])
 
 
 # The inputs object: one field per row of ARGS, in the schema's order, with the derived sizes above.

@@ -22,7 +22,6 @@ reference   any                 python_ref.merge (torch ops on whatever device)
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple, Union
 
@@ -39,7 +38,9 @@ _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from .backends.triton.backend import interpreting  # the one reading of TRITON_INTERPRET
+
+    return interpreting()
 
 
 # ----------------------------------------------------------------------------- validation

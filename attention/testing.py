@@ -20,6 +20,8 @@ import torch
 
 import python_ref
 
+from .inputs import dtype_name
+
 # SPEC.md section 4: max |out - ref| and max |lse - ref| per dtype.
 TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
     torch.float32: (1e-4, 1e-4),
@@ -27,7 +29,7 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
     torch.bfloat16: (3e-2, 1e-2),
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = {d: dtype_name(d) for d in DTYPES}
 
 
 @dataclass(frozen=True)

@@ -131,11 +131,12 @@ class WorkCounter:
 
 
 # Scaled shapes (see the module docstring). dsv32: H=128 (two 64-head blocks), 576/512 latent rows,
-# BLOCK_N 64 tiles; decode keeps K=2048 (the split plan depends on it), context 4096 instead of
-# 32K (a decode reads only the selected rows: context does not change the counts); the prefill is
-# 512 causal tokens selecting 256 (K / context = 1/2 as at 4096 / 2048).
+# BLOCK_N 64 tiles, context 4096 instead of 32K (a decode reads only the selected rows: context
+# does not change the counts). 4 x 1 keeps K=2048, whose 16-way split the plan depends on; 64 x 1
+# (128 programs: no split on 132 SMs at any K) uses K=512, every tile full as at 2048. The prefill
+# is 512 causal tokens selecting 256 (K / context = 1/2 as at 4096 / 2048).
 WORK_PRESETS: Dict[str, List[Problem]] = {
-    "dsv32-decode": [dsv32("dsv32-decode-64x1", batch=64, q_per_seq=1, context=4096),
+    "dsv32-decode": [dsv32("dsv32-decode-64x1", batch=64, q_per_seq=1, context=4096, K=512),
                      dsv32("dsv32-decode-4x1", batch=4, q_per_seq=1, context=4096)],
     "dsv32-prefill": [dsv32("dsv32-prefill", batch=1, q_per_seq=512, context=512, K=256, causal=True,
                             page_size=0)],
@@ -289,7 +290,8 @@ def main(argv=None) -> int:
             if p.family.startswith("dsv32"):
                 row["misses"] = check_targets(row)
             rows.append(row)
-            print(f"  done in {row['interpreter_seconds']} s", file=sys.stderr, flush=True)
+            print(f"  done in {row['interpreter_seconds']} s: FLOPs {row['flops_ratio']:.3f}x, kv bytes "
+                  f"{row['bytes_ratio']['kv']:.3f}x, q bytes {row['bytes_ratio']['q']:.3f}x", file=sys.stderr, flush=True)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -333,13 +333,14 @@ def _chunk_union(call: _Call, q, q_rope, c0, c1, rows, keep, u):
 
 
 def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
-    """Gathered operands and masked scores of tokens [c0, c1): s [c, Hkv, Hg, n] (scaled)."""
+    """Gathered operands and masked scores of tokens [c0, c1): s [c*Hkv, Hg, n] (scaled), keys/vals
+    [c*Hkv, n, D], qc [c*Hkv, Hg, Dqk] (token x kv head folded into the bmm batch)."""
     whole = c0 == 0 and c1 == call.Tc  # one chunk (decode): skip the slicing
     if selected is None:
         selected = _select(call, indices if whole else indices[c0:c1], c0, c1)
     rows, keep = selected
     c, cd = c1 - c0, call.compute_dtype
-    keys = _gather(call.kv_flat, rows, keep, cd)  # [c, Hkv, n, Dqk]
+    keys = _gather(call.kv_flat, rows, keep, cd)  # [c*Hkv, n, Dqk]
     qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.Hg, call.Dqk)
     if qc.dtype != cd:
         qc = qc.to(cd)
@@ -611,7 +612,7 @@ def selective_attention_backward(
             o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
             delta = (do * o).sum(-1, keepdim=True)
             ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
-            dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c, Hkv, n, Dv]
+            dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c*Hkv, n, Dv]
             if dsink is not None:
                 # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
                 dsink -= (delta * sink_share).view(c, Hkv, Hg, 1).sum(0, keepdim=True)

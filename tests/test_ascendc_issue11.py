@@ -28,12 +28,12 @@ def _twin_call(args, soc="Ascend910B2", tiling=None, **kw):
 
 # ---------------------------------------------------------------- item 3: K * block_size >= 2**41
 def test_huge_block_count_does_not_wrap():
-    """K * block_size = 2**41 + 2**20 candidate slots over a 2-row cache. The tile count used to be
+    """K * block_size = 2**41 + 2**20 candidate slots over a 1-row cache. The tile count used to be
     ceil(K * block_size / nTile) in 32 bits (2**32 + 2048 -> 2048 tiles of 512): every index but the
     first was silently dropped. Offsets of a block past the cache are now clipped before the count, so
     the work is K * min(block_size, rows) slots, counted in 64 bits."""
     g = torch.Generator().manual_seed(11)
-    K, bs, S = 2 ** 21 + 1, 2 ** 20, 2
+    K, bs, S = 2 ** 21 + 1, 2 ** 20, 1
     q = torch.randn(1, 4, 16, generator=g)
     kv = torch.randn(S, 1, 16, generator=g)
     idx = torch.full((1, 1, K), -1, dtype=torch.int32)

@@ -26,8 +26,7 @@ import gpu_triton_check as gc  # noqa: E402
 BUDGET_S = 420  # the lent machine gives one try of about 8 minutes: 7 minutes for the steps
 STEPS = ["env", "install", "cuda_ext", "matrix_float32", "matrix_float16", "matrix_bfloat16", "check", "tune",
          "bench", "selection", "report"]
-needs_bash = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("flock") is None,
-                                reason="needs bash and flock")
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
 def _steps(final: Path):
@@ -122,9 +121,9 @@ def test_every_step_is_cut_at_its_limit_and_all_fit_the_budget(tmp_path):
     """Every step hangs: each is stopped at its own limit and the run goes on, and the worst case of
     the whole run fits in 7 minutes. That worst case is the longest chain of steps, each at its limit
     plus the kill grace, where a step follows every step that had ended when it started in this run
-    (parallel steps overlap). Limits are scaled to 1% so this takes seconds; the chain uses the
+    (parallel steps overlap). Limits are scaled to 3% so this takes seconds; the chain uses the
     recorded limits, not the measured times, because process start-up is not scaled."""
-    scale = 1
+    scale = 3
     t0 = time.time()
     r = _run_script(tmp_path, dict(GPU_CHECK_TIME_SCALE=str(scale), FAKE_HANG="*"), python=_fake_python(tmp_path))
     wall = time.time() - t0

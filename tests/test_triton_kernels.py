@@ -16,6 +16,8 @@ from attention.testing import max_error as _max_err
 triton = pytest.importorskip("triton")
 
 from attention.backends.triton import BACKEND, launch  # noqa: E402
+from attention.backends.triton.kernels import _to_out  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not BACKEND.test_devices(), reason="triton backend cannot run here")
@@ -172,3 +174,37 @@ def test_empty_query_batch():
     args["indices"] = args["indices"][:0]
     out, lse = attention.selective_attention(**args, backend="triton", return_lse=True)
     assert out.shape == (0, 4, 16) and lse.shape == (0, 4)
+
+
+@triton.jit
+def _cast_rtne(X, Y, N: tl.constexpr):
+    r = tl.arange(0, N)
+    tl.store(Y + r, _to_out(tl.load(X + r), Y, True))
+
+
+def test_interpreter_rounds_bfloat16_to_nearest_even():
+    """Issue 13 item 5: the kernels' float32 -> bfloat16 conversion rounds like a GPU (the interpreter's
+    own .to(tl.bfloat16) truncates): bit-equal to torch's conversion, ties, inf, NaN and the top of
+    the range included."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, generator=g) * torch.logspace(-40, 38, 4096).float()
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80C000, 0x7F7FFFFF, 0x00008000, 0x80018000], dtype=torch.int64)
+    x[:6] = bits.to(torch.uint32).view(torch.float32)  # exact ties (even and odd), a non-tie, max float, subnormal ties
+    x[6:9] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    y = torch.empty(4096, dtype=torch.bfloat16)
+    _cast_rtne[(1,)](x, y, N=4096)
+    want = x.to(torch.bfloat16)
+    same = (y.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(y) & torch.isnan(want))
+    assert bool(same.all()), f"{int((~same).sum())} of 4096 differ"
+
+
+def test_bfloat16_output_meets_flash_mla_cosine_rule():
+    """FlashMLA's test rule for bf16 outputs: 1 - 2 sum(x y) / (sum x^2 + sum y^2) < 5e-6 against the
+    float64 result. With the interpreter's truncation the bias fails it (issue 13 item 5)."""
+    case = CASES_BY_NAME["deepseek_widths"]
+    args = case.make(torch.bfloat16, DEVICE)
+    out, _ = launch.forward(attention.validate(**args), autotune=False)
+    ref, _ = oracle(args)
+    x, y = out.double().cpu().flatten(), ref.flatten()
+    cos_diff = 1 - 2 * (x * y).sum() / (x * x + y * y).sum()
+    assert float(cos_diff) < 5e-6, float(cos_diff)

@@ -163,10 +163,9 @@ def test_selection_arguments_strided(op, paged):
 
 
 # ---- item 4: NaN / inf in a kept candidate ----
-# Backends whose fix belongs to another change of issue 11 (reference: item 1's chunk union; the
-# AscendC twin: item 4's twin part). strict: the marker must go when the fix lands.
-_NOT_FIXED_YET = {("reference", "value"): "issue 11 item 1 (reference chunk union) not fixed yet",
-                  ("ascendc", "key"): "issue 11 item 4 (twin part) not fixed yet"}
+# Backends whose fix is still pending (strict: the marker must go when the fix lands). None today:
+# the AscendC twin decides empty rows from its kept count since issue 11 item 4 (twin part).
+_NOT_FIXED_YET: dict = {}
 
 
 def _poison_params():

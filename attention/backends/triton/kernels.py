@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .merge import merge_states_tile
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # The same constants inside @triton.jit code (a plain global float is not allowed there).
@@ -116,10 +118,31 @@ def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, 
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 -> bfloat16 rounded to nearest even, on the bits. Triton 3.9's interpreter truncates in
+    ``.to(tl.bfloat16)`` (and its "rtne" mode rounds ties up without carrying), where GPUs round to
+    nearest even; truncation biases bf16 outputs low (issue 13 item 5, docs/traps.md)."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = b + 0x7FFF + ((b >> 16) & 1)
+    r = tl.where(x != x, b | 0x400000, r)  # NaN stays a quiet NaN (the carry could reach the sign)
+    return (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _to_out(x, OUT, RTNE_BF16: tl.constexpr):
+    """x cast to OUT's element type; RTNE_BF16 (interpreter with bfloat16 outputs) rounds as a GPU does."""
+    if RTNE_BF16:
+        y = _round_bf16(x)
+    else:
+        y = x.to(OUT.dtype.element_ty)
+    return y
+
+
+@triton.jit
 def _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, dvb, SINK,
                   OUT, LSE, OPART, LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
                   stride_ops, stride_opt, stride_oph, stride_opd, stride_lps, stride_lpt, stride_lph,
-                  HAS_SINK: tl.constexpr, SPLIT: tl.constexpr):
+                  HAS_SINK: tl.constexpr, SPLIT: tl.constexpr, RTNE_BF16: tl.constexpr):
     """The epilogue of both forward kernels: the sink rule, empty rows, the natural-log LSE, or the
     partial (normalised output, base-2 LSE) of one split for the combine kernel.
 
@@ -150,7 +173,7 @@ def _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_ma
         denom = tl.where(nonempty, denom, 1.0)
         o = acc / denom[:, None]
         op = OUT + t.to(tl.int64) * stride_ot + heads[:, None].to(tl.int64) * stride_oh + offs_dv[None, :] * stride_od
-        tl.store(op, o.to(OUT.dtype.element_ty), mask=h_mask[:, None] & dv_mask[None, :])
+        tl.store(op, _to_out(o, OUT, RTNE_BF16), mask=h_mask[:, None] & dv_mask[None, :])
         lse = tl.where(nonempty, (m_fin + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2, float("-inf"))
         tl.store(LSE + t.to(tl.int64) * stride_lt + heads * stride_lh, lse, mask=write_lse)
 
@@ -190,7 +213,7 @@ def selective_attention_fwd_kernel(
     HAS_SINK: tl.constexpr, SPLIT: tl.constexpr, SEARCH_STEPS: tl.constexpr, F32_DOT: tl.constexpr,
     NUM_HB: tl.constexpr, NUM_DVB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DR: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, RTNE_BF16: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -261,7 +284,7 @@ def selective_attention_fwd_kernel(
 
     _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, dvb, SINK, OUT, LSE, OPART,
                   LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh, stride_ops, stride_opt, stride_oph,
-                  stride_opd, stride_lps, stride_lpt, stride_lph, HAS_SINK, SPLIT)
+                  stride_opd, stride_lps, stride_lpt, stride_lph, HAS_SINK, SPLIT, RTNE_BF16)
 
 
 @triton.jit
@@ -278,7 +301,7 @@ def selective_attention_latent_kernel(
     VARLEN: tl.constexpr, HAS_CUK: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_SINK: tl.constexpr, SPLIT: tl.constexpr, SEARCH_STEPS: tl.constexpr, F32_DOT: tl.constexpr,
     NUM_HB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_DT: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_DT: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_STAGES: tl.constexpr, RTNE_BF16: tl.constexpr = False,
 ):
     """Latent (MLA) mode, value = the first DV columns of the key row: FlashMLA's data flow.
 
@@ -358,7 +381,7 @@ def selective_attention_latent_kernel(
 
     _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, pid1 * 0, SINK, OUT, LSE, OPART,
                   LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh, stride_ops, stride_opt, stride_oph,
-                  stride_opd, stride_lps, stride_lpt, stride_lph, HAS_SINK, SPLIT)
+                  stride_opd, stride_lps, stride_lpt, stride_lph, HAS_SINK, SPLIT, RTNE_BF16)
 
 
 @triton.jit
@@ -369,48 +392,20 @@ def selective_attention_combine_kernel(
     stride_ot, stride_oh, stride_od,
     stride_lt, stride_lh,
     DV: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr,
+    RTNE_BF16: tl.constexpr = False,
 ):
-    """Flash-decoding combine: out = sum_i 2^lse2_i o_i / (sum_i 2^lse2_i + 2^sink2), in a fixed
-    split order (deterministic)."""
-    t = tl.program_id(0).to(tl.int64)
+    """Flash-decoding combine of the splits' partial (out, base-2 lse): SPEC.md section 6, computed by
+    merge.py's ``merge_states_tile`` (the one merge of partial states, shared with
+    ``merge_attention_states``), in a fixed split order (deterministic). The sink is contiguous [H]."""
+    t = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < DV
-    # Pointers advanced split by split (64-bit pointer arithmetic): i * stride_ops in int32 would wrap
-    # once splits * T * H * Dv passes 2**31 elements.
-    lp0 = LPART + t * stride_lpt + offs_h * stride_lph
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    lp = lp0
-    for i in range(0, num_splits):
-        l2 = tl.load(lp, mask=h_mask, other=float("-inf"))
-        m = tl.maximum(m, l2)
-        lp += stride_lps
-    m_sub = tl.where(m == float("-inf"), 0.0, m)
-    wsum = tl.zeros([BLOCK_H], tl.float32)
-    nonempty = offs_h < 0
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    lp = lp0
-    op = OPART + t * stride_opt + offs_h[:, None] * stride_oph + offs_dv[None, :] * stride_opd
-    for i in range(0, num_splits):
-        l2 = tl.load(lp, mask=h_mask, other=float("-inf"))
-        w = tl.exp2(l2 - m_sub)
-        # lse2 = -inf marks a split without kept candidates (its o is never read); NaN (a NaN in a
-        # kept row) is not -inf, so it propagates through w and o as it would in float64.
-        part = l2 != float("-inf")
-        o = tl.load(op, mask=h_mask[:, None] & dv_mask[None, :] & part[:, None], other=0.0)
-        wsum += w
-        acc += w[:, None] * o
-        lp += stride_lps
-        op += stride_ops
-        nonempty = nonempty | part
-    denom = wsum
-    if HAS_SINK:
-        sink2 = tl.load(SINK + offs_h, mask=h_mask, other=0.0) * _LOG2E
-        denom = denom + tl.exp2(sink2 - m_sub)
-    denom = tl.where(nonempty, denom, 1.0)
-    out = acc / denom[:, None]
-    tl.store(OUT + t * stride_ot + offs_h[:, None] * stride_oh + offs_dv[None, :] * stride_od,
-             out.to(OUT.dtype.element_ty), mask=h_mask[:, None] & dv_mask[None, :])
-    lse = tl.where(nonempty, (m_sub + tl.log2(tl.where(nonempty, wsum, 1.0))) * _LN2, float("-inf"))
-    tl.store(LSE + t * stride_lt + offs_h * stride_lh, lse, mask=h_mask & ((offs_h * 0 + tl.program_id(2)) == 0))
+    out, lse = merge_states_tile(OPART, LPART, SINK, t, offs_h, h_mask, offs_dv, dv_mask, num_splits,
+                                 stride_ops, stride_opt, stride_oph, stride_opd, stride_lps, stride_lpt, stride_lph, 1,
+                                 HAS_SINK=HAS_SINK, LSE_BASE2=True, BLOCK_H=BLOCK_H, BLOCK_DV=BLOCK_DV)
+    t64 = t.to(tl.int64)
+    tl.store(OUT + t64 * stride_ot + offs_h[:, None] * stride_oh + offs_dv[None, :] * stride_od,
+             _to_out(out, OUT, RTNE_BF16), mask=h_mask[:, None] & dv_mask[None, :])
+    tl.store(LSE + t64 * stride_lt + offs_h * stride_lh, lse, mask=h_mask & ((offs_h * 0 + tl.program_id(2)) == 0))

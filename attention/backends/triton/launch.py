@@ -275,6 +275,8 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     S_total = 0 if paged else kv.shape[0]
     num_pages = kv.shape[0] if paged else 0
     bt = inp.block_table
+    # The interpreter truncates float32 -> bfloat16; the kernels then round by hand, as a GPU does.
+    rtne_bf16 = on_cpu and inp.dtype == torch.bfloat16
     # Arguments by name (the kernels' parameter names), shared by both forward kernels.
     args = dict(
         Q=q, KV=kv, QR=inp.q_rope if inp.q_rope is not None else dummy,
@@ -296,7 +298,7 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
         PAGE_SIZE=inp.page_size if paged else 1, VARLEN=inp.cu_seqlens_q is not None,
         HAS_CUK=inp.cu_seqlens_k is not None, PAGED=paged, CAUSAL=inp.causal, HAS_SINK=inp.attn_sink is not None,
         SPLIT=split, SEARCH_STEPS=max(1, B.bit_length() + 1),
-        F32_DOT=on_cpu or inp.dtype == torch.float32,
+        F32_DOT=on_cpu or inp.dtype == torch.float32, RTNE_BF16=rtne_bf16,
         NUM_HB=p["NUM_HB"], BLOCK_H=p["BLOCK_H"], BLOCK_DV=p["BLOCK_DV"], BLOCK_DR=p["BLOCK_DR"],
     )
     grid = (T, inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"], p["num_splits"])
@@ -316,8 +318,9 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
         bdv = min(_p2(inp.d_v), 128)
         cgrid = (T, triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv))
         selective_attention_combine_kernel[cgrid](
-            opart, lpart, sink if sink is not None else dummy, out, lse, H, p["num_splits"],
-            *opart.stride(), *lpart.stride(), *out.stride(), *lse.stride(),
-            DV=inp.d_v, HAS_SINK=inp.attn_sink is not None, BLOCK_H=bh, BLOCK_DV=bdv,
+            OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=p["num_splits"],
+            **_named("stride_op", "sthd", opart.stride()), **_named("stride_lp", "sth", lpart.stride()),
+            **_named("stride_o", "thd", out.stride()), **_named("stride_l", "th", lse.stride()),
+            DV=inp.d_v, HAS_SINK=inp.attn_sink is not None, BLOCK_H=bh, BLOCK_DV=bdv, RTNE_BF16=rtne_bf16,
         )
     return out, lse

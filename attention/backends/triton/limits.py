@@ -8,16 +8,16 @@ from typing import List
 MAX_GRID_Y = 65535
 MAX_GRID_X = 2**31 - 1
 MAX_CANDIDATES = 2**31 - 1 - 4096  # candidate offsets (K * block_size) are int32 inside the kernel
-MIN_BLOCK_H = 16  # tl.dot needs M >= 16: a kv group is padded up to 16 heads
 
 
 def reasons(inp) -> List[str]:
     out = []
     if inp.num_tokens > MAX_GRID_X:
         out.append(f"T={inp.num_tokens} query tokens > {MAX_GRID_X} (grid axis 0)")
-    # Worst case of the launch plan: head blocks of 16 and value blocks of 16 columns.
-    hg = inp.num_heads // inp.num_kv_heads
-    y = inp.num_kv_heads * -(-hg // 128) * -(-inp.d_v // 512)
+    # The launch plan (launch.py) grows head blocks up to 128 heads and value blocks up to 512 columns
+    # until the grid fits; inputs whose grid is too tall even then cannot launch.
+    heads_per_kv = inp.num_heads // inp.num_kv_heads
+    y = inp.num_kv_heads * -(-heads_per_kv // 128) * -(-inp.d_v // 512)
     if y > MAX_GRID_Y:
         out.append(f"Hkv x head blocks x value blocks = {y} > {MAX_GRID_Y} (grid axis 1)")
     if inp.topk * inp.block_size > MAX_CANDIDATES:

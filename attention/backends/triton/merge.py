@@ -44,29 +44,34 @@ def merge_states_tile(
     converted on load.
     """
     t64 = t.to(tl.int64)
+    # Pointers advanced part by part (64-bit pointer arithmetic): i * stride_ops in int32 would wrap
+    # once parts * T * H * Dv passes 2**31 elements (issue 11 item 3).
+    lp0 = LPART + t64 * stride_lpt + offs_h * stride_lph
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    lp = lp0
     for i in range(0, num_parts):
-        l2 = tl.load(LPART + i * stride_lps + t64 * stride_lpt + offs_h * stride_lph, mask=h_mask,
-                     other=float("-inf")).to(tl.float32)
+        l2 = tl.load(lp, mask=h_mask, other=float("-inf")).to(tl.float32)
         if not LSE_BASE2:
             l2 = l2 * 1.4426950408889634
         # NaN-propagating max: a NaN part must poison the merge, as NaN does in the float64 formula.
         m = tl.where((l2 != l2) | (l2 > m), l2, m)
+        lp += stride_lps
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     wsum = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    lp = lp0
+    op = OPART + t64 * stride_opt + offs_h[:, None] * stride_oph + offs_dv[None, :] * stride_opd
     for i in range(0, num_parts):
-        l2 = tl.load(LPART + i * stride_lps + t64 * stride_lpt + offs_h * stride_lph, mask=h_mask,
-                     other=float("-inf")).to(tl.float32)
+        l2 = tl.load(lp, mask=h_mask, other=float("-inf")).to(tl.float32)
         if not LSE_BASE2:
             l2 = l2 * 1.4426950408889634
         w = tl.exp2(l2 - m_sub)
         # Masked on the part's emptiness: an empty part's output is never read (may be NaN-filled).
-        o = tl.load(OPART + i * stride_ops + t64 * stride_opt + offs_h[:, None] * stride_oph
-                    + offs_dv[None, :] * stride_opd,
-                    mask=h_mask[:, None] & dv_mask[None, :] & (l2 > float("-inf"))[:, None], other=0.0)
+        o = tl.load(op, mask=h_mask[:, None] & dv_mask[None, :] & (l2 > float("-inf"))[:, None], other=0.0)
         wsum += w
         acc += w[:, None] * o.to(tl.float32)
+        lp += stride_lps
+        op += stride_ops
     empty = wsum == 0.0
     denom = wsum
     if HAS_SINK:
