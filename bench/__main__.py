@@ -7,6 +7,10 @@ if __name__ == "__main__":
         from .cp import main as cp_main
 
         sys.exit(cp_main())
+    if "--backward" in sys.argv[1:]:  # training step (forward + backward): its own driver
+        from .training import main as training_main
+
+        sys.exit(training_main())
     from .runner import main
 
     sys.exit(main())

@@ -169,6 +169,11 @@ WORK_PRESETS: Dict[str, List[Problem]] = {
     # NSA selected-block branch: 64-token blocks, 4 of them (K * block / context = 1/4 as 16 x 64 / 4096),
     # the last 32 tokens of a 1024-token causal prefill.
     "nsa-prefill": [nsa("nsa-prefill", batch=1, q_per_seq=32, context=1024, K=4)],
+    # The backward (--backward): the prefill above with 16 heads instead of 128 (the backward's head
+    # block is 16 at 512-wide rows, so any multiple of 16 fills its tiles alike) and 128 causal tokens
+    # selecting 64 (K / context = 1/2 as above): the interpreter runs one program per token and head block.
+    "dsv32-prefill-backward": [dsv32("dsv32-prefill-bwd", batch=1, q_per_seq=128, context=128, K=64, causal=True,
+                                     page_size=0, H=16)],
     # The counter's own test: one token, one tile, numbers computable by hand (tests/test_triton_work.py).
     "tiny": [dsv32("tiny", batch=1, q_per_seq=1, context=32, H=16, Dqk=32, Dv=16, K=16, page_size=0)],
 }
@@ -222,6 +227,34 @@ def measure(p: Problem, target: str) -> Dict[str, object]:
                 interpreter_seconds=round(secs, 1), finite=bool(torch.isfinite(out.float()).all()))
 
 
+def measure_backward(p: Problem, target: str, deterministic: bool = False) -> Dict[str, object]:
+    """Count the Triton backward (issue 17) of problem ``p``: executed dot FLOPs against the useful
+    backward, 2.5x the forward's useful FLOPs (recomputed scores, dP, dV, dq, dK); the forward that
+    produces (out, lse) runs outside the counter."""
+    import attention
+    from attention.backends.triton import backward, launch
+
+    inputs = make_inputs(p, "cpu")
+    inp = attention.validate(**inputs.kwargs)
+    out, lse = launch.forward(inp, autotune=False)
+    g = torch.Generator().manual_seed(0)
+    grad_out = torch.randn(out.shape, generator=g).to(out.dtype)
+    grad_lse = torch.randn(lse.shape, generator=g)
+    t0 = time.time()
+    with WorkCounter({k: v for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)}) as wc:
+        grads = backward.backward(inp, out, lse, grad_out, grad_lse, deterministic_mode=deterministic)
+    secs = time.time() - t0
+    kept = kept_candidates(p, inputs.indices)
+    useful = 2.5 * flop_count(p, kept)
+    hg = p.H // p.Hkv
+    exact = 2.0 * kept * hg * (3 * (p.Dqk + p.Dr) + 2 * p.Dv)  # the five dots without padding
+    return dict(problem=p.name, describe=p.describe(), target=target, deterministic=deterministic,
+                plan=backward.plan(inp), kept=kept, flops_executed=wc.flops, flops_useful=useful,
+                flops_ratio=wc.flops / useful if useful else float("nan"), flops_exact_dots=exact,
+                dots=wc.dots, bytes_loaded=dict(wc.bytes), interpreter_seconds=round(secs, 1),
+                finite=all(bool(torch.isfinite(x.float()).all()) for x in grads if x is not None))
+
+
 def check_targets(row: Dict[str, object]) -> List[str]:
     """Issue 15's targets at the DeepSeek shapes: FLOPs <= 1.05x useful, kv bytes <= 1.05x per
     64-head block, q bytes <= 1.1x. Returns the misses."""
@@ -258,6 +291,8 @@ def main(argv=None) -> int:
                     help="repeatable; default: dsv32-decode and dsv32-prefill")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--md", help="write the table (with the shapes and versions) here, e.g. docs/benchmarks/")
+    ap.add_argument("--backward", action="store_true",
+                    help="count the Triton backward instead (default preset: dsv32-prefill-backward; goal <= 1.2x)")
     args = ap.parse_args(argv)
     from attention.backends.triton import launch
 
@@ -272,6 +307,8 @@ def main(argv=None) -> int:
         d = os.path.dirname(os.path.abspath(path)) if path else None
         if d and not os.access(d, os.W_OK):
             ap.error(f"{flag}: cannot write to {d}")
+    if args.backward:
+        return _main_backward(args)
     rows = []
     for name in args.preset or ["dsv32-decode", "dsv32-prefill"]:
         for p in WORK_PRESETS[name]:
@@ -303,6 +340,29 @@ def markdown(rows: List[Dict[str, object]]) -> str:
             f"torch {torch.__version__}): executed `tl.dot` FLOPs and loaded bytes counted by instrumenting the "
             "interpreter, against the contract's useful FLOPs and compulsory bytes (bench/work.py). "
             "Scaled shapes, tile ratios kept.\n\n" + table(rows) + "\n\n" + shapes + "\n")
+
+
+def _main_backward(args) -> int:
+    from attention.backends.triton import launch
+
+    os.environ[launch.TARGET_ENV] = args.target
+    rows = []
+    lines = ["| problem | backward plan | executed / useful FLOPs (useful = 2.5x forward) | goal |", "|---|---|---|---|"]
+    for name in args.preset or ["dsv32-prefill-backward"]:
+        for p in WORK_PRESETS[name]:
+            print(f"counting the backward of {p.name}: {p.describe()} ...", file=sys.stderr, flush=True)
+            row = measure_backward(p, args.target)
+            rows.append(row)
+            print(f"  done in {row['interpreter_seconds']} s", file=sys.stderr, flush=True)
+            pl = row["plan"]
+            lines.append(f"| {p.name} | BLOCK_H {pl['BLOCK_H']}, BLOCK_N {pl['BLOCK_N']}, BLOCK_DK {pl['BLOCK_DK']}, "
+                         f"BLOCK_DT {pl['BLOCK_DT']} | {row['flops_ratio']:.3f} | "
+                         f"{'met' if row['flops_ratio'] <= 1.2 else 'missed'} (<= 1.2x) |")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -63,8 +63,12 @@ def plan(inp) -> dict:
     bdk = max(16, _p2(dk))
     # 32 heads x 512 float32 accumulator columns is the widest dq a program keeps on chip.
     bh = max(16, min(_p2(hg), 32 if bdk <= 256 else 16))
+    # Warps and BLOCK_N from sm_90 compiles of both kernels (docs/triton.md "Backward"; never run on a
+    # GPU): 16 candidates x 8 warps is the least spilling for 512-wide latent rows, and spill-free
+    # (175 registers) at NSA's 128 widths; the dkv kernel spills at 512 columns below 16 warps.
     return dict(DK=dk, HAS_TAIL=latent and inp.head_dim > inp.d_v, BLOCK_H=bh, NUM_HB=-(-hg // bh),
-                BLOCK_N=32, BLOCK_DK=bdk, BLOCK_DV=bdk if latent else max(16, _p2(inp.d_v)),
+                num_warps=8, dkv_num_warps=16 if bdk >= 256 else 4, BLOCK_N=16, BLOCK_DK=bdk,
+                BLOCK_DV=bdk if latent else max(16, _p2(inp.d_v)),
                 BLOCK_DT=max(16, _p2(inp.head_dim - inp.d_v)) if latent and inp.head_dim > inp.d_v else 16,
                 BLOCK_DR=max(16, _p2(inp.rope_dim)) if inp.rope_dim else 16)
 
@@ -138,6 +142,7 @@ def backward(inp, out, lse, grad_out, grad_lse, *, deterministic_mode=None):
             VARLEN=inp.cu_seqlens_q is not None, HAS_CUK=inp.cu_seqlens_k is not None, PAGED=paged,
             BLOCK_SIZE=inp.block_size, CAUSAL=inp.causal, ATOMIC=not det, WRITE_ROWS=det, SEARCH_STEPS=max(1, B.bit_length() + 1),
             F32_DOT=dev.type == "cpu" or inp.dtype == torch.float32, BLOCK_N=p["BLOCK_N"],
+            num_warps=p["num_warps"],
         )
         n_rows = kv.shape[0] * (kv.shape[1] if paged else 1)
         if det and n > 0 and n_rows > 0:
@@ -149,7 +154,7 @@ def backward(inp, out, lse, grad_out, grad_lse, *, deterministic_mode=None):
             seg = torch.searchsorted(sorted_rows, bounds)
             selective_attention_bwd_dkv_kernel[(n_rows, Hkv)](
                 **common, PERM=perm, SEG=seg, n_rows=n_rows, stride_pg=perm.stride(0) if G > 1 else 0,
-                stride_sg=seg.stride(0) if G > 1 else 0, PAGED=paged,
+                stride_sg=seg.stride(0) if G > 1 else 0, PAGED=paged, num_warps=p["dkv_num_warps"],
             )
     return (dq, gk.to(kv.dtype), None if gv is None else gv.to(v.dtype), dqr,
             None if gkr is None else gkr.to(inp.kv_rope.dtype), dsink)
