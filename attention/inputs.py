@@ -103,7 +103,8 @@ class _Derived:
     @property
     def sizes(self) -> tuple:
         """(T, H, Hkv, Dqk, Dr, Dv, K, block_size): every size a backend's declared limits may read."""
-        return (self.q.shape[0], self.q.shape[1], self.kv.shape[-2], self.q.shape[2], self.rope_dim, self.d_v,
+        T, H, Dqk = self.q.shape
+        return (T, H, self.kv.shape[-2], Dqk, 0 if self.q_rope is None else self.q_rope.shape[-1], self.d_v,
                 self.indices.shape[2], self.block_size)
 
     def choice_key(self) -> tuple:

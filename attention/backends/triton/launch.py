@@ -195,7 +195,7 @@ def plan(inp, cfg: Dict) -> Dict:
     hg = H // Hkv
     n = inp.topk * inp.block_size
     latent = use_latent_kernel(inp, cfg)
-    bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))
+    bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))  # tl.dot needs M >= 16: small groups pad to 16
     bn = max(16, _p2(cfg["BLOCK_N"]))
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
     bdr = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.rope_dim))) if inp.rope_dim else 16
@@ -314,8 +314,10 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
             selective_attention_fwd_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_D=p["BLOCK_D"],
                                                  num_warps=p["num_warps"], num_stages=p["num_stages"])
     if split:
-        bh = min(16, _p2(H))
-        bdv = min(_p2(inp.d_v), 128)
+        # Under the interpreter one program per token (fewer interpreted programs); on a GPU small
+        # tiles, many programs.
+        bh = _p2(H) if on_cpu else min(16, _p2(H))
+        bdv = _p2(inp.d_v) if on_cpu else min(_p2(inp.d_v), 128)
         cgrid = (T, triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv))
         selective_attention_combine_kernel[cgrid](
             OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=p["num_splits"],
