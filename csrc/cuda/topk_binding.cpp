@@ -1,4 +1,4 @@
-// Torch binding of the radix-select top-k (topk.cu). Kept apart from the kernel so the kernel compiles
+// Torch binding of the top-k (topk.cu). Kept apart from the kernel so the kernel compiles
 // with nvcc alone (make cuda-check); this file needs torch's CUDA headers and is built by setup.py
 // only where torch has CUDA (csrc/cuda/build_ext.py). attention/backends/cuda_topk.py loads it and
 // registers it as the CUDA kernel of torch.ops.attention.topk_indices.
@@ -22,9 +22,14 @@ torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
   if (s.size(1) > 1 && s.stride(1) != 1) s = s.contiguous();
   auto out = torch::empty({s.size(0), 1, k}, s.options().dtype(torch::kInt32));
   const int64_t row_stride = s.size(0) > 1 ? s.stride(0) : s.size(1);
+  // Histograms and candidate buffers of the multi-CTA passes (about 12 MiB at k = 2048, bounded by
+  // the kernel's row chunk); the caching allocator makes this free after the first call.
+  const size_t ws_bytes = attention_cuda::topk_workspace_bytes(s.size(0), static_cast<int>(k));
+  auto ws = torch::empty({static_cast<int64_t>(ws_bytes)}, s.options().dtype(torch::kUInt8));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cudaError_t err = attention_cuda::topk_indices_f32(
       s.data_ptr<float>(), s.size(0), s.size(1), row_stride, static_cast<int>(k), out.data_ptr<int32_t>(),
-      at::cuda::getCurrentCUDAStream());
+      ws_bytes ? ws.data_ptr() : nullptr, ws_bytes, sms, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "attention topk_indices kernel: ", cudaGetErrorString(err));
   return out;
 }
@@ -32,7 +37,7 @@ torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "CUDA C++ radix-select top-k (SPEC.md section 2 topk_indices)";
+  m.doc() = "CUDA C++ histogram + shared-memory refinement top-k (SPEC.md section 2 topk_indices)";
   m.def("topk_indices", &topk_indices, "scores [T, W] -> [T, 1, k] int32 (descending, ties to lower position, -1 pad)",
         pybind11::arg("scores"), pybind11::arg("k"));
   m.attr("max_k") = attention_cuda::kTopkMaxK;
