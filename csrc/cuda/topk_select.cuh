@@ -115,8 +115,11 @@ ATTN_TOPK_HD Threshold find_threshold(const uint32_t* hist, const uint32_t* grou
 }
 
 // Collect pass: 1 = certainly selected (its coarse bin is above the threshold bin), 2 = candidate of
-// the threshold bin, 0 = out.
+// the threshold bin, 0 = out. -inf/NaN keys are never candidates: in the output they are -1 whatever
+// their position, which the finish's zero padding already gives; so a causal row that is mostly -inf
+// (its threshold bin is the -inf bin 0) stays on the shared-memory path instead of overflowing kEqCap.
 ATTN_TOPK_HD int collect_class(uint32_t key, uint32_t threshold_digit) {
+  if (key <= kNegInfKey) return 0;
   const uint32_t d = coarse_digit(key);
   return d > threshold_digit ? 1 : (d == threshold_digit ? 2 : 0);
 }
