@@ -38,7 +38,7 @@ constexpr uint32_t kEqCap = 2048;
 constexpr uint32_t kCandCap = 4096;
 // A CTA of the multi-CTA passes reads at least this many scores (fewer would cost more in launch and
 // global histogram atomics than the parallelism gains).
-constexpr int64_t kMinSlice = 8192;
+constexpr int64_t kMinSlice = 4096;
 constexpr int kMaxSlices = 64;
 constexpr uint32_t kNegInfKey = 0x007fffffu;  // order_key(-inf): keys at or below it are invalid
 
@@ -63,7 +63,7 @@ ATTN_TOPK_HD int32_t unpack_index(unsigned long long c) {
 ATTN_TOPK_HD uint32_t coarse_digit(uint32_t key) { return key >> kCoarseShift; }
 
 // How many CTAs share a row: enough CTAs in total to cover ~2 waves of the SMs, each reading at
-// least kMinSlice scores. Prefill (rows >= 2 * SMs) gets 1; decode T=4 x 64K gets 8 (64K / 8192).
+// least kMinSlice scores. Prefill (rows >= 2 * SMs) gets 1; decode T=4 x 64K gets 16 (64K / 4096).
 ATTN_TOPK_HD int slices_for(int64_t rows, int64_t width, int sms) {
   const int64_t want = rows > 0 ? (2 * static_cast<int64_t>(sms) + rows - 1) / rows : 1;
   const int64_t fit = (width + kMinSlice - 1) / kMinSlice;
