@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     g = torch.Generator(device=dev).manual_seed(0)
 
     # ---- 1. top-k exactness: CUDA kernel vs the reference order and torch.topk's values ----
-    print("[1] topk_indices: CUDA radix select, 128K-wide rows, k=2048", flush=True)
+    print("[1] topk_indices: CUDA top-k (histogram + finish), 128K-wide rows, k=2048", flush=True)
     have_cuda_topk = res["cuda_topk"] == "available"
     for rows in ([1, 3] if dry else [1, 64] if a.quick else [1, 64, 512]):
         s = torch.randn(rows, W, device=dev, generator=g)

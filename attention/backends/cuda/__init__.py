@@ -32,7 +32,7 @@ MAX_K = 2048 if _ext is None else int(_ext.max_k)
 
 class CudaTopkBackend(Backend):
     name = "cuda"
-    description = "CUDA C++ radix select (csrc/cuda) for topk_indices"
+    description = "CUDA C++ top-k (csrc/cuda: multi-CTA coarse histogram, shared-memory finish) for topk_indices"
     priorities = {"cuda": 0}
     ops = {"topk_indices": frozenset()}  # scores [T, W] have no features
     # float64 scores are not declared: the kernel ranks float32 keys, and float64 scores are ranked in
