@@ -32,6 +32,9 @@ def test_input_bytes_are_the_rows_the_kernel_needs(soc):
     kept = int(((idx >= 0) & (idx < S)).sum())  # duplicates count: each occurrence is gathered
     want = (T * H + kept) * (Dqk + Dr) * 2
     assert sum(rep["twin_mte2_input_bytes"]) == want
+    # the query part, counted apart by the twin: q and q_rope of every head once
+    assert sum(rep["twin_mte2_query_bytes"]) == T * H * (Dqk + Dr) * 2
+    assert all(qb <= ib for qb, ib in zip(rep["twin_mte2_query_bytes"], rep["twin_mte2_input_bytes"]))
     # T * Hkv = 6 items over min(6, cube cores) blocks, each of which did work
     assert rep["numItems"] == T * Hkv and rep["blockDim"] == min(T * Hkv, 8 if soc == "Ascend310P3" else 24)
     assert all(b > 0 for b in rep["twin_mte2_input_bytes"])
@@ -51,3 +54,5 @@ def test_deepseek_decode_today_reads_each_row_once_per_head_tile():
     head_tiles = 128 // rep["mTile"]
     assert rep["numItems"] == head_tiles
     assert sum(rep["twin_mte2_input_bytes"]) == (128 + head_tiles * K) * 576 * 2
+    # q once, the kv rows once per head tile
+    assert sum(rep["twin_mte2_query_bytes"]) == 128 * 576 * 2

@@ -271,6 +271,8 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     args.attnSink = Addr(attnSink);
     args.out = static_cast<GmAddr>(out.data_ptr());
     args.lse = static_cast<GmAddr>(lse.data_ptr());
+    args.qBytes = q.nbytes();
+    args.qRopeBytes = qRope ? qRope->nbytes() : 0;
     selattn::LaunchReport rep;
     {
         py::gil_scoped_release nogil;
@@ -287,6 +289,9 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     for (uint64_t v : rep.blockWorkspaceBytes) wsBytes.append(v);
     d["twin_mte2_input_bytes"] = inBytes;
     d["twin_mte2_workspace_bytes"] = wsBytes;
+    py::list qBytes;  // the part of twin_mte2_input_bytes read from q and q_rope
+    for (uint64_t v : rep.blockQueryBytes) qBytes.append(v);
+    d["twin_mte2_query_bytes"] = qBytes;
     return d;
 }
 

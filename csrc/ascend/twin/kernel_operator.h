@@ -213,6 +213,15 @@ struct Group {
     Region workspace;           // the block's GM workspace, shared by its cores (guarded by mu)
     // bytes each core's MTE2 read from GM: the kernel's inputs (kv rows, q, ...) and the workspace hand-over
     uint64_t mte2InputBytes[MAX_SLOTS] = {}, mte2WorkspaceBytes[MAX_SLOTS] = {};
+    // the part of mte2InputBytes read from the query tensors (q, q_rope): every core that computes a head
+    // needs its q, so splitting a token's candidates over cores replicates q but should not replicate kv
+    // rows; counting the two apart is what lets issue 14 item 8 be checked on the kv rows alone
+    struct Span {
+        const uint8_t* base = nullptr;
+        uint64_t size = 0;
+    };
+    Span queryInputs[2];
+    uint64_t mte2QueryBytes[MAX_SLOTS] = {};
 };
 // per-thread (per simulated core) state
 struct EventSlot {
@@ -370,6 +379,8 @@ inline void CountMte2(const void* src, uint64_t bytes) {
     const uint8_t* b = static_cast<const uint8_t*>(src);
     const bool ws = b >= g.workspace.base && b < g.workspace.base + g.workspace.size;
     (ws ? g.mte2WorkspaceBytes : g.mte2InputBytes)[S().slot] += bytes;
+    for (const Group::Span& q : g.queryInputs)
+        if (!ws && b >= q.base && b < q.base + q.size) g.mte2QueryBytes[S().slot] += bytes;
 }
 // the launch's GM workspace, tracked for races between the cores of the block
 inline void SetWorkspace(Group& g, uint8_t* base, uint64_t size) {

@@ -23,12 +23,15 @@ struct KernelArgs {
     uint8_t *q = nullptr, *qRope = nullptr, *kv = nullptr, *kvRope = nullptr, *v = nullptr, *indices = nullptr,
             *cuSeqlensQ = nullptr, *cuSeqlensK = nullptr, *blockTable = nullptr, *seqlensK = nullptr,
             *attnSink = nullptr, *out = nullptr, *lse = nullptr;
+    // sizes in bytes of q and q_rope, for the twin's separate count of query reads (0: not counted apart)
+    uint64_t qBytes = 0, qRopeBytes = 0;
 };
 struct LaunchReport {
     uint64_t peak[AscendC::twin::NUM_MEM] = {0, 0, 0, 0, 0};  // the most any one core's TPipe allocated
     // per block (its cube core and vector cores together): bytes MTE2 read from the kernel's inputs in
     // GM and from the workspace hand-over, and the work items the block ran
     std::vector<uint64_t> blockInputBytes, blockWorkspaceBytes;
+    std::vector<uint64_t> blockQueryBytes;  // the part of blockInputBytes read from q and q_rope
 };
 
 inline AscendC::twin::SocLimits TwinLimits(const SocSpec& soc)
@@ -56,6 +59,7 @@ inline LaunchReport LaunchTwin(TwinKernel kernel, const KernelArgs& a, const Sel
     LaunchReport rep;
     rep.blockInputBytes.assign(tiling.blockDim, 0);
     rep.blockWorkspaceBytes.assign(tiling.blockDim, 0);
+    rep.blockQueryBytes.assign(tiling.blockDim, 0);
     const int ratio = static_cast<int>(tiling.vecSubBlocks);
     for (uint32_t b = 0; b < tiling.blockDim; ++b) {
         AscendC::twin::Group group;
@@ -63,6 +67,8 @@ inline LaunchReport LaunchTwin(TwinKernel kernel, const KernelArgs& a, const Sel
         group.ratio = ratio;
         AscendC::twin::SetWorkspace(group, workspace.data() + uint64_t(b) * tiling.workspacePerBlock,
                                     tiling.workspacePerBlock);
+        group.queryInputs[0] = {a.q, a.qBytes};
+        group.queryInputs[1] = {a.qRope, a.qRopeBytes};
         std::mutex errMu;
         std::exception_ptr firstError;
         std::vector<std::array<uint64_t, AscendC::twin::NUM_MEM>> corePeak(ratio + 1);
@@ -91,6 +97,7 @@ inline LaunchReport LaunchTwin(TwinKernel kernel, const KernelArgs& a, const Sel
         for (int s = 0; s <= ratio; ++s) {
             rep.blockInputBytes[b] += group.mte2InputBytes[s];
             rep.blockWorkspaceBytes[b] += group.mte2WorkspaceBytes[s];
+            rep.blockQueryBytes[b] += group.mte2QueryBytes[s];
         }
     }
     return rep;
