@@ -69,71 +69,106 @@ class Case:
 
     def make(self, dtype: torch.dtype = torch.float32, device="cpu") -> Dict[str, object]:
         """Keyword arguments of ``attention.selective_attention`` (q, kv, indices included)."""
+        # One generator seeded from the name, drawn from in a fixed order (q, q_rope, cache, indices,
+        # sink): a case's inputs never change when another case is added.
         g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
-        rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-        B = len(self.seqs)
-        T = self.T
-        lens = [lk for _, lk in self.seqs]
-        q = rn(T, self.H, self.Dqk)
-        q_rope = rn(T, self.H, self.Dr) if self.Dr else None
-        args: Dict[str, object] = {}
+        q = torch.randn(self.T, self.H, self.Dqk, generator=g)
+        q_rope = torch.randn(self.T, self.H, self.Dr, generator=g) if self.Dr else None
         widths = [self.Dqk] + ([self.Dr] if self.Dr else []) + ([] if self.latent else [self.Dv])
+        args: Dict[str, object] = {}
+        stores = self._paged_stores(g, widths, args) if self.page_size else self._contiguous_stores(g, widths, args)
+        self._plant_poison(stores, args)
+        indices = self._indices(g)
+        sink = torch.randn(self.H, generator=g) if self.sink else None
 
-        if self.page_size:
-            P_needed = [math.ceil(lk / self.page_size) for lk in lens]
-            spare = 3  # unused pages, filled with NaN
-            P = sum(P_needed) + spare
-            perm = torch.randperm(P, generator=g)
-            max_pages = max(P_needed) + self.table_pad  # padding columns of -1
-            table = torch.full((B, max_pages), -1, dtype=torch.int32)
-            used = []
-            k = 0
+        def cast(x):
+            if x is None:
+                return None
+            x = x.to(dtype)
+            if self.strided:  # same values, non-contiguous storage
+                x = torch.cat([x, x], dim=-1)[..., : x.shape[-1]]
+            return x.to(device)
+
+        args.update(q=cast(q), kv=cast(stores[0]), indices=indices.to(device),
+                    v=None if self.latent else cast(stores[-1]), q_rope=cast(q_rope),
+                    kv_rope=cast(stores[1]) if self.Dr else None,
+                    attn_sink=None if sink is None else sink.to(device),
+                    block_size=self.block_size, causal=self.causal)
+        if self.latent and self.Dv is not None:
+            args["d_v"] = self.Dv
+        if self.sm_scale is not None:
+            args["sm_scale"] = self.sm_scale
+        for k in ("cu_seqlens_q", "cu_seqlens_k", "block_table", "seqlens_k"):
+            if k in args:
+                args[k] = args[k].to(device)
+        return {k: v for k, v in args.items() if v is not None}
+
+    def _lens(self) -> List[int]:
+        return [lk for _, lk in self.seqs]
+
+    def _paged_stores(self, g, widths, args) -> List[torch.Tensor]:
+        """Page pools (one per width) behind a shuffled block table; unused pages and rows past each
+        sequence's end hold NaN. Sets block_table, seqlens_k (and cu_seqlens_q) in ``args``."""
+        B, lens = len(self.seqs), self._lens()
+        P_needed = [math.ceil(lk / self.page_size) for lk in lens]
+        spare = 3  # unused pages, filled with NaN
+        P = sum(P_needed) + spare
+        perm = torch.randperm(P, generator=g)
+        max_pages = max(P_needed) + self.table_pad  # padding columns of -1
+        table = torch.full((B, max_pages), -1, dtype=torch.int32)
+        k = 0
+        for b in range(B):
+            for j in range(P_needed[b]):
+                table[b, j] = int(perm[k])
+                k += 1
+        stores = []
+        for w in widths:
+            x = torch.full((P, self.page_size, self.Hkv, w), float("nan"))
             for b in range(B):
                 for j in range(P_needed[b]):
-                    table[b, j] = int(perm[k])
-                    used.append(int(perm[k]))
-                    k += 1
-            stores = []
-            for w in widths:
-                x = torch.full((P, self.page_size, self.Hkv, w), float("nan"))
-                for b in range(B):
-                    for j in range(P_needed[b]):
-                        pg = int(table[b, j])
-                        x[pg] = rn(self.page_size, self.Hkv, w)
-                        # rows of the last page past the sequence end are garbage too
-                        tail = lens[b] - j * self.page_size
-                        if tail < self.page_size:
-                            x[pg, max(tail, 0):] = float("nan")
-                stores.append(x)
-            args["block_table"] = table
-            args["seqlens_k"] = torch.tensor(lens, dtype=torch.int32)
-            if B > 1 or self.varlen_api:
-                args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
-        else:
-            # With cu_seqlens_k, 5 garbage rows past the last sequence; without, S is the length.
-            with_cu = B > 1 or self.varlen_api
-            S = sum(lens) + (5 if with_cu else 0)
-            stores = []
-            for w in widths:
-                x = rn(S, self.Hkv, w)
-                x[sum(lens):] = float("nan")
-                stores.append(x)
-            if B > 1 or self.varlen_api:
-                args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
-                args["cu_seqlens_k"] = _cu(lens)
+                    pg = int(table[b, j])
+                    x[pg] = torch.randn(self.page_size, self.Hkv, w, generator=g)
+                    # rows of the last page past the sequence end are garbage too
+                    tail = lens[b] - j * self.page_size
+                    if tail < self.page_size:
+                        x[pg, max(tail, 0):] = float("nan")
+            stores.append(x)
+        args["block_table"] = table
+        args["seqlens_k"] = torch.tensor(lens, dtype=torch.int32)
+        if B > 1 or self.varlen_api:
+            args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
+        return stores
+
+    def _contiguous_stores(self, g, widths, args) -> List[torch.Tensor]:
+        """Packed caches (one per width); with cu_seqlens_k, 5 NaN rows past the last sequence, without,
+        S is the length. Sets cu_seqlens_q/k in ``args`` for several sequences (or ``varlen_api``)."""
+        lens = self._lens()
+        with_cu = len(self.seqs) > 1 or self.varlen_api
+        S = sum(lens) + (5 if with_cu else 0)
+        stores = []
+        for w in widths:
+            x = torch.randn(S, self.Hkv, w, generator=g)
+            x[sum(lens):] = float("nan")
+            stores.append(x)
+        if with_cu:
+            args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
+            args["cu_seqlens_k"] = _cu(lens)
+        return stores
+
+    def _plant_poison(self, stores, args) -> None:
+        lens = self._lens()
         for b, p, val in self.poison:
             for x in stores:
                 if self.page_size:
                     x[int(args["block_table"][b, p // self.page_size]), p % self.page_size] = val
                 else:
                     x[sum(lens[:b]) + p] = val
-        kv = stores[0]
-        kv_rope = stores[1] if self.Dr else None
-        v = None if self.latent else stores[-1]
 
+    def _indices(self, g) -> torch.Tensor:
+        """[T, G, K] indices per ``index_mode`` (G = 1 with shared indices, else Hkv)."""
         G = 1 if self.shared_indices else self.Hkv
         idx_rows = []
-        for b, (lq, lk) in enumerate(self.seqs):
+        for lq, lk in self.seqs:
             n_units = max(1, math.ceil(lk / self.block_size))
             if self.index_mode == "valid":
                 r = torch.randint(0, n_units, (lq, G, self.K), generator=g)
@@ -150,28 +185,7 @@ class Case:
         indices = indices.to(self.index_dtype)
         if self.indices_k_outer:  # same values, K axis outermost in memory (a transposed topk)
             indices = indices.transpose(1, 2).contiguous().transpose(1, 2)
-
-        sink = rn(self.H) if self.sink else None
-
-        def cast(x):
-            if x is None:
-                return None
-            x = x.to(dtype)
-            if self.strided:  # same values, non-contiguous storage
-                x = torch.cat([x, x], dim=-1)[..., : x.shape[-1]]
-            return x.to(device)
-
-        args.update(q=cast(q), kv=cast(kv), indices=indices.to(device), v=cast(v), q_rope=cast(q_rope),
-                    kv_rope=cast(kv_rope), attn_sink=None if sink is None else sink.to(device),
-                    block_size=self.block_size, causal=self.causal)
-        if self.latent and self.Dv is not None:
-            args["d_v"] = self.Dv
-        if self.sm_scale is not None:
-            args["sm_scale"] = self.sm_scale
-        for k in ("cu_seqlens_q", "cu_seqlens_k", "block_table", "seqlens_k"):
-            if k in args:
-                args[k] = args[k].to(device)
-        return {k: v for k, v in args.items() if v is not None}
+        return indices
 
 
 def _cu(lengths: Sequence[int]) -> torch.Tensor:
