@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import python_ref
-from python_ref.selection import _finish, _reduce_blocks, pack_keys
+from python_ref.selection import best_positions, pack_keys, reduce_blocks
 
 from . import inputs as _inputs
 from .api import selective_attention as _selective_attention
@@ -547,7 +547,7 @@ def select(
     base = start - off  # global position of frame column 0 (a block boundary)
     if inp.causal:  # on the *global* query position (the local call was not causal)
         fs = torch.where(base[:, None] + f[None, :] <= q_pos[:, None], fs, float("-inf"))
-    blk = _reduce_blocks(fs, b, inp.block_reduce) if b > 1 else fs  # [T, nblk]
+    blk = reduce_blocks(fs, b, inp.block_reduce) if b > 1 else fs  # [T, nblk]
     gid = base[:, None] // b + torch.arange(nblk, device=dev, dtype=torch.int64)[None, :]
 
     # 3. Blocks shared by several ranks: leave them out of the local candidates and send their position
@@ -585,6 +585,6 @@ def select(
         frags = allk[:, :, inp.k:].contiguous().view(torch.float32)[:, :, :nb_max * b]  # [W, T, nb_max*b]
         # amax over ranks: the holder's value (NaN included: amax propagates it, as one device sees it).
         whole = frags.amax(dim=0)
-        bscore = _reduce_blocks(whole, b, inp.block_reduce)  # same reduction as attention.select
+        bscore = reduce_blocks(whole, b, inp.block_reduce)  # same reduction as attention.select
         cand = torch.cat([cand, pack_keys(bscore, bid.clamp_min(0))], dim=1)
-    return _finish(cand, inp.k)
+    return best_positions(cand, inp.k)

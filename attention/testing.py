@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,6 +30,7 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {d: dtype_name(d) for d in DTYPES}
+DTYPES_BY_NAME: Dict[str, torch.dtype] = {n: d for d, n in DTYPE_NAMES.items()}  # "bfloat16" -> torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -68,71 +69,106 @@ class Case:
 
     def make(self, dtype: torch.dtype = torch.float32, device="cpu") -> Dict[str, object]:
         """Keyword arguments of ``attention.selective_attention`` (q, kv, indices included)."""
+        # One generator seeded from the name, drawn from in a fixed order (q, q_rope, cache, indices,
+        # sink): a case's inputs never change when another case is added.
         g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
-        rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-        B = len(self.seqs)
-        T = self.T
-        lens = [lk for _, lk in self.seqs]
-        q = rn(T, self.H, self.Dqk)
-        q_rope = rn(T, self.H, self.Dr) if self.Dr else None
-        args: Dict[str, object] = {}
+        q = torch.randn(self.T, self.H, self.Dqk, generator=g)
+        q_rope = torch.randn(self.T, self.H, self.Dr, generator=g) if self.Dr else None
         widths = [self.Dqk] + ([self.Dr] if self.Dr else []) + ([] if self.latent else [self.Dv])
+        args: Dict[str, object] = {}
+        stores = self._paged_stores(g, widths, args) if self.page_size else self._contiguous_stores(g, widths, args)
+        self._plant_poison(stores, args)
+        indices = self._indices(g)
+        sink = torch.randn(self.H, generator=g) if self.sink else None
 
-        if self.page_size:
-            P_needed = [math.ceil(lk / self.page_size) for lk in lens]
-            spare = 3  # unused pages, filled with NaN
-            P = sum(P_needed) + spare
-            perm = torch.randperm(P, generator=g)
-            max_pages = max(P_needed) + self.table_pad  # padding columns of -1
-            table = torch.full((B, max_pages), -1, dtype=torch.int32)
-            used = []
-            k = 0
+        def cast(x):
+            if x is None:
+                return None
+            x = x.to(dtype)
+            if self.strided:  # same values, non-contiguous storage
+                x = torch.cat([x, x], dim=-1)[..., : x.shape[-1]]
+            return x.to(device)
+
+        args.update(q=cast(q), kv=cast(stores[0]), indices=indices.to(device),
+                    v=None if self.latent else cast(stores[-1]), q_rope=cast(q_rope),
+                    kv_rope=cast(stores[1]) if self.Dr else None,
+                    attn_sink=None if sink is None else sink.to(device),
+                    block_size=self.block_size, causal=self.causal)
+        if self.latent and self.Dv is not None:
+            args["d_v"] = self.Dv
+        if self.sm_scale is not None:
+            args["sm_scale"] = self.sm_scale
+        for k in ("cu_seqlens_q", "cu_seqlens_k", "block_table", "seqlens_k"):
+            if k in args:
+                args[k] = args[k].to(device)
+        return {k: v for k, v in args.items() if v is not None}
+
+    def _lens(self) -> List[int]:
+        return [lk for _, lk in self.seqs]
+
+    def _paged_stores(self, g, widths, args) -> List[torch.Tensor]:
+        """Page pools (one per width) behind a shuffled block table; unused pages and rows past each
+        sequence's end hold NaN. Sets block_table, seqlens_k (and cu_seqlens_q) in ``args``."""
+        B, lens = len(self.seqs), self._lens()
+        P_needed = [math.ceil(lk / self.page_size) for lk in lens]
+        spare = 3  # unused pages, filled with NaN
+        P = sum(P_needed) + spare
+        perm = torch.randperm(P, generator=g)
+        max_pages = max(P_needed) + self.table_pad  # padding columns of -1
+        table = torch.full((B, max_pages), -1, dtype=torch.int32)
+        k = 0
+        for b in range(B):
+            for j in range(P_needed[b]):
+                table[b, j] = int(perm[k])
+                k += 1
+        stores = []
+        for w in widths:
+            x = torch.full((P, self.page_size, self.Hkv, w), float("nan"))
             for b in range(B):
                 for j in range(P_needed[b]):
-                    table[b, j] = int(perm[k])
-                    used.append(int(perm[k]))
-                    k += 1
-            stores = []
-            for w in widths:
-                x = torch.full((P, self.page_size, self.Hkv, w), float("nan"))
-                for b in range(B):
-                    for j in range(P_needed[b]):
-                        pg = int(table[b, j])
-                        x[pg] = rn(self.page_size, self.Hkv, w)
-                        # rows of the last page past the sequence end are garbage too
-                        tail = lens[b] - j * self.page_size
-                        if tail < self.page_size:
-                            x[pg, max(tail, 0):] = float("nan")
-                stores.append(x)
-            args["block_table"] = table
-            args["seqlens_k"] = torch.tensor(lens, dtype=torch.int32)
-            if B > 1 or self.varlen_api:
-                args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
-        else:
-            # With cu_seqlens_k, 5 garbage rows past the last sequence; without, S is the length.
-            with_cu = B > 1 or self.varlen_api
-            S = sum(lens) + (5 if with_cu else 0)
-            stores = []
-            for w in widths:
-                x = rn(S, self.Hkv, w)
-                x[sum(lens):] = float("nan")
-                stores.append(x)
-            if B > 1 or self.varlen_api:
-                args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
-                args["cu_seqlens_k"] = _cu(lens)
+                    pg = int(table[b, j])
+                    x[pg] = torch.randn(self.page_size, self.Hkv, w, generator=g)
+                    # rows of the last page past the sequence end are garbage too
+                    tail = lens[b] - j * self.page_size
+                    if tail < self.page_size:
+                        x[pg, max(tail, 0):] = float("nan")
+            stores.append(x)
+        args["block_table"] = table
+        args["seqlens_k"] = torch.tensor(lens, dtype=torch.int32)
+        if B > 1 or self.varlen_api:
+            args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
+        return stores
+
+    def _contiguous_stores(self, g, widths, args) -> List[torch.Tensor]:
+        """Packed caches (one per width); with cu_seqlens_k, 5 NaN rows past the last sequence, without,
+        S is the length. Sets cu_seqlens_q/k in ``args`` for several sequences (or ``varlen_api``)."""
+        lens = self._lens()
+        with_cu = len(self.seqs) > 1 or self.varlen_api
+        S = sum(lens) + (5 if with_cu else 0)
+        stores = []
+        for w in widths:
+            x = torch.randn(S, self.Hkv, w, generator=g)
+            x[sum(lens):] = float("nan")
+            stores.append(x)
+        if with_cu:
+            args["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
+            args["cu_seqlens_k"] = _cu(lens)
+        return stores
+
+    def _plant_poison(self, stores, args) -> None:
+        lens = self._lens()
         for b, p, val in self.poison:
             for x in stores:
                 if self.page_size:
                     x[int(args["block_table"][b, p // self.page_size]), p % self.page_size] = val
                 else:
                     x[sum(lens[:b]) + p] = val
-        kv = stores[0]
-        kv_rope = stores[1] if self.Dr else None
-        v = None if self.latent else stores[-1]
 
+    def _indices(self, g) -> torch.Tensor:
+        """[T, G, K] indices per ``index_mode`` (G = 1 with shared indices, else Hkv)."""
         G = 1 if self.shared_indices else self.Hkv
         idx_rows = []
-        for b, (lq, lk) in enumerate(self.seqs):
+        for lq, lk in self.seqs:
             n_units = max(1, math.ceil(lk / self.block_size))
             if self.index_mode == "valid":
                 r = torch.randint(0, n_units, (lq, G, self.K), generator=g)
@@ -149,28 +185,7 @@ class Case:
         indices = indices.to(self.index_dtype)
         if self.indices_k_outer:  # same values, K axis outermost in memory (a transposed topk)
             indices = indices.transpose(1, 2).contiguous().transpose(1, 2)
-
-        sink = rn(self.H) if self.sink else None
-
-        def cast(x):
-            if x is None:
-                return None
-            x = x.to(dtype)
-            if self.strided:  # same values, non-contiguous storage
-                x = torch.cat([x, x], dim=-1)[..., : x.shape[-1]]
-            return x.to(device)
-
-        args.update(q=cast(q), kv=cast(kv), indices=indices.to(device), v=cast(v), q_rope=cast(q_rope),
-                    kv_rope=cast(kv_rope), attn_sink=None if sink is None else sink.to(device),
-                    block_size=self.block_size, causal=self.causal)
-        if self.latent and self.Dv is not None:
-            args["d_v"] = self.Dv
-        if self.sm_scale is not None:
-            args["sm_scale"] = self.sm_scale
-        for k in ("cu_seqlens_q", "cu_seqlens_k", "block_table", "seqlens_k"):
-            if k in args:
-                args[k] = args[k].to(device)
-        return {k: v for k, v in args.items() if v is not None}
+        return indices
 
 
 def _cu(lengths: Sequence[int]) -> torch.Tensor:
@@ -240,6 +255,170 @@ CASES: List[Case] = [
 ]
 CASES_BY_NAME: Dict[str, Case] = {c.name: c for c in CASES}
 assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads: the one description of a *uniform* problem (``batch`` sequences, each ``q_per_seq``
+# query tokens at the end of ``context`` kv positions) used by ``attention.tune`` presets and the
+# ``bench`` presets. The matrix above (:class:`Case`) describes irregular, adversarial points built
+# with the same field names.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    """One shape of ``attention.selective_attention`` with realistic (selector-like) indices.
+
+    Indices are what a selector returns: per (token, index group) ``K`` *distinct* units (tokens,
+    or blocks of ``block_size``) the query may see, drawn at random, -1 padded when fewer exist
+    (early tokens of a causal prefill). Problems of one ``family`` differ only in ``context``.
+    """
+
+    family: str
+    batch: int = 1
+    q_per_seq: int = 1
+    context: int = 4096
+    H: int = 128
+    Hkv: int = 1
+    Dqk: int = 576
+    Dv: int = 512
+    Dr: int = 0
+    latent: bool = True  # value = kv[..., :Dv] (MLA); else a separate v
+    K: int = 2048
+    block_size: int = 1
+    page_size: int = 64  # 0 = contiguous cache
+    causal: bool = False
+    shared_indices: bool = True  # indices [T, 1, K] (DSA) or [T, Hkv, K] (NSA: per kv head)
+    dtype: str = "bfloat16"
+    description: str = ""
+
+    @property
+    def T(self) -> int:
+        return self.batch * self.q_per_seq
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/L={self.context}"
+
+    @property
+    def G(self) -> int:
+        """Index groups (rows of indices per token)."""
+        return 1 if self.shared_indices else self.Hkv
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.H // self.Hkv
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES_BY_NAME[self.dtype]
+
+    def describe(self) -> str:
+        mode = "latent" if self.latent else "separate v"
+        cache = f"paged({self.page_size})" if self.page_size else "contiguous"
+        sel = f"K={self.K}" + (f" blocks of {self.block_size}" if self.block_size > 1 else "")
+        rope = f"+{self.Dr}" if self.Dr else ""
+        return (f"B={self.batch} x {self.q_per_seq} tok, L={self.context}, H={self.H}/Hkv={self.Hkv}, "
+                f"Dqk={self.Dqk}{rope} Dv={self.Dv} {mode}, {sel}, {cache}, "
+                f"{'causal, ' if self.causal else ''}{self.dtype}")
+
+    def as_dict(self) -> Dict[str, object]:
+        d = asdict(self)
+        d["name"] = self.name
+        d["T"] = self.T
+        return d
+
+    def with_overrides(self, **kw) -> "Problem":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def make_logical(self, device="cpu", seed: int = 0):
+        """``(kwargs, kv_log, kvr_log, v_log)``: keyword arguments of ``selective_attention`` and the
+        logical (unpaged, ``[batch, context, Hkv, D]``) views of the same cache values."""
+        p = self
+        dev = torch.device(device)
+        dt = p.torch_dtype
+        gen = torch.Generator().manual_seed(seed)
+        dgen = torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else None
+
+        def rn(*shape):
+            # Random data is made on the device where possible: a 128K x 576 cache is 300 MB of float32.
+            if dgen is not None:
+                return torch.randn(*shape, generator=dgen, device=dev, dtype=torch.float32).to(dt)
+            return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dt).to(dev)
+
+        B, L, Lq = p.batch, p.context, p.q_per_seq
+        q = rn(p.T, p.H, p.Dqk)
+        q_rope = rn(p.T, p.H, p.Dr) if p.Dr else None
+        kv_log = rn(B, L, p.Hkv, p.Dqk)
+        kvr_log = rn(B, L, p.Hkv, p.Dr) if p.Dr else None
+        v_log = None if p.latent else rn(B, L, p.Hkv, p.Dv)
+        indices = sample_indices(p, dev, gen)
+
+        kwargs: Dict[str, object] = dict(q=q, indices=indices, block_size=p.block_size, causal=p.causal)
+        if p.latent:
+            kwargs["d_v"] = p.Dv
+        if q_rope is not None:
+            kwargs["q_rope"] = q_rope
+        if B > 1:
+            kwargs["cu_seqlens_q"] = (torch.arange(B + 1, dtype=torch.int32) * Lq).to(dev)
+        if p.page_size:
+            pg = p.page_size
+            npg = math.ceil(L / pg)
+            P = B * npg
+            # Pages scattered over the pool in a random order, as a serving cache ends up.
+            perm = torch.randperm(P, generator=gen).to(dev)
+            table = perm.view(B, npg).to(torch.int32)
+
+            def paged(x):
+                if x is None:
+                    return None
+                D = x.shape[-1]
+                pad = npg * pg - L
+                xp = torch.cat([x, x.new_zeros(B, pad, p.Hkv, D)], dim=1) if pad else x
+                pool = torch.empty(P, pg, p.Hkv, D, dtype=x.dtype, device=dev)
+                pool[perm.to(torch.int64)] = xp.reshape(P, pg, p.Hkv, D)
+                return pool
+
+            kwargs.update(kv=paged(kv_log), block_table=table,
+                          seqlens_k=torch.full((B,), L, dtype=torch.int32, device=dev))
+            stores = dict(kv_rope=paged(kvr_log), v=paged(v_log))
+        else:
+            flat = lambda x: None if x is None else x.reshape(B * L, p.Hkv, x.shape[-1])  # noqa: E731
+            kwargs["kv"] = flat(kv_log)
+            stores = dict(kv_rope=flat(kvr_log), v=flat(v_log))
+            if B > 1:
+                kwargs["cu_seqlens_k"] = (torch.arange(B + 1, dtype=torch.int32) * L).to(dev)
+        kwargs.update({k: x for k, x in stores.items() if x is not None})
+        return kwargs, kv_log, kvr_log, v_log
+
+    def make(self, dtype: Optional[torch.dtype] = None, device="cpu", seed: int = 0) -> Dict[str, object]:
+        """Keyword arguments of ``attention.selective_attention`` (``dtype`` overrides the problem's)."""
+        p = self if dtype is None else replace(self, dtype=dtype_name(dtype))
+        return p.make_logical(device, seed)[0]
+
+
+def sample_indices(p: Problem, device, gen: torch.Generator) -> torch.Tensor:
+    """[T, G, K] int32: distinct units each query may see, random order, -1 padded."""
+    L, bs, Lq = p.context, p.block_size, p.q_per_seq
+    n_units = math.ceil(L / bs)
+    out = torch.empty(p.T, p.G, p.K, dtype=torch.int32)
+    # One chunk of rows at a time keeps the [rows, G, n_units] random matrix small.
+    rows_per_chunk = max(1, (1 << 24) // max(1, p.G * n_units))
+    q_pos_all = L - Lq + (torch.arange(p.T) % Lq)
+    for r0 in range(0, p.T, rows_per_chunk):
+        r1 = min(p.T, r0 + rows_per_chunk)
+        score = torch.rand(r1 - r0, p.G, n_units, generator=gen)
+        if p.causal:
+            # a unit is visible when its first position is at or before the query
+            first = torch.arange(n_units) * bs
+            visible = first[None, :] <= q_pos_all[r0:r1, None]
+            score = score.masked_fill(~visible[:, None, :], float("inf"))
+        k = min(p.K, n_units)
+        val, idx = torch.topk(score, k, dim=-1, largest=False)
+        idx = torch.where(torch.isinf(val), torch.full_like(idx, -1), idx)
+        if k < p.K:
+            idx = torch.cat([idx, torch.full((r1 - r0, p.G, p.K - k), -1, dtype=idx.dtype)], dim=-1)
+        out[r0:r1] = idx.to(torch.int32)
+    return out.to(device)
 
 
 def oracle(args: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from ._cli import device_arg, dir_problem, file_problem, positive_int
@@ -32,88 +31,40 @@ if __name__ == "__main__" and device_arg(sys.argv[1:]) == "cpu":
 import torch  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    seqs: int  # sequences
-    q_per_seq: int  # query tokens per sequence
-    context: int  # kv length per sequence
-    H: int
-    Hkv: int
-    Dqk: int
-    Dv: int
-    K: int
-    page_size: int = 0  # 0 = contiguous
-    causal: bool = True
-    dtype: torch.dtype = torch.bfloat16
-    description: str = ""
+from .testing import Problem  # noqa: E402  (the one problem description, shared with bench/)
 
-
-PRESETS: Dict[str, Preset] = {p.name: p for p in [
-    Preset("deepseek-prefill", seqs=1, q_per_seq=4096, context=4096, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
-           description="DeepSeek-V3.2 sparse prefill: T=4096, MQA latent 576/512, top-2048, causal"),
-    Preset("deepseek-decode", seqs=64, q_per_seq=1, context=32768, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
-           page_size=64, description="DeepSeek-V3.2 sparse decode: 64 x 1 token, 32K paged latent cache, top-2048"),
-    Preset("deepseek-decode-8k", seqs=32, q_per_seq=1, context=8192, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
-           page_size=64, description="decode at 8K context"),
-    Preset("tiny", seqs=2, q_per_seq=2, context=96, H=16, Hkv=1, Dqk=64, Dv=32, K=48, page_size=16,
-           dtype=torch.float32, description="interpreter-sized (CPU, TRITON_INTERPRET=1)"),
+# Tuning presets, keyed by ``family`` (the --preset name).
+PRESETS: Dict[str, Problem] = {p.family: p for p in [
+    Problem("deepseek-prefill", batch=1, q_per_seq=4096, context=4096, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
+            page_size=0, causal=True,
+            description="DeepSeek-V3.2 sparse prefill: T=4096, MQA latent 576/512, top-2048, causal"),
+    Problem("deepseek-decode", batch=64, q_per_seq=1, context=32768, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
+            page_size=64, causal=True,
+            description="DeepSeek-V3.2 sparse decode: 64 x 1 token, 32K paged latent cache, top-2048"),
+    Problem("deepseek-decode-8k", batch=32, q_per_seq=1, context=8192, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
+            page_size=64, causal=True, description="decode at 8K context"),
+    Problem("tiny", batch=2, q_per_seq=2, context=96, H=16, Hkv=1, Dqk=64, Dv=32, K=48, page_size=16,
+            causal=True, dtype="float32", description="interpreter-sized (CPU, TRITON_INTERPRET=1)"),
 ]}
 GPU_PRESETS = ("deepseek-prefill", "deepseek-decode")
 CPU_PRESETS = ("tiny",)
 
 
-def make_inputs(preset: Preset, device: str, seed: int = 0, dtype: Optional[torch.dtype] = None) -> Dict:
+def make_inputs(preset: Problem, device: str, seed: int = 0, dtype: Optional[torch.dtype] = None) -> Dict:
     """Keyword arguments of ``attention.selective_attention`` for a preset, built on ``device``.
 
     Indices are distinct random positions the query may see (causal: <= its position), -1 padded,
     so the FLOP count is the count of kept candidates.
     """
-    dtype = dtype or preset.dtype
-    g = torch.Generator(device=device).manual_seed(seed)
-    B, lq, L = preset.seqs, preset.q_per_seq, preset.context
-    T = B * lq
-    q = torch.randn(T, preset.H, preset.Dqk, device=device, dtype=dtype, generator=g)
-    args: Dict = dict(q=q, d_v=preset.Dv, causal=preset.causal)
-    if preset.page_size:
-        pages_per_seq = -(-L // preset.page_size)
-        P = B * pages_per_seq
-        kv = torch.randn(P, preset.page_size, preset.Hkv, preset.Dqk, device=device, dtype=dtype, generator=g)
-        perm = torch.randperm(P, device=device, generator=g).to(torch.int32)
-        args.update(kv=kv, block_table=perm.view(B, pages_per_seq), seqlens_k=torch.full((B,), L, device=device,
-                                                                                          dtype=torch.int32))
-    else:
-        kv = torch.randn(B * L, preset.Hkv, preset.Dqk, device=device, dtype=dtype, generator=g)
-        args.update(kv=kv)
-        if B > 1:
-            args["cu_seqlens_k"] = torch.arange(0, B + 1, device=device, dtype=torch.int32) * L
-    if B > 1 or preset.page_size:
-        args["cu_seqlens_q"] = torch.arange(0, B + 1, device=device, dtype=torch.int32) * lq
-    # q_pos of every query token; candidate positions are the top-K of random scores over visible keys.
-    t_in_seq = torch.arange(T, device=device) % lq
-    q_pos = (L - lq + t_in_seq)[:, None]
-    K = min(preset.K, L)
-    rows = []
-    for t0 in range(0, T, 512):  # bounded memory: [512, L] random scores at a time
-        t1 = min(T, t0 + 512)
-        pos = torch.arange(L, device=device)[None, :]
-        score = torch.rand(t1 - t0, L, device=device, generator=g)
-        if preset.causal:
-            score = score.masked_fill(pos > q_pos[t0:t1], -1.0)
-        val, idx = score.topk(K, dim=-1)
-        rows.append(torch.where(val >= 0, idx, -1).to(torch.int32))
-    idx = torch.cat(rows)
-    if K < preset.K:
-        idx = torch.cat([idx, idx.new_full((T, preset.K - K), -1)], dim=1)
-    args["indices"] = idx.view(T, 1, preset.K).expand(T, preset.Hkv, preset.K).contiguous()
-    return args
+    return preset.make(dtype, device, seed)
 
 
 def flops(args: Dict) -> float:
     """Useful FLOPs: 2 x heads x kept candidates x (Dqk + Dv) (host read: outside any timing)."""
     q, idx = args["q"], args["indices"]
     H, Dqk, Hkv = q.shape[1], q.shape[2], args["kv"].shape[-2]
-    kept = int((idx >= 0).sum().item()) * (H // Hkv)
+    # a shared index row ([T, 1, K]) serves every kv head
+    kept = int((idx >= 0).sum().item()) * (Hkv // idx.shape[1]) * (H // Hkv)
     return 2.0 * kept * (Dqk + args.get("d_v", Dqk))
 
 
@@ -202,7 +153,7 @@ def _progress(total: int, desc: str):
         return _P()
 
 
-def tune_preset(preset: Preset, device: str, full: bool = False, repeats: int = 3, save: bool = True,
+def tune_preset(preset: Problem, device: str, full: bool = False, repeats: int = 3, save: bool = True,
                 check: bool = True) -> Dict:
     import attention
     from attention.testing import TOLERANCES
@@ -219,12 +170,12 @@ def tune_preset(preset: Preset, device: str, full: bool = False, repeats: int = 
         ref_out, _ = attention.get_backend("reference").forward(inp)
         err = float((base_out.float() - ref_out.float()).abs().max())
         if not err <= tol:
-            raise RuntimeError(f"{preset.name}: triton differs from the reference by {err:.3g} > {tol}")
+            raise RuntimeError(f"{preset.family}: triton differs from the reference by {err:.3g} > {tol}")
     fl = flops(args)
     base_t = _time(lambda: launch.forward(inp, autotune=False), device, repeats)
     results = []
     space = search_space(inp, full)
-    bar = _progress(len(space), preset.name)
+    bar = _progress(len(space), preset.family)
     for cfg in space:
         try:
             out, _ = launch.forward(inp, override=cfg, autotune=False)
@@ -240,13 +191,13 @@ def tune_preset(preset: Preset, device: str, full: bool = False, repeats: int = 
     bar.close()
     ok = [r for r in results if r[0] < float("inf")]
     if not ok:
-        raise RuntimeError(f"{preset.name}: no config ran: {results[0][2]}")
+        raise RuntimeError(f"{preset.family}: no config ran: {results[0][2]}")
     best_t, best_cfg, _ = min(ok, key=lambda r: r[0])
     entry = dict(config=best_cfg, measured=True, us=round(best_t * 1e6, 2), tflops=round(fl / best_t / 1e12, 3),
-                 preset=preset.name, configs_tried=len(results), torch=torch.__version__,
+                 preset=preset.family, configs_tried=len(results), torch=torch.__version__,
                  triton=__import__("triton").__version__,
                  when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    row = dict(preset=preset.name, bucket=bucket, tried=len(results), failed=len(results) - len(ok),
+    row = dict(preset=preset.family, bucket=bucket, tried=len(results), failed=len(results) - len(ok),
                best=best_cfg, us=best_t * 1e6, tflops=fl / best_t / 1e12, base_us=base_t * 1e6, base_source=base_src,
                speedup=base_t / best_t, device=launch.device_name(inp.device), entry=entry, path=None)
     if save:

@@ -38,6 +38,13 @@ from attention._cli import device_arg, device_unavailable, dir_problem, file_pro
 _REEXEC_MARK = "ATTENTION_VERIFY_CHILD"
 
 
+def _tolerances() -> Dict[str, List[float]]:
+    """dtype name -> [out, lse] tolerance: attention.testing's table (imported late, see main)."""
+    from attention.testing import DTYPE_NAMES, TOLERANCES
+
+    return {DTYPE_NAMES[d]: list(t) for d, t in TOLERANCES.items()}
+
+
 def _needs_interpreter_reexec(argv: Sequence[str]) -> bool:
     dev = device_arg(argv)
     return dev == "cpu" and "TRITON_INTERPRET" not in os.environ and not os.environ.get(_REEXEC_MARK)
@@ -108,7 +115,7 @@ def render_table(results: List[Dict], columns: List[Tuple[str, str]], cases: Lis
         rs = [r for r in results if r["backend"] == b and r["dtype"] == d]
         ran = [r for r in rs if not r["skipped"]]
         worst = max((r["out_err"] for r in ran if r["out_err"] is not None), default=float("nan"))
-        tol = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}[d]
+        tol = _tolerances()[d][0]
         summ.append("-" if math.isnan(worst) else f"{worst:.1e} / {tol:g}")
         counts.append(f"{sum(r['ok'] for r in ran)}/{sum(not r['ok'] for r in ran)}/{len(rs) - len(ran)}")
     rows += [counts, summ]
@@ -168,6 +175,141 @@ def _md_table(rows: List[List[str]]) -> str:
     return "\n".join(out)
 
 
+
+def _select_cases(names, all_cases):
+    """The cases named by --case (all when none), or None after printing the unknown names."""
+    if not names:
+        return list(all_cases)
+    unknown = sorted(set(names) - {c.name for c in all_cases})
+    if unknown:
+        print(f"verify: unknown case(s) {unknown}; see --list", file=sys.stderr)
+        return None
+    return [c for c in all_cases if c.name in names]
+
+
+def _select_backends(names, backends, device):
+    """(runnable, not_run) as lists of (backend, reasons); None after printing why nothing can run."""
+    kind = device.split(":")[0]
+    registered = {b.name: b for b in backends}
+    if names:
+        unknown = [n for n in names if n not in registered]
+        if unknown:
+            print(f"verify: unknown backend(s) {unknown}; registered: {sorted(registered)}", file=sys.stderr)
+            return None
+        chosen = [registered[n] for n in names]
+    else:
+        chosen = [b for b in registered.values() if b.runs_on(kind)]
+    runnable, not_run = [], []
+    for b in chosen:
+        reasons = list(b.unavailable_reasons())
+        if not b.runs_on(kind):
+            reasons.append(f"does not run on {kind} (devices: {sorted(b.device_types())})")
+        (not_run if reasons else runnable).append((b, reasons))
+    for b, reasons in not_run:
+        print(f"verify: backend {b.name} not verified on {device}: {'; '.join(reasons)}", file=sys.stderr)
+    if not runnable:
+        print(f"verify: no backend can run on {device}", file=sys.stderr)
+        return None
+    return runnable, not_run
+
+
+def _jobs(runnable, cases, dtype_names, dtypes, names_of):
+    """(table columns (backend, dtype name), jobs (backend name, dtype, case)) for every dtype a
+    backend declares, filtered by --dtype."""
+    dtype_filter = set(dtype_names) if dtype_names else None
+    columns: List[Tuple[str, str]] = []
+    jobs = []
+    for b, _ in runnable:
+        for dt in [d for d in dtypes if d in b.dtypes]:  # float32, float16, bfloat16
+            name = names_of[dt]
+            if dtype_filter and name not in dtype_filter:
+                continue
+            columns.append((b.name, name))
+            jobs += [(b.name, dt, c) for c in cases]
+    return columns, jobs
+
+
+def _run_jobs(jobs, device, names_of, oracle, run_case):
+    """Run every job (progress on stderr); returns (result dicts, wall seconds)."""
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), file=sys.stderr, unit="case", dynamic_ncols=True, mininterval=0.3)
+    except ImportError:
+        bar = None
+    expected_cache: Dict[Tuple[str, str], object] = OrderedDict()
+    results: List[Dict] = []
+    t0 = time.perf_counter()
+    for i, (bname, dt, case) in enumerate(jobs):
+        desc = f"{bname}/{names_of[dt]}/{case.name}"
+        if bar is not None:
+            bar.set_description_str(desc[:60])
+        else:
+            print(f"[{i + 1}/{len(jobs)}] {desc}", file=sys.stderr, flush=True)
+        key = (case.name, names_of[dt])
+        try:
+            if key not in expected_cache:
+                # float64 on the CPU from the same rounded inputs, shared by every backend
+                expected_cache[key] = oracle(case.make(dt, "cpu"))
+            res = run_case(bname, case, dt, device, repeats=2, expected=expected_cache[key]).as_dict()
+        except Exception as e:  # a crash in one case is that case's failure, not the run's
+            res = dict(backend=bname, case=case.name, dtype=names_of[dt], ok=False, out_err=float("inf"),
+                       lse_err=float("inf"), deterministic=False, skipped=False,
+                       message=f"raised {type(e).__name__}: {str(e)[:400]}")
+        results.append(res)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t0
+    return results, wall
+
+
+def _write_report(out, device, header, verdict, machine, wall, runnable, not_run, results, rows,
+                  vendor_rows) -> bool:
+    """<out>/<stem>.json and .md; False after printing why they could not be written."""
+    failed = [r for r in results if not r["ok"]]
+    n_skip = sum(r["skipped"] for r in results)
+    stem = _report_stem(device)
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None if math.isnan(x) else "inf"
+        return x
+
+    doc = dict(schema="attention-verify/1", verdict=verdict, device=device, machine=machine,
+               wall_s=round(wall, 1),
+               backends=[b.name for b, _ in runnable],
+               not_verified={b.name: reasons for b, reasons in not_run},
+               tolerances=_tolerances(),
+               counts=dict(passed=len(results) - n_skip - len(failed), failed=len(failed), skipped=n_skip),
+               results=[{k: clean(v) for k, v in r.items()} for r in results])
+    md = [f"# {header}", "", f"Verdict: **{verdict}** ({doc['counts']['passed']} passed, "
+          f"{doc['counts']['failed']} failed, {n_skip} skipped) at {machine['time_utc']}.", "",
+          "Cells: max |out - float64 reference| per case, backend and dtype; `skip` = the backend's "
+          "own not-supported reason.", "", _md_table(rows), "",
+          VENDOR_CAPTION[0].upper() + VENDOR_CAPTION[1:] + ".", "", _md_table(vendor_rows), ""]
+    if not_run:
+        md += ["Not verified:", ""] + [f"- `{b.name}`: {'; '.join(r)}" for b, r in not_run] + [""]
+    if failed:
+        md += ["Failures:", ""] + [f"- `{r['backend']}/{r['dtype']}/{r['case']}`: {r['message']}" for r in failed]
+    skipped = [r for r in results if r["skipped"]]
+    if skipped:
+        md += ["Skips:", ""] + [f"- `{r['backend']}/{r['dtype']}/{r['case']}`: {r['message']}" for r in skipped]
+    try:
+        with open(os.path.join(out, stem + ".json"), "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        with open(os.path.join(out, stem + ".md"), "w") as f:
+            f.write("\n".join(md) + "\n")
+    except OSError as e:  # checked before the run, so only a change since then gets here
+        print(f"verify: could not write the report to {out}: {e}; the table above is the result",
+              file=sys.stderr)
+        return False
+    print(f"wrote {stem}.json and {stem}.md to {out}")
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = _parser()
@@ -195,83 +337,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if why:
         print(f"verify: device {device} is not usable here: {why}", file=sys.stderr)
         return 2
-    kind = device.split(":")[0]
 
-    cases = list(CASES)
-    if a.case:
-        unknown = sorted(set(a.case) - {c.name for c in CASES})
-        if unknown:
-            print(f"verify: unknown case(s) {unknown}; see --list", file=sys.stderr)
-            return 2
-        cases = [c for c in CASES if c.name in a.case]
-
-    registered = {b.name: b for b in attention.backends()}
-    if a.backend:
-        unknown = [n for n in a.backend if n not in registered]
-        if unknown:
-            print(f"verify: unknown backend(s) {unknown}; registered: {sorted(registered)}", file=sys.stderr)
-            return 2
-        chosen = [registered[n] for n in a.backend]
-    else:
-        chosen = [b for b in registered.values() if b.runs_on(kind)]
-    runnable, not_run = [], []
-    for b in chosen:
-        reasons = list(b.unavailable_reasons())
-        if not b.runs_on(kind):
-            reasons.append(f"does not run on {kind} (devices: {sorted(b.device_types())})")
-        (not_run if reasons else runnable).append((b, reasons))
-    for b, reasons in not_run:
-        print(f"verify: backend {b.name} not verified on {device}: {'; '.join(reasons)}", file=sys.stderr)
-    if not runnable:
-        print(f"verify: no backend can run on {device}", file=sys.stderr)
+    cases = _select_cases(a.case, CASES)
+    picked = _select_backends(a.backend, attention.backends(), device) if cases is not None else None
+    if picked is None:
         return 2
-
-    dtype_filter = set(a.dtype) if a.dtype else None
-    columns: List[Tuple[str, str]] = []
-    jobs = []
-    for b, _ in runnable:
-        for dt in [d for d in DTYPES if d in b.dtypes]:  # float32, float16, bfloat16
-            name = DTYPE_NAMES[dt]
-            if dtype_filter and name not in dtype_filter:
-                continue
-            columns.append((b.name, name))
-            jobs += [(b.name, dt, c) for c in cases]
+    runnable, not_run = picked
+    columns, jobs = _jobs(runnable, cases, a.dtype, DTYPES, DTYPE_NAMES)
     if not jobs:
         print("verify: nothing to run (dtype filter excludes every declared dtype)", file=sys.stderr)
         return 2
 
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), file=sys.stderr, unit="case", dynamic_ncols=True, mininterval=0.3)
-    except ImportError:
-        bar = None
-    expected_cache: Dict[Tuple[str, str], object] = OrderedDict()
-    results: List[Dict] = []
-    t0 = time.perf_counter()
-    for i, (bname, dt, case) in enumerate(jobs):
-        desc = f"{bname}/{DTYPE_NAMES[dt]}/{case.name}"
-        if bar is not None:
-            bar.set_description_str(desc[:60])
-        else:
-            print(f"[{i + 1}/{len(jobs)}] {desc}", file=sys.stderr, flush=True)
-        key = (case.name, DTYPE_NAMES[dt])
-        try:
-            if key not in expected_cache:
-                # float64 on the CPU from the same rounded inputs, shared by every backend
-                expected_cache[key] = oracle(case.make(dt, "cpu"))
-            res = run_case(bname, case, dt, device, repeats=2, expected=expected_cache[key]).as_dict()
-        except Exception as e:  # a crash in one case is that case's failure, not the run's
-            res = dict(backend=bname, case=case.name, dtype=DTYPE_NAMES[dt], ok=False, out_err=float("inf"),
-                       lse_err=float("inf"), deterministic=False, skipped=False,
-                       message=f"raised {type(e).__name__}: {str(e)[:400]}")
-        results.append(res)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    wall = time.perf_counter() - t0
-
+    results, wall = _run_jobs(jobs, device, DTYPE_NAMES, oracle, run_case)
     failed = [r for r in results if not r["ok"]]
     rows = render_table(results, columns, [c.name for c in cases])
     machine = _machine(device)
@@ -279,7 +356,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{' (' + str(machine.get('device_name')) + ')' if machine.get('device_name') else ''}: "
               f"torch {machine['torch']}, triton {machine['triton']}, TRITON_INTERPRET={machine['TRITON_INTERPRET'] or 'unset'}")
     print(header)
-    print("cells: max |out - float64 reference| (SPEC.md tolerances: float32 1e-4, float16 5e-3, bfloat16 3e-2)")
+    tols = ", ".join(f"{d} {t[0]:g}" for d, t in _tolerances().items())
+    print(f"cells: max |out - float64 reference| (SPEC.md tolerances: {tols})")
     print(_text_table(rows))
     vendor_rows = render_vendor_table(results, columns, [c.name for c in cases])
     print(VENDOR_CAPTION)
@@ -293,44 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{verdict}: {len(results) - n_skip - len(failed)} passed, {len(failed)} failed, {n_skip} skipped "
           f"(backend's own reasons) in {wall:.1f} s")
 
-    if a.out:
-        stem = _report_stem(device)
-
-        def clean(x):
-            if isinstance(x, float) and not math.isfinite(x):
-                return None if math.isnan(x) else "inf"
-            return x
-
-        doc = dict(schema="attention-verify/1", verdict=verdict, device=device, machine=machine,
-                   wall_s=round(wall, 1),
-                   backends=[b.name for b, _ in runnable],
-                   not_verified={b.name: reasons for b, reasons in not_run},
-                   tolerances={"float32": [1e-4, 1e-4], "float16": [5e-3, 1e-2], "bfloat16": [3e-2, 1e-2]},
-                   counts=dict(passed=len(results) - n_skip - len(failed), failed=len(failed), skipped=n_skip),
-                   results=[{k: clean(v) for k, v in r.items()} for r in results])
-        md = [f"# {header}", "", f"Verdict: **{verdict}** ({doc['counts']['passed']} passed, "
-              f"{doc['counts']['failed']} failed, {n_skip} skipped) at {machine['time_utc']}.", "",
-              "Cells: max |out - float64 reference| per case, backend and dtype; `skip` = the backend's "
-              "own not-supported reason.", "", _md_table(rows), "",
-              VENDOR_CAPTION[0].upper() + VENDOR_CAPTION[1:] + ".", "", _md_table(vendor_rows), ""]
-        if not_run:
-            md += ["Not verified:", ""] + [f"- `{b.name}`: {'; '.join(r)}" for b, r in not_run] + [""]
-        if failed:
-            md += ["Failures:", ""] + [f"- `{r['backend']}/{r['dtype']}/{r['case']}`: {r['message']}" for r in failed]
-        skipped = [r for r in results if r["skipped"]]
-        if skipped:
-            md += ["Skips:", ""] + [f"- `{r['backend']}/{r['dtype']}/{r['case']}`: {r['message']}" for r in skipped]
-        try:
-            with open(os.path.join(a.out, stem + ".json"), "w") as f:
-                json.dump(doc, f, indent=2)
-                f.write("\n")
-            with open(os.path.join(a.out, stem + ".md"), "w") as f:
-                f.write("\n".join(md) + "\n")
-        except OSError as e:  # checked before the run, so only a change since then gets here
-            print(f"verify: could not write the report to {a.out}: {e}; the table above is the result",
-                  file=sys.stderr)
-            return 2
-        print(f"wrote {stem}.json and {stem}.md to {a.out}")
+    if a.out and not _write_report(a.out, device, header, verdict, machine, wall, runnable, not_run, results,
+                                   rows, vendor_rows):
+        return 2
     return 0 if not failed else 1
 
 

@@ -34,7 +34,7 @@ from typing import Dict, List
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from attention.testing import DTYPES_BY_NAME as DTYPES  # noqa: E402
 
 
 def parse(argv):

@@ -130,8 +130,8 @@ def step_check(device: str, save=_noop) -> dict:
     if device == "cuda":
         # Two inputs: the matrix's paged/rope/sink/causal case (one kernel) and a decode shape whose
         # plan splits the candidates (kernel + combine, with partial buffers allocated per call).
-        decode = tune.Preset("graph-decode", seqs=2, q_per_seq=1, context=2048, H=16, Hkv=1, Dqk=576, Dv=512,
-                             K=1024, page_size=64)
+        decode = tune.Problem("graph-decode", batch=2, q_per_seq=1, context=2048, H=16, Hkv=1, Dqk=576, Dv=512,
+                              K=1024, page_size=64, causal=True)
         inputs = {"paged_rope_sink_causal": args, "decode_split": tune.make_inputs(decode, device)}
         plan = launch.plan(attention.validate(**inputs["decode_split"]),
                            launch.resolve_config(attention.validate(**inputs["decode_split"]))[0])
@@ -208,10 +208,10 @@ def step_tune(device: str, presets, save=_noop) -> dict:
     return dict(device=_dev_name(device), rows=rows)
 
 
-def _dense_inputs(args: dict, preset: tune.Preset):
+def _dense_inputs(args: dict, preset: tune.Problem):
     """Dense q/k/v [B, heads, L, D] holding the same data as the sparse call."""
     q, kv = args["q"], args["kv"]
-    B, lq, L = preset.seqs, preset.q_per_seq, preset.context
+    B, lq, L = preset.batch, preset.q_per_seq, preset.context
     if "block_table" in args:
         kvd = kv[args["block_table"].long()].reshape(B, -1, kv.shape[-2], kv.shape[-1])[:, :L]
     else:
@@ -321,7 +321,7 @@ def step_bench(device: str, presets, save=_noop) -> dict:
                 row.update(dense_backend=None, dense_error=be)
             else:
                 t_dense = _bench(fn, device).median_ms * 1e-3
-                L, lq, B = p.context, p.q_per_seq, p.seqs
+                L, lq, B = p.context, p.q_per_seq, p.batch
                 pairs = B * (lq * L - (lq * (lq - 1)) // 2 if p.causal and lq > 1 else lq * L)
                 dense_fl = 2.0 * pairs * p.H * (p.Dqk + p.Dv)
                 row.update(dense_backend=be, us_dense=t_dense * 1e6, dense_tflops=dense_fl / t_dense / 1e12,

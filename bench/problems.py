@@ -14,66 +14,15 @@ baseline mean exactly the same thing as the index list.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class Problem:
-    family: str
-    batch: int = 1
-    q_per_seq: int = 1
-    context: int = 4096
-    H: int = 128
-    Hkv: int = 1
-    Dqk: int = 576
-    Dv: int = 512
-    Dr: int = 0
-    latent: bool = True  # value = kv[..., :Dv] (MLA); else a separate v
-    K: int = 2048
-    block_size: int = 1
-    page_size: int = 64  # 0 = contiguous cache
-    causal: bool = False
-    shared_indices: bool = True  # indices [T, 1, K] (DSA) or [T, Hkv, K] (NSA: per kv head)
-    dtype: str = "bfloat16"
-
-    @property
-    def T(self) -> int:
-        return self.batch * self.q_per_seq
-
-    @property
-    def name(self) -> str:
-        return f"{self.family}/L={self.context}"
-
-    @property
-    def G(self) -> int:
-        return 1 if self.shared_indices else self.Hkv
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def describe(self) -> str:
-        mode = "latent" if self.latent else "separate v"
-        cache = f"paged({self.page_size})" if self.page_size else "contiguous"
-        sel = f"K={self.K}" + (f" blocks of {self.block_size}" if self.block_size > 1 else "")
-        rope = f"+{self.Dr}" if self.Dr else ""
-        return (f"B={self.batch} x {self.q_per_seq} tok, L={self.context}, H={self.H}/Hkv={self.Hkv}, "
-                f"Dqk={self.Dqk}{rope} Dv={self.Dv} {mode}, {sel}, {cache}, "
-                f"{'causal, ' if self.causal else ''}{self.dtype}")
-
-    def as_dict(self) -> Dict[str, object]:
-        d = asdict(self)
-        d["name"] = self.name
-        d["T"] = self.T
-        return d
-
-    def with_overrides(self, **kw) -> "Problem":
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+# The problem description is shared with attention.tune and the test matrix (attention.testing);
+# bench keeps its preset lists (bench/presets.py) as instances of it.
+from attention.testing import DTYPES_BY_NAME as DTYPES  # noqa: E402,F401  (bench's --dtype choices)
+from attention.testing import Problem, sample_indices  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,95 +95,10 @@ class Inputs:
         return self.kwargs["indices"]
 
 
-def sample_indices(p: Problem, device, gen: torch.Generator) -> torch.Tensor:
-    """[T, G, K] int32: distinct units each query may see, random order, -1 padded."""
-    L, bs, Lq = p.context, p.block_size, p.q_per_seq
-    n_units = math.ceil(L / bs)
-    out = torch.empty(p.T, p.G, p.K, dtype=torch.int32)
-    # One sequence's rows at a time keeps the [rows, G, n_units] random matrix small.
-    rows_per_chunk = max(1, (1 << 24) // max(1, p.G * n_units))
-    q_pos_all = L - Lq + (torch.arange(p.T) % Lq)
-    for r0 in range(0, p.T, rows_per_chunk):
-        r1 = min(p.T, r0 + rows_per_chunk)
-        score = torch.rand(r1 - r0, p.G, n_units, generator=gen)
-        if p.causal:
-            # a unit is visible when its first position is at or before the query
-            first = torch.arange(n_units) * bs
-            visible = first[None, :] <= q_pos_all[r0:r1, None]
-            score = score.masked_fill(~visible[:, None, :], float("inf"))
-        k = min(p.K, n_units)
-        val, idx = torch.topk(score, k, dim=-1, largest=False)
-        idx = torch.where(torch.isinf(val), torch.full_like(idx, -1), idx)
-        if k < p.K:
-            idx = torch.cat([idx, torch.full((r1 - r0, p.G, p.K - k), -1, dtype=idx.dtype)], dim=-1)
-        out[r0:r1] = idx.to(torch.int32)
-    return out.to(device)
-
-
 def make_inputs(p: Problem, device: str, seed: int = 0) -> Inputs:
-    dev = torch.device(device)
-    dt = p.torch_dtype
-    gen = torch.Generator().manual_seed(seed)
-    dgen = torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else None
-
-    def rn(*shape):
-        # Random data is made on the device where possible: a 128K x 576 cache is 300 MB of float32.
-        if dgen is not None:
-            return torch.randn(*shape, generator=dgen, device=dev, dtype=torch.float32).to(dt)
-        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dt).to(dev)
-
-    B, L, Lq = p.batch, p.context, p.q_per_seq
-    q = rn(p.T, p.H, p.Dqk)
-    q_rope = rn(p.T, p.H, p.Dr) if p.Dr else None
-    kv_log = rn(B, L, p.Hkv, p.Dqk)
-    kvr_log = rn(B, L, p.Hkv, p.Dr) if p.Dr else None
-    v_log = None if p.latent else rn(B, L, p.Hkv, p.Dv)
-    indices = sample_indices(p, dev, gen)
-
-    kwargs: Dict[str, object] = dict(q=q, indices=indices, block_size=p.block_size, causal=p.causal)
-    if p.latent:
-        kwargs["d_v"] = p.Dv
-    if q_rope is not None:
-        kwargs["q_rope"] = q_rope
-
-    if p.page_size:
-        pg = p.page_size
-        npg = math.ceil(L / pg)
-        P = B * npg
-        # Pages scattered over the pool in a random order, as a serving cache ends up.
-        perm = torch.randperm(P, generator=gen).to(dev)
-        table = perm.view(B, npg).to(torch.int32)
-
-        def paged(x):
-            if x is None:
-                return None
-            D = x.shape[-1]
-            pad = npg * pg - L
-            xp = torch.cat([x, x.new_zeros(B, pad, p.Hkv, D)], dim=1) if pad else x
-            pool = torch.empty(P, pg, p.Hkv, D, dtype=x.dtype, device=dev)
-            pool[perm.to(torch.int64)] = xp.reshape(P, pg, p.Hkv, D)
-            return pool
-
-        kwargs.update(kv=paged(kv_log), block_table=table,
-                      seqlens_k=torch.full((B,), L, dtype=torch.int32, device=dev))
-        if kvr_log is not None:
-            kwargs["kv_rope"] = paged(kvr_log)
-        if v_log is not None:
-            kwargs["v"] = paged(v_log)
-        if B > 1:
-            kwargs["cu_seqlens_q"] = (torch.arange(B + 1, dtype=torch.int32) * Lq).to(dev)
-    else:
-        flat = lambda x: None if x is None else x.reshape(B * L, p.Hkv, x.shape[-1])  # noqa: E731
-        kwargs["kv"] = flat(kv_log)
-        if kvr_log is not None:
-            kwargs["kv_rope"] = flat(kvr_log)
-        if v_log is not None:
-            kwargs["v"] = flat(v_log)
-        if B > 1:
-            kwargs["cu_seqlens_q"] = (torch.arange(B + 1, dtype=torch.int32) * Lq).to(dev)
-            kwargs["cu_seqlens_k"] = (torch.arange(B + 1, dtype=torch.int32) * L).to(dev)
+    kwargs, kv_log, kvr_log, v_log = p.make_logical(device, seed)
     inp = Inputs(p, kwargs, kv_log, kvr_log, v_log)
-    inp.kept = kept_candidates(p, indices)
+    inp.kept = kept_candidates(p, kwargs["indices"])
     return inp
 
 

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -33,23 +32,9 @@ from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
 from .problems import DTYPES, Problem, byte_count, check_tokens, expected_float64, flop_count, make_inputs
 from .selection import (check_selection, expected_selection, make_selection_inputs, selection_bytes,
                         selection_flops, selection_impls)
-from .timing import Timing, machine_info, measure_limits, sample_ms, timer_name, warm_and_calibrate
+from .timing import Timing, machine_info, measure_limits, nan_fill, sample_ms, timer_name, warm_and_calibrate
 
 DENSE_NAMES = ("sdpa-dense", "dense-scores+torch.topk")
-
-
-@contextmanager
-def _nan_fill():
-    """Kernel outputs start as NaN during the check, so an element a kernel never writes fails it."""
-    old = os.environ.get("ATTENTION_NAN_FILL")
-    os.environ["ATTENTION_NAN_FILL"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("ATTENTION_NAN_FILL", None)
-        else:
-            os.environ["ATTENTION_NAN_FILL"] = old
 
 
 def default_device() -> str:
@@ -153,7 +138,7 @@ def check_impl(impl: Impl, prepare_arg, check, device: torch.device, row: Dict):
         return None
     res = None
     try:
-        with _nan_fill():
+        with nan_fill(True):
             res = fn()
             if device.type != "cpu":
                 from .timing import synchronize

@@ -38,7 +38,9 @@ from .selective_attention import paged_rows, token_metadata
 
 __all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "pack_keys", "unpack_positions",
            "score_width", "lightning_indexer_dense", "topk_indices_dense", "block_scores_dense",
-           "select_dense", "SELECT_CHUNK_BYTES", "BLOCK_REDUCES"]
+           "select_dense", "SELECT_CHUNK_BYTES", "BLOCK_REDUCES",
+           # building blocks the Triton selection launcher and attention.distributed reuse
+           "INVALID_KEY_MAX", "best_positions", "reduce_blocks"]
 
 # Working set of one (query chunk x key chunk) step of the fused select: the [c, Hi, w] logits, the
 # [c, w] scores and the packed [c, k + w] merge buffer. 64 MiB keeps the 2048 x 65536 benchmark
@@ -49,10 +51,11 @@ SELECT_CHUNK_BYTES = 64 << 20
 BLOCK_REDUCES = ("max", "mean")
 
 # float32 -inf as the signed, order-preserving int32 of pack_keys: every packed key at or below
-# (_KEY_NEG_INF << 32) | 0xffffffff is an invalid (-inf or NaN) entry.
+# (_KEY_NEG_INF << 32) | 0xffffffff is an invalid (-inf or NaN) entry. Public: kernels that merge
+# packed keys themselves (the Triton select) test validity against the same bound.
 _KEY_NEG_INF = -2139095041  # 0xff800000 ^ 0x7fffffff as int32
 _LOW = (1 << 32) - 1
-_INVALID_MAX = _KEY_NEG_INF * (1 << 32) + _LOW
+INVALID_KEY_MAX = _KEY_NEG_INF * (1 << 32) + _LOW
 
 
 # ----------------------------------------------------------------------------- packing
@@ -73,11 +76,15 @@ def pack_keys(scores: Tensor, positions: Tensor) -> Tensor:
 def unpack_positions(keys: Tensor) -> Tensor:
     """Positions of packed keys as int32, -1 where the score was -inf (or NaN)."""
     pos = _LOW - torch.bitwise_and(keys, _LOW)
-    return torch.where(keys > _INVALID_MAX, pos, -1).to(torch.int32)
+    return torch.where(keys > INVALID_KEY_MAX, pos, -1).to(torch.int32)
 
 
-def _finish(keys: Tensor, k: int) -> Tensor:
-    """[T, n] packed keys (any order) -> [T, 1, k] int32, best first, -1 padded."""
+def best_positions(keys: Tensor, k: int) -> Tensor:
+    """[T, n] packed keys (any order) -> [T, 1, k] int32 positions, best first, -1 padded.
+
+    The last step of every top-k here; public so that other implementations that produce packed
+    keys (the Triton select's per-split candidates, the context-parallel merge) finish identically.
+    """
     T, n = keys.shape
     kk = min(k, n)
     if kk > 0:
@@ -185,8 +192,9 @@ class _Indexer:
         return max(1, int(chunk_bytes // max(1, per_token)))
 
 
-def _reduce_blocks(s: Tensor, block_size: int, block_reduce: str) -> Tensor:
-    """[c, n*b] position scores -> [c, n] block scores over each block's valid positions."""
+def reduce_blocks(s: Tensor, block_size: int, block_reduce: str) -> Tensor:
+    """[c, n*b] position scores -> [c, n] block scores over each block's valid positions
+    (``block_reduce`` "max" or "mean"; a block without a valid position scores -inf)."""
     c = s.shape[0]
     s = s.view(c, s.shape[1] // block_size, block_size)  # not -1: c may be 0 (an empty batch)
     if block_reduce == "max":
@@ -279,7 +287,7 @@ def block_scores(scores: Tensor, block_size: int, block_reduce: str = "max") -> 
     nb = -(-W // block_size)
     pad = nb * block_size - W
     s = torch.nn.functional.pad(scores, (0, pad), value=float("-inf")) if pad else scores
-    return _reduce_blocks(s.contiguous(), block_size, block_reduce)
+    return reduce_blocks(s.contiguous(), block_size, block_reduce)
 
 
 @torch.no_grad()  # indices are not differentiable; no autograd graph may hold the chunks alive
@@ -301,7 +309,7 @@ def topk_indices(scores: Tensor, k: int) -> Tensor:
             pos = torch.cat([pos, pos.new_full((T, k - kk), -1)], dim=1)
         return pos.view(T, 1, k)
     pos = torch.arange(W, device=scores.device, dtype=torch.int64)
-    return _finish(pack_keys(scores, pos[None, :]), k)
+    return best_positions(pack_keys(scores, pos[None, :]), k)
 
 
 @torch.no_grad()  # indices are not differentiable; a graph would keep every chunk's logits alive
@@ -347,13 +355,13 @@ def select(
             j1 = min(nb, j0 + blocks_per_chunk)
             s = ix.tile(t0, t1, j0 * b, j1 * b)
             if b > 1:
-                s = _reduce_blocks(s, b, block_reduce)
+                s = reduce_blocks(s, b, block_reduce)
             ids = torch.arange(j0, j1, device=ix.device, dtype=torch.int64)
             keys = torch.cat([best, pack_keys(s, ids[None, :])], dim=1)
             if keys.shape[1] > k:
                 keys = torch.topk(keys, k, dim=1, largest=True, sorted=False).values
             best = keys
-        outs.append(_finish(best, k))
+        outs.append(best_positions(best, k))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

@@ -100,7 +100,7 @@ def test_tune_prints_measurements_before_a_failing_write(store, monkeypatch, cap
 
     def one_preset(preset, device, full=False, repeats=3, save=True, check=True):
         assert save is False  # main saves only after printing
-        row = dict(preset=preset.name, bucket="b-" + preset.name, tried=2, failed=0, best=dict(BLOCK_N=16),
+        row = dict(preset=preset.family, bucket="b-" + preset.family, tried=2, failed=0, best=dict(BLOCK_N=16),
                    us=1.5, tflops=0.1, base_us=2.0, base_source="default", speedup=1.33,
                    device=tuning.CPU_DEVICE, entry=dict(config=dict(BLOCK_N=16), us=1.5), path=None)
         measured.append(row)

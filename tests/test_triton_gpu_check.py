@@ -218,7 +218,7 @@ def test_dense_inputs_hold_the_same_data():
     p = tune.PRESETS["tiny"]
     args = tune.make_inputs(p, "cpu")
     qd, k, v = gc._dense_inputs(args, p)
-    assert qd.shape == (p.seqs, p.H, p.q_per_seq, p.Dqk) and k.shape == (p.seqs, p.Hkv, p.context, p.Dqk)
+    assert qd.shape == (p.batch, p.H, p.q_per_seq, p.Dqk) and k.shape == (p.batch, p.Hkv, p.context, p.Dqk)
     kv, bt = args["kv"], args["block_table"]
     b, pos = 1, 37
     assert torch.equal(k[b, 0, pos], kv[bt[b, pos // p.page_size], pos % p.page_size, 0])
@@ -243,6 +243,6 @@ def test_dense_sdpa_baseline_computes_the_same_attention(q_per_seq, causal):
     fn, be = gc._sdpa(qd, k, v, p.causal, inp.sm_scale)
     assert fn is not None, be
     dense = fn()  # [B, H, lq, Dv], or [B, 1, H * lq, Dv] when heads were folded
-    dense = dense.reshape(p.seqs, p.H, p.q_per_seq, p.Dv).permute(0, 2, 1, 3).reshape(out.shape)
+    dense = dense.reshape(p.batch, p.H, p.q_per_seq, p.Dv).permute(0, 2, 1, 3).reshape(out.shape)
     assert ("folded" in be) == (not causal)
     assert (dense - out).abs().max() < 1e-4

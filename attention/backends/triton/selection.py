@@ -34,7 +34,7 @@ from typing import List
 import torch
 
 import python_ref
-from python_ref.selection import _INVALID_MAX, _finish, score_width
+from python_ref.selection import INVALID_KEY_MAX, best_positions, score_width
 
 from ...inputs import new_empty, next_power_of_2
 from .backend import interpreting
@@ -137,11 +137,11 @@ class TritonSelection:
             a["q"], a["k"], a["w"], dst, scratch, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
             a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"],
             W, k, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
-            _INVALID_MAX, _SENTINEL, span, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs, MEAN=inp.block_reduce == "mean",
+            INVALID_KEY_MAX, _SENTINEL, span, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs, MEAN=inp.block_reduce == "mean",
             SPLITS=splits, num_warps=8 if K_PAD >= 1024 else 4, **meta)
         if splits > 1:
             # Packed keys are unique and ordered, so one int64 top-k merges the splits exactly.
-            return _finish(dst.view(T, splits * K_PAD), k)
+            return best_positions(dst.view(T, splits * K_PAD), k)
         return out
 
     #: tests set this to force a split count (the interpreter has no SMs to fill)
