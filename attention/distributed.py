@@ -222,6 +222,30 @@ def _reduce_scatter(out: Tensor, inp: Tensor, group) -> None:
     fn(out, inp, op=dist.ReduceOp.SUM, group=group)
 
 
+def _check_shard(shard, world: int, q_arg: tuple, kv_arg: tuple, cu_seqlens_q) -> int:
+    """The layout rules both distributed ops share; returns the number of sequences B."""
+    if not isinstance(shard, ShardLayout):
+        raise TypeError(f"shard must be an attention.distributed.ShardLayout, got {type(shard).__name__}")
+    if shard.world_size != world:
+        raise ValueError(f"shard must describe the group's {world} ranks, got a layout for {shard.world_size}")
+    _inputs.need_tensor(*q_arg)
+    _inputs.need_tensor(*kv_arg)
+    _inputs.need_tensor("cu_seqlens_q", cu_seqlens_q, optional=True)
+    B = 1 if cu_seqlens_q is None else (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else shard.num_seqs)
+    if shard.num_seqs != B:  # (a cu_seqlens_q of the wrong rank is the validator's error, later)
+        raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")
+    return B
+
+
+def _shard_error(e: BaseException, shard, rank: int, old: str, new: str) -> BaseException:
+    """A validator error on a rank's local view, in the distributed call's own terms: a length rule means
+    the shard tensor does not hold what the layout assigns; anything else names the shard argument."""
+    if "cu_seqlens_k" in str(e) or "seqlens_k" in str(e):
+        return type(e)(f"{new} does not hold the rows shard assigns to rank {rank} "
+                       f"(lengths {list(shard.lengths(rank))}): {e}")
+    return _rename(e, old, new)
+
+
 def _rename(e: BaseException, old: str, new: str) -> BaseException:
     """The op's validator names the cache ``kv`` / ``k_idx``; here the argument is the rank's shard."""
     msg = re.sub(rf"\b{old}\b(?!_)", new, str(e))
@@ -398,18 +422,9 @@ def selective_attention(
     rank, world = _group_info(group)
     error = None
     try:
-        if not isinstance(shard, ShardLayout):
-            raise TypeError(f"shard must be an attention.distributed.ShardLayout, got {type(shard).__name__}")
-        if shard.world_size != world:
-            raise ValueError(f"shard must describe the group's {world} ranks, got a layout for {shard.world_size}")
+        _check_shard(shard, world, ("q", q), ("kv_shard", kv_shard), cu_seqlens_q)
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-        _inputs.need_tensor("q", q)
-        _inputs.need_tensor("kv_shard", kv_shard)
-        _inputs.need_tensor("cu_seqlens_q", cu_seqlens_q, optional=True)
-        B = 1 if cu_seqlens_q is None else (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else shard.num_seqs)
-        if shard.num_seqs != B:  # (a cu_seqlens_q of the wrong rank is the validator's error, below)
-            raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")
         paged = kv_shard.dim() == 4
         meta = shard.tensors(rank, q.device)
         try:  # the op's own rules, on the rank's local view, before any collective
@@ -419,10 +434,7 @@ def selective_attention(
                 cu_seqlens_k=None if paged else meta["cu_seqlens_k"], block_table=block_table,
                 seqlens_k=meta["seqlens_k"] if paged else None, causal=causal, attn_sink=attn_sink, backend=backend)
         except (ValueError, TypeError) as e:
-            if "cu_seqlens_k" in str(e) or "seqlens_k" in str(e):
-                raise type(e)(f"kv_shard does not hold the rows shard assigns to rank {rank} "
-                              f"(lengths {list(shard.lengths(rank))}): {e}") from None
-            raise _rename(e, "kv", "kv_shard") from None
+            raise _shard_error(e, shard, rank, "kv", "kv_shard") from None
     except (ValueError, TypeError) as e:
         error = e
     if check_ranks is None:
@@ -484,16 +496,7 @@ def select(
     rank, world = _group_info(group)
     error = None
     try:
-        if not isinstance(shard, ShardLayout):
-            raise TypeError(f"shard must be an attention.distributed.ShardLayout, got {type(shard).__name__}")
-        if shard.world_size != world:
-            raise ValueError(f"shard must describe the group's {world} ranks, got a layout for {shard.world_size}")
-        _inputs.need_tensor("q_idx", q_idx)
-        _inputs.need_tensor("k_idx_shard", k_idx_shard)
-        _inputs.need_tensor("cu_seqlens_q", cu_seqlens_q, optional=True)
-        B = 1 if cu_seqlens_q is None else (cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else shard.num_seqs)
-        if shard.num_seqs != B:  # (a cu_seqlens_q of the wrong rank is the validator's error, below)
-            raise ValueError(f"shard must describe {B} sequence(s) (cu_seqlens_q), got {shard.num_seqs}")
+        B = _check_shard(shard, world, ("q_idx", q_idx), ("k_idx_shard", k_idx_shard), cu_seqlens_q)
         paged = k_idx_shard.dim() == 3
         meta = shard.tensors(rank, q_idx.device)
         local_w = max(shard.lengths(rank)) if B else 0
@@ -504,10 +507,7 @@ def select(
                 seqlens_k=meta["seqlens_k"] if paged else None, max_seqlen_k=local_w, causal=causal,
                 block_size=block_size, block_reduce=block_reduce, backend=backend)
         except (ValueError, TypeError) as e:
-            if "cu_seqlens_k" in str(e) or "seqlens_k" in str(e):
-                raise type(e)(f"k_idx_shard does not hold the rows shard assigns to rank {rank} "
-                              f"(lengths {list(shard.lengths(rank))}): {e}") from None
-            raise _rename(e, "k_idx", "k_idx_shard") from None
+            raise _shard_error(e, shard, rank, "k_idx", "k_idx_shard") from None
     except (ValueError, TypeError) as e:
         error = e
     if check_ranks is None:
