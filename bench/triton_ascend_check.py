@@ -259,6 +259,28 @@ def classify(log: str, hivm: Optional[str], widths: Iterable[int]) -> Dict:
     return dict(res, status="ok")
 
 
+# Kernels known not to compile for Ascend, with the diagnostic that says why (docs/triton.md "Ascend").
+# Such a kernel is reported as "known-fail" and does not fail the check; if it stops failing, or fails
+# another way, the check fails (a strict expected failure: the entry must then be removed or revised).
+KNOWN_FAILURES = {
+    # tl.sort of the packed int64 keys (score bits << 32 | ~position) is lowered to hivm.hir.vsort,
+    # which takes f16/f32 only. The Triton backend declines `select` on npu for this reason.
+    "_select_kernel": "'hivm.hir.vsort' op failed to verify that operand at idx 0 and 1 should have element type "
+                      "16-bit float or 32-bit float",
+}
+
+
+def apply_known_failures(row: Dict) -> Dict:
+    """The row with a known failure marked "known-fail" (or "fixed?" when it no longer fails that way)."""
+    why = KNOWN_FAILURES.get(row["kernel"])
+    if why is None:
+        return row
+    if row["status"] != "ok" and why in (row.get("log") or ""):
+        return dict(row, status="known-fail", known=why)
+    return dict(row, status="unexpected", known=why,
+                note="listed in KNOWN_FAILURES but did not fail that way: revise the list and docs/triton.md")
+
+
 _RETRY = re.compile(r"automatically set ([\w-]+) to false and retrying")
 
 
@@ -281,27 +303,6 @@ def run_bishengir(linalg: str, soc: str, options, workdir: Path, timeout: int) -
     (workdir / "bishengir.log").write_text(log)
     hivm = temps / "module.hivm.opt.mlir"
     return log, hivm.read_text() if hivm.exists() else None
-
-
-def compile_launch(fn, args, kwargs, soc: str, workdir: Path, timeout: int = 1800) -> Dict:
-    """Lower one launch and run bishengir-compile to the end of memory planning: a result row."""
-    t0 = time.time()
-    row = dict(soc=soc, kernel=fn.__name__)
-    try:
-        linalg, metadata, options, consts = lower_launch(fn, args, kwargs, soc)
-    except Exception as e:  # a lowering error is a compile error of the kernel
-        detail = getattr(e, "stderr", None)
-        detail = detail.decode(errors="replace") if isinstance(detail, bytes) else f"{type(e).__name__}: {e}"
-        return dict(row, status="error", stage="triton-ascend lowering", log=detail[-4000:],
-                    compile_s=round(time.time() - t0, 1))
-    row.update(core=metadata["mix_mode"], config={k: v for k, v in consts.items()
-                                                   if k.startswith("BLOCK") or k in ("K_PAD", "NUM_STAGES", "GATHER_ROWS")})
-    log, hivm = run_bishengir(linalg, soc, options, workdir, timeout)
-    row.update(classify(log, hivm, feature_widths(row["config"])), compile_s=round(time.time() - t0, 1),
-               ir=str(workdir))
-    if row["status"] != "ok":
-        row["log"] = log[-4000:]
-    return row
 
 
 # ---------------------------------------------------------------- what is compiled
@@ -428,6 +429,7 @@ def format_table(rows: List[Dict]) -> str:
             l1 = f"{_kib(pl.get('cbuf', 0))} / {_kib(ch.get('cbuf'))}"
         tile = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in sorted(r.get("config", {}).items())
                         if k in ("BLOCK_H", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK_DR", "BLOCK_DK", "K_PAD"))
+        tile += " rows" if r.get("config", {}).get("GATHER_ROWS") else ""
         lines.append([r["soc"], r["kernel"], ",".join(r["problems"]), r.get("core", "-"), r["status"], ub, l1, tile,
                       str(r.get("compile_s", "-"))])
     w = [max(len(x[i]) for x in lines) for i in range(len(head))]
@@ -473,7 +475,7 @@ def check(socs: List[str], problems: List[str], out: Path, jobs: int, timeout: i
                    ir=str(workdir))
         if row["status"] != "ok":
             row["log"] = log[-4000:]
-        return row
+        return apply_known_failures(row)
 
     with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for fut in cf.as_completed([pool.submit(one, j) for j in jobs_list.values()]):
@@ -516,17 +518,19 @@ def main(argv=None) -> int:
                 pl = row.get("planned", {})
                 log(f"{row['soc']} {row['kernel']} {','.join(row['problems'])}: {row['status']}, UB "
                     f"{pl.get('ub', '-')} B, L1 {pl.get('cbuf', '-')} B ({row.get('compile_s', '-')} s)")
-                if row["status"] != "ok":
+                if row["status"] not in ("ok", "known-fail"):
                     log("    " + "\n    ".join((row.get("log") or "").strip().splitlines()[-6:]))
                     for x in row.get("scalar_loops", []):
                         log(f"    {x}")
     order = {s: i for i, s in enumerate(SOCS)}
     rows.sort(key=lambda r: (order.get(r["soc"], 9), PROBLEM_NAMES.index(r["problems"][0]), r["kernel"]))
-    bad = [r for r in rows if r["status"] != "ok"]
+    bad = [r for r in rows if r["status"] not in ("ok", "known-fail")]
+    known = [r for r in rows if r["status"] == "known-fail"]
     if not a.jsonl:
         print(format_table(rows))
         print(f"{len(rows)} kernel compiles for {len(a.soc or SOCS)} SoCs in {time.time() - t0:.0f} s; "
-              f"{len(bad)} failed. Compiled to the end of memory planning (hivmc, from CANN, not run); "
+              f"{len(bad)} failed, {len(known)} known failures ({', '.join(sorted({r['kernel'] for r in known})) or '-'}: "
+              f"KNOWN_FAILURES). Compiled to the end of memory planning (hivmc, from CANN, not run); "
               f"nothing ran on an NPU.")
     return 1 if bad else 0
 

@@ -117,6 +117,29 @@ def test_verdicts():
     assert tac.classify(LOG_HIVMC, _ir(big), [512])["status"] == "overflow"
 
 
+def test_known_failure_is_strict():
+    """A listed kernel failing with its listed diagnostic is "known-fail" (does not fail the check); passing,
+    or failing another way, is "unexpected" (fails it)."""
+    why = tac.KNOWN_FAILURES["_select_kernel"]
+    row = dict(soc="Ascend910B2", kernel="_select_kernel", status="error", log="loc(...): error: " + why)
+    assert tac.apply_known_failures(row)["status"] == "known-fail"
+    assert tac.apply_known_failures(dict(row, status="ok", log=None))["status"] == "unexpected"
+    assert tac.apply_known_failures(dict(row, log="error: something else"))["status"] == "unexpected"
+    other = dict(row, kernel="_indexer_kernel")
+    assert tac.apply_known_failures(other) == other
+
+
+def test_select_is_declined_on_npu_for_the_known_failure():
+    from types import SimpleNamespace
+
+    from attention.backends.triton import selection
+
+    inp = SimpleNamespace(op="select", block_size=1, k=2048, device=torch.device("cpu"))
+    assert selection.limit_reasons(inp) == []
+    inp.device = SimpleNamespace(type="npu")
+    assert any("npu" in r and "vsort" in r for r in selection.limit_reasons(inp))
+
+
 def test_feature_widths_are_the_launch_d_tiles():
     cfg = {"BLOCK_H": 16, "BLOCK_N": 16, "BLOCK_D": 64, "BLOCK_DV": 128, "BLOCK_DR": 16, "K_PAD": 2048}
     assert tac.feature_widths(cfg) == [16, 64, 128]
