@@ -51,6 +51,7 @@ constexpr uint32_t GATHER_ROWS = 16;   // kv rows gathered per vector step: one 
 constexpr uint32_t STAT_SLOTS = 10;    // per-row fp32 statistics vectors in UB
 constexpr float NEG_BIG = -3.0e38f;    // "no maximum yet": finite, so m_old - m_new never forms inf - inf
 constexpr uint32_t NEG_INF_BITS = 0xFF800000u;
+constexpr float P_HI_SHRINK = 0.99999988079071044921875f;  // 1 - 2^-23: the float just below 1
 
 // Planted-bug switch, for tests/test_ascendc_planted.py only: a build with SELATTN_PLANTED_BUG = one of
 // these values gets exactly that deliberate bug, so that the test can prove the CPU twin catches it.
@@ -499,13 +500,18 @@ private:
                 if constexpr (IsSameType<T, float>::value) {
                     Muls(p[m * nT], row, 1.0f, nv);
                 } else {
-                    // P_hi = P rounded to T; P_lo = (P - P_hi) rounded to T, written over the first half of
-                    // this row's own fp32 scores (dead from here on: no extra UB). The tails past nv stay
-                    // zero: P_hi's from the Duplicate above, so the widened copy and P_lo are zero there.
-                    Cast(p[m * nT], row, RoundMode::CAST_RINT, static_cast<uint32_t>(nv));
+                    // P = P_hi + P_lo, both in T. P_hi is P * (1 - 2^-23) (just below P) rounded down, so
+                    // P_lo = P - P_hi is exact in fp32 and strictly positive wherever P > 0; rounded up it stays
+                    // so. Then a kept value of +-inf meets two weights of one sign and gives +-inf, as in
+                    // float64, never inf - inf or 0 * inf = NaN (round-to-nearest would make P_lo 0 or
+                    // negative). P_lo is written over the first half of this row's own fp32 scores (dead from
+                    // here on: no UB of its own). Past nv P_hi is zero (the Duplicate above), so the widened
+                    // copy and P_lo are zero there too.
+                    Muls(work, row, P_HI_SHRINK, nv);
+                    Cast(p[m * nT], work, RoundMode::CAST_FLOOR, static_cast<uint32_t>(nv));
                     Cast(work, p[m * nT], RoundMode::CAST_NONE, nT);
                     Sub(work, row, work, nv);
-                    Cast(pLo[m * 2 * nT], work, RoundMode::CAST_RINT, nT);
+                    Cast(pLo[m * 2 * nT], work, RoundMode::CAST_CEIL, nT);
                 }
                 Sync<HardEvent::V_S>();
                 rowSum.SetValue(m, tmp.GetValue(0));
