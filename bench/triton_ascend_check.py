@@ -1,6 +1,6 @@
 """Our Triton kernels compiled for Ascend by triton-ascend, checked through memory planning (issue 19).
 
-    python bench/triton_ascend_check.py [--soc Ascend910B2]... [--problem NAME]... [--keep DIR] [--jsonl]
+    python bench/triton_ascend_check.py [--soc Ascend910B2]... [--problem NAME]... [--out DIR] [--jobs N] [--jsonl]
 
 Runs in an environment whose ``triton`` is Huawei's triton-ascend (3.2) with the ``ascendnpu-ir`` wheel
 (``bishengir-compile``); ``make triton-ascend-check`` builds one (.venv-triton-ascend) and runs this.
@@ -33,7 +33,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -438,6 +437,8 @@ def format_table(rows: List[Dict]) -> str:
         if r["status"] == "overflow" and not pl:
             ub = " ".join(f"{o['memory']} needs {_kib(o['required'])} / {_kib(o['available'])}" for o in r["overflow"])
             l1 = "-"
+        elif not pl:  # stopped before memory planning (an error, a known failure)
+            ub = l1 = "-"
         else:
             ub = f"{_kib(pl.get('ub', 0))} / {_kib(ch.get('ub'))}"
             l1 = f"{_kib(pl.get('cbuf', 0))} / {_kib(ch.get('cbuf'))}"
