@@ -503,6 +503,9 @@ def check(socs: List[str], problems: List[str], out: Path, jobs: int, timeout: i
                     futures.append(pool.submit(one, row, linalg, options, out / soc / pname / f"{i}-{fn.__name__}"))
                     if progress:
                         progress(f"lowered {soc} {pname} {fn.__name__}")
+                    for fut in [f for f in futures if f.done()]:  # report compiles as they finish
+                        futures.remove(fut)
+                        yield fut.result()
         for fut in cf.as_completed(futures):
             yield fut.result()
 
