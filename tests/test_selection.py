@@ -39,6 +39,9 @@ class SelCase:
     block_size: int = 1
     block_reduce: str = "max"
     scale: Optional[float] = None
+    quant: Optional[str] = None  # "fp8" | "int8": q_idx and k_idx quantized per row (DeepGEMM style)
+    q_scale: bool = True  # with quant: q_idx_scale given (False: q cast directly, DeepGEMM's fp8_mqa_logits)
+    window: bool = False  # per-token key windows cu_seqlen_ks / cu_seqlen_ke
 
     def make(self, dtype=torch.float32, device="cpu"):
         g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
@@ -77,6 +80,22 @@ class SelCase:
             if with_cu:
                 a["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
                 a["cu_seqlens_k"] = _cu(lens)
+        if self.window:  # token t of a sequence of length L sees [ks, ke), 0 <= ks <= ke <= L + 2
+            ks, ke = [], []
+            for lq, lk in self.seqs:
+                for _ in range(lq):
+                    lo = int(torch.randint(0, lk + 1, (1,), generator=g))
+                    ks.append(lo)
+                    ke.append(int(torch.randint(lo, lk + 3, (1,), generator=g)))
+            a.update(cu_seqlen_ks=torch.tensor(ks, dtype=torch.int32), cu_seqlen_ke=torch.tensor(ke, dtype=torch.int64))
+        if self.quant:
+            qdt = QUANT[self.quant]
+            if self.q_scale:
+                q, a["q_idx_scale"] = quantize_rows(q, qdt)
+            else:
+                q = q.to(qdt)
+            kx, a["k_idx_scale"] = quantize_rows(kx, qdt)  # NaN rows (unused storage) get NaN scales
+            dtype = qdt
         a = {n: t.to(device) for n, t in a.items()}
         a.update(q_idx=q.to(dtype).to(device), k_idx=kx.to(dtype).to(device), weights=w.to(device),
                  causal=self.causal)
@@ -85,6 +104,21 @@ class SelCase:
         if self.scale is not None:
             a["scale"] = self.scale
         return a
+
+
+QUANT = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype):
+    """Per-row amax quantization of the last dimension (DeepGEMM's per-token cast to fp8, and int8):
+    (stored, float32 scale of shape x.shape[:-1]); dequantized value = stored * scale."""
+    top = 448.0 if dtype == torch.float8_e4m3fn else 127.0
+    amax = x.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax)).float()
+    y = (x / scale[..., None]).clamp(-top, top)
+    if dtype == torch.int8:
+        y = torch.nan_to_num(y.round(), nan=-128.0)  # garbage rows stay garbage (with a NaN scale)
+    return y.to(dtype), scale
 
 
 def _cu(lengths):
@@ -122,6 +156,17 @@ CASES = [
     SelCase("block8_k_exceeds_blocks", block_size=8, seqs=((2, 20),), k=6),
     SelCase("block64_max_nsa", block_size=64, k=3, seqs=((2, 300),)),  # NSA's block size: one block per tile
     SelCase("block128_mean_paged", block_size=128, block_reduce="mean", k=2, page_size=32, seqs=((1, 400), (1, 130))),
+    # The indexer serving engines call (issue 13): DeepGEMM's fp8_mqa_logits inputs, int8, vLLM's windows.
+    SelCase("fp8_deepgemm_flat_windows", quant="fp8", q_scale=False, window=True, causal=False, seqs=((6, 50),),
+            Di=32, k=7),
+    SelCase("fp8_scaled_varlen", quant="fp8", seqs=((3, 20), (2, 33)), k=6),
+    SelCase("int8_paged_varlen", quant="int8", page_size=8, seqs=((2, 19), (3, 30)), k=8),
+    SelCase("int8_paged_windows_causal", quant="int8", window=True, page_size=4, seqs=((3, 17), (2, 23)), k=5),
+    SelCase("window_varlen_not_causal", window=True, causal=False, seqs=((3, 15), (4, 26)), k=6),
+    SelCase("window_paged_causal", window=True, page_size=8, seqs=((4, 40),), varlen_api=True, k=9),
+    SelCase("fp8_window_block4_max", quant="fp8", window=True, block_size=4, seqs=((3, 45),), k=4),
+    SelCase("int8_block2_mean_paged", quant="int8", block_size=2, block_reduce="mean", page_size=8,
+            seqs=((2, 21), (1, 14)), k=5),
 ]
 INDEXER_CASES = [c for c in CASES if c.block_size == 1]
 
