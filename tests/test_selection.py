@@ -291,7 +291,8 @@ def test_reference_indexer_both_varlen_strategies(case, per_sequence):
 @pytest.mark.skipif("triton" not in _cpu_backends("select"), reason="triton not runnable here")
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in (
     "single_causal", "decode_one_token", "varlen_causal", "paged_varlen", "ties_integer", "block2_max",
-    "block4_max_varlen_paged", "k_exceeds_valid", "max_seqlen_wider")], ids=lambda c: c.name)
+    "block4_max_varlen_paged", "k_exceeds_valid", "max_seqlen_wider", "fp8_deepgemm_flat_windows",
+    "int8_paged_windows_causal", "fp8_window_block4_max")], ids=lambda c: c.name)
 def test_triton_select_split_keys(case, monkeypatch):
     """The key-range split (decode path on a GPU) merges exactly: force 3 splits under the interpreter."""
     from attention.backends.triton.selection import LAUNCHER

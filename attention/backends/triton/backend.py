@@ -36,8 +36,8 @@ class TritonBackend(Backend):
     ops = {
         "attention": ATTENTION_FEATURES,  # the kernel implements all of SPEC.md section 1
         "attention_backward": ATTENTION_FEATURES,  # backward.py; limits: backward.limit_reasons
-        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal"}),
-        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block"}),
+        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal", "fp8", "int8", "window"}),
+        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block", "fp8", "int8", "window"}),
     }
     dtypes = frozenset(FLOAT_DTYPES)
 
