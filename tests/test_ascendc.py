@@ -13,6 +13,7 @@ import torch
 
 import attention
 from attention.testing import CASES, DTYPE_NAMES, Case, oracle, run_case
+from attention.vendor_rules import cann_check_result
 
 ascendc = pytest.importorskip("attention.backends.ascendc")
 twin = ascendc._twin
@@ -30,12 +31,25 @@ def _expected(case, dtype):
     return oracle(case.make(dtype, "cpu"))
 
 
+@functools.lru_cache(maxsize=None)
+def _exact_rounded_cann_percent(case, dtype):
+    """CANN's check_result rate of the float64 result rounded once to ``dtype``: what a kernel whose only
+    error is the final cast would score (issue 13 item 6)."""
+    ref_out, _ = _expected(case, dtype)
+    return cann_check_result(ref_out.to(dtype), ref_out)[1]
+
+
 def _run(case, dtype, soc, tiling=None):
     with ascendc.use_soc(soc, tiling):
         res = run_case("ascendc", case, dtype, "cpu", repeats=2, expected=_expected(case, dtype))
     if res.skipped:
         pytest.skip(f"ascendc/{soc}: {res.message}")
     assert res.ok, f"ascendc/{soc}/{res.dtype}/{case.name}: {res.message}"
+    # Huawei's own pass rule (CANN check_result), held to the exact result rounded once: with P rounded to
+    # the 16-bit dtype in one part, 38 of 47 bfloat16 cases scored 89-97% here (docs/ascendc.md)
+    exact = _exact_rounded_cann_percent(case, dtype)
+    assert res.cann_percent >= exact, (f"ascendc/{soc}/{res.dtype}/{case.name}: CANN check_result "
+                                       f"{res.cann_percent:.3f}% < {exact:.3f}% of the exact result rounded to {res.dtype}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -81,6 +95,16 @@ def test_many_heads_per_kv_head(dtype, case, tiling):
             assert case.Dv == 512 and tl["mTile"] == 128, p["problems"]
             pytest.skip(f"does not fit Ascend910B2: {p['problems']}")
     _run(case, dtype, "Ascend910B2", tl)
+
+
+# DeepSeek-V3.2 decode as Huawei's sparse-flash-attention goldens shape it (one kv head, 512 + 64 rope),
+# fewer heads and candidates to stay fast: one 16-bit rounding of P scored 97.2% (bf16) here.
+VENDOR_SHAPE = Case("dsv32_h16_k512", H=16, Hkv=1, Dqk=512, Dv=512, Dr=64, K=512, seqs=((1, 4096),))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=lambda d: DTYPE_NAMES[d])
+def test_cann_rule_on_the_vendor_shape(dtype):
+    _run(VENDOR_SHAPE, dtype, "Ascend910B2")
 
 
 def test_310p3_declares_missing_dtypes():
