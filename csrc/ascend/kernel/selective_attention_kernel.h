@@ -15,9 +15,11 @@
 //   AIC  scores:  Nd2Nz Q and K into L1, LoadData to L0A/L0B chunk by chunk over the head dim, Mmad
 //                 into L0C (fp32), Fixpipe S [mTile, nTile] to the workspace.
 //   AIV  softmax: online softmax over the first nvalid columns of each row, in fp32: running max m,
-//                 running sum l, rescale of the accumulator by exp(m_old - m_new); P cast to the input
-//                 dtype and written to the workspace, zero beyond nvalid.
-//   AIC  values:  Nd2Nz P and V^T into L1, Mmad per dvChunk of output columns, Fixpipe O to workspace.
+//                 running sum l, rescale of the accumulator by exp(m_old - m_new); P in the input dtype
+//                 (16-bit dtypes: two parts P_hi + P_lo, see SoftmaxTile) written to the workspace, zero
+//                 beyond nvalid.
+//   AIC  values:  Nd2Nz P and V^T into L1, Mmad per dvChunk of output columns (one per part of P, summed
+//                 in L0C), Fixpipe O to workspace.
 //   AIV  accumulate O into the fp32 accumulator in UB.
 // Then AIV divides by l (+ exp(sink - m)), writes out (cast once) and lse; rows with no kept
 // candidate get out = 0 and lse = -inf.
