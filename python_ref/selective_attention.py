@@ -468,7 +468,7 @@ def selective_attention(
     comes with ``kv_scale`` / ``v_scale``; only the rows a piece of work selects are dequantized.
     """
     if (q.shape[0] == 1 and kv.dim() == 3 and cu_seqlens_q is None and cu_seqlens_k is None
-            and block_size == 1):
+            and block_size == 1 and kv_scale is None and v_scale is None):
         res = _one_token(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, causal, attn_sink, token_offset,
                          total_tokens)
         if res is not None:
