@@ -6,6 +6,13 @@
 
 namespace selattn {
 
+// Parts P is handed to the cube in: 1 for float32; 2 for float16 / bfloat16, where P = P_hi + P_lo, both in
+// the input dtype, and the cube accumulates P_hi.V + P_lo.V in fp32 in L0C. One 16-bit rounding of P costs
+// a relative 2^-9 (bf16) per weight, which put 4-10% of bf16 outputs outside CANN's check_result tolerance
+// (rtol 2^-7); with the residual part P is good to about 2^-17 (docs/ascendc.md, "bf16 accuracy").
+// Shared by the kernel (buffer sizes, Mmads) and the host (the memory it charges, the workspace).
+constexpr uint32_t ProbabilityParts(uint32_t elementBytes) { return elementBytes == 4 ? 1u : 2u; }
+
 struct SelectiveAttentionTiling {
     // ---- problem (validated on the host; the kernel trusts these) ----
     uint32_t numTokens;      // T
