@@ -228,8 +228,8 @@ def _dequantize(x, s_rows, c0, offs_c, valid, c_mask, stride_sd, n_scales, LIKE,
     ``s_rows``; rows are axis 0 when ROWS_FIRST, else axis 1. ALIGNED: c0 is a multiple of BLOCK_C.
     Scales are loaded per (row, tile), not per column, when the tiles allow it:
     - the run lies inside one scale tile (ALIGNED, SCALE_BLOCK a multiple of BLOCK_C): one scale a row;
-    - the run is whole tiles (ALIGNED, BLOCK_C a multiple of SCALE_BLOCK; DeepSeek's 512 = 4 x 128):
-      a [rows, tiles] load, broadcast over each tile's columns through a reshape;
+    - the run is whole tiles, at most 8 (ALIGNED, BLOCK_C a multiple of SCALE_BLOCK; DeepSeek's
+      512 = 4 x 128): one [rows] load per tile;
     - otherwise (any scale_block, e.g. 12): one scale load per column.
     A dropped row's scale is never read (a garbage row may carry NaN scales): it is 0 and its
     stored values were loaded as 0."""
@@ -239,13 +239,20 @@ def _dequantize(x, s_rows, c0, offs_c, valid, c_mask, stride_sd, n_scales, LIKE,
             y = x.to(tl.float32) * sc[:, None]
         else:
             y = x.to(tl.float32) * sc[None, :]
-    elif ALIGNED and ROWS_FIRST and BLOCK_C % SCALE_BLOCK == 0:
-        NT: tl.constexpr = BLOCK_C // SCALE_BLOCK
-        tiles = c0 // SCALE_BLOCK + tl.arange(0, NT)
-        sc = tl.load(s_rows[:, None] + tiles[None, :].to(tl.int64) * stride_sd,
-                     mask=valid[:, None] & (tiles < n_scales)[None, :], other=0.0)
-        y = tl.reshape(tl.reshape(x.to(tl.float32), [x.shape[0], NT, SCALE_BLOCK]) * sc[:, :, None],
-                       [x.shape[0], BLOCK_C])
+    elif ALIGNED and BLOCK_C % SCALE_BLOCK == 0 and BLOCK_C // SCALE_BLOCK <= 8:
+        # Whole tiles (DeepSeek: 512 = 4 x 128): one [rows] scale load per tile, selected per column
+        # elementwise (a reshape to [rows, tiles, SCALE_BLOCK] spilled 448-1840 B on sm_90: docs/triton.md).
+        tile = (offs_c - c0) // SCALE_BLOCK
+        first = c0 // SCALE_BLOCK
+        xf = x.to(tl.float32)
+        y = xf
+        for i in tl.static_range(BLOCK_C // SCALE_BLOCK):
+            in_range = tl.full(valid.shape, first + i, tl.int32) < n_scales  # a padded last tile has no scale
+            sc = tl.load(s_rows + (first + i) * stride_sd, mask=valid & in_range, other=0.0)
+            if ROWS_FIRST:
+                y = tl.where(tile[None, :] == i, xf * sc[:, None], y)
+            else:
+                y = tl.where(tile[:, None] == i, xf * sc[None, :], y)
     else:
         tiles = (offs_c // SCALE_BLOCK).to(tl.int64)
         if ROWS_FIRST:
