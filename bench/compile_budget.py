@@ -65,7 +65,9 @@ class Problem:
     causal: bool = True
     sink: bool = False
     dtype: str = "bfloat16"
-    kv_quant: str = ""  # "float8_e4m3fn" | "int8": a quantized kv (and separate v), tiles of 128 columns
+    # "float8_e4m3fn" / "int8": attention, a quantized kv (and separate v) with tile scales of 128 columns;
+    # selection, q_idx and k_idx with scales and key windows.
+    quant: str = ""
 
 
 PROBLEMS = {p.name: p for p in [
@@ -87,10 +89,17 @@ PROBLEMS = {p.name: p for p in [
     Problem("select-k4096", "select", seqs=1, q_per_seq=4, context=131072, H=64, Dqk=128, K=4096, page_size=0),
     # Quantized caches (issue 16): FlashMLA's FP8 decode (the latent kernel, 576 e4m3 columns), the
     # INT8 ("C8") split decode, and an FP8 separate-v decode (the general kernel dequantizing k and v).
-    Problem("dsv32-decode-64-fp8", "attention", seqs=64, q_per_seq=1, sink=True, kv_quant="float8_e4m3fn"),
-    Problem("dsv32-decode-4-int8", "attention", seqs=4, q_per_seq=1, kv_quant="int8"),
+    Problem("dsv32-decode-64-fp8", "attention", seqs=64, q_per_seq=1, sink=True, quant="float8_e4m3fn"),
+    Problem("dsv32-decode-4-int8", "attention", seqs=4, q_per_seq=1, quant="int8"),
     Problem("separate-v-decode-fp8", "attention", seqs=64, q_per_seq=1, Dqk=256, Dv=256, separate_v=True,
-            kv_quant="float8_e4m3fn"),
+            quant="float8_e4m3fn"),
+    # The serving engines' indexer (issue 13): DeepGEMM-style fp8 / int8 inputs with scales and windows.
+    Problem("dsv32-indexer-fp8", "indexer", seqs=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
+            quant="float8_e4m3fn"),
+    Problem("dsv32-select-decode-fp8", "select", seqs=1, q_per_seq=4, context=131072, H=64, Dqk=128, page_size=0,
+            quant="float8_e4m3fn"),
+    Problem("dsv32-select-prefill-int8", "select", seqs=1, q_per_seq=512, context=131072, H=64, Dqk=128,
+            page_size=0, quant="int8"),
 ]}
 
 
@@ -148,8 +157,8 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
                     args["v"] = torch.empty(kv.shape[0], problem.Hkv, problem.Dv, device=m, dtype=dt)
                 if problem.seqs > 1:
                     args.update(cu_seqlens_q=seqs, cu_seqlens_k=seqs.clone())
-            if problem.kv_quant:  # stored values and float32 tile scales (scale_block 128)
-                qdt = getattr(torch, problem.kv_quant)
+            if problem.quant:  # stored values and float32 tile scales (scale_block 128)
+                qdt = getattr(torch, problem.quant)
                 for name in ("kv", "v") if problem.separate_v else ("kv",):
                     x = args[name]
                     args[name] = torch.empty(x.shape, device=m, dtype=qdt)
@@ -167,11 +176,18 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
             from attention.backends.triton.selection import LAUNCHER as SELECTION_LAUNCHER
             from attention.selection import validate_selection
 
-            q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=dt)
-            k = torch.empty(problem.context, problem.Dqk, device=m, dtype=dt)
+            sdt = getattr(torch, problem.quant) if problem.quant else dt
+            q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=sdt)
+            k = torch.empty(problem.context, problem.Dqk, device=m, dtype=sdt)
             w = torch.empty(T, problem.H, device=m, dtype=torch.float32)
+            extra = {}
+            if problem.quant:
+                extra = dict(q_idx_scale=torch.empty(T, problem.H, device=m), k_idx_scale=torch.empty(problem.context, device=m),
+                             cu_seqlen_ks=torch.empty(T, device=m, dtype=torch.int32),
+                             cu_seqlen_ke=torch.empty(T, device=m, dtype=torch.int32))
             op = "lightning_indexer" if problem.op == "indexer" else "select"
-            inp = validate_selection(op, q, k, w, problem.K if op == "select" else 0, max_seqlen_k=problem.context)
+            inp = validate_selection(op, q, k, w, problem.K if op == "select" else 0, max_seqlen_k=problem.context,
+                                     **extra)
             # The split count the backend picks on a GPU of this family (meta tensors have no SMs).
             chunks = -(-problem.context // (1 << max(0, problem.K - 1).bit_length()))
             saved_splits = SELECTION_LAUNCHER.splits_override

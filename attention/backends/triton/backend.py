@@ -63,8 +63,8 @@ class TritonBackend(Backend):
         # backward.py; limits: backward.limit_reasons. Its kernels read float caches only: a quantized
         # kv / v (which gets no gradient) sends the backward to the reference.
         "attention_backward": ATTENTION_FEATURES - KV_QUANT_FEATURES,
-        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal"}),
-        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block"}),
+        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal", "fp8", "int8", "window"}),
+        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block", "fp8", "int8", "window"}),
     }
     dtypes = frozenset(FLOAT_DTYPES)
 
