@@ -301,7 +301,14 @@ def test_kvcache_sparse_fp8(backend, case):
     if extra is not None:
         kw_bf["extra_k_cache"] = edeq
     out_bf, lse_bf = fm.flash_mla_with_kvcache(q, deq, None, None, 512, None, backend=backend, **kw_bf)
-    assert torch.allclose(out.float(), out_bf.float(), atol=1e-2, rtol=0)
+    if backend == "reference":
+        # power-of-two scales: the dequantized values are exact in bfloat16, and the reference computes
+        # the split rope as one float32 GEMM over both parts: the same arithmetic, the same bits
+        assert torch.equal(out, out_bf)
+    else:
+        # a kernel's native path is another configuration (split rope, scales in the loads, its own
+        # roundings of P before P @ V): the two agree within the contract's bfloat16 tolerance
+        assert _err(out, out_bf.double()) <= TOLERANCES[torch.bfloat16][0]
     assert _err(lse, lse_bf.double()) <= 1e-4
 
 
