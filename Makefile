@@ -12,7 +12,7 @@ PIP := $(VENV)/bin/pip
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 
 .PHONY: all venv install test demo bench info verify cuda-check gpu-check ascendc-check clean compile-budget \
-	compile-budget-triton36 triton36
+	compile-budget-triton36 triton36 triton-ascend-check
 
 all: test
 
@@ -31,6 +31,7 @@ venv install: $(VENV)/.installed
 
 test: install
 	@if [ -n "$(NVCC)" ] && [ -d csrc/cuda ] && ls csrc/cuda/*.cu >/dev/null 2>&1; then $(MAKE) cuda-check; else echo "cuda-check: skipped (no nvcc or no CUDA sources)"; fi
+	@$(MAKE) --no-print-directory triton-ascend-check
 	$(PY) -m pytest -q tests
 
 demo: install
@@ -82,5 +83,13 @@ compile-budget:
 compile-budget-triton36: $(TRITON36_DIR)/.installed
 	env -u TRITON_INTERPRET PYTHONPATH=$(abspath $(TRITON36_DIR)):$(CURDIR) $(PY) bench/compile_budget.py $(BUDGET_ARGS)
 
+# Our Triton kernels compiled for Ascend (triton-ascend + bishengir-compile) to the end of memory planning,
+# for Ascend910B2/B4/910_9391, in its own venv (triton-ascend replaces triton); no NPU or CANN needed, and
+# nothing runs. Says SKIPPED (exit 0) when the packages cannot be installed; docs/triton.md "Ascend".
+TA_VENV ?= .venv-triton-ascend
+TA_ARGS ?=
+triton-ascend-check:
+	TA_VENV=$(TA_VENV) TA_ARGS="$(TA_ARGS)" PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) bash bench/triton_ascend_check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info $(TRITON36_DIR)
+	rm -rf $(VENV) build *.egg-info $(TRITON36_DIR) $(TA_VENV)

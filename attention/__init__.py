@@ -6,7 +6,7 @@
 """
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
-from .api import selective_attention
+from .api import quantize_kv, selective_attention
 from .inputs import SelectiveAttentionInputs, validate
 from .merge import merge_attention_states  # SPEC.md section 6
 from .ops import selective_attention_op
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "selective_attention", "selective_attention_op", "SelectiveAttentionInputs", "validate", "Backend",
     "backends", "choose_backend", "get_backend", "register_backend", "unregister_backend", "__version__",
-    "lightning_indexer", "topk_indices", "select", "block_scores", "merge_attention_states",
+    "lightning_indexer", "topk_indices", "select", "block_scores", "merge_attention_states", "quantize_kv",
 ]

@@ -6,7 +6,7 @@ gave fewer arguments, which arguments get a gradient, which optional tensors are
 in one pass, the fields of ``SelectiveAttentionInputs`` (attention/inputs.py), and the keyword
 arguments handed to the reference (``python_ref.selective_attention``).
 
-Adding an argument (e.g. a quantized cache's ``kv_scale``) is one row here, its rules in
+Adding an argument (as the quantized cache's ``kv_scale`` was) is one row here, its rules in
 ``inputs.validate``, its math in python_ref, and each kernel that implements it (docs/architecture.md).
 This module imports nothing of the package: every layer may use it.
 """
@@ -59,6 +59,14 @@ ARGS: Tuple[Arg, ...] = (
     Arg("seqlens_k", "Tensor?", None, sequence=True, doc="key length of each sequence [B] (paged kv)"),
     Arg("causal", "bool", False, doc="bottom-right aligned causal mask"),
     Arg("attn_sink", "Tensor?", None, differentiable=True, doc="per-head sink logit [H] (float32 after validation)"),
+    # Quantized caches (docs/contract.md "Quantized caches"): a float8_e4m3fn / int8 kv or v carries one
+    # float32 scale per row and tile of scale_block columns; value = stored * scale. No gradient reaches
+    # a quantized kv or v (they are storage, not parameters).
+    Arg("kv_scale", "Tensor?", None,
+        doc="float32 tile scales of a quantized kv, kv's leading shape + [ceil(Dqk / scale_block)]"),
+    Arg("v_scale", "Tensor?", None,
+        doc="float32 tile scales of a quantized v, v's leading shape + [ceil(Dv / scale_block)]"),
+    Arg("scale_block", "int", 128, doc="columns per scale of a quantized kv / v"),
     Arg("backend", "str?", None, math=False, doc="force a backend by name"),
 )
 

@@ -24,6 +24,8 @@ from .arguments import ARGS, NUM_REQUIRED, OPTIONAL_TENSORS, REFERENCE_KWARGS, a
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+#: Storage dtypes of a quantized kv / v (with kv_scale / v_scale) -> the registry feature they need.
+QUANT_DTYPES = {torch.float8_e4m3fn: "kv_fp8", torch.int8: "kv_int8"}
 
 
 _reference_values = operator.attrgetter(*REFERENCE_KWARGS)
@@ -95,10 +97,21 @@ class _Derived:
     def _feature_flags(self) -> tuple:
         # Everything `features` depends on, as a cheap hashable tuple (the registry's cache key). bool():
         # while tracing with dynamic shapes the size tests are symbolic; features are decided concretely.
-        cu_q = self.cu_seqlens_q
-        return (self.v is None, self.kv.dim() == 4, self.q_rope is not None, self.block_size > 1, self.causal,
+        cu_q, v = self.cu_seqlens_q, self.v
+        return (v is None, self.kv.dim() == 4, self.q_rope is not None, self.block_size > 1, self.causal,
                 self.attn_sink is not None, cu_q is not None and bool(cu_q.shape[0] > 2),
-                bool(self.indices.shape[1] == 1 and self.kv.shape[-2] > 1))
+                bool(self.indices.shape[1] == 1 and self.kv.shape[-2] > 1),
+                self.kv.dtype, None if v is None else v.dtype)
+
+    @property
+    def kv_quantized(self) -> bool:
+        """kv is stored quantized (float8_e4m3fn / int8, with ``kv_scale``)."""
+        return self.kv_scale is not None
+
+    @property
+    def v_quantized(self) -> bool:
+        """A separate v is stored quantized (with ``v_scale``)."""
+        return self.v_scale is not None
 
     @property
     def sizes(self) -> tuple:
@@ -118,16 +131,19 @@ class _Derived:
     def describe(self) -> str:
         return (f"T={self.num_tokens} H={self.num_heads} Hkv={self.num_kv_heads} Dqk={self.head_dim} "
                 f"Dv={self.d_v} Dr={self.rope_dim} K={self.topk} block={self.block_size} "
-                f"dtype={str(self.dtype).replace('torch.', '')} {'paged' if self.paged else 'contiguous'}")
+                f"dtype={str(self.dtype).replace('torch.', '')} {'paged' if self.paged else 'contiguous'}"
+                + "".join(f" {n}={dtype_name(x.dtype)}" for n, x in (("kv", self.kv), ("v", self.v))
+                          if x is not None and x.dtype in QUANT_DTYPES))
 
 
 @functools.lru_cache(maxsize=None)
 def _features_of(flags: tuple) -> frozenset:
-    latent, paged, rope, block, causal, sink, varlen, shared = flags
+    latent, paged, rope, block, causal, sink, varlen, shared, kv_dtype, v_dtype = flags
     named = (("rope", rope), ("block", block), ("causal", causal), ("sink", sink), ("varlen", varlen),
              ("shared_indices", shared))
+    quantized = [QUANT_DTYPES[d] for d in (kv_dtype, v_dtype) if d in QUANT_DTYPES]  # kv_fp8 / kv_int8
     return frozenset([("latent" if latent else "separate_v"), ("paged" if paged else "contiguous")]
-                     + [name for name, on in named if on])
+                     + [name for name, on in named if on] + quantized)
 
 
 # The inputs object: one field per row of ARGS, in the schema's order, with the derived sizes above.
@@ -248,6 +264,7 @@ def validate(*args, check_contents: Optional[bool] = None, **kwargs) -> Selectiv
     _check_tensor_types(inp)
     Dr = _check_shapes(inp)
     _check_scalars(inp, Dr)
+    _check_quantization(inp)
     inp.layout = KVLayout.check(inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table, inp.seqlens_k)
     if check_contents is None:
         check_contents = inp.q.device.type == "cpu" or debug_checks_enabled()
@@ -280,8 +297,10 @@ def _check_tensor_types(inp) -> None:
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {dtype_name(q.dtype)}")
     for name, x in (("kv", inp.kv), ("v", inp.v), ("q_rope", inp.q_rope), ("kv_rope", inp.kv_rope)):
-        if x is not None and x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {dtype_name(q.dtype)}, got {dtype_name(x.dtype)}")
+        # kv and v may also be stored quantized (their scales are checked by _check_quantization)
+        if x is not None and x.dtype != q.dtype and not (name in ("kv", "v") and x.dtype in QUANT_DTYPES):
+            also = " (or float8_e4m3fn / int8 with a scale)" if name in ("kv", "v") else ""
+            raise TypeError(f"{name} must have q's dtype {dtype_name(q.dtype)}{also}, got {dtype_name(x.dtype)}")
     if inp.indices.dtype not in INDEX_DTYPES:
         raise TypeError(f"indices must be int32 or int64, got {dtype_name(inp.indices.dtype)}")
     for name, x in (("kv", inp.kv), ("indices", inp.indices)):
@@ -367,6 +386,38 @@ def _check_scalars(inp, Dr: int) -> None:
             raise ValueError(f"attn_sink must have shape [H]=({H},), got {tuple(sink.shape)}")
         if sink.dtype != torch.float32:
             inp.attn_sink = sink.to(torch.float32)
+
+
+def _check_quantization(inp) -> None:
+    """A quantized kv / v (float8_e4m3fn, int8) and its float32 tile scales (docs/contract.md).
+
+    The scale of a quantized tensor x is required, float32, of shape x.shape[:-1] + (ceil(D /
+    scale_block),), any strides; a float x takes none. Runs after _check_shapes, so kv, v are shaped.
+    """
+    sb = inp.scale_block
+    if isinstance(sb, bool) or not isinstance(sb, int):
+        raise TypeError(f"scale_block must be an int, got {type(sb).__name__}")
+    if sb < 1:
+        raise ValueError(f"scale_block must be >= 1, got {sb}")
+    for name, x, scale_name, scale in (("kv", inp.kv, "kv_scale", inp.kv_scale), ("v", inp.v, "v_scale", inp.v_scale)):
+        if x is None:
+            if scale is not None:
+                raise ValueError(f"{scale_name} is the scale of a quantized {name}, but {name} is None")
+            continue
+        if x.dtype not in QUANT_DTYPES:
+            if scale is not None:
+                raise ValueError(f"{scale_name} is only for a quantized {name} (float8_e4m3fn or int8); "
+                                 f"{name} is {dtype_name(x.dtype)}")
+            continue
+        want = tuple(x.shape[:-1]) + (-(-x.shape[-1] // sb),)
+        if scale is None:
+            raise ValueError(f"{scale_name} is required with a quantized {name} ({dtype_name(x.dtype)}): float32 of "
+                             f"shape {want} ({name}'s leading shape + ceil(D / scale_block={sb}))")
+        if scale.dtype != torch.float32:
+            raise TypeError(f"{scale_name} must be float32, got {dtype_name(scale.dtype)}")
+        if tuple(scale.shape) != want:
+            raise ValueError(f"{scale_name} must have shape {want} ({name}'s leading shape + ceil(D / "
+                             f"scale_block={sb})), got {tuple(scale.shape)}")
 
 
 @dataclass(frozen=True)

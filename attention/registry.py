@@ -33,11 +33,14 @@ from .inputs import dtype_name, new_outputs
 #: Every op the registry chooses a backend for.
 OPS = ("attention", "attention_backward", "lightning_indexer", "topk_indices", "select")
 
+#: Quantized caches: "kv_fp8" when kv or a separate v is float8_e4m3fn, "kv_int8" when one is int8
+#: (with kv_scale / v_scale; docs/contract.md "Quantized caches").
+KV_QUANT_FEATURES: FrozenSet[str] = frozenset({"kv_fp8", "kv_int8"})
 #: Every feature name ``SelectiveAttentionInputs.features`` can report (a backend lists the ones it has).
 ATTENTION_FEATURES: FrozenSet[str] = frozenset({
     "latent", "separate_v", "contiguous", "paged", "rope", "block", "causal", "sink", "varlen",
     "shared_indices",
-})
+}) | KV_QUANT_FEATURES
 #: Every feature name ``SelectionInputs.features`` can report.
 SELECTION_FEATURES: FrozenSet[str] = frozenset({"contiguous", "paged", "varlen", "causal", "block"})
 

@@ -31,6 +31,8 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {d: dtype_name(d) for d in DTYPES}
 DTYPES_BY_NAME: Dict[str, torch.dtype] = {n: d for d, n in DTYPE_NAMES.items()}  # "bfloat16" -> torch.bfloat16
+#: ``Case.kv_quant`` names -> the storage dtype of the quantized cache
+QUANT_DTYPES_BY_NAME: Dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class Case:
     poison: Tuple[Tuple[int, int, float], ...] = ()
     indices_k_outer: bool = False  # indices a [T, K, G] tensor transposed: K is not the innermost axis
     table_pad: int = 1  # padding columns of -1 in the block table (0 with all-empty sequences: no column)
+    # A quantized cache: "fp8" (float8_e4m3fn) or "int8" kv (and separate v), quantized by
+    # attention.quantize_kv from the float32 values, with tiles of scale_block columns. Garbage rows
+    # (NaN) get NaN scales: a kernel that reads a dropped row's scale fails the comparison.
+    kv_quant: Optional[str] = None
+    scale_block: int = 128
 
     @property
     def T(self) -> int:
@@ -81,16 +88,30 @@ class Case:
         indices = self._indices(g)
         sink = torch.randn(self.H, generator=g) if self.sink else None
 
-        def cast(x):
+        def cast(x, float_dtype=True):
             if x is None:
                 return None
-            x = x.to(dtype)
+            if float_dtype:
+                x = x.to(dtype)
             if self.strided:  # same values, non-contiguous storage
                 x = torch.cat([x, x], dim=-1)[..., : x.shape[-1]]
             return x.to(device)
 
-        args.update(q=cast(q), kv=cast(stores[0]), indices=indices.to(device),
-                    v=None if self.latent else cast(stores[-1]), q_rope=cast(q_rope),
+        def quantized(x, scale_name):
+            # Quantized from the float32 values (q's dtype does not matter to the cache); the scales
+            # are made non-contiguous too when ``strided`` (kernels use every stride of a scale).
+            from .api import quantize_kv  # local: testing is importable without the package's backends
+
+            xq, scale = quantize_kv(x, QUANT_DTYPES_BY_NAME[self.kv_quant], self.scale_block)
+            args[scale_name] = cast(scale, float_dtype=False)
+            args["scale_block"] = self.scale_block
+            return cast(xq, float_dtype=False)
+
+        def cache(x, scale_name):
+            return cast(x) if self.kv_quant is None else quantized(x, scale_name)
+
+        args.update(q=cast(q), kv=cache(stores[0], "kv_scale"), indices=indices.to(device),
+                    v=None if self.latent else cache(stores[-1], "v_scale"), q_rope=cast(q_rope),
                     kv_rope=cast(stores[1]) if self.Dr else None,
                     attn_sink=None if sink is None else sink.to(device),
                     block_size=self.block_size, causal=self.causal)
@@ -252,6 +273,26 @@ CASES: List[Case] = [
             index_mode="valid", poison=((0, 1, float("nan")),)),
     replace(_BASE, name="indices_k_outer", H=8, Hkv=2, indices_k_outer=True),
     replace(_BASE, name="paged_table_without_columns", page_size=4, seqs=((2, 0), (1, 0)), table_pad=0, Dr=8),
+    # issue 16: quantized caches (kv_fp8 / kv_int8); scale_block below Dqk so rows hold several tiles,
+    # and one not dividing it (a shorter last tile). NaN garbage rows carry NaN scales.
+    replace(_BASE, name="fp8_paged_latent_rope_sink_causal", page_size=8, Dr=8, sink=True, causal=True,
+            seqs=((2, 19), (3, 33)), H=8, kv_quant="fp8", scale_block=16),
+    replace(_BASE, name="int8_paged_latent_rope_sink_causal", page_size=8, Dr=8, sink=True, causal=True,
+            seqs=((2, 19), (3, 33)), H=8, kv_quant="int8", scale_block=16),
+    replace(_BASE, name="fp8_varlen", seqs=((2, 11), (3, 25), (1, 7)), kv_quant="fp8", scale_block=12),
+    replace(_BASE, name="int8_block_causal_varlen", block_size=4, K=5, causal=True,
+            seqs=((3, 17), (1, 9), (4, 30)), H=4, Hkv=2, kv_quant="int8", scale_block=8),
+    replace(_BASE, name="fp8_gqa_separate_v", H=8, Hkv=2, latent=False, Dv=16, kv_quant="fp8", scale_block=8),
+    replace(_BASE, name="int8_gqa_separate_v_paged", page_size=4, latent=False, Dv=24, H=4, Hkv=2,
+            kv_quant="int8", scale_block=16),
+    replace(_BASE, name="int8_strided_rope_separate_v", strided=True, Dr=8, H=4, Hkv=2, latent=False, Dv=16,
+            kv_quant="int8", scale_block=16),
+    replace(_BASE, name="fp8_deepseek_split_rope", Dqk=512, Dv=512, Dr=64, H=4, K=16, seqs=((2, 40),),
+            kv_quant="fp8"),
+    replace(_BASE, name="int8_deepseek_split_rope", Dqk=512, Dv=512, Dr=64, H=4, K=16, seqs=((2, 40),),
+            kv_quant="int8"),
+    replace(_BASE, name="fp8_poison_nan_other_sequence", seqs=((4, 16), (4, 16)), K=16, index_mode="valid",
+            poison=((0, 5, float("nan")),), kv_quant="fp8", scale_block=8),
 ]
 CASES_BY_NAME: Dict[str, Case] = {c.name: c for c in CASES}
 assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"

@@ -87,6 +87,15 @@ PROBLEMS = {p.name: p for p in [
 ]}
 
 
+def _sm_count(family: str) -> int:
+    """SMs (or, for an Ascend SoC, AI cores) of a family: this file's table, else the launcher's."""
+    if family in SM_COUNT:
+        return SM_COUNT[family]
+    from attention.backends.triton import launch
+
+    return next(n for key, n in launch.SM_COUNTS if key in family)
+
+
 def _launches(problem: Problem, family: str, override: Optional[Dict] = None) -> List[tuple]:
     """[(jit function, args, kwargs)] that the launcher starts for ``problem`` planned for ``family``
     (with ``override`` replacing config keys of an attention problem)."""
@@ -134,6 +143,9 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
                     args.update(cu_seqlens_q=seqs, cu_seqlens_k=seqs.clone())
             if not problem.separate_v:
                 args["d_v"] = problem.Dv
+            if problem.Dr:  # the split rope part (q_rope / kv_rope), shaped like q and the cache
+                args["q_rope"] = torch.empty(T, problem.H, problem.Dr, device=m, dtype=dt)
+                args["kv_rope"] = torch.empty(*kv.shape[:-1], problem.Dr, device=m, dtype=dt)
             if problem.sink:
                 args["attn_sink"] = torch.empty(problem.H, device=m, dtype=torch.float32)
             launch.forward(attention.validate(**args), override=override)
@@ -149,7 +161,7 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
             # The split count the backend picks on a GPU of this family (meta tensors have no SMs).
             chunks = -(-problem.context // (1 << max(0, problem.K - 1).bit_length()))
             saved_splits = SELECTION_LAUNCHER.splits_override
-            SELECTION_LAUNCHER.splits_override = max(1, min(-(-2 * SM_COUNT[family] // T), chunks // 2))
+            SELECTION_LAUNCHER.splits_override = max(1, min(-(-2 * _sm_count(family) // T), chunks // 2))
             try:
                 SELECTION_LAUNCHER.run(inp)
             finally:

@@ -12,6 +12,7 @@ from .selective_attention import (  # noqa: F401
     token_metadata,
     tokens_per_chunk,
 )
+from .quantize import QUANT_MAX, dequantize, num_scales, quantize_kv  # noqa: F401
 from .merge import merge_attention_states, merge_attention_states_dense  # noqa: F401
 from .selection import (  # noqa: F401
     SELECT_CHUNK_BYTES,

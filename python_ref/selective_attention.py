@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .quantize import dequantize, scale_tiles_
+
 __all__ = ["selective_attention", "selective_attention_backward", "selective_attention_dense", "token_metadata",
            "tokens_per_chunk", "DEFAULT_CHUNK_BYTES"]
 
@@ -74,17 +76,20 @@ def token_metadata(
     return seq, L, q_pos, base
 
 
-def bytes_per_candidate(H: int, Hkv: int, row_width: int, G: int = 1, in_bytes: int = 2, rope: bool = True) -> int:
+def bytes_per_candidate(H: int, Hkv: int, row_width: int, G: int = 1, in_bytes: int = 2, rope: bool = True,
+                        scales: int = 0) -> int:
     """Peak working-set bytes of one candidate of one token in the gather path (an upper bound).
 
     Per kv head, the gathered row of ``row_width`` values: the gather's result in the storage dtype
     (``in_bytes`` a value; twice when one selection shared by several kv heads is regrouped per
     head) and its float32 copy (none when the storage is float32); the [H] float32 scores (three
     buffers alive at once with a rope part: scores, rope scores, their sum); the int64/bool index
-    tensors (position, kept mask, row; G selections).
+    tensors (position, kept mask, row; G selections); a quantized row's ``scales`` float32 tile scales,
+    gathered like the row.
     """
-    copies = in_bytes * (2 if Hkv > 1 and G == 1 else 1) + (0 if in_bytes >= 4 else 4)
-    return Hkv * row_width * copies + H * 4 * (3 if rope else 1) + G * 26
+    per_head = in_bytes * (2 if Hkv > 1 and G == 1 else 1)
+    copies = per_head + (0 if in_bytes >= 4 else 4)
+    return Hkv * (row_width * copies + scales * 4 * per_head) + H * 4 * (3 if rope else 1) + G * 26
 
 
 def tokens_per_chunk(H: int, Hkv: int, n: int, row_width: int, chunk_bytes: Optional[int] = None) -> int:
@@ -102,7 +107,8 @@ class _Call:
     """
 
     def __init__(self, q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q,
-                 cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens):
+                 cu_seqlens_k, block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens,
+                 kv_scale=None, v_scale=None, scale_block=128):
         Tc, H, Dqk = q.shape
         self.Tc, self.H, self.Dqk = Tc, H, Dqk
         self.T = Tc + token_offset if total_tokens is None else total_tokens
@@ -135,6 +141,13 @@ class _Call:
         self.kv_flat = kv.reshape(S, self.Hkv, Dqk)
         self.v_flat = None if v is None else v.reshape(S, self.Hkv, self.Dv)
         self.kvr_flat = None if kv_rope is None else kv_rope.reshape(S, self.Hkv, self.Dr)
+        # Quantized kv / v: their tile scales, flattened like the storage. Rows are dequantized after
+        # they are gathered (_gather), so the extra memory is bounded by the selected rows.
+        self.scale_block = int(scale_block)
+        self.kvs_flat = None if kv_scale is None else kv_scale.reshape(S, self.Hkv, kv_scale.shape[-1])
+        self.vs_flat = None if v_scale is None else v_scale.reshape(S, self.Hkv, v_scale.shape[-1])
+        # Bytes of one stored value, the widest of the row's parts (bytes_per_candidate's bound).
+        self.in_bytes = max(x.element_size() for x in (kv, v, kv_rope) if x is not None)
         self.block_table = block_table if self.paged else None
         self.sink = None if attn_sink is None else attn_sink.to(self.compute_dtype).reshape(1, self.Hkv, self.Hg, 1)
         # On the CPU a host-side test ("was anything dropped?") is free and lets the common case skip
@@ -239,31 +252,50 @@ def _per_head(keep: Tensor, Hkv: int) -> Tensor:
     return (keep if G == Hkv else keep.expand(c, Hkv, n)).reshape(c * Hkv, n)
 
 
-def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.dtype,
+            scale: Optional[Tensor] = None, scale_block: int = 0) -> Tensor:
     """storage [N, Hkv, D], rows/keep [c, G, n] -> [c*Hkv, n, D] in ``dtype``, dropped rows zeroed.
+
+    A quantized storage comes with its tile scales ``scale`` [N, Hkv, ceil(D / scale_block)]: the
+    gathered rows alone are dequantized (never the whole cache).
+    """
+    c, G, n = rows.shape
+    Hkv, D = storage.shape[1], storage.shape[2]
+    if n == 0 or storage.shape[0] == 0:  # nothing selected, or a cache with no rows: nothing to read
+        return storage.new_zeros((c * Hkv, n, D), dtype=dtype)
+    x = _take(storage, rows)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if scale is not None:
+        scale_tiles_(x, _take(scale, rows).to(dtype), scale_block)  # x is a fresh copy: in place
+    if keep is not None:
+        # Dropped candidates may point at garbage (NaN/inf in an unused page): zero their rows so
+        # that 0-probability x value stays 0 and no NaN reaches a gradient either.
+        x = x.masked_fill_(~_per_head(keep, Hkv)[..., None], 0.0)
+    return x
+
+
+def _take(storage: Tensor, rows: Tensor) -> Tensor:
+    """storage [N, Hkv, D] at rows [c, G, n] -> [c*Hkv, n, D] in storage's dtype.
 
     Operands are kept 3-D ([token x kv head, ...]) so every product is one plain ``bmm``: torch.matmul's
     4-D broadcasting path and the reshapes around it cost ~3x more per call, which shows in decode.
     """
     c, G, n = rows.shape
     Hkv, D = storage.shape[1], storage.shape[2]
-    if n == 0 or storage.shape[0] == 0:  # nothing selected, or a cache with no rows: nothing to read
-        return storage.new_zeros((c * Hkv, n, D), dtype=dtype)
     if G == 1:
         # One selection shared by every kv head: one row gather serves them all.
         x = torch.index_select(storage, 0, rows.reshape(-1))
-        x = x.view(c, n, Hkv, D).transpose(1, 2).reshape(c * Hkv, n, D) if Hkv > 1 else x.view(c, n, D)
-    else:
-        # reshape, not view: advanced indexing lays the result out like ``rows``, which may be any
-        # view of the caller's indices (e.g. a transposed topk whose K axis is not innermost).
-        x = storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]].reshape(c * Hkv, n, D)
-    if x.dtype != dtype:
-        x = x.to(dtype)
-    if keep is not None:
-        # Dropped candidates may point at garbage (NaN/inf in an unused page): zero their rows so
-        # that 0-probability x value stays 0 and no NaN reaches a gradient either.
-        x = x.masked_fill_(~_per_head(keep, Hkv)[..., None], 0.0)
-    return x
+        return x.view(c, n, Hkv, D).transpose(1, 2).reshape(c * Hkv, n, D) if Hkv > 1 else x.view(c, n, D)
+    # reshape, not view: advanced indexing lays the result out like ``rows``, which may be any
+    # view of the caller's indices (e.g. a transposed topk whose K axis is not innermost).
+    return storage[rows, torch.arange(Hkv, device=rows.device)[None, :, None]].reshape(c * Hkv, n, D)
+
+
+def _rows(storage: Tensor, scale: Optional[Tensor], scale_block: int, u: Tensor, dtype: torch.dtype) -> Tensor:
+    """Storage rows ``u`` [U] -> [U, Hkv, D] in ``dtype``, dequantized when ``scale`` is given."""
+    x = storage[u].to(dtype)
+    return x if scale is None else scale_tiles_(x, scale[u].to(dtype), scale_block)
 
 
 def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int, in_bytes: int) -> Optional[Tensor]:
@@ -309,8 +341,8 @@ def _chunk_union(call: _Call, q, q_rope, c0, c1, rows, keep, u):
     """
     c, cd = c1 - c0, call.compute_dtype
     Hkv, Hg, D, Dv, U = call.Hkv, call.Hg, call.Dqk, call.Dv, u.numel()
-    ku = call.kv_flat[u].to(cd)  # [U, Hkv, Dqk]
-    vu = ku[..., :Dv] if call.v_flat is None else call.v_flat[u].to(cd)  # [U, Hkv, Dv]
+    ku = _rows(call.kv_flat, call.kvs_flat, call.scale_block, u, cd)  # [U, Hkv, Dqk]
+    vu = ku[..., :Dv] if call.v_flat is None else _rows(call.v_flat, call.vs_flat, call.scale_block, u, cd)
     if not bool(torch.isfinite(vu).all()):  # host-only path: free to read
         return None
     inv = torch.searchsorted(u, rows).clamp_(max=U - 1)  # dropped candidates: any column, masked below
@@ -340,7 +372,7 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
         selected = _select(call, indices if whole else indices[c0:c1], c0, c1)
     rows, keep = selected
     c, cd = c1 - c0, call.compute_dtype
-    keys = _gather(call.kv_flat, rows, keep, cd)  # [c*Hkv, n, Dqk]
+    keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block)  # [c*Hkv, n, Dqk]
     qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.Hg, call.Dqk)
     if qc.dtype != cd:
         qc = qc.to(cd)
@@ -353,7 +385,7 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
     if call.v_flat is None:
         vals = keys[..., :call.Dv] if call.Dv < call.Dqk else keys
     else:
-        vals = _gather(call.v_flat, rows, keep, cd)
+        vals = _gather(call.v_flat, rows, keep, cd, call.vs_flat, call.scale_block)
     if keep is not None:
         s = s.masked_fill_(~_per_head(keep, call.Hkv)[:, None, :], float("-inf"))
     return dict(rows=rows, keep=keep, keys=keys, vals=vals, kr=kr, qc=qc, qr=qr, s=s,
@@ -422,6 +454,9 @@ def selective_attention(
     seqlens_k: Optional[Tensor] = None,
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
+    kv_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    scale_block: int = 128,
     chunk_bytes: Optional[int] = None,
     token_offset: int = 0,
     total_tokens: Optional[int] = None,
@@ -429,14 +464,17 @@ def selective_attention(
     """Reference forward. Returns ``(out [T, H, Dv] in q.dtype, lse [T, H] float32)``.
 
     ``q``, ``q_rope`` and ``indices`` may be a slice of the call's query tokens starting at global
-    token ``token_offset`` out of ``total_tokens``.
+    token ``token_offset`` out of ``total_tokens``. A quantized ``kv`` / ``v`` (float8_e4m3fn, int8)
+    comes with ``kv_scale`` / ``v_scale``; only the rows a piece of work selects are dequantized.
     """
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
-                 block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens)
+                 block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens, kv_scale, v_scale,
+                 scale_block)
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     Tc, H, Dv, K = call.Tc, call.H, call.Dv, call.K
+    scales = sum(x.shape[-1] for x in (kv_scale, v_scale) if x is not None)
     per_cand = bytes_per_candidate(H, call.Hkv, call.Dqk + call.Dr + (0 if v is None else Dv), call.G,
-                                   kv.element_size(), q_rope is not None)
+                                   call.in_bytes, q_rope is not None, scales)
     chunk = max(1, budget // max(1, call.n * per_cand))
     # A piece: all K indices of `chunk` tokens; when one token's candidates exceed the budget, one
     # token and `k_piece` of its indices; when even one index (a block of `span` positions) exceeds
@@ -446,7 +484,7 @@ def selective_attention(
         k_piece = max(1, budget // (per_cand * call.span))
         r_piece = call.span if per_cand * call.span <= budget else max(1, budget // per_cand)
     if chunk >= Tc and k_piece >= K:  # one piece (decode): no output buffer, no copy
-        o, lse = _forward_piece(call, q, q_rope, indices, 0, Tc, budget, kv.element_size())
+        o, lse = _forward_piece(call, q, q_rope, indices, 0, Tc, budget, call.in_bytes)
         o = o.reshape(Tc, H, Dv)
         return (o if o.dtype == q.dtype else o.to(q.dtype)), lse.reshape(Tc, H).to(torch.float32)
     out = torch.empty((Tc, H, Dv), dtype=q.dtype, device=q.device)
@@ -454,7 +492,7 @@ def selective_attention(
     for c0 in range(0, Tc, chunk):
         c1 = min(Tc, c0 + chunk)
         if k_piece >= K:
-            o, lse = _forward_piece(call, q, q_rope, indices[c0:c1], c0, c1, budget, kv.element_size())
+            o, lse = _forward_piece(call, q, q_rope, indices[c0:c1], c0, c1, budget, call.in_bytes)
         else:
             o, lse = _forward_split_k(call, q, q_rope, indices[c0:c1], c0, c1, k_piece, r_piece)
         out[c0:c1] = o.reshape(c1 - c0, H, Dv)
@@ -508,7 +546,8 @@ def max_logits(
     q: Tensor, kv: Tensor, indices: Tensor, *, q_rope: Optional[Tensor] = None, kv_rope: Optional[Tensor] = None,
     sm_scale: Optional[float] = None, block_size: int = 1, cu_seqlens_q: Optional[Tensor] = None,
     cu_seqlens_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
-    causal: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    causal: bool = False, kv_scale: Optional[Tensor] = None, scale_block: int = 128,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Tensor:
     """Row max over kept candidates of the scaled logit s_p (SPEC section 1): [T, H] float32, -inf if none kept.
 
@@ -518,7 +557,7 @@ def max_logits(
     about as much as a reference forward pass.
     """
     call = _Call(q, kv, indices, None, None, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
-                 block_table, seqlens_k, causal, None, 0, None)
+                 block_table, seqlens_k, causal, None, 0, None, kv_scale, None, scale_block)
     T, H = q.shape[0], q.shape[1]
     if call.n == 0 or T == 0:
         return torch.full((T, H), float("-inf"), device=q.device, dtype=torch.float32)
@@ -550,6 +589,9 @@ def selective_attention_backward(
     seqlens_k: Optional[Tensor] = None,
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
+    kv_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    scale_block: int = 128,
     chunk_bytes: Optional[int] = None,
     out: Optional[Tensor] = None,
     lse: Optional[Tensor] = None,
@@ -566,14 +608,17 @@ def selective_attention_backward(
     ``out`` and ``lse``, the forward's results (the op saves them), spare the backward the forward's
     softmax and its P' @ V: P = exp(s - lse) and P' = P * sigmoid(lse - sink). Without them both are
     recomputed from the scores, which the backward computes either way.
+
+    A quantized ``kv`` / ``v`` (given with its scale) is storage, not a parameter: its gradient is None
+    (docs/contract.md); the other inputs' gradients flow through its dequantized values.
     """
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
-                 block_table, seqlens_k, causal, attn_sink, 0, None)
+                 block_table, seqlens_k, causal, attn_sink, 0, None, kv_scale, v_scale, scale_block)
     cd = call.compute_dtype
     Tc, H, Hkv, Hg, Dv = call.Tc, call.H, call.Hkv, call.Hg, call.Dv
     dq = torch.zeros(q.shape, device=q.device, dtype=cd)
-    dkv = torch.zeros(call.kv_flat.shape, device=q.device, dtype=cd)
-    dv = None if v is None else torch.zeros(call.v_flat.shape, device=q.device, dtype=cd)
+    dkv = None if kv_scale is not None else torch.zeros(call.kv_flat.shape, device=q.device, dtype=cd)
+    dv = None if v is None or v_scale is not None else torch.zeros(call.v_flat.shape, device=q.device, dtype=cd)
     dqr = None if q_rope is None else torch.zeros(q_rope.shape, device=q.device, dtype=cd)
     dkvr = None if kv_rope is None else torch.zeros(call.kvr_flat.shape, device=q.device, dtype=cd)
     dsink = None if attn_sink is None else torch.zeros(1, Hkv, Hg, 1, device=q.device, dtype=cd)
@@ -581,7 +626,7 @@ def selective_attention_backward(
     chunk = tokens_per_chunk(H, Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
 
     def scatter(dst, rows, val):  # val [c*Hkv, n, D] -> dst [S, Hkv, D] at (rows, head)
-        if dst.shape[0] == 0 or rows.numel() == 0:
+        if dst is None or dst.shape[0] == 0 or rows.numel() == 0:  # None: a quantized kv / v
             return  # a cache with no rows (every candidate dropped) or nothing selected
         val = val.view(rows.shape[0], Hkv, rows.shape[2], val.shape[-1])
         r = rows.expand(rows.shape[0], Hkv, rows.shape[2])
@@ -612,7 +657,7 @@ def selective_attention_backward(
             o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
             delta = (do * o).sum(-1, keepdim=True)
             ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
-            dvals = torch.matmul(pp.transpose(-1, -2), do)  # [c*Hkv, n, Dv]
+            dvals = None if (dkv if v is None else dv) is None else torch.matmul(pp.transpose(-1, -2), do)
             if dsink is not None:
                 # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
                 dsink -= (delta * sink_share).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
@@ -634,23 +679,23 @@ def selective_attention_backward(
             if dvals is not None:
                 dvals = dvals.masked_fill(~kept_h, 0.0)
         dq[c0:c1] = torch.matmul(ds, x["keys"]).reshape(c, H, call.Dqk)
-        dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c*Hkv, n, Dqk]
-        if kept_h is not None:
-            dkeys = dkeys.masked_fill_(~kept_h, 0.0)
-        if dvals is not None:
-            if v is None:
+        if dkv is not None:
+            dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c*Hkv, n, Dqk]
+            if kept_h is not None:
+                dkeys = dkeys.masked_fill_(~kept_h, 0.0)
+            if dvals is not None and v is None:
                 dkeys[..., :Dv] += dvals
-            else:
-                scatter(dv, x["rows"], dvals)
-        scatter(dkv, x["rows"], dkeys)
+            scatter(dkv, x["rows"], dkeys)
+        if dvals is not None and v is not None:
+            scatter(dv, x["rows"], dvals)
         if q_rope is not None:
             dqr[c0:c1] = torch.matmul(ds, x["kr"]).reshape(c, H, call.Dr)
             dkr = torch.matmul(ds.transpose(-1, -2), x["qr"])
             scatter(dkvr, x["rows"], dkr if kept_h is None else dkr.masked_fill_(~kept_h, 0.0))
     return (
         dq.to(q.dtype),
-        dkv.reshape(kv.shape).to(kv.dtype),
-        None if v is None else dv.reshape(v.shape).to(v.dtype),
+        None if dkv is None else dkv.reshape(kv.shape).to(kv.dtype),
+        None if dv is None else dv.reshape(v.shape).to(v.dtype),
         None if q_rope is None else dqr.to(q_rope.dtype),
         None if kv_rope is None else dkvr.reshape(kv_rope.shape).to(kv_rope.dtype),
         None if attn_sink is None else dsink.reshape(H).to(attn_sink.dtype),
@@ -674,6 +719,9 @@ def selective_attention_dense(
     seqlens_k: Optional[Tensor] = None,
     causal: bool = False,
     attn_sink: Optional[Tensor] = None,
+    kv_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    scale_block: int = 128,
     dtype: torch.dtype = torch.float64,
 ) -> Tuple[Tensor, Tensor]:
     """The oracle: SPEC.md section 1 evaluated densely in ``dtype`` (float64 by default).
@@ -682,12 +730,17 @@ def selective_attention_dense(
     from the candidate multiset; then lse = log sum_p C[p] exp(s_p) and
     out = sum_p C[p] exp(s_p) v_p / (exp(lse) [+ exp(sink)]). Only positions < L_b are read, with
     plain Python loops over sequences: slow, simple, and independent of the gather formulation.
+    A quantized kv / v is dequantized in ``dtype`` first (the whole cache: the oracle is for tests).
     Returns ``(out, lse)`` in ``dtype`` on the CPU.
     """
     cpu = torch.device("cpu")
     f = lambda x: None if x is None else x.to(cpu, dtype)  # noqa: E731  (autograd flows: grads can be checked)
     i64 = lambda x: None if x is None else x.detach().to(cpu, torch.int64)  # noqa: E731
-    qd, kvd, vd, qr, kvr = f(q), f(kv), f(v), f(q_rope), f(kv_rope)
+
+    def values(x, scale):  # a quantized tensor's values: float(stored) * scale of its tile, in dtype
+        return f(x) if scale is None else dequantize(x.detach().to(cpu), scale.detach().to(cpu), scale_block, dtype)
+
+    qd, kvd, vd, qr, kvr = f(q), values(kv, kv_scale), None if v is None else values(v, v_scale), f(q_rope), f(kv_rope)
     idx = i64(indices)
     T, H, Dqk = qd.shape
     Hkv = kvd.shape[-2]

@@ -483,3 +483,78 @@ def test_sparse_fwd_gradients_match_the_native_op():
     (out2 * torch.arange(out2.numel()).reshape(out2.shape).sin()).sum().backward()
     assert torch.equal(q1.grad, q2.grad) and torch.equal(kv1.grad, kv2.grad)
     assert q1.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The V3.2 FP8 record as the op's quantized-cache arguments (issue 16)
+# ---------------------------------------------------------------------------------------------
+
+def test_unpack_fp8_kvcache_views_the_records_and_pack_inverts_it():
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(3, 4, 1, 576, generator=g).to(torch.bfloat16)
+    fp8, _ = quantize_fp8_v32(cache)  # padded blocks: a non-contiguous cache
+    kv_q, kv_scale, kv_rope = fm.unpack_fp8_kvcache(fp8)
+    assert kv_q.shape == (3, 4, 1, 512) and kv_q.dtype == torch.float8_e4m3fn
+    assert kv_scale.shape == (3, 4, 1, 4) and kv_scale.dtype == torch.float32
+    assert kv_rope.shape == (3, 4, 1, 64) and kv_rope.dtype == torch.bfloat16
+    for x in (kv_q, kv_scale, kv_rope):  # views: the same memory, nothing copied
+        assert x.untyped_storage().data_ptr() == fp8.untyped_storage().data_ptr()
+    assert torch.equal(kv_rope, cache[..., 512:])
+    repacked = fm.pack_fp8_kvcache(kv_q, kv_scale, kv_rope)
+    assert repacked.shape == (3, 4, 1, 656) and repacked.is_contiguous()
+    assert torch.equal(repacked.view(torch.uint8), fp8.view(torch.uint8))
+    # writing through a view writes the record
+    kv_scale[1, 2, 0, 3] = 2.5
+    assert fp8.view(torch.uint8)[1, 2, 0, 524:528].contiguous().view(torch.float32).item() == 2.5
+
+
+def test_quantize_fp8_kvcache_is_quantize_kv_on_the_latent_part():
+    g = torch.Generator().manual_seed(6)
+    cache = torch.randn(2, 8, 1, 576, generator=g)
+    kv_q, kv_scale, kv_rope = fm.unpack_fp8_kvcache(fm.quantize_fp8_kvcache(cache))
+    want_q, want_scale = attention.quantize_kv(cache[..., :512], torch.float8_e4m3fn, 128)
+    assert torch.equal(kv_q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(kv_scale, want_scale)
+    assert torch.equal(kv_rope, cache[..., 512:].to(torch.bfloat16))
+
+
+def test_fp8_decode_calls_the_op_natively(monkeypatch):
+    """is_fp8_kvcache=True hands the op the float8 records themselves (views of the cache, with their
+    scales): no dequantized copy is made in PyTorch."""
+    g = torch.Generator().manual_seed(8)
+    fp8, deq = quantize_fp8_v32(torch.randn(4, 8, 1, 576, generator=g).to(torch.bfloat16))
+    q = torch.randn(2, 1, 4, 576, generator=g).to(torch.bfloat16)
+    idx = torch.randint(-1, 40, (2, 1, 6), generator=g).to(torch.int32)
+    seen = []
+    real = fm.selective_attention
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "selective_attention", spy)
+    out, lse = fm.flash_mla_with_kvcache(q, fp8, None, None, 512, None, indices=idx, is_fp8_kvcache=True)
+    (args, kwargs), = seen
+    kv = args[1]
+    assert kv.dtype == torch.float8_e4m3fn and kv.untyped_storage().data_ptr() == fp8.untyped_storage().data_ptr()
+    assert kwargs["kv_scale"].untyped_storage().data_ptr() == fp8.untyped_storage().data_ptr()
+    assert kwargs["kv_rope"].untyped_storage().data_ptr() == fp8.untyped_storage().data_ptr()
+    monkeypatch.setattr(fm, "selective_attention", real)
+    r_out, r_lse = oracle_sparse_decode(q, [deq], [idx], [None], 576 ** -0.5, 512, None)
+    _check(out, r_out, torch.bfloat16, "out")
+    _check(lse, r_lse, torch.bfloat16, "lse", "lse")
+
+
+@pytest.mark.parametrize("bad,exc,words", [
+    (dict(kv_q=torch.zeros(2, 4, 1, 512, dtype=torch.int8)), TypeError, ["kv_q", "float8_e4m3fn"]),
+    (dict(kv_scale=torch.ones(2, 4, 1, 3)), ValueError, ["kv_scale", "(2, 4, 1, 4)"]),
+    (dict(kv_rope=torch.zeros(2, 4, 1, 64)), TypeError, ["kv_rope", "bfloat16"]),
+])
+def test_pack_fp8_kvcache_errors_name_the_argument(bad, exc, words):
+    a = dict(kv_q=torch.zeros(2, 4, 1, 512, dtype=torch.float8_e4m3fn), kv_scale=torch.ones(2, 4, 1, 4),
+             kv_rope=torch.zeros(2, 4, 1, 64, dtype=torch.bfloat16))
+    a.update(bad)
+    with pytest.raises(exc) as e:
+        fm.pack_fp8_kvcache(**a)
+    for w in words:
+        assert w in str(e.value)

@@ -21,11 +21,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..api import selective_attention
+from ..api import quantize_kv, selective_attention
 from ._common import max_logits as _max_logits
 from ._common import need_int_tensor, need_rank, need_tensor
 
-__all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd"]
+__all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd",
+           "pack_fp8_kvcache", "unpack_fp8_kvcache", "quantize_fp8_kvcache"]
 
 
 def _lonely_to_inf(lse: Tensor) -> Tensor:
@@ -179,8 +180,8 @@ def flash_mla_with_kvcache(
     Returns ``(out [b, s_q, h_q, head_dim_v] q.dtype, lse [b, h_q, s_q] float32)``.
     ``num_splits`` is ignored (FlashMLA requires None; the old interface passed a tensor).
     ``is_fp8_kvcache=True`` (sparse path only) reads FlashMLA's V3.2 FP8 cache,
-    [num_blocks, page_block_size, 1, 656] bytes per token: the selected records are gathered and
-    dequantized to bfloat16 before the op runs.
+    [num_blocks, page_block_size, 1, 656] bytes per token, natively: the records are viewed as the op's
+    (kv, kv_scale, kv_rope) arguments (``unpack_fp8_kvcache``), and the backend dequantizes what it selects.
     """
     need_tensor("q", q)
     need_tensor("k_cache", k_cache)
@@ -248,11 +249,10 @@ def _sparse_part(idx_name, cache_name, len_name, q_flat, cache, idx, topk_length
         per_token = topk_length.to(idx.device).repeat_interleave(s_q)
         idx = torch.where(j < per_token[:, None, None], idx, -1).to(idx.dtype)
     if fp8:
-        flat, idx = _gather_fp8(cache_name, cache, idx, q_flat.dtype)
-    else:
-        # The whole cache is one flat row space (slot = page * page_block_size + offset), and one index
-        # list serves every kv head: FlashMLA's indices carry no kv-head dimension.
-        flat = cache.reshape(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
+        return _sparse_fp8(cache_name, q_flat, cache, idx, head_dim_v, scale, attn_sink, backend)
+    # The whole cache is one flat row space (slot = page * page_block_size + offset), and one index
+    # list serves every kv head: FlashMLA's indices carry no kv-head dimension.
+    flat = cache.reshape(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
     # No cu_seqlens: one "sequence" whose length is the whole cache, so exactly the slots outside
     # [0, num_blocks * page_block_size) are dropped, as FlashMLA's invalid-index rule says.
     return selective_attention(q_flat, flat, idx, d_v=head_dim_v, sm_scale=scale, attn_sink=attn_sink,
@@ -262,37 +262,108 @@ def _sparse_part(idx_name, cache_name, len_name, q_flat, cache, idx, topk_length
 # FlashMLA's "FP8 with scale" token record (README, "FP8 KV Cache"; V3.2 layout): 512 float8_e4m3
 # values, 4 float32 scales (one per 128 values), 64 bfloat16 rope values.
 _FP8_NOPE, _FP8_TILE, _FP8_ROPE = 512, 128, 64
-_FP8_RECORD = _FP8_NOPE + 4 * (_FP8_NOPE // _FP8_TILE) + 2 * _FP8_ROPE  # 656 bytes
+_FP8_SCALES = _FP8_NOPE // _FP8_TILE
+_FP8_RECORD = _FP8_NOPE + 4 * _FP8_SCALES + 2 * _FP8_ROPE  # 656 bytes
 
 
-def _gather_fp8(cache_name, cache, idx, dtype):
-    """Gather and dequantize only the records the indices select -> (kv [T*K, 1, 576], indices into it).
-
-    The op needs a float cache; dequantizing the whole cache would cost its full size on every call,
-    so the selected records are gathered first (T * K rows, what the op gathers anyway) and the new
-    indices point at them in order, -1 where the original index was invalid. Record rows are read by
-    (page, offset), so a cache whose blocks are padded in memory (as FlashMLA's own quantizer lays
-    them out) is read correctly.
-    """
-    if cache.element_size() != 1 or cache.shape[2] != 1 or cache.shape[3] != _FP8_RECORD:
-        raise ValueError(f"{cache_name} with is_fp8_kvcache=True must be FlashMLA's V3.2 FP8 layout "
+def _check_fp8_layout(name: str, cache: Tensor) -> None:
+    need_tensor(name, cache)
+    if cache.dim() != 4 or cache.element_size() != 1 or cache.shape[2] != 1 or cache.shape[3] != _FP8_RECORD:
+        raise ValueError(f"{name} with is_fp8_kvcache=True must be FlashMLA's V3.2 FP8 layout "
                          f"[num_blocks, page_block_size, 1, {_FP8_RECORD}] of 1-byte elements, got "
                          f"{tuple(cache.shape)} {str(cache.dtype).replace('torch.', '')}")
+    if cache.stride(3) != 1:
+        raise ValueError(f"{name}: the bytes of a record must be contiguous (last stride 1), got strides "
+                         f"{tuple(cache.stride())}")
+
+
+def unpack_fp8_kvcache(k_cache: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """FlashMLA's V3.2 FP8 cache [num_blocks, page_block_size, 1, 656] -> ``(kv_q, kv_scale, kv_rope)``,
+    views of the same memory (nothing is copied), ready for ``selective_attention(kv=kv_q,
+    kv_scale=kv_scale, kv_rope=kv_rope, scale_block=128)``:
+
+    kv_q [nb, page, 1, 512] float8_e4m3fn (bytes 0..511 of each record), kv_scale [nb, page, 1, 4]
+    float32 (bytes 512..527), kv_rope [nb, page, 1, 64] bfloat16 (bytes 528..655). The cache may be a
+    strided view (FlashMLA's quantizer pads each block by a record); its strides must be multiples of
+    4 bytes, which a 656-byte record always gives unless the cache is sliced inside a record.
+    """
+    _check_fp8_layout("k_cache", k_cache)
+    raw = k_cache.view(torch.uint8)
+    a, b = _FP8_NOPE, _FP8_NOPE + 4 * _FP8_SCALES
+    try:
+        return raw[..., :a].view(torch.float8_e4m3fn), raw[..., a:b].view(torch.float32), raw[..., b:].view(torch.bfloat16)
+    except RuntimeError as e:  # a stride or offset that is not a multiple of the wider element
+        raise ValueError(f"k_cache's strides {tuple(k_cache.stride())} (bytes) cannot be viewed as float32 "
+                         f"scales and bfloat16 rope values: {e}") from None
+
+
+def pack_fp8_kvcache(kv_q: Tensor, kv_scale: Tensor, kv_rope: Tensor) -> Tensor:
+    """``(kv_q, kv_scale, kv_rope)`` -> a new FlashMLA V3.2 FP8 cache [nb, page, 1, 656] float8_e4m3fn
+    (the inverse of ``unpack_fp8_kvcache``): kv_q [nb, page, 1, 512] float8_e4m3fn, kv_scale
+    [nb, page, 1, 4] float32 (tiles of 128), kv_rope [nb, page, 1, 64] bfloat16."""
+    for name, x, dt, w in (("kv_q", kv_q, torch.float8_e4m3fn, _FP8_NOPE), ("kv_scale", kv_scale, torch.float32,
+                           _FP8_SCALES), ("kv_rope", kv_rope, torch.bfloat16, _FP8_ROPE)):
+        need_tensor(name, x)
+        need_rank(name, x, 4, f"[num_blocks, page_block_size, 1, {w}]")
+        if x.dtype != dt:
+            raise TypeError(f"{name} must be {str(dt).replace('torch.', '')}, got {str(x.dtype).replace('torch.', '')}")
+        if x.shape[2] != 1 or x.shape[3] != w or tuple(x.shape[:2]) != tuple(kv_q.shape[:2]):
+            raise ValueError(f"{name} must have shape ({kv_q.shape[0]}, {kv_q.shape[1]}, 1, {w}), got {tuple(x.shape)}")
+    out = torch.empty(*kv_q.shape[:3], _FP8_RECORD, dtype=torch.float8_e4m3fn, device=kv_q.device)
+    q_part, s_part, r_part = unpack_fp8_kvcache(out)
+    q_part.copy_(kv_q)
+    s_part.copy_(kv_scale)
+    r_part.copy_(kv_rope)
+    return out
+
+
+def quantize_fp8_kvcache(kv: Tensor) -> Tensor:
+    """A float cache [nb, page, 1, 576] (512 latent + 64 rope) -> FlashMLA's V3.2 FP8 cache
+    [nb, page, 1, 656]: ``attention.quantize_kv`` on the 512 latent columns (tiles of 128, amax / 448),
+    the rope part rounded to bfloat16."""
+    need_tensor("kv", kv)
+    need_rank("kv", kv, 4, f"[num_blocks, page_block_size, 1, {_FP8_NOPE + _FP8_ROPE}]")
+    if kv.shape[2] != 1 or kv.shape[3] != _FP8_NOPE + _FP8_ROPE:
+        raise ValueError(f"kv must be [num_blocks, page_block_size, 1, {_FP8_NOPE + _FP8_ROPE}], got {tuple(kv.shape)}")
+    kv_q, kv_scale = quantize_kv(kv[..., :_FP8_NOPE], torch.float8_e4m3fn, _FP8_TILE)
+    return pack_fp8_kvcache(kv_q, kv_scale, kv[..., _FP8_NOPE:].to(torch.bfloat16))
+
+
+def _slot_rows(x: Tensor) -> Tensor:
+    """A paged view [nb, page, 1, w] -> [R, 1, w] over the same memory, where the slot (block, offset)
+    is row ``block * rows_per_block + offset`` (rows_per_block = stride(0) / stride(1): a block padded in
+    memory has more rows than ``page``; its padding rows are never named by a remapped slot)."""
+    nb, page = x.shape[0], x.shape[1]
+    rows = (nb - 1) * (x.stride(0) // x.stride(1)) + page if nb else 0
+    return x.as_strided((rows, 1, x.shape[3]), (x.stride(1), x.stride(2), x.stride(3)))
+
+
+def _sparse_fp8(cache_name, q_flat, cache, idx, head_dim_v, scale, attn_sink, backend):
+    """The sparse decode on FlashMLA's FP8 cache through the op's quantized-cache arguments: the records
+    are viewed (never copied, never dequantized here) and the flat slot indices are mapped onto the
+    rows of those views. The backend dequantizes the rows it selects."""
+    _check_fp8_layout(cache_name, cache)
+    d = q_flat.shape[-1]
+    if d != _FP8_NOPE + _FP8_ROPE:
+        raise ValueError(f"q must have head_dim {_FP8_NOPE + _FP8_ROPE} with is_fp8_kvcache=True (512 latent + 64 "
+                         f"rope columns of the V3.2 record), got {d}")
     nb, page = cache.shape[0], cache.shape[1]
-    T, _, K = idx.shape
-    i = idx.reshape(-1).to(torch.int64)
+    if nb > 1 and cache.stride(0) % cache.stride(1) != 0:
+        raise ValueError(f"{cache_name}'s block stride {cache.stride(0)} must be a multiple of its record stride "
+                         f"{cache.stride(1)}")
+    kv_q, kv_scale, kv_rope = (_slot_rows(x) for x in unpack_fp8_kvcache(cache))
+    # Flat slot -> row of the views; an invalid slot (< 0 or >= nb * page: FlashMLA's rule) becomes -1.
+    i = idx.to(torch.int64)
     valid = (i >= 0) & (i < nb * page)
-    safe = torch.where(valid, i, 0)
-    rec = cache[safe // page, safe % page, 0].view(torch.uint8)  # [T*K, 656] bytes
-    nope = rec[:, :_FP8_NOPE].view(torch.float8_e4m3fn).to(torch.float32)
-    scales = rec[:, _FP8_NOPE:_FP8_NOPE + 16].contiguous().view(torch.float32)  # [N, 4]
-    rope = rec[:, _FP8_NOPE + 16:].contiguous().view(torch.bfloat16)  # [N, 64]
-    nope = (nope.view(-1, _FP8_NOPE // _FP8_TILE, _FP8_TILE) * scales[:, :, None]).reshape(-1, _FP8_NOPE)
-    # bfloat16 first, as FlashMLA dequantizes to bfloat16 before its bfloat16 matmuls
-    kv = torch.cat([nope.to(torch.bfloat16), rope], dim=-1).to(dtype).reshape(T * K, 1, _FP8_NOPE + _FP8_ROPE)
-    new_idx = torch.arange(T * K, device=idx.device, dtype=torch.int32)
-    new_idx = torch.where(valid, new_idx, -1).reshape(T, 1, K)
-    return kv, new_idx
+    rpb = cache.stride(0) // cache.stride(1) if nb > 1 else page
+    rows = torch.where(valid, (i // page) * rpb + i % page, -1)
+    if q_flat.dtype != torch.bfloat16:
+        # The op computes with q's dtype and wants kv_rope in it: a float32 / float16 query converts the
+        # rope part (FlashMLA itself takes bfloat16 queries only, with no such copy).
+        kv_rope = kv_rope.to(q_flat.dtype)
+    return selective_attention(q_flat[..., :_FP8_NOPE], kv_q, rows, d_v=head_dim_v, q_rope=q_flat[..., _FP8_NOPE:],
+                               kv_rope=kv_rope, kv_scale=kv_scale, scale_block=_FP8_TILE, sm_scale=scale,
+                               attn_sink=attn_sink, return_lse=True, backend=backend)
 
 
 def _merge(parts, attn_sink, h_q, dtype):

@@ -54,6 +54,9 @@ CONFIG_FIELDS: Dict[str, Tuple[Tuple[int, int], bool]] = {
     "BLOCK_DV": ((16, 1024), True), "num_warps": ((1, 32), True), "num_stages": ((1, 8), False),
     "num_splits": ((0, 1024), False), "target_programs": ((0, 1 << 20), False),
     "min_per_split": ((0, 1 << 24), False),
+    # The general kernel's rope chunk (default: BLOCK_D) and its key-gather shape (1: rows, transposed
+    # on chip; what triton-ascend turns into row copies, docs/triton.md "Ascend"); 0 on NVIDIA.
+    "BLOCK_DR": ((16, 1024), True), "GATHER_ROWS": ((0, 1), False),
 }
 
 _warned: set = set()

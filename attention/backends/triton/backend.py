@@ -10,7 +10,7 @@ import os
 from typing import Dict, FrozenSet, List
 
 from ...inputs import FLOAT_DTYPES
-from ...registry import ATTENTION_FEATURES, Backend
+from ...registry import ATTENTION_FEATURES, KV_QUANT_FEATURES, Backend
 
 
 def _triton_import_error() -> str:
@@ -22,6 +22,27 @@ def _triton_import_error() -> str:
     return ""
 
 
+def triton_ascend_version() -> str:
+    """The installed triton-ascend's version ('' when the installed triton is not Huawei's): it replaces
+    the ``triton`` package (same import name) and compiles our kernels for Ascend NPUs."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("triton-ascend")
+    except PackageNotFoundError:
+        return ""
+
+
+def npu_offered() -> bool:
+    """triton-ascend is the installed triton and torch_npu is installed. Found by metadata, not by
+    import: importing torch_npu without CANN breaks ``import torch`` (docs/traps.md)."""
+    return bool(triton_ascend_version()) and importlib.util.find_spec("torch_npu") is not None
+
+
+#: What `attention.info` says of the npu path; nothing of it has run on an NPU (docs/ascendc.md).
+NPU_STATUS = "compile-checked on x86, never ran on an NPU"
+
+
 def interpreting() -> bool:
     """Triton decides at import time whether @triton.jit functions run in the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -30,12 +51,15 @@ def interpreting() -> bool:
 class TritonBackend(Backend):
     name = "triton"
     description = ("Triton kernels: heads of a kv group packed into tl.dot's M dimension, split-K "
-                   "(flash-decoding) for few queries over many candidates; cuda, or cpu under TRITON_INTERPRET=1")
-    # On the CPU the reference (0) stays first: the interpreter is for tests only.
-    priorities = {"cuda": 10, "cpu": 50}
+                   "(flash-decoding) for few queries over many candidates; cuda, npu with triton-ascend "
+                   f"({NPU_STATUS}), or cpu under TRITON_INTERPRET=1")
+    # On the CPU the reference (0) stays first: the interpreter is for tests only. On npu the AscendC
+    # backend (10) stays first: this path is compile-checked only (issue 19).
+    priorities = {"cuda": 10, "cpu": 50, "npu": 20}
     ops = {
-        "attention": ATTENTION_FEATURES,  # the kernel implements all of SPEC.md section 1
-        "attention_backward": ATTENTION_FEATURES,  # backward.py; limits: backward.limit_reasons
+        # the kernel implements all of SPEC.md section 1 but quantized caches (issue 16: not yet)
+        "attention": ATTENTION_FEATURES - KV_QUANT_FEATURES,
+        "attention_backward": ATTENTION_FEATURES - KV_QUANT_FEATURES,  # backward.py; limits: backward.limit_reasons
         "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal"}),
         "select": frozenset({"contiguous", "paged", "varlen", "causal", "block"}),
     }
@@ -53,8 +77,12 @@ class TritonBackend(Backend):
         return [self._import_error] if self._import_error else []
 
     def device_types(self) -> FrozenSet[str]:
-        # CPU tensors run only through the interpreter (tests); never a CPU production path.
-        return frozenset({"cuda", "cpu"}) if interpreting() else frozenset({"cuda"})
+        # CPU tensors run only through the interpreter (tests); never a CPU production path. npu only
+        # where triton-ascend is the installed triton and torch_npu is present (npu_offered).
+        devs = {"cuda", "cpu"} if interpreting() else {"cuda"}
+        if npu_offered():
+            devs.add("npu")
+        return frozenset(devs)
 
     def limit_reasons(self, inp) -> List[str]:
         # Launch-geometry limits (CUDA grid axes 1/2 hold at most 65535 programs; offsets inside a
@@ -94,6 +122,10 @@ class TritonBackend(Backend):
         from ...tuning import store_path
 
         lines = {"triton": triton.__version__, "interpreter": str(interpreting())}
+        if triton_ascend_version():
+            lines["triton-ascend"] = (f"{triton_ascend_version()}: npu "
+                                      f"{'offered' if npu_offered() else 'not offered (torch_npu is not installed)'}; "
+                                      f"{NPU_STATUS}")
         try:
             lines["tuning store"] = str(store_path())
         except Exception as e:  # pragma: no cover - info must never fail

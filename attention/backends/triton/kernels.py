@@ -192,6 +192,24 @@ def _online_softmax(s, valid, m_i, l_i, sm_scale_log2):
 
 
 @triton.jit
+def _gather_t(head, rows, offs_d, stride_d, valid, d_mask, GATHER_ROWS: tl.constexpr):
+    """Columns ``offs_d`` of the candidate rows ``rows`` as a transposed key chunk [BLOCK_D, BLOCK_N]
+    (masked: a dropped row is never read).
+
+    GATHER_ROWS loads it as rows [BLOCK_N, BLOCK_D] and transposes on chip. triton-ascend lowers that
+    form to one contiguous row copy per candidate; the column form (the default, what the NVIDIA
+    compiles and their budgets in docs/triton.md were measured with) becomes a scalar loop over the
+    feature dimension inside the candidate loop, one element per load (issue 19 item 3)."""
+    if GATHER_ROWS:
+        kc = tl.trans(tl.load(head + rows[:, None] + offs_d[None, :].to(tl.int64) * stride_d,
+                              mask=valid[:, None] & d_mask[None, :], other=0.0))
+    else:
+        kc = tl.load(head + rows[None, :] + offs_d[:, None].to(tl.int64) * stride_d,
+                     mask=valid[None, :] & d_mask[:, None], other=0.0)
+    return kc
+
+
+@triton.jit
 def selective_attention_fwd_kernel(
     Q, KV, V, QR, KVR, IDX, SINK, BT, CUQ, CUK, SEQK,
     OUT, LSE, OPART, LPART,
@@ -213,7 +231,7 @@ def selective_attention_fwd_kernel(
     HAS_SINK: tl.constexpr, SPLIT: tl.constexpr, SEARCH_STEPS: tl.constexpr, F32_DOT: tl.constexpr,
     NUM_HB: tl.constexpr, NUM_DVB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DR: tl.constexpr,
-    BLOCK_DV: tl.constexpr, RTNE_BF16: tl.constexpr = False,
+    BLOCK_DV: tl.constexpr, RTNE_BF16: tl.constexpr = False, GATHER_ROWS: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -258,22 +276,21 @@ def selective_attention_fwd_kernel(
         # loop-invariant) into registers and spills (measured: 255 regs + 816 B stack on sm_90 for
         # BLOCK_H=64, BLOCK_DV=256, 8 warps; 0 B with this loop). q chunks are re-read from L1/L2.
         s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        k_base = KV + g.to(tl.int64) * stride_kh + k_row[None, :]
+        k_head = KV + g.to(tl.int64) * stride_kh
         for d0 in range(0, DQK, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < DQK
             qc = tl.load(q_base + offs_d[None, :].to(tl.int64) * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-            kc = tl.load(k_base + offs_d[:, None].to(tl.int64) * stride_kd, mask=valid[None, :] & d_mask[:, None], other=0.0)
+            kc = _gather_t(k_head, k_row, offs_d, stride_kd, valid, d_mask, GATHER_ROWS)
             s += _dot(qc, kc, F32_DOT)
         if DR > 0:
-            kr_base = KVR + g.to(tl.int64) * stride_krh + kr_row[None, :]
+            kr_head = KVR + g.to(tl.int64) * stride_krh
             for d0 in range(0, DR, BLOCK_DR):
                 offs_d = d0 + tl.arange(0, BLOCK_DR)
                 d_mask = offs_d < DR
                 qc = tl.load(qr_base + offs_d[None, :].to(tl.int64) * stride_qrd, mask=h_mask[:, None] & d_mask[None, :],
                              other=0.0)
-                kc = tl.load(kr_base + offs_d[:, None].to(tl.int64) * stride_krd, mask=valid[None, :] & d_mask[:, None],
-                             other=0.0)
+                kc = _gather_t(kr_head, kr_row, offs_d, stride_krd, valid, d_mask, GATHER_ROWS)
                 s += _dot(qc, kc, F32_DOT)
         p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
         # Masked load: a dropped row is never read, so NaN in an unused page cannot reach acc.

@@ -42,8 +42,13 @@ MAX_LATENT_TAIL = 256
 # count the work of the GPU plan. SM counts by substring of the device name (as the tuning store
 # matches names); measured with torch.cuda.get_device_properties on those parts.
 TARGET_ENV = "ATTENTION_TRITON_TARGET"
+# Ascend SoCs (triton-ascend, docs/ascendc.md "Two Ascend paths"): a program runs on one AI core (a cube
+# core with its two vector cores for the mixed attention kernels), so the count is the AIC count of
+# CANN's platform files (shared/ASCEND.md); compile-checked only, never run.
 SM_COUNTS = (("H200", 132), ("H100", 132), ("H800", 132), ("H20", 78), ("A100", 108), ("A800", 108),
-             ("L40S", 142), ("L40", 142), ("RTX 4090", 128))
+             ("L40S", 142), ("L40", 142), ("RTX 4090", 128),
+             ("Ascend910B1", 24), ("Ascend910B2", 24), ("Ascend910B3", 20), ("Ascend910B4", 20),
+             ("Ascend910_9391", 24), ("Ascend910_9362", 20))
 
 
 _p2 = next_power_of_2
@@ -58,7 +63,14 @@ def device_name(device: torch.device) -> str:
         return target_name()
     if device.type == "cpu":
         return tuning.CPU_DEVICE
+    if device.type == "npu":  # triton-ascend with torch_npu (backend.py offers npu only then)
+        return _npu_name(device.index if device.index is not None else torch.npu.current_device())
     return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _npu_name(index: int) -> str:
+    return torch.npu.get_device_name(index)  # e.g. "Ascend910B2": the tuning store's match key
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,11 +86,13 @@ def _sm_count(index: int) -> int:
 def sm_count(device: torch.device) -> Optional[int]:
     """SMs of the device the plan is for: the target's (ATTENTION_TRITON_TARGET), the GPU's, or None
     (CPU tensors without a target: the interpreter has no SMs to fill)."""
-    name = target_name()
+    name = target_name() or (device_name(device) if device.type == "npu" else None)
     if name:
         for key, n in SM_COUNTS:
             if key in name:
                 return n
+        if device.type == "npu" and not target_name():
+            return None  # an Ascend part this table does not know: no split by core count
         raise ValueError(f"{TARGET_ENV}={name!r}: unknown device; known: {[k for k, _ in SM_COUNTS]}")
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -198,7 +212,9 @@ def plan(inp, cfg: Dict) -> Dict:
     bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))  # tl.dot needs M >= 16: small groups pad to 16
     bn = max(16, _p2(cfg["BLOCK_N"]))
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
-    bdr = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.rope_dim))) if inp.rope_dim else 16
+    # The rope chunk has its own size where a config gives one (BLOCK_DR: Ascend's UB holds a 64-wide
+    # rope chunk of the general kernel only at small tiles, issue 19); else it follows BLOCK_D.
+    bdr = max(16, min(_p2(cfg.get("BLOCK_DR", cfg["BLOCK_D"])), _p2(inp.rope_dim))) if inp.rope_dim else 16
     if latent:  # the whole value width and the whole tail in one tile each: no value split
         bdv = max(16, _p2(inp.d_v))
         bdr = max(16, _p2(inp.rope_dim)) if inp.rope_dim else 16
@@ -224,7 +240,7 @@ def plan(inp, cfg: Dict) -> Dict:
     return dict(kernel="latent" if latent else "general", BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DR=bdr,
                 BLOCK_DV=bdv, BLOCK_DT=bdt, NUM_HB=num_hb, NUM_DVB=num_dvb, num_splits=splits,
                 cand_per_split=per_split, num_warps=int(cfg.get("num_warps", 4)),
-                num_stages=int(cfg.get("num_stages", 1)))
+                num_stages=int(cfg.get("num_stages", 1)), GATHER_ROWS=bool(cfg.get("GATHER_ROWS", 0)))
 
 
 def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
@@ -307,7 +323,8 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
         selective_attention_latent_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_DT=p["BLOCK_DT"],
                                                 NUM_STAGES=p["num_stages"], num_warps=p["num_warps"])
     else:
-        args.update(V=v, **_named("stride_v", "prhd", _strides(v, paged, 4)), NUM_DVB=p["NUM_DVB"])
+        args.update(V=v, **_named("stride_v", "prhd", _strides(v, paged, 4)), NUM_DVB=p["NUM_DVB"],
+                    GATHER_ROWS=p["GATHER_ROWS"])
         if autotune:
             _autotuned_kernel()[grid](**args)
         else:

@@ -50,16 +50,17 @@ MemoryUse MemoryFor(const ProblemShape& sh, const TileChoice& tc, uint32_t vecSu
 {
     const uint64_t sz = sh.dtypeBytes;
     const uint64_t dqkPad = Up16(sh.Dqk), dkPad = dqkPad + Up16(sh.Dr), dvPad = Up16(sh.Dv);
-    const uint64_t m = tc.mTile, n = tc.nTile;
+    const uint64_t m = tc.mTile, n = tc.nTile, pParts = ProbabilityParts(sh.dtypeBytes);
     MemoryUse u;
-    // AIC: Q, K (kvBufNum), P, V^T (kvBufNum) in L1; L0A/L0B ping-pong; one L0C tile
-    u.l1 = Align32(m * dkPad * sz) + tc.kvBufNum * Align32(n * dkPad * sz) + Align32(m * n * sz) +
+    // AIC: Q, K (kvBufNum), P (its parts), V^T (kvBufNum) in L1; L0A/L0B ping-pong; one L0C tile
+    u.l1 = Align32(m * dkPad * sz) + tc.kvBufNum * Align32(n * dkPad * sz) + Align32(pParts * m * n * sz) +
            tc.kvBufNum * Align32(dvPad * n * sz);
-    u.l0a = tc.l0BufNum * Align32(std::max(m * tc.dkChunk, m * n) * sz);
+    u.l0a = tc.l0BufNum * Align32(std::max(m * tc.dkChunk, pParts * m * n) * sz);
     u.l0b = tc.l0BufNum * Align32(std::max(n * tc.dkChunk, n * tc.dvChunk) * sz);
     u.l0c = Align32(std::max(m * n, m * tc.dvChunk) * 4);
     // AIV (each of them): gather queue, v rows (separate v only), V^T block, Gather offsets, kept rows, and
     // for its share of the heads S, P, accumulator, row statistics; one O row, one output row, reduce work
+    // (P_lo, in 16-bit dtypes, lives inside S: no UB of its own)
     const uint64_t r = m / std::max<uint32_t>(1, vecSubBlocks);
     u.ub = tc.vecBufNum * Align32(GATHER_ROWS * dkPad * sz) + (sh.separateV ? Align32(GATHER_ROWS * dvPad * sz) : 0) +
            Align32(dvPad * GATHER_ROWS * sz) + Align32(dvPad * GATHER_ROWS * 4) + Align32(n * 4) + Align32(r * n * 4) +
@@ -159,7 +160,7 @@ TileChoice ChooseTiles(const ProblemShape& sh, const SocSpec& soc)
     if (!why.empty()) {
         throw std::runtime_error(why);
     }
-    const uint32_t c0 = 32 / sh.dtypeBytes;
+    const uint32_t c0 = 32 / sh.dtypeBytes, pParts = ProbabilityParts(sh.dtypeBytes);
     const uint32_t hg = std::max<uint32_t>(1, sh.H / std::max<uint32_t>(1, sh.Hkv));
     const uint32_t dkPad = Up16(sh.Dqk) + Up16(sh.Dr), dvPad = Up16(sh.Dv);
     const uint64_t candidates = std::max<uint64_t>(1, sh.Candidates());
@@ -181,7 +182,7 @@ TileChoice ChooseTiles(const ProblemShape& sh, const SocSpec& soc)
                 // widest head-dim split and output chunk that fit L0A/L0B/L0C with these buffers
                 tc.dkChunk = 0;
                 for (uint32_t d = std::min<uint32_t>(dkPad, 255 * c0) / 16 * 16; d >= 16; d -= 16) {
-                    if (tc.l0BufNum * Align32(uint64_t(std::max(m * d, m * n)) * sh.dtypeBytes) <= soc.l0aBytes &&
+                    if (tc.l0BufNum * Align32(uint64_t(std::max(m * d, pParts * m * n)) * sh.dtypeBytes) <= soc.l0aBytes &&
                         tc.l0BufNum * Align32(uint64_t(n) * d * sh.dtypeBytes) <= soc.l0bBytes) {
                         tc.dkChunk = d;
                         break;
@@ -207,7 +208,8 @@ TileChoice ChooseTiles(const ProblemShape& sh, const SocSpec& soc)
                 const uint64_t rounds = CeilDiv(items, soc.aicNum);
                 const uint64_t tiles = std::max<uint64_t>(1, sp.splitTiles);
                 const uint64_t gathers = tiles * (sp.gatherOnce ? 1 : headTiles);
-                const double cube = double(m / 16) * (n / 16) * (dkPad / c0) + double(m / 16) * (dvPad / 16) * (n / c0);
+                const double cube =
+                    double(m / 16) * (n / 16) * (dkPad / c0) + double(pParts * m / 16) * (dvPad / 16) * (n / c0);
                 const double perTile = cube + 1500.0 + 60.0 * std::min(m, hg);
                 const double buffered = 1.0 - 0.03 * ((tc.vecBufNum == 2) + (tc.kvBufNum == 2) + (tc.l0BufNum == 2));
                 // combine: rounds of head groups over the vector cores x splits x (one copy of the group's
@@ -289,7 +291,7 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.wsS = off;
     off += Align512(uint64_t(tc.mTile) * tc.nTile * 4);
     t.wsP = off;
-    off += Align512(uint64_t(tc.mTile) * tc.nTile * sz);
+    off += Align512(uint64_t(ProbabilityParts(sh.dtypeBytes)) * tc.mTile * tc.nTile * sz);
     t.wsO = off;
     off += Align512(uint64_t(tc.mTile) * t.dvPad * 4);
     t.workspacePerBlock = off;

@@ -52,6 +52,7 @@ constexpr uint32_t STAT_SLOTS = 10;    // per-row fp32 statistics vectors in UB
 constexpr uint32_t COMBINE_VEC_SLOTS = 8;  // per-head fp32 vectors of the combine launch (host/tiling.cpp charges them)
 constexpr float NEG_BIG = -3.0e38f;    // "no maximum yet": finite, so m_old - m_new never forms inf - inf
 constexpr uint32_t NEG_INF_BITS = 0xFF800000u;
+constexpr float P_HI_SHRINK = 0.99999988079071044921875f;  // 1 - 2^-23: the float just below 1
 
 // Planted-bug switch, for tests/test_ascendc_planted.py only: a build with SELATTN_PLANTED_BUG = one of
 // these values gets exactly that deliberate bug, so that the test can prove the CPU twin catches it.
@@ -94,6 +95,8 @@ class SelectiveAttentionKernel {
 public:
     static constexpr uint32_t C0 = 32 / sizeof(T);   // elements in one 32-byte fractal row
     static constexpr uint32_t FR = 16 * C0;          // elements in one 512-byte fractal
+    // P in parts for the cube: [P_hi; P_lo] stacked in M (selective_attention_tiling.h, ProbabilityParts)
+    static constexpr uint32_t P_PARTS = ProbabilityParts(sizeof(T));
     using Bits = typename BitsOf<T>::type;
 
     __aicore__ inline void Init(GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v, GM_ADDR indices,
@@ -140,7 +143,7 @@ public:
         kWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsK), uint64_t(t_.kvSlots) * nT * t_.dkPad);
         vtWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsVt), uint64_t(t_.kvSlots) * t_.dvPad * nT);
         sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsS), mT * nT);
-        pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsP), mT * nT);
+        pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsP), P_PARTS * mT * nT);
         oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsO), mT * t_.dvPad);
         if (t_.numSplits > 1) {
             // the partial results of every split, shared by all blocks (each writes only its own rows)
@@ -154,9 +157,9 @@ public:
         if ASCEND_IS_AIC {
             pipe_.InitBuffer(qA1_, 1, mT * t_.dkPad * sizeof(T));
             pipe_.InitBuffer(kB1_, t_.kvBufNum, nT * t_.dkPad * sizeof(T));
-            pipe_.InitBuffer(pA1_, 1, mT * nT * sizeof(T));
+            pipe_.InitBuffer(pA1_, 1, P_PARTS * mT * nT * sizeof(T));
             pipe_.InitBuffer(vB1_, t_.kvBufNum, t_.dvPad * nT * sizeof(T));
-            pipe_.InitBuffer(a2_, t_.l0BufNum, Max32(mT * t_.dkChunk, mT * nT) * sizeof(T));
+            pipe_.InitBuffer(a2_, t_.l0BufNum, Max32(mT * t_.dkChunk, P_PARTS * mT * nT) * sizeof(T));
             pipe_.InitBuffer(b2_, t_.l0BufNum, Max32(nT * t_.dkChunk, nT * t_.dvChunk) * sizeof(T));
             pipe_.InitBuffer(c1_, 1, Max32(mT * nT, mT * t_.dvChunk) * sizeof(float));
         }
@@ -499,6 +502,8 @@ private:
         LocalTensor<float> work = workBuf_.Get<float>();
         LocalTensor<float> mOld = st[0 * rp], mNew = st[1 * rp], l = st[2 * rp], alpha = st[3 * rp];
         LocalTensor<float> rowMax = st[4 * rp], rowSum = st[5 * rp], tmp = st[9 * rp];
+        // P_lo of row m lives in the first nT elements of S row m (2 * nT elements of T per fp32 row)
+        LocalTensor<T> pLo = s.template ReinterpretCast<T>();
 
         // this core's rows of S; P rows it does not compute (padded heads) are written as zeros
         DataCopyPad(s, sWs_[rowBegin_ * nT], DataCopyExtParams(1, rp * nT * sizeof(float), 0, 0, 0),
@@ -532,7 +537,18 @@ private:
                 if constexpr (IsSameType<T, float>::value) {
                     Muls(p[m * nT], row, 1.0f, nv);
                 } else {
-                    Cast(p[m * nT], row, RoundMode::CAST_RINT, static_cast<uint32_t>(nv));
+                    // P = P_hi + P_lo, both in T. P_hi is P * (1 - 2^-23) (just below P) rounded down, so
+                    // P_lo = P - P_hi is exact in fp32 and strictly positive wherever P > 0; rounded up it stays
+                    // so. Then a kept value of +-inf meets two weights of one sign and gives +-inf, as in
+                    // float64, never inf - inf or 0 * inf = NaN (round-to-nearest would make P_lo 0 or
+                    // negative). P_lo is written over the first half of this row's own fp32 scores (dead from
+                    // here on: no UB of its own). Past nv P_hi is zero (the Duplicate above), so the widened
+                    // copy and P_lo are zero there too.
+                    Muls(work, row, P_HI_SHRINK, nv);
+                    Cast(p[m * nT], work, RoundMode::CAST_FLOOR, static_cast<uint32_t>(nv));
+                    Cast(work, p[m * nT], RoundMode::CAST_NONE, nT);
+                    Sub(work, row, work, nv);
+                    Cast(pLo[m * 2 * nT], work, RoundMode::CAST_CEIL, nT);
                 }
                 Sync<HardEvent::V_S>();
                 rowSum.SetValue(m, tmp.GetValue(0));
@@ -543,11 +559,21 @@ private:
             Mul(l, l, alpha, static_cast<int32_t>(rp));
             Add(l, l, rowSum, static_cast<int32_t>(rp));
             Adds(mOld, mNew, 0.0f, static_cast<int32_t>(rp));
+            if (P_PARTS > 1 && ownCount_ < rp) {
+                Duplicate(s[ownCount_ * nT], 0.0f, static_cast<int32_t>((rp - ownCount_) * nT));  // P_lo of padded heads
+            }
+        } else if (P_PARTS > 1) {
+            Duplicate(s, 0.0f, static_cast<int32_t>(rp * nT));  // no kept candidate in this tile: P_lo = 0
         }
         if constexpr (!Planted(PLANT_NO_V_MTE3_WAIT)) {
             Sync<HardEvent::V_MTE3>();
         }
         DataCopyPad(pWs_[rowBegin_ * nT], p, DataCopyExtParams(1, rp * nT * sizeof(T), 0, 0, 0));
+        if constexpr (P_PARTS > 1) {
+            // P_lo rows go below all mTile rows of P_hi: the cube reads [P_hi; P_lo] as one [2 mTile, nTile]
+            DataCopyPad(pWs_[(t_.mTile + rowBegin_) * nT], pLo,
+                        DataCopyExtParams(static_cast<uint16_t>(rp), nT * sizeof(T), nT * sizeof(T) / 32, 0, 0));
+        }
     }
 
     __aicore__ inline void AccumulateTile()
@@ -708,10 +734,11 @@ private:
 
     __aicore__ inline void ValueTile(uint64_t tile)
     {
-        const uint32_t mT = t_.mTile, nT = t_.nTile, Mf = mT / 16, nKf = nT / C0, Dvf = t_.dvPad / 16;
+        const uint32_t mT = t_.mTile, nT = t_.nTile, nKf = nT / C0, Dvf = t_.dvPad / 16;
+        const uint32_t pMf = P_PARTS * mT / 16;  // fractal rows of [P_hi; P_lo]
         LocalTensor<T> pL1 = pA1_.AllocTensor<T>();
         LocalTensor<T> vL1 = vB1_.AllocTensor<T>();
-        DataCopy(pL1, pWs_, NdToNz(mT, nT));
+        DataCopy(pL1, pWs_, NdToNz(P_PARTS * mT, nT));
         DataCopy(vL1, vtWs_[Slot(tile) * static_cast<uint64_t>(t_.dvPad) * nT], NdToNz(t_.dvPad, nT));
         pA1_.EnQue(pL1);
         vB1_.EnQue(vL1);
@@ -719,9 +746,9 @@ private:
         vL1 = vB1_.DeQue<T>();
 
         LocalTensor<T> a2 = a2_.AllocTensor<T>();
-        for (uint32_t mi = 0; mi < Mf; ++mi) {
+        for (uint32_t mi = 0; mi < pMf; ++mi) {
             LoadData(a2[mi * nKf * FR], pL1[mi * FR],
-                     LoadData2DParams(0, static_cast<uint8_t>(nKf), static_cast<uint16_t>(Mf), 0, 0, false, 0));
+                     LoadData2DParams(0, static_cast<uint8_t>(nKf), static_cast<uint16_t>(pMf), 0, 0, false, 0));
         }
         a2_.EnQue(a2);
         a2 = a2_.DeQue<T>();
@@ -740,6 +767,15 @@ private:
             Mmad(c, a2, b2,
                  MmadParams(static_cast<uint16_t>(mT), static_cast<uint16_t>(w), static_cast<uint16_t>(nT), 0, false,
                             true));
+            if constexpr (P_PARTS > 1) {
+                // + P_lo . V into the same L0C tile: the sum is formed in fp32, never rounded to T
+                if ((mT / 16) * (w / 16) < 10) {
+                    PipeBarrier<PIPE_M>();  // Mmad.md: a small accumulating Mmad waits for the previous one
+                }
+                Mmad(c, a2[mT * nT], b2,
+                     MmadParams(static_cast<uint16_t>(mT), static_cast<uint16_t>(w), static_cast<uint16_t>(nT), 0,
+                                false, false));
+            }
             b2_.FreeTensor(b2);
             c1_.EnQue(c);
             c = c1_.DeQue<float>();

@@ -11,6 +11,13 @@ constexpr uint32_t MAX_SPLITS = 64;     // splits per (token, kv head): the comb
 constexpr uint32_t MAX_KV_SLOTS = 8;    // hand-over slots a split may keep (workspace; the kernel's kept counts)
 constexpr uint32_t COMBINE_HEADS = 8;   // heads per combine step: one 32-byte row of fp32 statistics per split
 
+// Parts P is handed to the cube in: 1 for float32; 2 for float16 / bfloat16, where P = P_hi + P_lo, both in
+// the input dtype, and the cube accumulates P_hi.V + P_lo.V in fp32 in L0C. One 16-bit rounding of P costs
+// a relative 2^-9 (bf16) per weight, which put 4-10% of bf16 outputs outside CANN's check_result tolerance
+// (rtol 2^-7); with the residual part P is good to about 2^-17 (docs/ascendc.md, "bf16 accuracy").
+// Shared by the kernel (buffer sizes, Mmads) and the host (the memory it charges, the workspace).
+constexpr uint32_t ProbabilityParts(uint32_t elementBytes) { return elementBytes == 4 ? 1u : 2u; }
+
 struct SelectiveAttentionTiling {
     // ---- problem (validated on the host; the kernel trusts these) ----
     uint32_t numTokens;      // T

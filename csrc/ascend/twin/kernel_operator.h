@@ -1252,20 +1252,47 @@ __aicore__ inline void ReduceMax(const LocalTensor<T>& dst, const LocalTensor<T>
     if (calIndex) twin::Fail("ReduceMax calIndex is outside the twin's subset");
     ReduceMax(dst, src, work, count);
 }
+namespace twin {
+// float -> half / bfloat16_t rounded toward -inf (floor) or +inf (ceil): round to nearest even, then step
+// one unit in the last place when that went the wrong way. Both formats are sign-magnitude, so the next
+// value toward +-inf is bits +- 1 (zero steps to the smallest subnormal of the wanted sign); NaN stays NaN.
+template <typename T>
+inline T DirectedRound(float x, bool up) {
+    T r = static_cast<T>(x);
+    const float back = static_cast<float>(r);
+    if (std::isnan(x) || back == x || (up ? back > x : back < x)) return r;
+    const bool neg = (r.bits & 0x8000u) != 0, zero = (r.bits & 0x7FFFu) == 0;
+    if (zero) r.bits = up ? 0x0001u : 0x8001u;
+    else r.bits = static_cast<uint16_t>((up != neg) ? r.bits + 1 : r.bits - 1);
+    return r;
+}
+}  // namespace twin
 // mirrors Cast(const LocalTensor<T>& dst, const LocalTensor<U>& src, const RoundMode& roundMode, const uint32_t count)
-// Float -> half/bfloat16 rounds to nearest even (CAST_RINT); widening casts are exact (CAST_NONE).
+// Float -> half/bfloat16 rounds to nearest even (CAST_RINT), toward -inf (CAST_FLOOR) or +inf (CAST_CEIL),
+// as the A2/A3 table of Cast.md allows for float -> half / bfloat16_t; widening casts (half / bfloat16_t /
+// int8_t -> a wider type) are exact (CAST_NONE).
 template <typename T, typename U>
 __aicore__ inline void Cast(const LocalTensor<T>& dst, const LocalTensor<U>& src, const RoundMode& mode,
                             const uint32_t count) {
     static_assert(!IsSameType<T, U>::value, "twin Cast: use a copy for equal types");
     constexpr bool narrowing = sizeof(T) < sizeof(U);
-    if (narrowing && mode != RoundMode::CAST_RINT) twin::Fail("twin Cast: narrowing casts use CAST_RINT");
+    constexpr bool toHalf16 = IsSameType<U, float>::value && (IsSameType<T, half>::value || IsSameType<T, bfloat16_t>::value);
+    if (narrowing && !(mode == RoundMode::CAST_RINT ||
+                       (toHalf16 && (mode == RoundMode::CAST_FLOOR || mode == RoundMode::CAST_CEIL))))
+        twin::Fail("twin Cast: narrowing casts use CAST_RINT (CAST_FLOOR / CAST_CEIL from float to half / bfloat16_t)");
     if (!narrowing && mode != RoundMode::CAST_NONE) twin::Fail("twin Cast: widening casts use CAST_NONE");
     twin::NeedUb(dst, int32_t(count), "Cast");
     twin::NeedUb(src, int32_t(count), "Cast");
     twin::Issue(twin::P_V);
     twin::VRead(src, count, "Cast");
     twin::VWrite(dst, count, "Cast");
+    if constexpr (toHalf16) {
+        if (mode == RoundMode::CAST_FLOOR || mode == RoundMode::CAST_CEIL) {
+            for (uint32_t i = 0; i < count; ++i)
+                dst.Ptr()[i] = twin::DirectedRound<T>(src.Ptr()[i], mode == RoundMode::CAST_CEIL);
+            return;
+        }
+    }
     for (uint32_t i = 0; i < count; ++i) dst.Ptr()[i] = static_cast<T>(static_cast<float>(src.Ptr()[i]));
 }
 // mirrors Gather(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LocalTensor<uint32_t>& srcOffset,

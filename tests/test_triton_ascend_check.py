@@ -1,0 +1,230 @@
+"""Issue 19, what runs without triton-ascend: bench/triton_ascend_check.py's reading of bishengir-compile's
+output and saved HIVM IR (planned UB/L1 bytes, chip sizes, overflow and retry diagnostics, scalar
+feature loops) and its verdicts; the shipped Ascend records; the row gather (GATHER_ROWS) and the
+rope chunk size (BLOCK_DR) under the interpreter against the float64 oracle; the npu offer of the
+Triton backend; and that `make triton-ascend-check` skips cleanly without PyPI.
+
+The compile itself (`make triton-ascend-check`) needs the triton-ascend environment and is not run here.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attention
+from attention import tuning
+from attention.testing import CASES_BY_NAME, DTYPE_NAMES, TOLERANCES, oracle
+from attention.testing import max_error as _max_err
+from bench import triton_ascend_check as tac
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- the IR and log readers
+
+SPEC = ('module attributes {dlti.target_system_spec = #dlti.target_system_spec<"NPU" : #hacc.target_device_spec<'
+        '#dlti.dl_entry<"AI_CORE_COUNT", 24 : i32>, #dlti.dl_entry<"UB_SIZE", 1572864 : i32>, '
+        '#dlti.dl_entry<"L1_SIZE", 4194304 : i32>, #dlti.dl_entry<"L0C_SIZE", 1048576 : i32>>>} {\n')
+
+
+def _ir(body: str) -> str:
+    return SPEC + body + "}\n"
+
+
+def test_chip_sizes_come_from_the_target_spec_in_bits():
+    sizes = tac.chip_sizes(_ir(""))
+    assert sizes == {"ub": 1572864 // 8, "cbuf": 4194304 // 8, "cc": 1048576 // 8}
+
+
+def test_planned_bytes_is_the_highest_end_over_planned_buffers():
+    # Two UB buffers (the second double-buffered: two offsets) and one L1 buffer.
+    body = ("  %c0_i64 = arith.constant 0 : i64\n  %c4096_i64 = arith.constant 4096 : i64\n"
+            "  %c70000_i64 = arith.constant 70000 : i64\n  %c512_i64 = arith.constant 512 : i64\n"
+            "  %1 = hivm.hir.pointer_cast(%c0_i64) : memref<16x64xf32, #hivm.address_space<ub>>\n"
+            "  %2 = hivm.hir.pointer_cast(%c4096_i64, %c70000_i64) : memref<16x512xbf16, #hivm.address_space<ub>>\n"
+            "  %3 = hivm.hir.pointer_cast(%c512_i64) : memref<32x128xbf16, strided<[128, 1]>, #hivm.address_space<cbuf>>\n"
+            "  %4 = hivm.hir.pointer_cast(%c0_i64) : memref<0xi1, #hivm.address_space<ub>>\n")
+    got = tac.planned_bytes(_ir(body))
+    assert got == {"ub": 70000 + 16 * 512 * 2, "cbuf": 512 + 32 * 128 * 2}
+
+
+def test_planned_bytes_refuses_an_unplanned_offset():
+    body = "  %1 = hivm.hir.pointer_cast(%arg3) : memref<16xf32, #hivm.address_space<ub>>\n"
+    with pytest.raises(ValueError, match="not a constant"):
+        tac.planned_bytes(_ir(body))
+
+
+LOG_OVERFLOW = ('[NOTE] Ub overflow detected; automatically set enable-auto-multi-buffer to false and retrying '
+                'compilation.\nloc("k.mlir":3:3): error: ub overflow, requires 4030464 bits while 1572864 bits '
+                'available! (possible reason: tiling basic block is too large)\n[ERROR] Failed to run BiShengIR pipeline\n')
+LOG_HIVMC = ("[ERROR] Cannot find hivmc under $PATH \nloc(\"k.mlir\":1:1): error: External hivmc run fails, returning "
+             "module before running external compiler\n[ERROR] Failed to run BiShengIR pipeline\n")
+LOG_RETRIED = ("[NOTE] Ub overflow detected; automatically set enable-code-motion to false and retrying compilation.\n"
+               + LOG_HIVMC)
+
+
+def test_overflow_diagnostic_is_read_in_bytes():
+    assert tac.overflows(LOG_OVERFLOW) == [("ub", 4030464 // 8, 1572864 // 8)]
+    assert tac.overflows(LOG_HIVMC) == []
+
+
+ROW_COPY = ("    scf.for %arg53 = %10 to %11 step %c16_i32  : i32 {\n"
+            "      scf.for %arg55 = %c0 to %c16 step %c1 {\n"
+            "        %475 = memref.load %367[%arg55] {DiscreteMemAccess} : memref<16xi32, #hivm.address_space<ub>>\n"
+            "        func.call @load_gm_to_ubuf_1d_bfloat16_t(%a, %b, %c0_i32, %cst, %c0) : (memref<?xbf16>) -> ()\n"
+            "      } {ExtractedLoadOrStore, hivm.parallel_loop}\n"
+            "    }\n")
+SCALAR = ("    scf.for %arg57 = %10 to %11 step %c16_i32  : i32 {\n"
+          "      scf.for %arg62 = %c0 to %c64 step %c1 {\n"
+          "        scf.for %arg63 = %c0 to %c16 step %c1 {\n"
+          "          %490 = memref.load %rc[%c0] {markDCacheInvalidatePatternVisited = 0 : i32} : memref<1xbf16, "
+          "strided<[1], offset: ?>, #hivm.address_space<gm>>\n"
+          "          memref.store %490, %469[%arg62, %arg63] : memref<64x16xbf16, #hivm.address_space<ub>>\n"
+          "        } {ExtractedLoadOrStore}\n"
+          "      } {ExtractedLoadOrStore, pipeline.veconly}\n"
+          "    }\n")
+CONSTS = ("    %c0 = arith.constant 0 : index\n    %c1 = arith.constant 1 : index\n"
+          "    %c16 = arith.constant 16 : index\n    %c64 = arith.constant 64 : index\n")
+# The same element loop over a block-table column (an integer) is candidate bookkeeping, not a gather.
+TABLE = SCALAR.replace("memref<1xbf16", "memref<1xi32")
+
+
+def test_scalar_feature_loop_is_found_inside_the_candidate_loop_only():
+    found = tac.scalar_feature_loops(_ir(CONSTS + SCALAR), [64])
+    assert len(found) == 1 and "64 feature columns" in found[0]
+    assert tac.scalar_feature_loops(_ir(CONSTS + ROW_COPY), [16, 512]) == []
+    assert tac.scalar_feature_loops(_ir(CONSTS + TABLE), [64]) == []
+    # Not nested in another loop: a one-off scalar loop (e.g. the epilogue) is not a gather in the hot loop.
+    outer_removed = "\n".join(SCALAR.splitlines()[1:-1]) + "\n"
+    assert tac.scalar_feature_loops(_ir(CONSTS + outer_removed), [64]) == []
+
+
+def test_verdicts():
+    planned = ("  %c0_i64 = arith.constant 0 : i64\n"
+               "  %1 = hivm.hir.pointer_cast(%c0_i64) : memref<16x512xf32, #hivm.address_space<ub>>\n")
+    ok = tac.classify(LOG_HIVMC, _ir(CONSTS + planned + ROW_COPY), [512])
+    assert ok["status"] == "ok" and ok["planned"] == {"ub": 16 * 512 * 4} and ok["chip"]["ub"] == 196608
+    assert tac.classify(LOG_OVERFLOW, None, [512])["status"] == "overflow"
+    # Fitting only because the compiler turned its own optimisations off is not fitting.
+    assert tac.classify(LOG_RETRIED, _ir(CONSTS + planned), [512])["status"] == "retried"
+    assert tac.classify(LOG_HIVMC, _ir(CONSTS + planned + SCALAR), [64])["status"] == "scalar-gather"
+    # A pipeline that stopped anywhere but at the missing hivmc is an error, whatever it saved.
+    assert tac.classify("error: 'tt.load' op failed to legalize\n", _ir(planned), [512])["status"] == "error"
+    big = planned.replace("16x512xf32", "128x512xf32")  # 256 KiB planned on a 192 KiB UB
+    assert tac.classify(LOG_HIVMC, _ir(big), [512])["status"] == "overflow"
+
+
+def test_known_failure_is_strict():
+    """A listed kernel failing with its listed diagnostic is "known-fail" (does not fail the check); passing,
+    or failing another way, is "unexpected" (fails it)."""
+    why = tac.KNOWN_FAILURES["_select_kernel"]
+    row = dict(soc="Ascend910B2", kernel="_select_kernel", status="error", log="loc(...): error: " + why)
+    assert tac.apply_known_failures(row)["status"] == "known-fail"
+    assert tac.apply_known_failures(dict(row, status="ok", log=None))["status"] == "unexpected"
+    assert tac.apply_known_failures(dict(row, log="error: something else"))["status"] == "unexpected"
+    other = dict(row, kernel="_indexer_kernel")
+    assert tac.apply_known_failures(other) == other
+
+
+def test_select_is_declined_on_npu_for_the_known_failure():
+    from types import SimpleNamespace
+
+    from attention.backends.triton import selection
+
+    inp = SimpleNamespace(op="select", block_size=1, k=2048, device=torch.device("cpu"))
+    assert selection.limit_reasons(inp) == []
+    inp.device = SimpleNamespace(type="npu")
+    assert any("npu" in r and "vsort" in r for r in selection.limit_reasons(inp))
+
+
+def test_feature_widths_are_the_launch_d_tiles():
+    cfg = {"BLOCK_H": 16, "BLOCK_N": 16, "BLOCK_D": 64, "BLOCK_DV": 128, "BLOCK_DR": 16, "K_PAD": 2048}
+    assert tac.feature_widths(cfg) == [16, 64, 128]
+
+
+# ---------------------------------------------------------------- the shipped Ascend records
+
+
+@pytest.mark.parametrize("soc", tac.SOCS)
+def test_shipped_ascend_record_is_marked_compile_checked_and_plans(soc, monkeypatch):
+    from attention.backends.triton import launch
+
+    rec = tuning.shipped_entry("triton", soc)
+    assert rec is not None and rec["name"] == soc
+    assert rec["measured"] is False and rec["status"] == "compile-checked, never ran"
+    assert "never ran" in rec["note"] and tuning.config_problems(rec["config"]) == []
+    assert rec["config"]["GATHER_ROWS"] == 1
+    # Planned for the SoC (what the check compiles): its record, its AI-core count for the split choice.
+    monkeypatch.setenv(launch.TARGET_ENV, soc)
+    inp = attention.validate(**CASES_BY_NAME["deepseek_split_rope"].make(torch.float32, "cpu"))
+    cfg, source = launch.resolve_config(inp)
+    assert source == "default" and cfg["GATHER_ROWS"] == 1
+    assert launch.sm_count(inp.device) == dict(launch.SM_COUNTS)[soc]
+
+
+# ---------------------------------------------------------------- the kernels' Ascend shapes, on the interpreter
+
+triton = pytest.importorskip("triton")
+from attention.backends.triton import BACKEND, launch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(not BACKEND.test_devices(), reason="triton backend cannot run here")
+@pytest.mark.parametrize("case_name", ["gqa_separate_v", "deepseek_split_rope", "paged_latent_rope_sink_causal",
+                                       "block4_causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_row_gather_and_rope_chunk_match_oracle(case_name, dtype):
+    """The general kernel with the Ascend records' shapes: keys gathered as rows and transposed on chip,
+    a rope chunk (BLOCK_DR 16) narrower than BLOCK_D, 16 x 16 tiles, split candidates."""
+    args = CASES_BY_NAME[case_name].make(dtype, DEVICE)
+    inp = attention.validate(**args)
+    cfg = dict(LATENT=0, GATHER_ROWS=1, BLOCK_H=16, BLOCK_N=16, BLOCK_D=64, BLOCK_DR=16, BLOCK_DV=128, num_splits=2)
+    p = launch.plan(inp, dict(tuning.FALLBACK_CONFIG, **cfg))
+    assert p["kernel"] == "general" and p["GATHER_ROWS"] and (not inp.rope_dim or p["BLOCK_DR"] == 16)
+    out, lse = launch.forward(inp, override=cfg, autotune=False)
+    ref_out, ref_lse = oracle(args)
+    tol_out, tol_lse = TOLERANCES[dtype]
+    eo, el = _max_err(out, ref_out), _max_err(lse, ref_lse)
+    assert eo <= tol_out and el <= tol_lse, f"{case_name}/{DTYPE_NAMES[dtype]}: out {eo:.3g} lse {el:.3g}"
+
+
+# ---------------------------------------------------------------- registry and info
+
+
+def test_npu_is_offered_only_with_triton_ascend_and_torch_npu(monkeypatch):
+    from attention.backends.triton import backend as tb
+
+    monkeypatch.setattr(tb, "triton_ascend_version", lambda: "")
+    assert "npu" not in BACKEND.device_types()
+    monkeypatch.setattr(tb, "triton_ascend_version", lambda: "3.2.0")
+    real = tb.importlib.util.find_spec
+    monkeypatch.setattr(tb.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torch_npu" else real(name, *a))
+    assert "npu" in BACKEND.device_types()
+    # Behind the hand-written AscendC kernel, which stays first on npu.
+    assert BACKEND.priority_for("npu") > attention.get_backend("ascendc").priority_for("npu")
+    info = BACKEND.info()
+    assert "compile-checked on x86, never ran on an NPU" in info["triton-ascend"]
+    assert "npu offered" in info["triton-ascend"]
+
+
+# ---------------------------------------------------------------- make triton-ascend-check without PyPI
+
+
+def test_check_skips_cleanly_when_packages_cannot_install(tmp_path):
+    """No index and an empty wheel cache (what a machine without PyPI sees): SKIPPED, exit 0; the same
+    with TRITON_ASCEND_REQUIRED=1 fails."""
+    env = dict(os.environ, TA_VENV=str(tmp_path / "venv"), TA_WHEELS=str(tmp_path / "wheels"),
+               PIP_NO_INDEX="1", PIP_FIND_LINKS="", PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "bench" / "triton_ascend_check.sh")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "triton-ascend-check: SKIPPED" in r.stdout
+    env["TRITON_ASCEND_REQUIRED"] = "1"
+    r = subprocess.run(["bash", str(ROOT / "bench" / "triton_ascend_check.sh")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "SKIPPED" in r.stdout
