@@ -34,7 +34,7 @@ EXPECTED = {
     4: ("PLANT_NO_V_MTE3_WAIT", r"race on UB .*\(DataCopyPad\(UB->GM\) on MTE3 of AIV\d\) races with the write by \w+ on V"),
     5: ("PLANT_DOUBLE_SET", r"SetFlag<\w+>\(\d\) on a flag that is already set"),
     6: ("PLANT_WAIT_WITHOUT_SET", r"WaitFlag<\w+>\(\d\) with no SetFlag before it: a deadlock"),
-    7: ("PLANT_CROSS_FLAG_OVERFLOW", r"CrossCoreSetFlag\(1\): the flag's counter overflows"),
+    7: ("PLANT_CROSS_FLAG_OVERFLOW", r"CrossCoreSetFlag\(5\): the flag's counter overflows"),
     8: ("PLANT_MISALIGNED_COPY", r"DataCopyPad\(GM->UB\) .*must start 32-byte aligned"),
     9: ("PLANT_BLOCK_COUNT_4096", r"blockCount 4096 outside \[1, 4095\]"),
     10: ("PLANT_MMAD_K_UNALIGNED", r"Mmad: k = \d+ is not a multiple of C0 = 16"),

@@ -289,7 +289,8 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.wsVt = off;
     off += t.kvSlots * Align512(uint64_t(t.dvPad) * tc.nTile * sz);
     t.wsS = off;
-    off += Align512(uint64_t(tc.mTile) * tc.nTile * 4);
+    // S: two tiles (the cube scores tile i + 1 while the vector cores run the softmax of tile i)
+    off += 2 * Align512(uint64_t(tc.mTile) * tc.nTile * 4);
     t.wsP = off;
     off += Align512(uint64_t(ProbabilityParts(sh.dtypeBytes)) * tc.mTile * tc.nTile * sz);
     t.wsO = off;

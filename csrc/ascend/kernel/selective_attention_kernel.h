@@ -4,9 +4,13 @@
 // type-checks against Huawei's open AscendC headers (shared/ascendc-check).
 //
 // Organisation (the way production sparse-MLA kernels on A2/A3 split work; written from scratch):
-// one work item = (query token t, kv head g, a tile of mTile of the H/Hkv query heads of g). All query
-// heads of a kv head share one candidate list, so they are packed into the cube's M dimension.
-// For each tile of nTile candidate slots:
+// one work item = (query token t, kv head g, split s: a contiguous range of the candidate tiles). All
+// query heads of a kv head share one candidate list, so they are packed into the cube's M dimension, a
+// tile of mTile heads at a time; the item runs its head tiles one after another over the same tiles
+// (with gatherOnce, re-using the rows the first head tile gathered). Splitting the candidates (flash-
+// decoding) is what puts decode (T = 1..4, one kv head) on every core; with numSplits > 1 each item
+// writes a partial result and a second, vector-only launch (SelectiveAttentionCombine) merges the
+// splits in order. For each tile of nTile candidate slots:
 //   AIV  gather:  scan the indices (scalar), keep the candidates the contract keeps (index >= 0,
 //                 position < L_b, causal bottom-right, duplicates kept), compact them to the front of
 //                 the tile, DataCopyPad the kept kv rows (and rope rows) into UB, zero the rest, write
@@ -29,9 +33,9 @@
 //
 // The vector cores of a block (two on A2/A3) split the work: each gathers every other 16-row chunk of
 // the tile and owns mTile / vecSubBlocks of the packed heads for softmax, accumulation and output.
-// The K / V^T hand-over is double-buffered: the vector cores gather tile i+1 while the cube computes
-// the scores of tile i. Not done (see csrc/ascend/README.md): softmax and P.V still alternate with
-// the cube (the cube waits for P, the vector cores wait for O).
+// The K / V^T hand-over has kvSlots slots: the vector cores gather tile i+1 while the cube computes the
+// scores of tile i. Not done (see csrc/ascend/README.md): softmax and P.V still alternate with the
+// cube (the cube waits for P, the vector cores wait for O).
 #pragma once
 
 #include "kernel_operator.h"
@@ -46,6 +50,7 @@ constexpr uint16_t FLAG_KV = 1;
 constexpr uint16_t FLAG_S = 2;
 constexpr uint16_t FLAG_P = 3;
 constexpr uint16_t FLAG_O = 4;
+constexpr uint16_t FLAG_UNWAITED = 5;  // only PLANT_CROSS_FLAG_OVERFLOW sets it
 constexpr uint8_t SYNC_MODE = 2;       // AIC <-> both AIVs of its group
 constexpr uint32_t GATHER_ROWS = 16;   // kv rows gathered per vector step: one fractal of positions
 constexpr uint32_t STAT_SLOTS = 10;    // per-row fp32 statistics vectors in UB
@@ -69,7 +74,7 @@ enum PlantedBug : int {
     PLANT_NO_V_MTE3_WAIT,        // P copied out before the vector unit finished writing it
     PLANT_DOUBLE_SET,            // SetFlag twice on one id without a wait
     PLANT_WAIT_WITHOUT_SET,      // WaitFlag with no SetFlag
-    PLANT_CROSS_FLAG_OVERFLOW,   // a cross-core flag set more often than it is waited for
+    PLANT_CROSS_FLAG_OVERFLOW,   // a cross-core flag set once per tile and never waited for
     PLANT_MISALIGNED_COPY,       // DataCopyPad into UB at an address that is not 32-byte aligned
     PLANT_BLOCK_COUNT_4096,      // DataCopyPad with blockCount 4096
     PLANT_MMAD_K_UNALIGNED,      // Mmad with k not a multiple of C0
@@ -142,7 +147,7 @@ public:
         qWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsQ), mT * t_.dkPad);
         kWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsK), uint64_t(t_.kvSlots) * nT * t_.dkPad);
         vtWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsVt), uint64_t(t_.kvSlots) * t_.dvPad * nT);
-        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsS), mT * nT);
+        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsS), 2 * mT * nT);  // two tiles
         pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsP), P_PARTS * mT * nT);
         oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsO), mT * t_.dvPad);
         if (t_.numSplits > 1) {
@@ -220,16 +225,29 @@ public:
                             GatherTile(tile + 1);
                             CrossCoreSetFlag<SYNC_MODE, Planted(PLANT_CROSS_FLAG_WRONG_PIPE) ? PIPE_S : PIPE_MTE3>(FLAG_KV);
                             if constexpr (Planted(PLANT_CROSS_FLAG_OVERFLOW)) {
-                                CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                                // a flag nobody waits for: an extra set of FLAG_KV would instead let the
+                                // cube's preload read a tile before it is gathered (caught as a race first)
+                                CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_UNWAITED);
                             }
                         }
                     }
                     if ASCEND_IS_AIC {
-                        if (gather || tile == tileBegin_) {
+                        // preload (as Huawei's kernel does): the cube computes the scores of tile i + 1 into
+                        // the other S buffer while the vector cores run the softmax of tile i, so FLAG_S has
+                        // up to two sets pending. S buffer i % 2 is written again for tile i + 2 only after
+                        // FLAG_P of tile i, when the vector cores have read it.
+                        if (tile == tileBegin_) {
                             CrossCoreWaitFlag(FLAG_KV);
+                            ScoreTile(tile);
+                            CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_S);
                         }
-                        ScoreTile(tile);
-                        CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_S);
+                        if (tile + 1 < tileEnd_) {
+                            if (gather) {
+                                CrossCoreWaitFlag(FLAG_KV);
+                            }
+                            ScoreTile(tile + 1);
+                            CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_S);
+                        }
                     }
                     if ASCEND_IS_AIV {
                         CrossCoreWaitFlag(FLAG_S);
@@ -272,6 +290,11 @@ private:
             return static_cast<uint32_t>(GetBlockIdx() / GetTaskRatio());
         }
         return static_cast<uint32_t>(GetBlockIdx());
+    }
+    // S hand-over buffer of a tile of the current split (two: the cube scores tile i + 1 during softmax i)
+    __aicore__ inline uint64_t SOffset(uint64_t tile) const
+    {
+        return ((tile - tileBegin_) & 1) * static_cast<uint64_t>(t_.mTile) * t_.nTile;
     }
     // hand-over slot of a tile of the current split
     __aicore__ inline uint32_t Slot(uint64_t tile) const { return static_cast<uint32_t>((tile - tileBegin_) % t_.kvSlots); }
@@ -506,7 +529,7 @@ private:
         LocalTensor<T> pLo = s.template ReinterpretCast<T>();
 
         // this core's rows of S; P rows it does not compute (padded heads) are written as zeros
-        DataCopyPad(s, sWs_[rowBegin_ * nT], DataCopyExtParams(1, rp * nT * sizeof(float), 0, 0, 0),
+        DataCopyPad(s, sWs_[SOffset(tile) + rowBegin_ * nT], DataCopyExtParams(1, rp * nT * sizeof(float), 0, 0, 0),
                     DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
         Duplicate(p, static_cast<T>(0.0f), static_cast<int32_t>(rp * nT));
         Sync<HardEvent::MTE2_V>();
@@ -726,7 +749,7 @@ private:
         kB1_.FreeTensor(kL1);
         c1_.EnQue(c);
         c = c1_.DeQue<float>();
-        Fixpipe<float, float, CFG_ROW_MAJOR>(sWs_, c,
+        Fixpipe<float, float, CFG_ROW_MAJOR>(sWs_[SOffset(tile)], c,
                                              FixpipeParamsV220(static_cast<uint16_t>(nT), static_cast<uint16_t>(mT),
                                                                static_cast<uint16_t>(mT), nT, false));
         c1_.FreeTensor(c);
