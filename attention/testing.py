@@ -331,6 +331,7 @@ class Problem:
     shared_indices: bool = True  # indices [T, 1, K] (DSA) or [T, Hkv, K] (NSA: per kv head)
     dtype: str = "bfloat16"
     description: str = ""
+    kv_quant: Optional[str] = None  # "fp8" / "int8": kv (and v) quantized with quantize_kv, tiles of 128
 
     @property
     def T(self) -> int:
@@ -358,9 +359,10 @@ class Problem:
         cache = f"paged({self.page_size})" if self.page_size else "contiguous"
         sel = f"K={self.K}" + (f" blocks of {self.block_size}" if self.block_size > 1 else "")
         rope = f"+{self.Dr}" if self.Dr else ""
+        quant = f", kv {self.kv_quant}" if self.kv_quant else ""
         return (f"B={self.batch} x {self.q_per_seq} tok, L={self.context}, H={self.H}/Hkv={self.Hkv}, "
                 f"Dqk={self.Dqk}{rope} Dv={self.Dv} {mode}, {sel}, {cache}, "
-                f"{'causal, ' if self.causal else ''}{self.dtype}")
+                f"{'causal, ' if self.causal else ''}{self.dtype}{quant}")
 
     def as_dict(self) -> Dict[str, object]:
         d = asdict(self)
@@ -373,7 +375,8 @@ class Problem:
 
     def make_logical(self, device="cpu", seed: int = 0):
         """``(kwargs, kv_log, kvr_log, v_log)``: keyword arguments of ``selective_attention`` and the
-        logical (unpaged, ``[batch, context, Hkv, D]``) views of the same cache values."""
+        logical (unpaged, ``[batch, context, Hkv, D]``) views of the same cache values (with
+        ``kv_quant``, the dequantized values in float32: what the op reads)."""
         p = self
         dev = torch.device(device)
         dt = p.torch_dtype
@@ -429,6 +432,17 @@ class Problem:
             if B > 1:
                 kwargs["cu_seqlens_k"] = (torch.arange(B + 1, dtype=torch.int32) * L).to(dev)
         kwargs.update({k: x for k, x in stores.items() if x is not None})
+        if p.kv_quant:
+            # Quantized per row, so quantizing the (paged) storage and the logical view gives the same
+            # values; the logical views become those values, dequantized.
+            from .api import quantize_kv
+
+            qdt = QUANT_DTYPES_BY_NAME[p.kv_quant]
+            for name, scale_name in (("kv", "kv_scale"), ("v", "v_scale")):
+                if name in kwargs:
+                    kwargs[name], kwargs[scale_name] = quantize_kv(kwargs[name], qdt)
+            kv_log = python_ref.dequantize(*quantize_kv(kv_log, qdt), 128)
+            v_log = None if v_log is None else python_ref.dequantize(*quantize_kv(v_log, qdt), 128)
         return kwargs, kv_log, kvr_log, v_log
 
     def make(self, dtype: Optional[torch.dtype] = None, device="cpu", seed: int = 0) -> Dict[str, object]:

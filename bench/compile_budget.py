@@ -65,6 +65,7 @@ class Problem:
     causal: bool = True
     sink: bool = False
     dtype: str = "bfloat16"
+    quant: str = ""  # selection: "float8_e4m3fn" / "int8" q_idx and k_idx with scales and key windows
 
 
 PROBLEMS = {p.name: p for p in [
@@ -84,6 +85,13 @@ PROBLEMS = {p.name: p for p in [
     Problem("dsv32-select-prefill", "select", seqs=1, q_per_seq=512, context=131072, H=64, Dqk=128, page_size=0),
     # The largest k the Triton select takes (MAX_K): a 4096-key sort network per program.
     Problem("select-k4096", "select", seqs=1, q_per_seq=4, context=131072, H=64, Dqk=128, K=4096, page_size=0),
+    # The serving engines' indexer (issue 13): DeepGEMM-style fp8 / int8 inputs with scales and windows.
+    Problem("dsv32-indexer-fp8", "indexer", seqs=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
+            quant="float8_e4m3fn"),
+    Problem("dsv32-select-decode-fp8", "select", seqs=1, q_per_seq=4, context=131072, H=64, Dqk=128, page_size=0,
+            quant="float8_e4m3fn"),
+    Problem("dsv32-select-prefill-int8", "select", seqs=1, q_per_seq=512, context=131072, H=64, Dqk=128,
+            page_size=0, quant="int8"),
 ]}
 
 
@@ -153,11 +161,18 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
             from attention.backends.triton.selection import LAUNCHER as SELECTION_LAUNCHER
             from attention.selection import validate_selection
 
-            q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=dt)
-            k = torch.empty(problem.context, problem.Dqk, device=m, dtype=dt)
+            sdt = getattr(torch, problem.quant) if problem.quant else dt
+            q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=sdt)
+            k = torch.empty(problem.context, problem.Dqk, device=m, dtype=sdt)
             w = torch.empty(T, problem.H, device=m, dtype=torch.float32)
+            extra = {}
+            if problem.quant:
+                extra = dict(q_idx_scale=torch.empty(T, problem.H, device=m), k_idx_scale=torch.empty(problem.context, device=m),
+                             cu_seqlen_ks=torch.empty(T, device=m, dtype=torch.int32),
+                             cu_seqlen_ke=torch.empty(T, device=m, dtype=torch.int32))
             op = "lightning_indexer" if problem.op == "indexer" else "select"
-            inp = validate_selection(op, q, k, w, problem.K if op == "select" else 0, max_seqlen_k=problem.context)
+            inp = validate_selection(op, q, k, w, problem.K if op == "select" else 0, max_seqlen_k=problem.context,
+                                     **extra)
             # The split count the backend picks on a GPU of this family (meta tensors have no SMs).
             chunks = -(-problem.context // (1 << max(0, problem.K - 1).bit_length()))
             saved_splits = SELECTION_LAUNCHER.splits_override

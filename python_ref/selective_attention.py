@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .quantize import dequantize, scale_tiles_
+from .quantize import dequantize, scale_tiles_, stored_values
 
 __all__ = ["selective_attention", "selective_attention_backward", "selective_attention_dense", "token_metadata",
            "tokens_per_chunk", "DEFAULT_CHUNK_BYTES"]
@@ -253,18 +253,23 @@ def _per_head(keep: Tensor, Hkv: int) -> Tensor:
 
 
 def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.dtype,
-            scale: Optional[Tensor] = None, scale_block: int = 0) -> Tensor:
+            scale: Optional[Tensor] = None, scale_block: int = 0, out: Optional[Tensor] = None) -> Tensor:
     """storage [N, Hkv, D], rows/keep [c, G, n] -> [c*Hkv, n, D] in ``dtype``, dropped rows zeroed.
 
     A quantized storage comes with its tile scales ``scale`` [N, Hkv, ceil(D / scale_block)]: the
-    gathered rows alone are dequantized (never the whole cache).
+    gathered rows alone are dequantized (never the whole cache). ``out`` (a [c*Hkv, n, D] view of a
+    wider buffer, last stride 1) receives the result instead of a new tensor.
     """
     c, G, n = rows.shape
     Hkv, D = storage.shape[1], storage.shape[2]
     if n == 0 or storage.shape[0] == 0:  # nothing selected, or a cache with no rows: nothing to read
-        return storage.new_zeros((c * Hkv, n, D), dtype=dtype)
+        return storage.new_zeros((c * Hkv, n, D), dtype=dtype) if out is None else out.zero_()
     x = _take(storage, rows)
-    if x.dtype != dtype:
+    if out is not None:
+        x = out.copy_(x if scale is None else stored_values(x, dtype))  # the dtype conversion is the copy
+    elif scale is not None:
+        x = stored_values(x, dtype)
+    elif x.dtype != dtype:
         x = x.to(dtype)
     if scale is not None:
         scale_tiles_(x, _take(scale, rows).to(dtype), scale_block)  # x is a fresh copy: in place
@@ -294,8 +299,8 @@ def _take(storage: Tensor, rows: Tensor) -> Tensor:
 
 def _rows(storage: Tensor, scale: Optional[Tensor], scale_block: int, u: Tensor, dtype: torch.dtype) -> Tensor:
     """Storage rows ``u`` [U] -> [U, Hkv, D] in ``dtype``, dequantized when ``scale`` is given."""
-    x = storage[u].to(dtype)
-    return x if scale is None else scale_tiles_(x, scale[u].to(dtype), scale_block)
+    x = storage[u]
+    return x.to(dtype) if scale is None else scale_tiles_(stored_values(x, dtype), scale[u].to(dtype), scale_block)
 
 
 def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int, in_bytes: int) -> Optional[Tensor]:
@@ -372,16 +377,25 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
         selected = _select(call, indices if whole else indices[c0:c1], c0, c1)
     rows, keep = selected
     c, cd = c1 - c0, call.compute_dtype
-    keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block)  # [c*Hkv, n, Dqk]
-    qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.Hg, call.Dqk)
-    if qc.dtype != cd:
-        qc = qc.to(cd)
-    s = torch.bmm(qc * call.scale, keys.transpose(1, 2))  # [c*Hkv, Hg, n]
+    Dqk, Dr = call.Dqk, call.Dr
+    qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.Hg, Dqk)
     kr = qr = None
-    if call.kvr_flat is not None:
-        kr = _gather(call.kvr_flat, rows, keep, cd)
-        qr = q_rope[c0:c1].to(cd).reshape(c * call.Hkv, call.Hg, call.Dr)
-        s = s + torch.bmm(qr * call.scale, kr.transpose(1, 2))
+    if call.kvr_flat is None:
+        keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block)  # [c*Hkv, n, Dqk]
+        if qc.dtype != cd:
+            qc = qc.to(cd)
+        s = torch.bmm(qc * call.scale, keys.transpose(1, 2))  # [c*Hkv, Hg, n]
+    else:
+        # A split rope part (a quantized cache keeps it apart, in higher precision): both parts are
+        # gathered side by side into one [.., n, Dqk + Dr] buffer, so the scores are one bmm, not two
+        # plus a sum over [c*Hkv, Hg, n]. keys / kr are views of it.
+        both = torch.empty((c * call.Hkv, rows.shape[2], Dqk + Dr), dtype=cd, device=qc.device)
+        keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block, out=both[..., :Dqk])
+        kr = _gather(call.kvr_flat, rows, keep, cd, out=both[..., Dqk:])
+        qr = q_rope[c0:c1].reshape(c * call.Hkv, call.Hg, Dr)
+        q_both = torch.cat([qc, qr], dim=-1).to(cd)
+        qc, qr = q_both[..., :Dqk], q_both[..., Dqk:]
+        s = torch.bmm(q_both * call.scale, both.transpose(1, 2))
     if call.v_flat is None:
         vals = keys[..., :call.Dv] if call.Dv < call.Dqk else keys
     else:
@@ -467,6 +481,12 @@ def selective_attention(
     token ``token_offset`` out of ``total_tokens``. A quantized ``kv`` / ``v`` (float8_e4m3fn, int8)
     comes with ``kv_scale`` / ``v_scale``; only the rows a piece of work selects are dequantized.
     """
+    if (q.shape[0] == 1 and kv.dim() == 3 and cu_seqlens_q is None and cu_seqlens_k is None
+            and block_size == 1 and kv_scale is None and v_scale is None):
+        res = _one_token(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, causal, attn_sink, token_offset,
+                         total_tokens)
+        if res is not None:
+            return res
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens, kv_scale, v_scale,
                  scale_block)
@@ -498,6 +518,89 @@ def selective_attention(
         out[c0:c1] = o.reshape(c1 - c0, H, Dv)
         lse_out[c0:c1] = lse.reshape(c1 - c0, H)
     return out, lse_out
+
+
+# PyTorch's CPU flash-attention kernel: softmax(scale * q k^T) v and its logsumexp in one call. Private
+# (aten::_...), so it may be missing from a torch version (then every call takes the general path),
+# and it trusts its caller: it reads garbage when a last dimension is strided, divides by zero on
+# zero keys, and wants q, k and v of one width. `_one_token` gives it only what it handles.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU = None if _FLASH_CPU is None else _FLASH_CPU.default
+
+
+def _one_token(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, causal, attn_sink, token_offset, total_tokens):
+    """(out, lse) of a call of one query token over one contiguous sequence with token selection, when
+    no candidate is dropped; None otherwise (the caller takes the general path).
+
+    A decode step calls the op once per layer, so this path is about per-call cost, not FLOPs: the
+    general path's ~25 small torch ops (selection masks, chunking, an online softmax by hand) cost
+    several times the attention itself at decode sizes. Here the rows are gathered by
+    ``index_select``, whose own range check proves that every candidate is kept (a dropped one raises
+    before anything is read, and the general path takes over), and one flash-attention call returns
+    out and lse together. Same contract, same float32 (float64 for float64 q) compute. Every
+    conversion below runs only when needed: at decode sizes each torch call costs as much as the math.
+    """
+    S, Hkv, Dqk = kv.shape
+    G, K = indices.shape[1], indices.shape[2]
+    if (_FLASH_CPU is None or K == 0 or not q.is_cpu or type(q) is not torch.Tensor
+            or torch.compiler.is_compiling()):
+        return None
+    if torch.is_grad_enabled() and _needs_grad(q, kv, v, q_rope, kv_rope, attn_sink):
+        return None  # python_ref called directly under autograd: the general path differentiates
+    Dk = Dqk if q_rope is None else Dqk + q_rope.shape[-1]
+    if v is not None and v.shape[-1] != Dk:
+        return None  # the kernel wants values as wide as the keys
+    # Kept = 0 <= index < end: end = L (= S), or with causal q_pos + 1 = L - T + t + 1 (SPEC section 1).
+    T = token_offset + 1 if total_tokens is None else total_tokens
+    end = S - (T - 1 - token_offset) if causal else S
+    if G != 1:  # per-kv-head selections: advanced indexing wraps negatives, so check the range first
+        lo, hi = torch.aminmax(indices)
+        if int(lo) < 0 or int(hi) >= end:
+            return None
+        heads = torch.arange(Hkv)[:, None]
+    elif end <= 0:
+        return None
+    else:
+        rows = indices.reshape(K)
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def gather(x):  # [S, Hkv, D] -> [1, Hkv, K, D] in cd, last dimension dense
+        if G == 1:  # one selection shared by every kv head; index_select raises for rows outside [0, end)
+            x = torch.index_select(x if end == S else x[:end], 0, rows)
+            x = x.view(1, 1, K, x.shape[-1]) if Hkv == 1 else x.transpose(0, 1)[None]
+        else:
+            x = x[indices[0], heads][None]
+        return x if x.dtype == cd else x.to(cd)
+
+    try:
+        keys = gather(kv)
+    except IndexError:  # a dropped candidate (negative, past the sequence, or after the query)
+        return None
+    qx = q
+    if q_rope is not None:
+        keys, qx = torch.cat((keys, gather(kv_rope)), -1), torch.cat((q, q_rope), -1)
+    vals = keys if v is None else gather(v)  # latent: value = the first Dv columns of the key row
+    if qx.dtype != cd:
+        qx = qx.to(cd)
+    if qx.stride(-1) != 1:
+        qx = qx.contiguous()
+    H = q.shape[1]
+    scale = Dk ** -0.5 if sm_scale is None else float(sm_scale)
+    o, lse = _FLASH_CPU(qx.reshape(1, Hkv, H // Hkv, Dk), keys, vals, 0.0, False, scale=scale)
+    o, lse = o.reshape(1, H, Dk), lse.reshape(1, H)  # (a copy when Hkv > 1: the kernel returns [B, L, heads] strides)
+    if attn_sink is not None:  # exp(s) / (exp(lse) + exp(sink)) = softmax * sigmoid(lse - sink)
+        o = o * torch.sigmoid(lse - attn_sink.to(cd))[..., None]
+    Dv = Dk if v is not None else (Dqk if d_v is None else int(d_v))
+    if Dv < Dk:
+        o = o[..., :Dv].contiguous()
+    return (o if o.dtype == q.dtype else o.to(q.dtype)), (lse if cd == torch.float32 else lse.to(torch.float32))
+
+
+def _needs_grad(*xs) -> bool:
+    for x in xs:
+        if x is not None and x.requires_grad:
+            return True
+    return False
 
 
 def _forward_piece(call: _Call, q, q_rope, idx, c0, c1, budget, in_bytes):

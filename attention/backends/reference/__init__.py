@@ -24,7 +24,7 @@ class ReferenceBackend(Backend):
         if op == "attention":
             return python_ref.selective_attention(inp.q, inp.kv, inp.indices, **inp.reference_kwargs())
         if op == "topk_indices":
-            return python_ref.topk_indices(inp.scores, inp.k)
+            return python_ref.topk_indices(inp.scores, inp.k, inp.lengths)
         if op == "lightning_indexer":
             return python_ref.lightning_indexer(inp.q_idx, inp.k_idx, inp.weights, **inp.indexer_kwargs())
         return python_ref.select(inp.q_idx, inp.k_idx, inp.weights, inp.k, block_size=inp.block_size,

@@ -60,8 +60,8 @@ class TritonBackend(Backend):
         # the kernel implements all of SPEC.md section 1 but quantized caches (issue 16: not yet)
         "attention": ATTENTION_FEATURES - KV_QUANT_FEATURES,
         "attention_backward": ATTENTION_FEATURES - KV_QUANT_FEATURES,  # backward.py; limits: backward.limit_reasons
-        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal"}),
-        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block"}),
+        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal", "fp8", "int8", "window"}),
+        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block", "fp8", "int8", "window"}),
     }
     dtypes = frozenset(FLOAT_DTYPES)
 

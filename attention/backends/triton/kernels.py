@@ -80,16 +80,11 @@ def _sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN: tl.constexpr, HAS_
 
 
 @triton.jit
-def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT, stride_btb, stride_btp,
-                    max_pages, num_pages, BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                    CAUSAL: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Candidates c0 .. c0 + BLOCK_N: (kept mask, page, row) with the row of a kept candidate at
-    ``page * stride_page + row * stride_row`` (contiguous caches: page 0, stride_page 0).
-
-    Candidate c is position indices[c // b] * b + c % b. Kept is decided by the indices, lengths and
-    causality alone (SPEC.md section 1), and a dropped candidate's page and row are 0, so no load
-    of it can leave the cache."""
-    offs_c = c0 + tl.arange(0, BLOCK_N)
+def _candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE: tl.constexpr,
+                         CAUSAL: tl.constexpr):
+    """(kept mask, position) of candidates ``offs_c``, from the indices, the length and causality
+    alone (a paged cache's table may still drop a kept one): candidate c is position
+    indices[c // b] * b + c % b (SPEC.md section 1). A dropped candidate's position is 0."""
     c_mask = offs_c < c_end
     if BLOCK_SIZE == 1:
         j = offs_c
@@ -104,6 +99,36 @@ def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, 
     valid = valid & (pos < L)
     if CAUSAL:
         valid = valid & (pos <= q_pos)
+    return valid, tl.where(valid, pos, 0)
+
+
+@triton.jit
+def _kept_end(c_start, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE: tl.constexpr,
+              CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
+    """One past the last candidate of [c_start, c_end) that the indices, length and causality keep
+    (c_start when none). Candidates past it are all dropped, so a tile loop may stop there: the -1
+    padding of a causal prefill's early tokens costs no tile. This replaces a per-tile
+    "any kept?" branch, which kept the gather out of the software pipeline (a load under an
+    scf.if is not pipelined) and cost registers on sm_90 (docs/triton.md)."""
+    end = c_start
+    for c0 in range(c_start, c_end, CHUNK):
+        offs_c = c0 + tl.arange(0, CHUNK)
+        valid, pos = _candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE,
+                                          CAUSAL)
+        end = tl.maximum(end, tl.max(tl.where(valid, offs_c + 1, 0), 0))
+    return end
+
+
+@triton.jit
+def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT, stride_btb, stride_btp,
+                    max_pages, num_pages, BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    CAUSAL: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Candidates c0 .. c0 + BLOCK_N: (kept mask, page, row) with the row of a kept candidate at
+    ``page * stride_page + row * stride_row`` (contiguous caches: page 0, stride_page 0).
+
+    A dropped candidate's page and row are 0, so no load of it can leave the cache."""
+    valid, pos = _candidate_positions(c0 + tl.arange(0, BLOCK_N), c_end, idx_base, stride_ik, L, q_pos, n_units,
+                                      BLOCK_SIZE, CAUSAL)
     if PAGED:
         page_i = pos // PAGE_SIZE
         valid = valid & (page_i < max_pages)
@@ -318,7 +343,8 @@ def selective_attention_latent_kernel(
     VARLEN: tl.constexpr, HAS_CUK: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_SINK: tl.constexpr, SPLIT: tl.constexpr, SEARCH_STEPS: tl.constexpr, F32_DOT: tl.constexpr,
     NUM_HB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_DT: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_STAGES: tl.constexpr, RTNE_BF16: tl.constexpr = False,
+    BLOCK_DT: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_STAGES: tl.constexpr, KEPT_CHUNK: tl.constexpr,
+    RTNE_BF16: tl.constexpr = False,
 ):
     """Latent (MLA) mode, value = the first DV columns of the key row: FlashMLA's data flow.
 
@@ -327,9 +353,10 @@ def selective_attention_latent_kernel(
     for P.V) and the tail k_tail [BLOCK_N, DQK - DV] (DeepSeek's 64 rope columns inside the 576-wide
     row), plus the split rope part kv_rope when given. q is loaded once per program (loop
     invariant). No value split: the [BLOCK_H, BLOCK_DV] float32 accumulator stays on chip, so the
-    scores are computed once per tile. A tile whose candidates are all dropped (the -1 padding of
-    early causal tokens) skips its loads and dots. The tile loop is software-pipelined NUM_STAGES
-    deep, so the gather of tile i+1 overlaps the dots of tile i.
+    scores are computed once per tile. The tiles past the last kept candidate (the -1 padding of
+    early causal tokens) are not run: a first pass over the indices (KEPT_CHUNK at a time) finds
+    where the kept candidates end. The tile loop is software-pipelined NUM_STAGES deep, so the
+    gather of tile i+1 overlaps the dots of tile i.
     """
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -371,30 +398,37 @@ def selective_attention_latent_kernel(
 
     c_start = pid_s * cand_per_split
     c_end = tl.minimum(c_start + cand_per_split, n_cand)
-    for c0 in tl.range(c_start, c_end, BLOCK_N, num_stages=NUM_STAGES):
-        valid, page, row = _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
+    # Tiles past the last kept candidate are skipped (the -1 padding of early causal tokens); a
+    # dropped tile inside the range still runs, masked. The loop itself has no branch, so the
+    # gather of tile i+1 is pipelined under the dots of tile i.
+    c_stop = _kept_end(c_start, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE, CAUSAL, KEPT_CHUNK)
+    for c0 in tl.range(c_start, c_stop, BLOCK_N, num_stages=NUM_STAGES):
+        valid, page, row = _candidate_rows(c0, c_stop, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
                                            stride_btb, stride_btp, max_pages, num_pages, BLOCK_SIZE, PAGE_SIZE,
                                            CAUSAL, PAGED, BLOCK_N)
-        n_tile = tl.sum(valid.to(tl.int32), 0)
-        n_kept += n_tile
-        if n_tile > 0:
-            k_row = k_head + page * stride_kp + row * stride_kr
-            # Masked gather: a dropped row is never read, so NaN in an unused page cannot reach acc.
-            k_nope = tl.load(k_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_kd,
-                             mask=valid[:, None] & dv_mask[None, :], other=0.0)
-            s = _dot(q_nope, tl.trans(k_nope), F32_DOT)
-            if DQK > DV:
-                k_tail = tl.load(k_row[:, None] + offs_dt[None, :].to(tl.int64) * stride_kd,
-                                 mask=valid[:, None] & dt_mask[None, :], other=0.0)
-                s += _dot(q_tail, tl.trans(k_tail), F32_DOT)
-            if DR > 0:
-                kr_row = kr_head + page * stride_krp + row * stride_krr
-                k_rope = tl.load(kr_row[:, None] + offs_dr[None, :].to(tl.int64) * stride_krd,
-                                 mask=valid[:, None] & dr_mask[None, :], other=0.0)
-                s += _dot(q_rope, tl.trans(k_rope), F32_DOT)
-            p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
-            acc = acc * alpha[:, None] + _dot(p.to(k_nope.dtype), k_nope, F32_DOT)
-            m_i = m_new
+        n_kept += tl.sum(valid.to(tl.int32), 0)
+        k_row = k_head + page * stride_kp + row * stride_kr
+        # Masked gather: a dropped row is never read, so NaN in an unused page cannot reach acc.
+        k_nope = tl.load(k_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_kd,
+                         mask=valid[:, None] & dv_mask[None, :], other=0.0)
+        # Scores transposed, [BLOCK_N, BLOCK_H] = k . q^T: with 32-row tiles this is an M=32 product
+        # (mma.sync), which compiles for sm_90 without spilling on triton 3.6 and 3.9; q . k^T
+        # (a wgmma with q's loop-invariant shared-memory descriptors held in registers) spills
+        # 96-168 B on 3.9 (docs/triton.md, compile budgets).
+        s = _dot(k_nope, tl.trans(q_nope), F32_DOT)
+        if DQK > DV:
+            k_tail = tl.load(k_row[:, None] + offs_dt[None, :].to(tl.int64) * stride_kd,
+                             mask=valid[:, None] & dt_mask[None, :], other=0.0)
+            s += _dot(k_tail, tl.trans(q_tail), F32_DOT)
+        if DR > 0:
+            kr_row = kr_head + page * stride_krp + row * stride_krr
+            k_rope = tl.load(kr_row[:, None] + offs_dr[None, :].to(tl.int64) * stride_krd,
+                             mask=valid[:, None] & dr_mask[None, :], other=0.0)
+            s += _dot(k_rope, tl.trans(q_rope), F32_DOT)
+        s = tl.trans(s)
+        p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
+        acc = acc * alpha[:, None] + _dot(p.to(k_nope.dtype), k_nope, F32_DOT)
+        m_i = m_new
 
     _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, pid1 * 0, SINK, OUT, LSE, OPART,
                   LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh, stride_ops, stride_opt, stride_oph,
