@@ -331,7 +331,8 @@ PYBIND11_MODULE(_ascendc_twin, m)
     py::register_exception<AscendC::twin::CapacityError>(m, "CapacityError", PyExc_RuntimeError);
     py::register_exception<AscendC::twin::MisuseError>(m, "KernelMisuseError", PyExc_RuntimeError);
     m.def("forward", &Forward, py::arg("q"), py::arg("q_rope"), py::arg("kv"), py::arg("kv_rope"), py::arg("v"),
-          py::arg("kv_scale"), py::arg("v_scale"), py::arg("scale_block"),
+          // an unquantized call (as before issue 16) need not name the scales
+          py::arg("kv_scale") = py::none(), py::arg("v_scale") = py::none(), py::arg("scale_block") = 128,
           py::arg("indices"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("block_table"),
           py::arg("seqlens_k"), py::arg("attn_sink"), py::arg("out"), py::arg("lse"), py::arg("sm_scale"),
           py::arg("d_v"), py::arg("block_size"), py::arg("causal"), py::arg("soc"), py::arg("tiling") = py::none(),

@@ -36,8 +36,9 @@
 // The vector cores of a block (two on A2/A3) split the work: each gathers every other 16-row chunk of
 // the tile and owns mTile / vecSubBlocks of the packed heads for softmax, accumulation and output.
 // The K / V^T hand-over has kvSlots slots: the vector cores gather tile i+1 while the cube computes the
-// scores of tile i. Not done (see csrc/ascend/README.md): softmax and P.V still alternate with the
-// cube (the cube waits for P, the vector cores wait for O).
+// scores of tile i, and the cube computes the scores of tile i + 1 (a second S buffer) while the vector
+// cores run the softmax of tile i. Not done (see csrc/ascend/README.md): P.V of tile i waits for P(i),
+// and the vector cores wait for O(i) before the softmax of tile i + 1.
 #pragma once
 
 #include "kernel_operator.h"
