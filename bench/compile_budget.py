@@ -65,7 +65,9 @@ class Problem:
     causal: bool = True
     sink: bool = False
     dtype: str = "bfloat16"
-    quant: str = ""  # selection: "float8_e4m3fn" / "int8" q_idx and k_idx with scales and key windows
+    # "float8_e4m3fn" / "int8": attention, a quantized kv (and separate v) with tile scales of 128 columns;
+    # selection, q_idx and k_idx with scales and key windows.
+    quant: str = ""
 
 
 PROBLEMS = {p.name: p for p in [
@@ -85,6 +87,12 @@ PROBLEMS = {p.name: p for p in [
     Problem("dsv32-select-prefill", "select", seqs=1, q_per_seq=512, context=131072, H=64, Dqk=128, page_size=0),
     # The largest k the Triton select takes (MAX_K): a 4096-key sort network per program.
     Problem("select-k4096", "select", seqs=1, q_per_seq=4, context=131072, H=64, Dqk=128, K=4096, page_size=0),
+    # Quantized caches (issue 16): FlashMLA's FP8 decode (the latent kernel, 576 e4m3 columns), the
+    # INT8 ("C8") split decode, and an FP8 separate-v decode (the general kernel dequantizing k and v).
+    Problem("dsv32-decode-64-fp8", "attention", seqs=64, q_per_seq=1, sink=True, quant="float8_e4m3fn"),
+    Problem("dsv32-decode-4-int8", "attention", seqs=4, q_per_seq=1, quant="int8"),
+    Problem("separate-v-decode-fp8", "attention", seqs=64, q_per_seq=1, Dqk=256, Dv=256, separate_v=True,
+            quant="float8_e4m3fn"),
     # The serving engines' indexer (issue 13): DeepGEMM-style fp8 / int8 inputs with scales and windows.
     Problem("dsv32-indexer-fp8", "indexer", seqs=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
             quant="float8_e4m3fn"),
@@ -149,6 +157,13 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
                     args["v"] = torch.empty(kv.shape[0], problem.Hkv, problem.Dv, device=m, dtype=dt)
                 if problem.seqs > 1:
                     args.update(cu_seqlens_q=seqs, cu_seqlens_k=seqs.clone())
+            if problem.quant:  # stored values and float32 tile scales (scale_block 128)
+                qdt = getattr(torch, problem.quant)
+                for name in ("kv", "v") if problem.separate_v else ("kv",):
+                    x = args[name]
+                    args[name] = torch.empty(x.shape, device=m, dtype=qdt)
+                    args[name + "_scale"] = torch.empty(
+                        x.shape[:-1] + (-(-x.shape[-1] // 128),), device=m, dtype=torch.float32)
             if not problem.separate_v:
                 args["d_v"] = problem.Dv
             if problem.Dr:  # the split rope part (q_rope / kv_rope), shaped like q and the cache

@@ -217,10 +217,11 @@ py::list SocList()
 GmAddr Addr(const OptTensor& t) { return t ? static_cast<GmAddr>(t->data_ptr()) : nullptr; }
 
 py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, const OptTensor& kvRope, const OptTensor& v,
-                 const OptTensor& kvScale, const OptTensor& vScale, int64_t scaleBlock, const Tensor& indices, const Tensor& cuSeqlensQ, const OptTensor& cuSeqlensK,
+                 const Tensor& indices, const Tensor& cuSeqlensQ, const OptTensor& cuSeqlensK,
                  const OptTensor& blockTable, const OptTensor& seqlensK, const OptTensor& attnSink, Tensor& out,
                  Tensor& lse, double smScale, int64_t dV, int64_t blockSize, bool causal, const std::string& socName,
-                 const py::object& override_, bool checkFit)
+                 const py::object& override_, bool checkFit, const OptTensor& kvScale, const OptTensor& vScale,
+                 int64_t scaleBlock)
 {
     const selattn::SocSpec& soc = Soc(socName);
     // ---- every argument checked here (binding_common.h): the kernel trusts the tiling and the pointers ----
@@ -331,12 +332,11 @@ PYBIND11_MODULE(_ascendc_twin, m)
     py::register_exception<AscendC::twin::CapacityError>(m, "CapacityError", PyExc_RuntimeError);
     py::register_exception<AscendC::twin::MisuseError>(m, "KernelMisuseError", PyExc_RuntimeError);
     m.def("forward", &Forward, py::arg("q"), py::arg("q_rope"), py::arg("kv"), py::arg("kv_rope"), py::arg("v"),
-          // an unquantized call (as before issue 16) need not name the scales
-          py::arg("kv_scale") = py::none(), py::arg("v_scale") = py::none(), py::arg("scale_block") = 128,
           py::arg("indices"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("block_table"),
           py::arg("seqlens_k"), py::arg("attn_sink"), py::arg("out"), py::arg("lse"), py::arg("sm_scale"),
           py::arg("d_v"), py::arg("block_size"), py::arg("causal"), py::arg("soc"), py::arg("tiling") = py::none(),
-          py::arg("check_fit") = true,
+          py::arg("check_fit") = true, py::arg("kv_scale") = py::none(), py::arg("v_scale") = py::none(),
+          py::arg("scale_block") = 128,
           "Run the kernel on CPU tensors; writes out and lse; returns the tiling used and the twin's peak on-chip use.");
     m.def("plan", &Plan, py::arg("soc"), py::arg("shape"), py::arg("tiling") = py::none(),
           "The tiling the host picks for a shape on a SoC (no kernel run).");

@@ -107,9 +107,9 @@ const Tensor& DeviceTilingFor(const selattn::SelectiveAttentionTiling& tiling, c
 }
 
 void Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, const OptTensor& kvRope, const OptTensor& v,
-             const OptTensor& kvScale, const OptTensor& vScale, int64_t scaleBlock, const Tensor& indices, const Tensor& cuSeqlensQ, const OptTensor& cuSeqlensK, const OptTensor& blockTable,
+             const Tensor& indices, const Tensor& cuSeqlensQ, const OptTensor& cuSeqlensK, const OptTensor& blockTable,
              const OptTensor& seqlensK, const OptTensor& attnSink, Tensor& out, Tensor& lse, double smScale, int64_t dV,
-             int64_t blockSize, bool causal)
+             int64_t blockSize, bool causal, const OptTensor& kvScale, const OptTensor& vScale, int64_t scaleBlock)
 {
     if (q.device().type() != c10::DeviceType::PrivateUse1) Bad("q must be an NPU tensor");
     c10_npu::NPUGuard guard(q.device());  // q on npu:1 while npu:0 is current: q's device and stream
@@ -171,9 +171,9 @@ PYBIND11_MODULE(_ascendc_npu, m)
 {
     m.doc() = "AscendC selective-attention kernel on the NPU (never run by its authors)";
     m.def("forward", &Forward, py::arg("q"), py::arg("q_rope"), py::arg("kv"), py::arg("kv_rope"), py::arg("v"),
-          py::arg("kv_scale"), py::arg("v_scale"), py::arg("scale_block"),
           py::arg("indices"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("block_table"),
           py::arg("seqlens_k"), py::arg("attn_sink"), py::arg("out"), py::arg("lse"), py::arg("sm_scale"),
-          py::arg("d_v"), py::arg("block_size"), py::arg("causal"));
+          py::arg("d_v"), py::arg("block_size"), py::arg("causal"), py::arg("kv_scale") = py::none(),
+          py::arg("v_scale") = py::none(), py::arg("scale_block") = 128);
     m.def("device_soc", &DeviceReport, "The SoC capacities this device reports (what the NPU tiling uses).");
 }
