@@ -62,6 +62,7 @@ class TritonBackend(Backend):
         "attention_backward": ATTENTION_FEATURES - KV_QUANT_FEATURES,  # backward.py; limits: backward.limit_reasons
         "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal"}),
         "select": frozenset({"contiguous", "paged", "varlen", "causal", "block"}),
+        "merge": frozenset(),  # merge.py (attention/merge.py's op)
     }
     dtypes = frozenset(FLOAT_DTYPES)
 
@@ -87,6 +88,8 @@ class TritonBackend(Backend):
     def limit_reasons(self, inp) -> List[str]:
         # Launch-geometry limits (CUDA grid axes 1/2 hold at most 65535 programs; offsets inside a
         # candidate list are int32) and the selection kernels' block/k limits.
+        if inp.op == "merge":  # the reference merges there: this kernel is checked on cuda only
+            return ["merge not offered on npu"] if inp.device.type == "npu" else []
         if inp.op in ("attention", "attention_backward"):
             from . import limits
 
@@ -105,6 +108,10 @@ class TritonBackend(Backend):
             from .launch import forward
 
             return forward(inp)
+        if inp.op == "merge":
+            from .merge import merge_attention_states
+
+            return merge_attention_states(inp.outs, inp.lses, inp.attn_sink)
         from .selection import LAUNCHER
 
         return LAUNCHER.run(inp)
