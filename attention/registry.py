@@ -101,9 +101,8 @@ class Backend:
                 if widest > self.max_head_dim:
                     reasons.append(f"head width {widest} > {self.max_head_dim}")
             if self.max_heads_per_kv is not None:
-                heads_per_kv = inp.num_heads // inp.num_kv_heads
-                if heads_per_kv > self.max_heads_per_kv:
-                    reasons.append(f"{heads_per_kv} query heads per kv head > {self.max_heads_per_kv}")
+                if inp.heads_per_kv > self.max_heads_per_kv:
+                    reasons.append(f"{inp.heads_per_kv} query heads per kv head > {self.max_heads_per_kv}")
         if not reasons:
             reasons.extend(self.limit_reasons(inp))
         return reasons

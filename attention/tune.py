@@ -71,7 +71,7 @@ def flops(args: Dict) -> float:
 def search_space(inp, full: bool = False) -> List[Dict]:
     """Configs to measure. The quick space (default) is sized for bench/gpu_check.sh's time budget:
     each distinct set of block sizes is a separate Triton compile of a 576-wide kernel."""
-    hg = inp.num_heads // inp.num_kv_heads
+    heads_per_kv = inp.heads_per_kv
     decode = inp.num_tokens * inp.num_kv_heads <= 128
     if inp.device.type == "cpu":
         grid = dict(BLOCK_N=[16, 32], BLOCK_D=[64, 128], BLOCK_H=[16], BLOCK_DV=[512], num_warps=[1],
@@ -92,8 +92,8 @@ def search_space(inp, full: bool = False) -> List[Dict]:
                 for splits in ([0, 4, 16] if decode else [0]):
                     space.append(dict(BLOCK_N=bn, BLOCK_D=64, BLOCK_H=bh, BLOCK_DV=bdv, num_warps=8, num_stages=2,
                                       num_splits=splits))
-    if hg < 64:  # small groups: head blocks no larger than the group (min 16 for tl.dot)
-        cap = max(16, 1 << (hg - 1).bit_length())
+    if heads_per_kv < 64:  # small groups: head blocks no larger than the group (min 16 for tl.dot)
+        cap = max(16, 1 << (heads_per_kv - 1).bit_length())
         seen, uniq = set(), []
         for c in space:
             c = dict(c, BLOCK_H=min(c["BLOCK_H"], cap))

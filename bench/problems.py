@@ -56,8 +56,7 @@ def flop_count(p: Problem, kept: int) -> float:
 
     ``kept`` counts (token, kv head, position) triples; each serves H/Hkv query heads.
     """
-    hg = p.H // p.Hkv
-    return 2.0 * kept * hg * (p.Dqk + p.Dr) + 2.0 * kept * hg * p.Dv
+    return 2.0 * kept * p.heads_per_kv * (p.Dqk + p.Dr) + 2.0 * kept * p.heads_per_kv * p.Dv
 
 
 def byte_count(p: Problem, kept: int) -> float:
@@ -126,7 +125,6 @@ def expected_float64(inp: Inputs, tokens: List[int]):
     q_all = inp.q
     qr_all = inp.kwargs.get("q_rope")
     scale = (p.Dqk + p.Dr) ** -0.5
-    hg = p.H // p.Hkv
     outs, lses = [], []
     for t in tokens:
         b, i = divmod(t, p.q_per_seq)
@@ -144,15 +142,15 @@ def expected_float64(inp: Inputs, tokens: List[int]):
                 continue
             pos_d = pos.to(inp.kv_log.device)
             keys = inp.kv_log[b, pos_d, g].cpu().double()
-            qh = q_all[t, g * hg:(g + 1) * hg].cpu().double()
-            s = qh @ keys.T
+            heads = slice(g * p.heads_per_kv, (g + 1) * p.heads_per_kv)  # the query heads of kv head g
+            s = q_all[t, heads].cpu().double() @ keys.T
             if p.Dr:
-                s = s + qr_all[t, g * hg:(g + 1) * hg].cpu().double() @ inp.kvr_log[b, pos_d, g].cpu().double().T
+                s = s + qr_all[t, heads].cpu().double() @ inp.kvr_log[b, pos_d, g].cpu().double().T
             s = s * scale
             vals = keys[:, :p.Dv] if p.latent else inp.v_log[b, pos_d, g].cpu().double()
             lse = torch.logsumexp(s, dim=-1)
-            out_t[g * hg:(g + 1) * hg] = torch.softmax(s, dim=-1) @ vals
-            lse_t[g * hg:(g + 1) * hg] = lse
+            out_t[heads] = torch.softmax(s, dim=-1) @ vals
+            lse_t[heads] = lse
         outs.append(out_t)
         lses.append(lse_t)
     return torch.stack(outs), torch.stack(lses)
