@@ -31,10 +31,10 @@ if __name__ == "__main__" and device_arg(sys.argv[1:]) == "cpu":
 import torch  # noqa: E402
 
 
-from .testing import Problem  # noqa: E402  (the one problem description, shared with bench/)
+from .testing import Case, Problem  # noqa: E402  (the one problem description, shared with bench/ and the tests)
 
 # Tuning presets, keyed by ``family`` (the --preset name).
-PRESETS: Dict[str, Problem] = {p.family: p for p in [
+PRESETS: Dict[str, Case] = {p.family: p for p in [
     Problem("deepseek-prefill", batch=1, q_per_seq=4096, context=4096, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
             page_size=0, causal=True,
             description="DeepSeek-V3.2 sparse prefill: T=4096, MQA latent 576/512, top-2048, causal"),
@@ -50,7 +50,7 @@ GPU_PRESETS = ("deepseek-prefill", "deepseek-decode")
 CPU_PRESETS = ("tiny",)
 
 
-def make_inputs(preset: Problem, device: str, seed: int = 0, dtype: Optional[torch.dtype] = None) -> Dict:
+def make_inputs(preset: Case, device: str, seed: int = 0, dtype: Optional[torch.dtype] = None) -> Dict:
     """Keyword arguments of ``attention.selective_attention`` for a preset, built on ``device``.
 
     Indices are distinct random positions the query may see (causal: <= its position), -1 padded,
@@ -153,7 +153,7 @@ def _progress(total: int, desc: str):
         return _P()
 
 
-def tune_preset(preset: Problem, device: str, full: bool = False, repeats: int = 3, save: bool = True,
+def tune_preset(preset: Case, device: str, full: bool = False, repeats: int = 3, save: bool = True,
                 check: bool = True) -> Dict:
     import attention
     from attention.testing import TOLERANCES
