@@ -43,7 +43,10 @@ ATTENTION_FEATURES: FrozenSet[str] = frozenset({
     "shared_indices",
 }) | KV_QUANT_FEATURES
 #: Every feature name ``SelectionInputs.features`` can report.
-SELECTION_FEATURES: FrozenSet[str] = frozenset({"contiguous", "paged", "varlen", "causal", "block"})
+#: "fp8" / "int8": quantized q_idx / k_idx with scales; "window": per-token key windows
+#: (cu_seqlen_ks / cu_seqlen_ke); "lengths": topk_indices' per-row lengths.
+SELECTION_FEATURES: FrozenSet[str] = frozenset({"contiguous", "paged", "varlen", "causal", "block", "fp8", "int8",
+                                                "window", "lengths"})
 
 
 class Backend:

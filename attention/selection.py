@@ -36,12 +36,17 @@ from python_ref.selection import BLOCK_REDUCES
 
 from . import registry
 from .inputs import (FLOAT_DTYPES, KVLayout, debug_checks_enabled, dtype_name,
-                     finite_float, is_fake, need_backend_name, need_choice, need_int, need_rank, need_tensor)
+                     finite_float, is_fake, need_backend_name, need_choice, need_int, need_int_tensor, need_rank,
+                     need_tensor)
 
 __all__ = ["lightning_indexer", "topk_indices", "select", "block_scores", "SelectionInputs", "validate_selection",
            "selection_backends", "choose_selection_backend"]
 
 OPS = ("lightning_indexer", "topk_indices", "select")
+
+#: Quantized indexer inputs (DeepGEMM's fp8_mqa_logits and its int8 sibling) -> the registry feature a
+#: backend declares to take them (opt-in, registry.SELECTION_FEATURES).
+INDEXER_QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
 
 
 @dataclass
@@ -60,6 +65,13 @@ class SelectionInputs:
     block_size: int = 1
     block_reduce: str = "max"
     backend: Optional[str] = None
+    # Quantized q_idx / k_idx: float32 scales, [T, Hi] (None: 1) and k_idx.shape[:-1].
+    q_idx_scale: Optional[Tensor] = None
+    k_idx_scale: Optional[Tensor] = None
+    # Per-token key windows [ks[t], ke[t]) (both or neither), int32/int64 [T].
+    cu_seqlen_ks: Optional[Tensor] = None
+    cu_seqlen_ke: Optional[Tensor] = None
+    lengths: Optional[Tensor] = None  # topk_indices: row t ranks positions [0, lengths[t]) only
 
     # The sequence arguments, as the kernels read them (one KVLayout holds and checks them).
     cu_seqlens_q = property(lambda self: self.layout.cu_seqlens_q)
@@ -76,15 +88,27 @@ class SelectionInputs:
         return (self.scores if self.q_idx is None else self.q_idx).device
 
     @property
+    def quantized(self) -> bool:
+        return self.q_idx is not None and self.q_idx.dtype in INDEXER_QUANT_DTYPES
+
+    @property
     def dtype(self) -> torch.dtype:
+        """The dtype backends declare: the inputs' own, or float32 (the compute dtype) for quantized
+        ones, whose storage format is a feature ("fp8" / "int8") a backend opts into."""
+        if self.quantized:
+            return torch.float32
         return (self.scores if self.q_idx is None else self.q_idx).dtype
 
     @property
     def features(self) -> frozenset:
         """Named features these inputs use (registry.SELECTION_FEATURES); backends declare theirs."""
         if self.q_idx is None:
-            return frozenset()
+            return frozenset({"lengths"}) if self.lengths is not None else frozenset()
         f = {"paged" if self.paged else "contiguous"}
+        if self.quantized:
+            f.add(INDEXER_QUANT_DTYPES[self.q_idx.dtype])
+        if self.cu_seqlen_ks is not None:
+            f.add("window")
         if self.causal:
             f.add("causal")
         if self.block_size > 1:
@@ -108,7 +132,11 @@ class SelectionInputs:
         return self.k_idx is not None and self.k_idx.dim() == 3
 
     def indexer_kwargs(self) -> dict:
-        return dict(scale=self.scale, max_seqlen_k=self.max_seqlen_k, causal=self.causal, **self.layout.kwargs())
+        kw = dict(scale=self.scale, max_seqlen_k=self.max_seqlen_k, causal=self.causal, **self.layout.kwargs())
+        for name in ("q_idx_scale", "k_idx_scale", "cu_seqlen_ks", "cu_seqlen_ke"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
+        return kw
 
     def describe(self) -> str:
         if self.q_idx is None:
@@ -122,7 +150,7 @@ class SelectionInputs:
 MAX_POSITIONS = 2**31 - 1
 
 
-def validate_scores(scores, k, backend=None) -> SelectionInputs:
+def validate_scores(scores, k, backend=None, lengths=None, check_contents: Optional[bool] = None) -> SelectionInputs:
     need_tensor("scores", scores)
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a float tensor, got {dtype_name(scores.dtype)}")
@@ -132,20 +160,61 @@ def validate_scores(scores, k, backend=None) -> SelectionInputs:
                          f"got shape {tuple(scores.shape)}")
     need_int("k", k)
     need_backend_name(backend)
-    return SelectionInputs(op="topk_indices", scores=scores, k=k, backend=backend)
+    if lengths is not None:
+        T, W = scores.shape
+        _need_per_token("lengths", lengths, T, scores.device, "scores")
+        if check_contents is None:
+            check_contents = scores.device.type == "cpu" or debug_checks_enabled()
+        if check_contents and lengths.numel() and not is_fake(lengths) and not torch.compiler.is_compiling():
+            # On a device the kernels clamp to [0, W] instead (no sync): a bad length never reads past W.
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 0 or hi > W:
+                raise ValueError(f"lengths must be in [0, W={W}] (the scores' width), got values in [{lo}, {hi}]")
+    return SelectionInputs(op="topk_indices", scores=scores, k=k, backend=backend, lengths=lengths)
+
+
+def _need_per_token(name: str, x, T: int, device, of: str) -> None:
+    """An int32/int64 [T] tensor on ``of``'s device (key windows, top-k lengths)."""
+    need_int_tensor(name, x, 1, "[T]")
+    if x.shape[0] != T:
+        raise ValueError(f"{name} must have T={T} entries (one per row of {of}), got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {of}'s device {device}, got {x.device}")
+
+
+def _check_scale(name: str, scale, of: str, x: Tensor, want: tuple) -> Optional[Tensor]:
+    """A float32 per-row scale of the quantized ``x``: shape ``want`` or ``want + (1,)`` (one scale
+    per row of Di, section 5's layout with scale_block >= Di). Returned as the ``want``-shaped view."""
+    if scale is None:
+        return None
+    need_tensor(name, scale)
+    if x.dtype not in INDEXER_QUANT_DTYPES:
+        raise ValueError(f"{name} is only for a quantized {of} (float8_e4m3fn or int8); {of} is {dtype_name(x.dtype)}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {dtype_name(scale.dtype)}")
+    if scale.device != x.device:
+        raise ValueError(f"{name} must be on {of}'s device {x.device}, got {scale.device}")
+    if tuple(scale.shape) == want + (1,):
+        scale = scale[..., 0]
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{name} must have shape {list(want)} (one scale per row of {of}), "
+                         f"got {tuple(scale.shape)}")
+    return scale
 
 
 def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
                        block_table=None, seqlens_k=None, max_seqlen_k=None, causal=True, block_size=1,
-                       block_reduce="max", backend=None, check_contents: Optional[bool] = None) -> SelectionInputs:
+                       block_reduce="max", q_idx_scale=None, k_idx_scale=None, cu_seqlen_ks=None,
+                       cu_seqlen_ke=None, backend=None, check_contents: Optional[bool] = None) -> SelectionInputs:
     """Every shape, dtype, device and range rule of SPEC.md section 2 (and section 1's for kv)."""
     for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("weights", weights)):
         need_tensor(name, x)
     for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
                     ("block_table", block_table), ("seqlens_k", seqlens_k)):
         need_tensor(name, x, optional=True)
-    if q_idx.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q_idx must be float32, float16 or bfloat16, got {dtype_name(q_idx.dtype)}")
+    if q_idx.dtype not in FLOAT_DTYPES and q_idx.dtype not in INDEXER_QUANT_DTYPES:
+        raise TypeError(f"q_idx must be float32, float16 or bfloat16, or float8_e4m3fn / int8 with scales, "
+                        f"got {dtype_name(q_idx.dtype)}")
     if k_idx.dtype != q_idx.dtype:
         raise TypeError(f"k_idx must have q_idx's dtype {dtype_name(q_idx.dtype)}, got {dtype_name(k_idx.dtype)}")
     if not weights.is_floating_point():
@@ -181,15 +250,42 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
             raise ValueError(f"max_seqlen_k must be at most {MAX_POSITIONS} (positions are int32), got {max_seqlen_k}")
     need_backend_name(backend)
 
+    # Quantized inputs (DeepGEMM fp8_mqa_logits: q_idx and k_idx float8_e4m3fn, k_idx with one float32
+    # scale per row; q's own scale, when it has one, is usually folded into weights, hence optional).
+    if k_idx_scale is None and k_idx.dtype in INDEXER_QUANT_DTYPES:
+        raise ValueError(f"k_idx_scale is required with a quantized k_idx ({dtype_name(k_idx.dtype)}): "
+                         f"float32 of shape {list(k_idx.shape[:-1])}, the value of row r is k_idx[r] * k_idx_scale[r]")
+    q_idx_scale = _check_scale("q_idx_scale", q_idx_scale, "q_idx", q_idx, (T, Hi))
+    k_idx_scale = _check_scale("k_idx_scale", k_idx_scale, "k_idx", k_idx, tuple(k_idx.shape[:-1]))
+    for name, x in (("cu_seqlen_ks", cu_seqlen_ks), ("cu_seqlen_ke", cu_seqlen_ke)):
+        if x is not None:
+            _need_per_token(name, x, T, dev, "q_idx")
+    if (cu_seqlen_ks is None) != (cu_seqlen_ke is None):
+        given, missing = ("cu_seqlen_ks", "cu_seqlen_ke") if cu_seqlen_ke is None else ("cu_seqlen_ke", "cu_seqlen_ks")
+        raise ValueError(f"{missing} is required with {given}: a key window [ks, ke) needs both ends")
+
     layout = KVLayout.check(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_k, cache="k_idx",
                             paged_shape="[P, page, Di]", contiguous_shape="[S, Di]")
     inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale, layout=layout,
-                          causal=causal, block_size=block_size, block_reduce=block_reduce, backend=backend)
+                          causal=causal, block_size=block_size, block_reduce=block_reduce, backend=backend,
+                          q_idx_scale=q_idx_scale, k_idx_scale=k_idx_scale, cu_seqlen_ks=cu_seqlen_ks,
+                          cu_seqlen_ke=cu_seqlen_ke)
     if check_contents is None:
         check_contents = dev.type == "cpu" or debug_checks_enabled()
     if check_contents and not is_fake(q_idx):
         # host reads of the small metadata tensors: free on the CPU, a sync elsewhere
         layout.check_values(T, k_idx, cache="k_idx")
+        if cu_seqlen_ks is not None and T:
+            # Windows are masks (a bad one selects nothing, never reads out of bounds), but a window
+            # that starts below 0 or ends before it starts is a caller's bug (swapped arguments).
+            ks, ke = cu_seqlen_ks.detach().cpu().to(torch.int64), cu_seqlen_ke.detach().cpu().to(torch.int64)
+            if bool((ks < 0).any()):
+                raise ValueError(f"cu_seqlen_ks must be >= 0, got min {int(ks.min())}")
+            bad = (ke < ks).nonzero()
+            if bad.numel():
+                t = int(bad[0, 0])
+                raise ValueError(f"cu_seqlen_ke must be >= cu_seqlen_ks: token {t} has the window "
+                                 f"[{int(ks[t])}, {int(ke[t])})")
     return inp
 
 
@@ -208,11 +304,11 @@ def choose_selection_backend(inp: SelectionInputs) -> registry.Backend:
 # @custom_op: ~7 us against ~20 us per call (docs/architecture.md), and decode calls this once per layer
 # per step.
 _lib = torch.library.Library("attention", "FRAGMENT")
-_lib.define("topk_indices(Tensor scores, int k, str? backend=None) -> Tensor")
+_lib.define("topk_indices(Tensor scores, int k, Tensor? lengths=None, str? backend=None) -> Tensor")
 
 
-def _topk_impl(scores, k, backend=None):
-    inp = validate_scores(scores, k, backend)
+def _topk_impl(scores, k, lengths=None, backend=None):
+    inp = validate_scores(scores, k, backend, lengths)
     return registry.choose_backend(inp).forward(inp)
 
 
@@ -225,12 +321,12 @@ def _register_cuda_kernel() -> None:
     if b is None or b.unavailable_reasons():
         return
 
-    def _cuda(scores, k, backend=None):
+    def _cuda(scores, k, lengths=None, backend=None):
         if backend in (None, "cuda") and not os.environ.get("ATTENTION_SELECTION_BACKEND"):
-            inp = validate_scores(scores, k, backend)
+            inp = validate_scores(scores, k, backend, lengths)
             if not b.not_supported_reasons(inp):
                 return b.forward(inp)
-        return _topk_impl(scores, k, backend)
+        return _topk_impl(scores, k, lengths, backend)
 
     _lib.impl("topk_indices", _cuda, "CUDA")
 
@@ -239,8 +335,8 @@ _register_cuda_kernel()
 
 
 @torch.library.register_fake("attention::topk_indices")
-def _topk_fake(scores, k, backend=None):
-    validate_scores(scores, k, backend)
+def _topk_fake(scores, k, lengths=None, backend=None):
+    validate_scores(scores, k, backend, lengths)
     return scores.new_empty(scores.shape[0], 1, k, dtype=torch.int32)
 
 
@@ -249,6 +345,8 @@ def lightning_indexer(q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, scale: O
                       cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
                       block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
                       max_seqlen_k: Optional[int] = None, causal: bool = True,
+                      q_idx_scale: Optional[Tensor] = None, k_idx_scale: Optional[Tensor] = None,
+                      cu_seqlen_ks: Optional[Tensor] = None, cu_seqlen_ke: Optional[Tensor] = None,
                       backend: Optional[str] = None) -> Tensor:
     """DeepSeek-V3.2 index scores [T, W] float32, -inf where the position is not a valid key.
 
@@ -256,18 +354,29 @@ def lightning_indexer(q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, scale: O
     k_idx is [S, Di] (contiguous, ``cu_seqlens_k``) or [P, page, Di] (paged, ``block_table`` +
     ``seqlens_k``), laid out like ``kv`` in SPEC.md section 1. W = ``max_seqlen_k`` or the longest
     sequence (a host read on a device: serving code passes ``max_seqlen_k``).
+
+    Quantized inputs (DeepGEMM's ``fp8_mqa_logits``): float8_e4m3fn or int8 ``q_idx`` and ``k_idx``,
+    dequantized in the kernel as ``q_idx[t, j] * q_idx_scale[t, j]`` (float32 [T, Hi]; optional, 1 when
+    None) and ``k_idx[r] * k_idx_scale[r]`` (float32 ``k_idx.shape[:-1]``, required).
+    ``cu_seqlen_ks`` / ``cu_seqlen_ke`` (int [T], both or neither): token t sees only the positions in
+    [ks[t], ke[t]) (vLLM's per-row key windows), on top of the length and causal rules.
     """
     inp = validate_selection("lightning_indexer", q_idx, k_idx, weights, scale=scale, cu_seqlens_q=cu_seqlens_q,
                              cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
-                             max_seqlen_k=max_seqlen_k, causal=causal, backend=backend)
+                             max_seqlen_k=max_seqlen_k, causal=causal, q_idx_scale=q_idx_scale,
+                             k_idx_scale=k_idx_scale, cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke,
+                             backend=backend)
     return registry.choose_backend(inp).forward(inp).to(torch.float32)
 
 
-def topk_indices(scores: Tensor, k: int, *, backend: Optional[str] = None) -> Tensor:
+def topk_indices(scores: Tensor, k: int, *, lengths: Optional[Tensor] = None,
+                 backend: Optional[str] = None) -> Tensor:
     """[T, W] scores -> [T, 1, k] int32: valid (> -inf) positions by descending score, ties to the lower
-    position, then -1. Runs ``torch.ops.attention.topk_indices``."""
-    validate_scores(scores, k, backend)
-    return torch.ops.attention.topk_indices(scores, k, backend)
+    position, then -1. ``lengths`` (int [T], vLLM's ``top_k_per_row`` lengths): row t ranks only its
+    positions [0, lengths[t]); a -inf score inside the length is still invalid (docs/selection.md).
+    Runs ``torch.ops.attention.topk_indices``."""
+    validate_scores(scores, k, backend, lengths)
+    return torch.ops.attention.topk_indices(scores, k, lengths, backend)
 
 
 def block_scores(scores: Tensor, block_size: int, block_reduce: str = "max") -> Tensor:
@@ -283,16 +392,20 @@ def select(q_idx: Tensor, k_idx: Tensor, weights: Tensor, k: int, *, scale: Opti
            cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
            block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
            max_seqlen_k: Optional[int] = None, causal: bool = True, block_size: int = 1,
-           block_reduce: str = "max", backend: Optional[str] = None) -> Tensor:
+           block_reduce: str = "max", q_idx_scale: Optional[Tensor] = None, k_idx_scale: Optional[Tensor] = None,
+           cu_seqlen_ks: Optional[Tensor] = None, cu_seqlen_ke: Optional[Tensor] = None,
+           backend: Optional[str] = None) -> Tensor:
     """Fused indexer + top-k: [T, 1, k] int32, ready for ``selective_attention(indices=...)``.
 
     Same arguments and order as ``topk_indices(lightning_indexer(...), k)`` but never builds the
     [T, W] score matrix. ``block_size=b > 1`` selects blocks of b positions (block j = positions
     [j*b, j*b + b)) scored by ``block_reduce`` ("max": best position, the default; "mean": mean of
-    the valid positions); pass the same ``block_size`` to ``selective_attention``.
+    the valid positions); pass the same ``block_size`` to ``selective_attention``. Quantized inputs
+    and key windows as in :func:`lightning_indexer`.
     """
     inp = validate_selection("select", q_idx, k_idx, weights, k, scale=scale, cu_seqlens_q=cu_seqlens_q,
                              cu_seqlens_k=cu_seqlens_k, block_table=block_table, seqlens_k=seqlens_k,
                              max_seqlen_k=max_seqlen_k, causal=causal, block_size=block_size,
-                             block_reduce=block_reduce, backend=backend)
+                             block_reduce=block_reduce, q_idx_scale=q_idx_scale, k_idx_scale=k_idx_scale,
+                             cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke, backend=backend)
     return registry.choose_backend(inp).forward(inp)

@@ -112,9 +112,10 @@ class Case:
         cache = f"paged({self.page_size})" if self.page_size else "contiguous"
         sel = f"K={self.K}" + (f" blocks of {self.block_size}" if self.block_size > 1 else "")
         rope = f"+{self.Dr}" if self.Dr else ""
+        quant = f", kv {self.kv_quant}" if self.kv_quant else ""
         return (f"B={self.batch} x {self.q_per_seq} tok, L={self.context}, H={self.H}/Hkv={self.Hkv}, "
                 f"Dqk={self.Dqk}{rope} Dv={self.Dv} {mode}, {sel}, {cache}, "
-                f"{'causal, ' if self.causal else ''}{self.dtype}")
+                f"{'causal, ' if self.causal else ''}{self.dtype}{quant}")
 
     def workload(self) -> Dict[str, object]:
         """The arguments of :func:`Problem` that rebuild this uniform problem."""
@@ -276,10 +277,9 @@ class Case:
 
     def make_logical(self, device="cpu", seed: int = 0):
         """``(kwargs, kv_log, kvr_log, v_log)``: keyword arguments of ``selective_attention`` and the
-        logical (unpaged, ``[batch, context, Hkv, D]``) views of the same cache values."""
+        logical (unpaged, ``[batch, context, Hkv, D]``) views of the same cache values (with
+        ``kv_quant``, the dequantized values in float32: what the op reads)."""
         p = self
-        if p.kv_quant is not None:
-            raise NotImplementedError("a uniform problem does not quantize its cache yet (the matrix's make does)")
         dev = torch.device(device)
         dt = p.torch_dtype
         gen = torch.Generator().manual_seed(seed)
@@ -336,6 +336,19 @@ class Case:
             if B > 1:
                 kwargs["cu_seqlens_k"] = (torch.arange(B + 1, dtype=torch.int32) * L).to(dev)
         kwargs.update({k: x for k, x in stores.items() if x is not None})
+        if p.kv_quant:
+            # Quantized per row, so quantizing the (paged) storage and the logical view gives the same
+            # values; the logical views become those values, dequantized.
+            from .api import quantize_kv
+
+            qdt, sb = QUANT_DTYPES_BY_NAME[p.kv_quant], p.scale_block
+            for name, scale_name in (("kv", "kv_scale"), ("v", "v_scale")):
+                if name in kwargs:
+                    kwargs[name], kwargs[scale_name] = quantize_kv(kwargs[name], qdt, sb)
+            if sb != 128:  # the op's default
+                kwargs["scale_block"] = sb
+            kv_log = python_ref.dequantize(*quantize_kv(kv_log, qdt, sb), sb)
+            v_log = None if v_log is None else python_ref.dequantize(*quantize_kv(v_log, qdt, sb), sb)
         return kwargs, kv_log, kvr_log, v_log
 
 def _cu(lengths: Sequence[int]) -> torch.Tensor:
@@ -454,8 +467,8 @@ def Problem(family: str, batch: int = 1, q_per_seq: int = 1, context: int = 4096
 
 #: Problem()'s named fields (a report row's keys), and the Case fields a workload may also set
 _WORKLOAD_FIELDS = ("family", "batch", "q_per_seq", "context", "H", "Hkv", "Dqk", "Dv", "Dr", "latent", "K",
-                    "block_size", "page_size", "causal", "shared_indices", "dtype", "description")
-_WORKLOAD_EXTRAS = ("sink", "op", "kv_quant", "scale_block")
+                    "block_size", "page_size", "causal", "shared_indices", "dtype", "description", "kv_quant")
+_WORKLOAD_EXTRAS = ("sink", "op", "scale_block")
 _CASE_DEFAULTS = {f.name: f.default for f in fields(Case)}
 
 

@@ -12,6 +12,9 @@ dsv32-prefill: the same rows and selection, causal, over one 4096-token sequence
 its last queries (the per-token figures are those of the full prefill, whose 4096 tokens would take the
 CPU twin hours).
 
+A second table puts the kv-row bytes of an int8 cache (issue 16: 576 int8 values + 5 float32 tile scales
+per row, dequantized on the vector cores) next to the same decode with the 16-bit cache.
+
 Nothing here ran on an NPU: these are counts of what the kernel asks the hardware to do, not timings.
 
     PYTHONPATH=. python -m bench.ascend_work [--socs Ascend910B2,...] [--decode-tokens 1,2,4] [--prefill-tokens 8]
@@ -120,6 +123,20 @@ def main(argv: List[str] = None) -> int:
         print(f"| {name} | {r['soc']} | {r['T']} | {r['items']} | {r['blocks']} | {r['busy']} / {r['aic']} | "
               f"{r['mTile']} x {r['nTile']} | {r['input_bytes'] / mib:.2f} | {r['compulsory'] / mib:.2f} | "
               f"{r['ratio']:.2f}x | {r['row_ratio']:.2f}x | {r['workspace_bytes'] / mib:.2f} |")
+
+    # int8 cache (issue 16): the same decode with the cache quantized per row and tile of 128 columns
+    from attention import quantize_kv
+
+    print("\n| problem | SoC | T | kv-row MiB, 16-bit cache | kv-row MiB, int8 cache | int8 / 16-bit |")
+    print("|---|---|---|---|---|---|")
+    for soc in socs:
+        dtype = torch.bfloat16 if known[soc]["bf16"] else torch.float16
+        args = _problem(T=1, context=32768, seqs=1, causal=False, dtype=dtype)
+        plain = measure(soc, args)
+        args["kv"], args["kv_scale"] = quantize_kv(args["kv"].float(), torch.int8)
+        quant = measure(soc, args)
+        print(f"| dsv32-decode | {soc} | 1 | {plain['row_bytes'] / mib:.2f} ({str(dtype)[6:]}) | "
+              f"{quant['row_bytes'] / mib:.2f} | {quant['row_bytes'] / plain['row_bytes']:.3f}x |")
     return 0
 
 

@@ -47,7 +47,9 @@ MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}
 
 def Problem(family: str, op: str = "attention", **kw):
     """A problem of this table: attention.testing.Problem (the package's one problem description) with
-    this file's defaults, a 32K causal context; ``op`` "select" / "indexer" reads H, Dqk, K as Hi, Di, k."""
+    this file's defaults, a 32K causal context; ``op`` "select" / "indexer" reads H, Dqk, K as Hi, Di, k.
+    ``kv_quant`` ("fp8" / "int8"): attention, a quantized kv (and separate v) with tile scales of
+    ``scale_block`` columns; selection, q_idx and k_idx with scales and key windows."""
     from attention.testing import Problem as problem
 
     return problem(family, op=op, **{"context": 32768, "causal": True, **kw})
@@ -70,6 +72,19 @@ PROBLEMS = {p.family: p for p in [
     Problem("dsv32-select-prefill", "select", batch=1, q_per_seq=512, context=131072, H=64, Dqk=128, page_size=0),
     # The largest k the Triton select takes (MAX_K): a 4096-key sort network per program.
     Problem("select-k4096", "select", batch=1, q_per_seq=4, context=131072, H=64, Dqk=128, K=4096, page_size=0),
+    # Quantized caches (issue 16): FlashMLA's FP8 decode (the latent kernel, 576 e4m3 columns), the
+    # INT8 ("C8") split decode, and an FP8 separate-v decode (the general kernel dequantizing k and v).
+    Problem("dsv32-decode-64-fp8", "attention", batch=64, q_per_seq=1, sink=True, kv_quant="fp8"),
+    Problem("dsv32-decode-4-int8", "attention", batch=4, q_per_seq=1, kv_quant="int8"),
+    Problem("separate-v-decode-fp8", "attention", batch=64, q_per_seq=1, Dqk=256, Dv=256, latent=False,
+            kv_quant="fp8"),
+    # The serving engines' indexer (issue 13): DeepGEMM-style fp8 / int8 inputs with scales and windows.
+    Problem("dsv32-indexer-fp8", "indexer", batch=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
+            kv_quant="fp8"),
+    Problem("dsv32-select-decode-fp8", "select", batch=1, q_per_seq=4, context=131072, H=64, Dqk=128, page_size=0,
+            kv_quant="fp8"),
+    Problem("dsv32-select-prefill-int8", "select", batch=1, q_per_seq=512, context=131072, H=64, Dqk=128,
+            page_size=0, kv_quant="int8"),
 ]}
 
 
@@ -90,6 +105,7 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
 
     import attention
     from attention.backends.triton import launch
+    from attention.testing import QUANT_DTYPES_BY_NAME
 
     dt = getattr(torch, problem.dtype)
     m = "meta"
@@ -127,6 +143,14 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
                     args["v"] = torch.empty(kv.shape[0], problem.Hkv, problem.Dv, device=m, dtype=dt)
                 if problem.batch > 1:
                     args.update(cu_seqlens_q=seqs, cu_seqlens_k=seqs.clone())
+            if problem.kv_quant:  # stored values and float32 tile scales
+                qdt, sb = QUANT_DTYPES_BY_NAME[problem.kv_quant], problem.scale_block
+                for name in ("kv",) if problem.latent else ("kv", "v"):
+                    x = args[name]
+                    args[name] = torch.empty(x.shape, device=m, dtype=qdt)
+                    args[name + "_scale"] = torch.empty(
+                        x.shape[:-1] + (-(-x.shape[-1] // sb),), device=m, dtype=torch.float32)
+                args["scale_block"] = sb
             if problem.latent:
                 args["d_v"] = problem.Dv
             if problem.Dr:  # the split rope part (q_rope / kv_rope), shaped like q and the cache
@@ -139,11 +163,18 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
             from attention.backends.triton.selection import LAUNCHER as SELECTION_LAUNCHER
             from attention.selection import validate_selection
 
-            q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=dt)
-            k = torch.empty(problem.context, problem.Dqk, device=m, dtype=dt)
+            sdt = QUANT_DTYPES_BY_NAME[problem.kv_quant] if problem.kv_quant else dt
+            q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=sdt)
+            k = torch.empty(problem.context, problem.Dqk, device=m, dtype=sdt)
             w = torch.empty(T, problem.H, device=m, dtype=torch.float32)
+            extra = {}
+            if problem.kv_quant:
+                extra = dict(q_idx_scale=torch.empty(T, problem.H, device=m), k_idx_scale=torch.empty(problem.context, device=m),
+                             cu_seqlen_ks=torch.empty(T, device=m, dtype=torch.int32),
+                             cu_seqlen_ke=torch.empty(T, device=m, dtype=torch.int32))
             op = "lightning_indexer" if problem.op == "indexer" else "select"
-            inp = validate_selection(op, q, k, w, problem.K if op == "select" else 0, max_seqlen_k=problem.context)
+            inp = validate_selection(op, q, k, w, problem.K if op == "select" else 0, max_seqlen_k=problem.context,
+                                     **extra)
             # The split count the backend picks on a GPU of this family (meta tensors have no SMs).
             chunks = -(-problem.context // (1 << max(0, problem.K - 1).bit_length()))
             saved_splits = SELECTION_LAUNCHER.splits_override

@@ -198,6 +198,51 @@ def main(argv=None) -> int:
         traceback.print_exc()
         check("paged varlen decode select", False, error=repr(e)[:500])
 
+    # ---- 5. the indexer serving engines call (issue 13): fp8 / int8 with scales, windows, lengths ----
+    print("[4] serving indexer: fp8/int8 q_idx/k_idx + scales, windows (triton vs reference), top-k lengths",
+          flush=True)
+    T = 3 if dry else 64
+    q32 = torch.randn(T, Hi, Di, device=dev, generator=g)
+    k32 = torch.randn(W, Di, device=dev, generator=g)
+    w = torch.randn(T, Hi, device=dev, generator=g) * Hi ** -0.5
+    ks = torch.randint(0, W // 2, (T,), device=dev, generator=g, dtype=torch.int32)
+    ke = torch.minimum(ks + torch.randint(1, W, (T,), device=dev, generator=g, dtype=torch.int32),
+                       torch.full_like(ks, W))
+    for qdt in (torch.float8_e4m3fn, torch.int8):
+        name = f"{str(qdt).replace('torch.', '')} T={T} W={W}"
+        try:
+            q8, qs = attention.quantize_kv(q32, qdt, Di)  # one scale per row: DeepGEMM's per-token cast
+            k8, kscale = attention.quantize_kv(k32, qdt, Di)
+            kw = dict(q_idx_scale=qs, k_idx_scale=kscale, cu_seqlen_ks=ks, cu_seqlen_ke=ke, causal=False,
+                      max_seqlen_k=W)
+            s_tri = attention.lightning_indexer(q8, k8, w, backend="triton", **kw)
+            s_ref = attention.lightning_indexer(q8, k8, w, backend="reference", **kw)
+            fin = torch.isfinite(s_ref)
+            err = float((s_tri - s_ref)[fin].abs().max() / s_ref[fin].abs().max().clamp_min(1e-6))
+            check(f"triton quantized indexer ~ reference {name}",
+                  torch.equal(torch.isinf(s_tri), torch.isinf(s_ref)) and err < 1e-4, rel_err=err)
+            sel_tri = attention.select(q8, k8, w, k, backend="triton", **kw)
+            exact, gap = _same_selection(sel_tri, python_ref.topk_indices(s_tri, k), s_ref)
+            check(f"triton quantized select == topk(triton scores) {name}", exact or gap < 1e-4, exact=exact,
+                  score_gap=gap)
+            t_q = _time(lambda: attention.select(q8, k8, w, k, backend="triton", **kw), reps)
+            bf = dict(cu_seqlen_ks=ks, cu_seqlen_ke=ke, causal=False, max_seqlen_k=W)
+            qb, kb = q32.bfloat16(), k32.bfloat16()
+            t_b = _time(lambda: attention.select(qb, kb, w, k, backend="triton", **bf), reps)
+            row = dict(what="select_quantized", dtype=str(qdt), T=T, W=W, k=k, select_ms=round(t_q, 4),
+                       bf16_select_ms=round(t_b, 4))
+            res["timings"].append(row)
+            print(f"    {row}", flush=True)
+        except Exception as e:
+            traceback.print_exc()
+            check(f"quantized indexer {name}", False, error=repr(e)[:500])
+    if have_cuda_topk:
+        s = torch.randn(T, W, device=dev, generator=g)
+        lengths = torch.randint(0, W + 1, (T,), device=dev, generator=g, dtype=torch.int32)
+        lengths[0] = min(k, W)
+        got = attention.topk_indices(s, k, lengths=lengths, backend="cuda")
+        check(f"cuda topk with lengths == reference rows={T}", torch.equal(got, python_ref.topk_indices(s, k, lengths)))
+
     res["failures"] = failures
     with open(os.path.join(out_dir, "selection_check.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -1,7 +1,7 @@
 """Benchmark problems: shapes, deterministic inputs, the FLOP/byte model and the float64 check.
 
-A :class:`Problem` is one shape of ``attention.selective_attention``: ``batch`` sequences, each with
-``q_per_seq`` query tokens (the last positions of the sequence, as in decode or a prefill chunk) and
+A problem (an ``attention.testing.Case`` made by ``attention.testing.Problem``) is one shape of
+``attention.selective_attention``: ``batch`` sequences, each with ``q_per_seq`` query tokens (the last positions of the sequence, as in decode or a prefill chunk) and
 ``context`` kv positions. Problems of one ``family`` differ only in ``context``, so they plot as one
 line against context length.
 
@@ -60,10 +60,18 @@ def flop_count(p: Case, kept: int) -> float:
 
 
 def byte_count(p: Case, kept: int) -> float:
-    """Gathered kv rows (each read once per token and kv head) + q + out + indices."""
+    """Gathered kv rows (each read once per token and kv head) + q + out + indices.
+
+    A quantized cache (``kv_quant``) row: one byte per kv (and v) value plus a float32 scale per tile
+    of 128 values, the rope part in the problem's dtype (FlashMLA's V3.2 record: 512 + 16 + 128 bytes).
+    """
     es = torch.tensor([], dtype=p.torch_dtype).element_size()
-    row = p.Dqk + p.Dr + (0 if p.latent else p.Dv)
-    kv_bytes = kept * row * es
+    if p.kv_quant:
+        stored = [p.Dqk] + ([] if p.latent else [p.Dv])
+        row_bytes = sum(d + 4 * -(-d // 128) for d in stored) + p.Dr * es
+    else:
+        row_bytes = (p.Dqk + p.Dr + (0 if p.latent else p.Dv)) * es
+    kv_bytes = kept * row_bytes
     q_bytes = p.T * p.H * (p.Dqk + p.Dr) * es
     out_bytes = p.T * p.H * p.Dv * es
     idx_bytes = p.T * p.G * p.K * 4

@@ -114,7 +114,7 @@ class _Indexer:
     """Per-call constants and the scores of one (query chunk x position chunk) tile."""
 
     def __init__(self, q_idx, k_idx, weights, scale, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
-                 max_seqlen_k, causal):
+                 max_seqlen_k, causal, q_idx_scale=None, k_idx_scale=None, cu_seqlen_ks=None, cu_seqlen_ke=None):
         T, Hi, Di = q_idx.shape
         self.T, self.Hi, self.Di = T, Hi, Di
         self.device = q_idx.device
@@ -122,13 +122,21 @@ class _Indexer:
         self.scale = float(Di ** -0.5 if scale is None else scale)
         self.paged = k_idx.dim() == 3
         # Upcast once: bfloat16 matmuls run ~400x slower than float32 on our CPUs (docs/traps.md).
-        self.q = (q_idx.to(self.cd) * self.scale).contiguous()  # scale folded into q: one pass
+        # A quantized q_idx is dequantized here (it is [T, Hi, Di], as small as the scores' rows).
+        q = q_idx.to(self.cd) * self.scale  # scale folded into q: one pass
+        if q_idx_scale is not None:
+            q = q * q_idx_scale.reshape(T, Hi).to(self.cd)[..., None]  # [T, Hi] or [T, Hi, 1]
+        self.q = q.contiguous()
         self.w = weights.to(self.cd)
         if self.paged:
             self.P, self.page = k_idx.shape[0], k_idx.shape[1]
             self.k_flat = k_idx.reshape(self.P * self.page, Di)
         else:
             self.k_flat = k_idx
+        # A quantized k_idx is dequantized per tile, after its rows are gathered (never the whole cache).
+        self.k_scale = None if k_idx_scale is None else k_idx_scale.reshape(-1)
+        # Per-token key windows [ks, ke) (vLLM / DeepGEMM's cu_seqlen_ks / cu_seqlen_ke), as positions.
+        self.window = None if cu_seqlen_ks is None else (cu_seqlen_ks.to(torch.int64), cu_seqlen_ke.to(torch.int64))
         self.W = score_width(k_idx, cu_seqlens_k, seqlens_k if self.paged else None, max_seqlen_k)
         self.causal = bool(causal)
         # One contiguous sequence (the decode/prefill common case): every query shares the keys, so
@@ -149,7 +157,7 @@ class _Indexer:
         q = self.q[t0:t1]  # [c, Hi, Di]
         if self.uniform:
             hi = min(p1, self.L)
-            keys = self.k_flat[p0:hi].to(self.cd) if hi > p0 else self.k_flat.new_zeros(0, self.Di).to(self.cd)
+            keys = self._keys(slice(p0, hi)) if hi > p0 else torch.zeros(0, self.Di, device=self.device, dtype=self.cd)
             logits = torch.matmul(q.reshape(c * self.Hi, self.Di), keys.t())  # [c*Hi, n']
             if hi < p1:  # positions past the sequence: pad (masked below)
                 logits = torch.nn.functional.pad(logits, (0, p1 - hi))
@@ -158,11 +166,13 @@ class _Indexer:
             if self.causal:
                 q_pos = torch.arange(t0, t1, device=self.device, dtype=torch.int64) + (self.L - self.T)
                 valid = valid & (pos[None, :] <= q_pos[:, None])
+            valid = self._in_window(valid, t0, t1, pos)
         else:
             L = self.Lt[t0:t1, None]
             valid = pos[None, :] < L
             if self.causal:
                 valid = valid & (pos[None, :] <= self.q_pos[t0:t1, None])
+            valid = self._in_window(valid, t0, t1, pos)
             if self.paged:
                 rows, ok = paged_rows(self.table[self.seq[t0:t1]], pos[None, :].expand(c, n), self.page, self.P)
                 # A page id outside the cache is never dereferenced (its position is dropped).
@@ -170,12 +180,25 @@ class _Indexer:
             else:
                 rows = self.base[t0:t1, None] + pos[None, :]
             rows = torch.where(valid, rows, 0)
-            keys = self.k_flat[rows].to(self.cd)  # [c, n, Di]; invalid rows read row 0, masked below
+            keys = self._keys(rows)  # [c, n, Di]; invalid rows read row 0, masked below
             logits = torch.matmul(q, keys.transpose(1, 2))  # [c, Hi, n]
         logits.relu_()
         s = torch.matmul(self.w[t0:t1, None, :], logits).view(c, n)  # sum_j w_j relu(.), no [c,Hi,n] temp
         # where, not multiply: a garbage row (NaN in an unused page) must not leak into the score.
         return torch.where(valid, s, float("-inf"))
+
+    def _keys(self, rows) -> Tensor:
+        """Key rows (a slice or an index tensor) in the compute dtype, dequantized when k_idx is."""
+        keys = self.k_flat[rows].to(self.cd)
+        if self.k_scale is not None:
+            keys = keys * self.k_scale[rows].to(self.cd)[..., None]
+        return keys
+
+    def _in_window(self, valid: Tensor, t0: int, t1: int, pos: Tensor) -> Tensor:
+        if self.window is None:
+            return valid
+        ks, ke = self.window
+        return valid & (pos[None, :] >= ks[t0:t1, None]) & (pos[None, :] < ke[t0:t1, None])
 
     def limit(self, t0: int, t1: int) -> int:
         """Positions [limit, W) are invalid for every token of [t0, t1) - known without a sync only for
@@ -219,11 +242,13 @@ def _split_by_sequence(q_idx: Tensor, per_sequence: Optional[bool], cu_seqlens_q
             and not torch.compiler.is_compiling())
 
 
-def _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k):
-    """(t0, t1, keys of the sequence [L_b, Di]) per sequence with at least one query token."""
+def _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, k_idx_scale=None):
+    """(t0, t1, keys of the sequence [L_b, Di], their scales [L_b] or None) per sequence with at least
+    one query token."""
     T = q_idx.shape[0]
     cq = [0, T] if cu_seqlens_q is None else cu_seqlens_q.tolist()
     paged = k_idx.dim() == 3
+    ks_flat = None if k_idx_scale is None else k_idx_scale.reshape(-1)
     if paged:
         lens = seqlens_k.tolist()
         page = k_idx.shape[1]
@@ -235,10 +260,15 @@ def _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k)
             continue
         if paged:
             pos = torch.arange(lens[b], device=k_idx.device)
-            keys = k_flat[block_table[b].to(torch.int64)[pos // page] * page + pos % page]
+            rows = block_table[b].to(torch.int64)[pos // page] * page + pos % page
         else:
-            keys = k_idx[ck[b]:ck[b + 1]]
-        yield cq[b], cq[b + 1], keys
+            rows = slice(ck[b], ck[b + 1])
+        yield cq[b], cq[b + 1], k_flat[rows] if paged else k_idx[rows], None if ks_flat is None else ks_flat[rows]
+
+
+def _token_slice(t0: int, t1: int, **per_token) -> dict:
+    """The per-token keyword tensors (scales of q_idx, key windows) of tokens [t0, t1); None stays None."""
+    return {n: None if x is None else x[t0:t1] for n, x in per_token.items()}
 
 
 # ----------------------------------------------------------------------------- production functions
@@ -246,21 +276,32 @@ def lightning_indexer(
     q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, scale: Optional[float] = None,
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
-    max_seqlen_k: Optional[int] = None, causal: bool = True, chunk_bytes: int = SELECT_CHUNK_BYTES,
+    max_seqlen_k: Optional[int] = None, causal: bool = True, q_idx_scale: Optional[Tensor] = None,
+    k_idx_scale: Optional[Tensor] = None, cu_seqlen_ks: Optional[Tensor] = None,
+    cu_seqlen_ke: Optional[Tensor] = None, chunk_bytes: int = SELECT_CHUNK_BYTES,
     per_sequence: Optional[bool] = None,
 ) -> Tensor:
-    """Index scores [T, W] float32 (float64 for float64 inputs), -inf where invalid."""
+    """Index scores [T, W] float32 (float64 for float64 inputs), -inf where invalid.
+
+    A quantized (float8_e4m3fn / int8) ``q_idx`` / ``k_idx`` is dequantized as
+    ``stored * q_idx_scale[t, j]`` / ``stored * k_idx_scale[row]`` (scales as attention.selection
+    normalises them: [T, Hi] and k_idx.shape[:-1]). ``cu_seqlen_ks`` / ``cu_seqlen_ke`` [T]: token t
+    only sees positions in [ks[t], ke[t]) (besides the length and causal rules).
+    """
     if _split_by_sequence(q_idx, per_sequence, cu_seqlens_q, cu_seqlens_k, block_table):
         W = score_width(k_idx, cu_seqlens_k, seqlens_k, max_seqlen_k)
         cd = torch.float64 if q_idx.dtype == torch.float64 else torch.float32
         out = torch.full((q_idx.shape[0], W), float("-inf"), device=q_idx.device, dtype=cd)
-        for t0, t1, keys in _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k):
+        for t0, t1, keys, kscale in _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
+                                               k_idx_scale):
             n = min(W, keys.shape[0])
-            out[t0:t1, :n] = lightning_indexer(q_idx[t0:t1], keys, weights[t0:t1], scale=scale, causal=causal,
-                                               chunk_bytes=chunk_bytes, max_seqlen_k=n)
+            out[t0:t1, :n] = lightning_indexer(
+                q_idx[t0:t1], keys, weights[t0:t1], scale=scale, causal=causal, chunk_bytes=chunk_bytes,
+                max_seqlen_k=n, k_idx_scale=kscale,
+                **_token_slice(t0, t1, q_idx_scale=q_idx_scale, cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke))
         return out
     ix = _Indexer(q_idx, k_idx, weights, scale, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
-                  max_seqlen_k, causal)
+                  max_seqlen_k, causal, q_idx_scale, k_idx_scale, cu_seqlen_ks, cu_seqlen_ke)
     out = torch.empty(ix.T, ix.W, device=ix.device, dtype=ix.cd)
     if ix.T == 0 or ix.W == 0:
         return out
@@ -291,15 +332,22 @@ def block_scores(scores: Tensor, block_size: int, block_reduce: str = "max") -> 
 
 
 @torch.no_grad()  # indices are not differentiable; no autograd graph may hold the chunks alive
-def topk_indices(scores: Tensor, k: int) -> Tensor:
+def topk_indices(scores: Tensor, k: int, lengths: Optional[Tensor] = None) -> Tensor:
     """[T, W] scores -> [T, 1, k] int32: valid (> -inf, not NaN) positions by descending score,
     ties to the lower position, then -1.
+
+    ``lengths`` [T] (vLLM's per-row lengths): row t ranks only positions [0, lengths[t]); the rest is
+    invalid whatever it holds (values past W or below 0 are clamped, as the kernels do).
 
     Scores are ranked in their own dtype. float64 ones do not fit the 32-bit half of a packed key
     (rounding them to float32 would tie 1.0 with 1.0 + 1e-12 and turn -1e39 into -inf), so they take
     a stable descending sort instead: equal scores keep position order, the same tie rule.
     """
     T, W = scores.shape
+    if lengths is not None:
+        # -inf is what "invalid" means everywhere else; one masked copy keeps a single ranking path.
+        inside = torch.arange(W, device=scores.device)[None, :] < lengths.to(torch.int64)[:, None]
+        scores = torch.where(inside, scores, float("-inf"))
     if scores.dtype == torch.float64:
         s = torch.where(torch.isnan(scores), float("-inf"), scores)
         kk = min(k, W)
@@ -318,8 +366,9 @@ def select(
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
     max_seqlen_k: Optional[int] = None, causal: bool = True, block_size: int = 1,
-    block_reduce: str = "max", chunk_bytes: int = SELECT_CHUNK_BYTES, key_chunk: int = 4096,
-    per_sequence: Optional[bool] = None,
+    block_reduce: str = "max", q_idx_scale: Optional[Tensor] = None, k_idx_scale: Optional[Tensor] = None,
+    cu_seqlen_ks: Optional[Tensor] = None, cu_seqlen_ke: Optional[Tensor] = None,
+    chunk_bytes: int = SELECT_CHUNK_BYTES, key_chunk: int = 4096, per_sequence: Optional[bool] = None,
 ) -> Tensor:
     """Fused indexer + top-k: [T, 1, k] int32 position (block_size=1) or block indices.
 
@@ -331,14 +380,17 @@ def select(
     if _split_by_sequence(q_idx, per_sequence, cu_seqlens_q, cu_seqlens_k, block_table):
         out = torch.full((q_idx.shape[0], 1, k), -1, device=q_idx.device, dtype=torch.int32)
         W = score_width(k_idx, cu_seqlens_k, seqlens_k, max_seqlen_k)
-        for t0, t1, keys in _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k):
+        for t0, t1, keys, kscale in _sequences(q_idx, k_idx, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
+                                               k_idx_scale):
             n = min(W, keys.shape[0])
-            out[t0:t1] = select(q_idx[t0:t1], keys, weights[t0:t1], k, scale=scale, causal=causal,
-                                block_size=block_size, block_reduce=block_reduce, chunk_bytes=chunk_bytes,
-                                key_chunk=key_chunk, max_seqlen_k=n)
+            out[t0:t1] = select(
+                q_idx[t0:t1], keys, weights[t0:t1], k, scale=scale, causal=causal, block_size=block_size,
+                block_reduce=block_reduce, chunk_bytes=chunk_bytes, key_chunk=key_chunk, max_seqlen_k=n,
+                k_idx_scale=kscale,
+                **_token_slice(t0, t1, q_idx_scale=q_idx_scale, cu_seqlen_ks=cu_seqlen_ks, cu_seqlen_ke=cu_seqlen_ke))
         return out
     ix = _Indexer(q_idx, k_idx, weights, scale, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k,
-                  max_seqlen_k, causal)
+                  max_seqlen_k, causal, q_idx_scale, k_idx_scale, cu_seqlen_ks, cu_seqlen_ke)
     T, b = ix.T, int(block_size)
     nb = -(-ix.W // b)  # blocks (= positions when b == 1)
     if T == 0 or k == 0 or nb == 0:
@@ -370,12 +422,19 @@ def lightning_indexer_dense(
     q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, scale: Optional[float] = None,
     cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
     block_table: Optional[Tensor] = None, seqlens_k: Optional[Tensor] = None,
-    max_seqlen_k: Optional[int] = None, causal: bool = True, dtype: torch.dtype = torch.float64,
+    max_seqlen_k: Optional[int] = None, causal: bool = True, q_idx_scale: Optional[Tensor] = None,
+    k_idx_scale: Optional[Tensor] = None, cu_seqlen_ks: Optional[Tensor] = None,
+    cu_seqlen_ke: Optional[Tensor] = None, dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """The oracle: SPEC.md section 2 in ``dtype`` on the CPU, one query at a time."""
+    """The oracle: SPEC.md section 2 in ``dtype`` on the CPU, one query at a time, on the dequantized
+    q_idx / k_idx (scales [T, Hi] / k_idx.shape[:-1], a trailing 1 allowed), inside the key windows."""
     cpu = torch.device("cpu")
     q = q_idx.detach().to(cpu, dtype)
     kx = k_idx.detach().to(cpu, dtype)
+    if q_idx_scale is not None:
+        q = q * q_idx_scale.detach().to(cpu, dtype).reshape(q.shape[:-1])[..., None]
+    if k_idx_scale is not None:
+        kx = kx * k_idx_scale.detach().to(cpu, dtype).reshape(kx.shape[:-1])[..., None]
     w = weights.detach().to(cpu, dtype)
     T, Hi, Di = q.shape
     sc = Di ** -0.5 if scale is None else float(scale)
@@ -402,10 +461,14 @@ def lightning_indexer_dense(
             q_pos = Lb - (cq[b + 1] - cq[b]) + (t - cq[b])
             n = min(Lb, q_pos + 1) if causal else Lb
             n = min(max(n, 0), W)
-            if n == 0:
+            lo = 0
+            if cu_seqlen_ks is not None:  # the window [ks, ke) of token t
+                lo = max(0, int(cu_seqlen_ks[t]))
+                n = min(n, max(0, int(cu_seqlen_ke[t])))
+            if n <= lo:
                 continue
             # sum_j w[t, j] * relu(scale * q[t, j] . k[s])
-            out[t, :n] = (w[t][:, None] * torch.relu(sc * (q[t] @ keys[:n].t()))).sum(0)
+            out[t, lo:n] = (w[t][:, None] * torch.relu(sc * (q[t] @ keys[lo:n].t()))).sum(0)
     return out
 
 
@@ -423,11 +486,15 @@ def block_scores_dense(scores: Tensor, block_size: int, block_reduce: str = "max
     return out
 
 
-def topk_indices_dense(scores: Tensor, k: int) -> Tensor:
-    """Oracle of :func:`topk_indices`: a stable descending sort (equal scores keep position order)."""
+def topk_indices_dense(scores: Tensor, k: int, lengths: Optional[Tensor] = None) -> Tensor:
+    """Oracle of :func:`topk_indices`: a stable descending sort (equal scores keep position order);
+    with ``lengths``, row t ranks its first lengths[t] positions only."""
     s = scores.detach().cpu().to(torch.float64)
     s = torch.where(torch.isnan(s), float("-inf"), s)
     T, W = s.shape
+    if lengths is not None:
+        for t, n in enumerate(lengths.tolist()):
+            s[t, max(0, n):] = float("-inf")
     order = torch.sort(s, dim=1, descending=True, stable=True)
     idx = torch.where(order.values > float("-inf"), order.indices, -1)[:, :k]
     if idx.shape[1] < k:

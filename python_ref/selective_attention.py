@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .quantize import dequantize, scale_tiles_
+from .quantize import dequantize, scale_tiles_, stored_values
 
 __all__ = ["selective_attention", "selective_attention_backward", "selective_attention_dense", "token_metadata",
            "tokens_per_chunk", "DEFAULT_CHUNK_BYTES"]
@@ -254,18 +254,23 @@ def _per_head(keep: Tensor, Hkv: int) -> Tensor:
 
 
 def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.dtype,
-            scale: Optional[Tensor] = None, scale_block: int = 0) -> Tensor:
+            scale: Optional[Tensor] = None, scale_block: int = 0, out: Optional[Tensor] = None) -> Tensor:
     """storage [N, Hkv, D], rows/keep [c, G, n] -> [c*Hkv, n, D] in ``dtype``, dropped rows zeroed.
 
     A quantized storage comes with its tile scales ``scale`` [N, Hkv, ceil(D / scale_block)]: the
-    gathered rows alone are dequantized (never the whole cache).
+    gathered rows alone are dequantized (never the whole cache). ``out`` (a [c*Hkv, n, D] view of a
+    wider buffer, last stride 1) receives the result instead of a new tensor.
     """
     c, G, n = rows.shape
     Hkv, D = storage.shape[1], storage.shape[2]
     if n == 0 or storage.shape[0] == 0:  # nothing selected, or a cache with no rows: nothing to read
-        return storage.new_zeros((c * Hkv, n, D), dtype=dtype)
+        return storage.new_zeros((c * Hkv, n, D), dtype=dtype) if out is None else out.zero_()
     x = _take(storage, rows)
-    if x.dtype != dtype:
+    if out is not None:
+        x = out.copy_(x if scale is None else stored_values(x, dtype))  # the dtype conversion is the copy
+    elif scale is not None:
+        x = stored_values(x, dtype)
+    elif x.dtype != dtype:
         x = x.to(dtype)
     if scale is not None:
         scale_tiles_(x, _take(scale, rows).to(dtype), scale_block)  # x is a fresh copy: in place
@@ -295,8 +300,8 @@ def _take(storage: Tensor, rows: Tensor) -> Tensor:
 
 def _rows(storage: Tensor, scale: Optional[Tensor], scale_block: int, u: Tensor, dtype: torch.dtype) -> Tensor:
     """Storage rows ``u`` [U] -> [U, Hkv, D] in ``dtype``, dequantized when ``scale`` is given."""
-    x = storage[u].to(dtype)
-    return x if scale is None else scale_tiles_(x, scale[u].to(dtype), scale_block)
+    x = storage[u]
+    return x.to(dtype) if scale is None else scale_tiles_(stored_values(x, dtype), scale[u].to(dtype), scale_block)
 
 
 def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int, in_bytes: int) -> Optional[Tensor]:
@@ -373,16 +378,25 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
         selected = _select(call, indices if whole else indices[c0:c1], c0, c1)
     rows, keep = selected
     c, cd = c1 - c0, call.compute_dtype
-    keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block)  # [c*Hkv, n, Dqk]
-    qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.heads_per_kv, call.Dqk)
-    if qc.dtype != cd:
-        qc = qc.to(cd)
-    s = torch.bmm(qc * call.scale, keys.transpose(1, 2))  # [c*Hkv, heads_per_kv, n]
+    Dqk, Dr = call.Dqk, call.Dr
+    qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.heads_per_kv, Dqk)
     kr = qr = None
-    if call.kvr_flat is not None:
-        kr = _gather(call.kvr_flat, rows, keep, cd)
-        qr = q_rope[c0:c1].to(cd).reshape(c * call.Hkv, call.heads_per_kv, call.Dr)
-        s = s + torch.bmm(qr * call.scale, kr.transpose(1, 2))
+    if call.kvr_flat is None:
+        keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block)  # [c*Hkv, n, Dqk]
+        if qc.dtype != cd:
+            qc = qc.to(cd)
+        s = torch.bmm(qc * call.scale, keys.transpose(1, 2))  # [c*Hkv, heads_per_kv, n]
+    else:
+        # A split rope part (a quantized cache keeps it apart, in higher precision): both parts are
+        # gathered side by side into one [.., n, Dqk + Dr] buffer, so the scores are one bmm, not two
+        # plus a sum over [c*Hkv, heads_per_kv, n]. keys / kr are views of it.
+        both = torch.empty((c * call.Hkv, rows.shape[2], Dqk + Dr), dtype=cd, device=qc.device)
+        keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block, out=both[..., :Dqk])
+        kr = _gather(call.kvr_flat, rows, keep, cd, out=both[..., Dqk:])
+        qr = q_rope[c0:c1].reshape(c * call.Hkv, call.heads_per_kv, Dr)
+        q_both = torch.cat([qc, qr], dim=-1).to(cd)
+        qc, qr = q_both[..., :Dqk], q_both[..., Dqk:]
+        s = torch.bmm(q_both * call.scale, both.transpose(1, 2))
     if call.v_flat is None:
         vals = keys[..., :call.Dv] if call.Dv < call.Dqk else keys
     else:

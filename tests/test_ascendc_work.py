@@ -56,3 +56,29 @@ def test_deepseek_decode_today_reads_each_row_once_per_head_tile():
     assert sum(rep["twin_mte2_input_bytes"]) == (128 + head_tiles * K) * 576 * 2
     # q once, the kv rows once per head tile
     assert sum(rep["twin_mte2_query_bytes"]) == 128 * 576 * 2
+
+
+@pytest.mark.parametrize("separate_v", [False, True], ids=["latent", "separate_v"])
+def test_int8_cache_reads_kept_rows_as_int8(separate_v):
+    """An int8 kv (and v) is gathered as int8 with its tile scales, only for kept candidates (issue 16):
+    Dqk bytes + ceil(Dqk / scale_block) float32 scales per kept row (+ the same for v), about half of the
+    16-bit row."""
+    from attention import quantize_kv
+
+    g = torch.Generator().manual_seed(8)
+    T, H, Hkv, Dqk, Dr, Dv, S, K, sb = 3, 8, 2, 40, 8, 24, 50, 24, 16
+    idx = torch.randint(-3, S + 5, (T, Hkv, K), generator=g, dtype=torch.int32)
+    kv, kv_scale = quantize_kv(torch.randn(S, Hkv, Dqk, generator=g), torch.int8, sb)
+    args = dict(q=torch.randn(T, H, Dqk, generator=g).half(), kv=kv, kv_scale=kv_scale, scale_block=sb,
+                q_rope=torch.randn(T, H, Dr, generator=g).half(), kv_rope=torch.randn(S, Hkv, Dr, generator=g).half(),
+                indices=idx)
+    row = Dqk + 4 * -(-Dqk // sb) + Dr * 2  # int8 values, float32 scales, 16-bit rope
+    if separate_v:
+        args["v"], args["v_scale"] = quantize_kv(torch.randn(S, Hkv, Dv, generator=g), torch.int8, sb)
+        row += Dv + 4 * -(-Dv // sb)
+    else:
+        args["d_v"] = 16
+    rep = _launch(args)
+    kept = int(((idx >= 0) & (idx < S)).sum())
+    assert sum(rep["twin_mte2_input_bytes"]) - sum(rep["twin_mte2_query_bytes"]) == kept * row
+    assert sum(rep["twin_mte2_query_bytes"]) == T * H * (Dqk + Dr) * 2

@@ -36,11 +36,13 @@ def driver(tmp_path_factory):
     return exe
 
 
-def run(exe, scores: torch.Tensor, k: int, sms: int):
+def run(exe, scores: torch.Tensor, k: int, sms: int, lengths=None):
     """The emulation's [T, 1, k] indices and the finish path each row took."""
     T, W = scores.shape
     bits = scores.contiguous().view(torch.int32).numpy().view(np.uint32).ravel()
-    text = f"{T} {W} {k} {sms}\n" + " ".join(f"{b:x}" for b in bits.tolist()) + "\n"
+    lens = [] if lengths is None else lengths.tolist()
+    text = (f"{T} {W} {k} {sms} {len(lens)}\n" + " ".join(str(n) for n in lens) + "\n"
+            + " ".join(f"{b:x}" for b in bits.tolist()) + "\n")
     res = subprocess.run([str(exe)], input=text, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     out = torch.tensor([[int(v) for v in line.split()] for line in res.stdout.splitlines()], dtype=torch.int32)
@@ -48,11 +50,11 @@ def run(exe, scores: torch.Tensor, k: int, sms: int):
     return out.view(T, 1, k), [i[-1] for i in info], int(info[0][3])
 
 
-def check(exe, scores, k, sms=132):
-    got, paths, slices = run(exe, scores, k, sms)
-    want = topk_indices(scores, k)
+def check(exe, scores, k, sms=132, lengths=None):
+    got, paths, slices = run(exe, scores, k, sms, lengths)
+    want = topk_indices(scores, k, lengths)
     assert torch.equal(got, want), (got != want).nonzero()[:5]
-    assert torch.equal(want, topk_indices_dense(scores, k))  # the reference agrees with the oracle
+    assert torch.equal(want, topk_indices_dense(scores, k, lengths))  # the reference agrees with the oracle
     return paths, slices
 
 
@@ -118,3 +120,21 @@ def test_row_no_wider_than_k(driver):
     assert paths == ["whole_row"] * 3
     paths, _ = check(driver, s[:, :512].contiguous(), 512)
     assert paths == ["whole_row"] * 3
+
+
+def test_per_row_lengths(driver):
+    """vLLM's per-row lengths: row t ranks positions [0, lengths[t]) only, whatever lies beyond (here
+    the row's best scores); lengths <= k take the whole-row finish, longer ones the multi-CTA passes;
+    out-of-range lengths are clamped to [0, W] (the kernel's row_width), never read past the row."""
+    gen = torch.Generator().manual_seed(4)
+    W = 12000
+    s = _rows(gen, 7, W)
+    s[:, 9000:] = 50.0  # past every length but the last two: must never be selected
+    lengths = torch.tensor([0, 1, 700, 2048, 5000, W, W + 77], dtype=torch.int32)
+    paths, slices = check(driver, s, 2048, lengths=lengths)
+    assert slices == 3  # planned for the full width (12000 / 4096, rounded up)
+    assert paths[:4] == ["whole_row"] * 4 and paths[4:] == ["shared", "fallback", "fallback"]
+    got, _, _ = run(driver, s, 2048, 132, lengths)
+    assert int(got[4].max()) < 5000 and int(got[3].max()) < 2048
+    paths, _ = check(driver, s, 300, sms=8, lengths=torch.tensor([-3, 299, 300, 301, 4100, 9001, 0]))
+    assert paths == ["whole_row"] * 3 + ["shared"] * 3 + ["whole_row"]

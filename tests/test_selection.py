@@ -39,6 +39,9 @@ class SelCase:
     block_size: int = 1
     block_reduce: str = "max"
     scale: Optional[float] = None
+    quant: Optional[str] = None  # "fp8" | "int8": q_idx and k_idx quantized per row (DeepGEMM style)
+    q_scale: bool = True  # with quant: q_idx_scale given (False: q cast directly, DeepGEMM's fp8_mqa_logits)
+    window: bool = False  # per-token key windows cu_seqlen_ks / cu_seqlen_ke
 
     def make(self, dtype=torch.float32, device="cpu"):
         g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
@@ -77,6 +80,22 @@ class SelCase:
             if with_cu:
                 a["cu_seqlens_q"] = _cu([lq for lq, _ in self.seqs])
                 a["cu_seqlens_k"] = _cu(lens)
+        if self.window:  # token t of a sequence of length L sees [ks, ke), 0 <= ks <= ke <= L + 2
+            ks, ke = [], []
+            for lq, lk in self.seqs:
+                for _ in range(lq):
+                    lo = int(torch.randint(0, lk + 1, (1,), generator=g))
+                    ks.append(lo)
+                    ke.append(int(torch.randint(lo, lk + 3, (1,), generator=g)))
+            a.update(cu_seqlen_ks=torch.tensor(ks, dtype=torch.int32), cu_seqlen_ke=torch.tensor(ke, dtype=torch.int64))
+        if self.quant:
+            qdt = QUANT[self.quant]
+            if self.q_scale:
+                q, a["q_idx_scale"] = quantize_rows(q, qdt)
+            else:
+                q = q.to(qdt)
+            kx, a["k_idx_scale"] = quantize_rows(kx, qdt)  # NaN rows (unused storage) get NaN scales
+            dtype = qdt
         a = {n: t.to(device) for n, t in a.items()}
         a.update(q_idx=q.to(dtype).to(device), k_idx=kx.to(dtype).to(device), weights=w.to(device),
                  causal=self.causal)
@@ -85,6 +104,16 @@ class SelCase:
         if self.scale is not None:
             a["scale"] = self.scale
         return a
+
+
+QUANT = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype):
+    """Per-row amax quantization (DeepGEMM's per-token cast): quantize_kv with one tile per row, the
+    scale as DeepGEMM shapes it, x.shape[:-1]. A NaN row (unused storage) gets a NaN scale."""
+    stored, scale = python_ref.quantize_kv(x, dtype, x.shape[-1])
+    return stored, scale[..., 0]
 
 
 def _cu(lengths):
@@ -122,6 +151,17 @@ CASES = [
     SelCase("block8_k_exceeds_blocks", block_size=8, seqs=((2, 20),), k=6),
     SelCase("block64_max_nsa", block_size=64, k=3, seqs=((2, 300),)),  # NSA's block size: one block per tile
     SelCase("block128_mean_paged", block_size=128, block_reduce="mean", k=2, page_size=32, seqs=((1, 400), (1, 130))),
+    # The indexer serving engines call (issue 13): DeepGEMM's fp8_mqa_logits inputs, int8, vLLM's windows.
+    SelCase("fp8_deepgemm_flat_windows", quant="fp8", q_scale=False, window=True, causal=False, seqs=((6, 50),),
+            Di=32, k=7),
+    SelCase("fp8_scaled_varlen", quant="fp8", seqs=((3, 20), (2, 33)), k=6),
+    SelCase("int8_paged_varlen", quant="int8", page_size=8, seqs=((2, 19), (3, 30)), k=8),
+    SelCase("int8_paged_windows_causal", quant="int8", window=True, page_size=4, seqs=((3, 17), (2, 23)), k=5),
+    SelCase("window_varlen_not_causal", window=True, causal=False, seqs=((3, 15), (4, 26)), k=6),
+    SelCase("window_paged_causal", window=True, page_size=8, seqs=((4, 40),), varlen_api=True, k=9),
+    SelCase("fp8_window_block4_max", quant="fp8", window=True, block_size=4, seqs=((3, 45),), k=4),
+    SelCase("int8_block2_mean_paged", quant="int8", block_size=2, block_reduce="mean", page_size=8,
+            seqs=((2, 21), (1, 14)), k=5),
 ]
 INDEXER_CASES = [c for c in CASES if c.block_size == 1]
 
@@ -246,7 +286,8 @@ def test_reference_indexer_both_varlen_strategies(case, per_sequence):
 @pytest.mark.skipif("triton" not in _cpu_backends("select"), reason="triton not runnable here")
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in (
     "single_causal", "decode_one_token", "varlen_causal", "paged_varlen", "ties_integer", "block2_max",
-    "block4_max_varlen_paged", "k_exceeds_valid", "max_seqlen_wider")], ids=lambda c: c.name)
+    "block4_max_varlen_paged", "k_exceeds_valid", "max_seqlen_wider", "fp8_deepgemm_flat_windows",
+    "int8_paged_windows_causal", "fp8_window_block4_max")], ids=lambda c: c.name)
 def test_triton_select_split_keys(case, monkeypatch):
     """The key-range split (decode path on a GPU) merges exactly: force 3 splits under the interpreter."""
     from attention.backends.triton.selection import LAUNCHER
@@ -346,6 +387,105 @@ def test_select_memory_does_not_build_score_matrix():
     assert Largest.biggest < T * W * 4 // 4, Largest.biggest  # score matrix would be T * W * 4 bytes
 
 
+# ----------------------------------------------------------------------------- serving engines' indexer
+# issue 13: DeepGEMM's fp8_mqa_logits (fp8 q_idx / k_idx, per-row k scales, windows [ks, ke)) and vLLM's
+# top_k_per_row with per-row lengths, checked with the vendors' own pass rules (reimplemented).
+
+def _prefill_windows(seqs):
+    """vLLM's chunked-prefill windows over one flat key buffer holding the sequences back to back:
+    token i of sequence b (Lq queries over Lk keys starting at row s_b) sees rows [s_b, s_b + Lk - Lq + i + 1)."""
+    ks, ke, start = [], [], 0
+    for lq, lk in seqs:
+        for i in range(lq):
+            ks.append(start)
+            ke.append(start + lk - lq + i + 1)
+        start += lk
+    return torch.tensor(ks, dtype=torch.int32), torch.tensor(ke, dtype=torch.int32), start
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("lightning_indexer"))
+def test_fp8_indexer_passes_deepgemm_rule(backend):
+    """DeepGEMM's test of fp8_mqa_logits: bfloat16 q and kv, q cast to fp8 as is, kv cast per row with a
+    float32 scale; the logits must have the -inf pattern of the unquantized float reference and a cosine
+    difference (its calc_diff, = FlashMLA's) below 1e-3 against it, -inf entries zeroed. We also hold
+    the result to our own contract: the float64 evaluation on the dequantized inputs (SPEC tolerance)."""
+    from attention.vendor_rules import cosine_diff
+
+    g = torch.Generator().manual_seed(13)
+    seqs = ((5, 40), (3, 64), (6, 30))
+    ks, ke, S = _prefill_windows(seqs)
+    T, Hi, Di = ks.shape[0], 8, 64
+    q = torch.randn(T, Hi, Di, generator=g).bfloat16()
+    kv = torch.randn(S, Di, generator=g).bfloat16()
+    w = torch.randn(T, Hi, generator=g)
+    q8 = q.to(torch.float8_e4m3fn)
+    k8, k_scale = quantize_rows(kv.float(), torch.float8_e4m3fn)
+    win = dict(cu_seqlen_ks=ks, cu_seqlen_ke=ke, causal=False, scale=1.0)  # DeepGEMM's logits carry no scale
+    got = attention.lightning_indexer(q8, k8, w, k_idx_scale=k_scale, backend=backend, **win)
+    ref = python_ref.lightning_indexer_dense(q, kv, w, **win)  # the unquantized inputs
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    diff = cosine_diff(got.masked_fill(torch.isinf(got), 0), ref.masked_fill(torch.isinf(ref), 0))
+    assert diff < 1e-3, diff
+    exact = python_ref.lightning_indexer_dense(q8, k8, w, k_idx_scale=k_scale, **win)  # dequantized, float64
+    fin = torch.isfinite(exact)
+    assert (got.double() - exact)[fin].abs().max() <= 1e-4 * (1 + exact[fin].abs().max())
+
+
+def _vllm_decode_rows(gen, batch, next_n, W, clean):
+    """vLLM's top_k_per_row_decode test data: row i of sequence b = i // next_n has length
+    seq_lens[b] - next_n + i % next_n + 1; past it -inf (clean logits) or garbage (not clean)."""
+    seq_lens = torch.randint(next_n, W, (batch,), generator=gen)
+    rows = torch.arange(batch * next_n)
+    lengths = (seq_lens[rows // next_n] - next_n + rows % next_n + 1).to(torch.int32)
+    s = torch.randn(batch * next_n, W, generator=gen)
+    if clean:
+        s = torch.where(torch.arange(W)[None, :] < lengths[:, None].long(), s, float("-inf"))
+    else:
+        s[:, W // 2:] += 5.0  # garbage past the lengths outranks every valid score
+    return s, lengths
+
+
+@pytest.mark.parametrize("backend", _cpu_backends("topk_indices"))
+@pytest.mark.parametrize("clean", [True, False], ids=["clean_logits", "garbage_tail"])
+def test_topk_lengths_passes_vllm_rule(backend, clean):
+    """vLLM's pass rule for top_k_per_row_decode: per row, the first min(k, length) indices hold the same
+    set as torch.topk over the row's first `length` scores (or equal values where the sets differ), and
+    every other slot is -1. Ours must also equal the float64 oracle exactly (order and ties included)."""
+    gen = torch.Generator().manual_seed(7)
+    k = 64
+    for batch, next_n in ((3, 1), (2, 4)):
+        s, lengths = _vllm_decode_rows(gen, batch, next_n, 300, clean)
+        got = attention.topk_indices(s, k, lengths=lengths, backend=backend)[:, 0]
+        assert torch.equal(got, python_ref.topk_indices_dense(s, k, lengths)[:, 0])
+        for i, n in enumerate(lengths.tolist()):
+            m = min(k, n)
+            want = torch.topk(s[i, :n], m).indices
+            mine = got[i, :m]
+            if set(mine.tolist()) != set(want.tolist()):
+                assert torch.allclose(s[i, mine.long()].sort().values, s[i, want].sort().values, rtol=1e-5, atol=1e-5)
+            assert bool((mine >= 0).all()) and bool((mine < n).all())
+            assert bool((got[i, m:] == -1).all())
+
+
+def test_topk_lengths_minus_inf_inside_length_is_invalid():
+    """The one deliberate difference with vLLM (docs/selection.md): a position inside the row's length
+    whose score is -inf (or NaN) is not selected; vLLM's kernels may return it when the length is <= k."""
+    s = torch.tensor([[1.0, float("-inf"), 2.0, float("nan"), 5.0, 7.0]])
+    lengths = torch.tensor([4])
+    got = attention.topk_indices(s, 4, lengths=lengths)
+    assert got.tolist() == [[[2, 0, -1, -1]]]  # 4 and 5 lie past the length, 1 and 3 are invalid
+    assert torch.equal(got, python_ref.topk_indices_dense(s, 4, lengths))
+    assert torch.equal(attention.topk_indices(s, 4), python_ref.topk_indices_dense(s, 4))  # without: all 6
+
+
+def test_topk_lengths_op_schema_and_opcheck():
+    s = torch.randn(5, 40)
+    lengths = torch.tensor([0, 3, 40, 17, 8], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.attention.topk_indices.default, (s, 6, lengths, None))
+    compiled = torch.compile(lambda x, n: attention.topk_indices(x, 6, lengths=n), fullgraph=True)
+    assert torch.equal(compiled(s, lengths), python_ref.topk_indices_dense(s, 6, lengths))
+
+
 # ----------------------------------------------------------------------------- bad input
 def _args():
     return SelCase("bad", seqs=((2, 10), (2, 12)), page_size=4).make()
@@ -396,6 +536,68 @@ def test_bad_select_scalars(kw, exc, name):
         attention.select(**a, **args)
 
 
+def _qargs():
+    return SelCase("badq", quant="int8", window=True, seqs=((2, 10), (2, 12)), page_size=4).make()
+
+
+BAD_SERVING = [
+    ("k_idx_scale", ValueError, lambda a: a.pop("k_idx_scale")),
+    ("k_idx_scale", TypeError, lambda a: a.update(k_idx_scale=a["k_idx_scale"].double())),
+    ("k_idx_scale", ValueError, lambda a: a.update(k_idx_scale=a["k_idx_scale"][:, :2])),
+    ("q_idx_scale", ValueError, lambda a: a.update(q_idx_scale=a["q_idx_scale"][:, :1])),
+    ("q_idx_scale", TypeError, lambda a: a.update(q_idx_scale=a["q_idx_scale"].half())),
+    ("q_idx_scale", ValueError, lambda a: a.update(q_idx=a["q_idx"].float(), k_idx=a["k_idx"].float())),
+    ("k_idx", TypeError, lambda a: a.update(k_idx=a["k_idx"].float())),
+    ("q_idx", TypeError, lambda a: a.update(q_idx=a["q_idx"].float().to(torch.float8_e5m2),
+                                            k_idx=a["k_idx"].float().to(torch.float8_e5m2))),
+    ("cu_seqlen_ke", ValueError, lambda a: a.pop("cu_seqlen_ke")),
+    ("cu_seqlen_ks", ValueError, lambda a: a.pop("cu_seqlen_ks")),
+    ("cu_seqlen_ks", TypeError, lambda a: a.update(cu_seqlen_ks=a["cu_seqlen_ks"].float())),
+    ("cu_seqlen_ks", ValueError, lambda a: a.update(cu_seqlen_ks=a["cu_seqlen_ks"][:-1])),
+    ("cu_seqlen_ke", ValueError, lambda a: a.update(cu_seqlen_ke=a["cu_seqlen_ks"] - 1)),
+    ("cu_seqlen_ks", ValueError, lambda a: a.update(cu_seqlen_ks=a["cu_seqlen_ks"] - 100)),
+]
+
+
+@pytest.mark.parametrize("name,exc,mutate", BAD_SERVING,
+                         ids=[f"{n}-{e.__name__}-{i}" for i, (n, e, _) in enumerate(BAD_SERVING)])
+@pytest.mark.parametrize("fn", ["lightning_indexer", "select"])
+def test_bad_scales_and_windows_name_the_argument(fn, name, exc, mutate):
+    a = _qargs()
+    attention.select(**a, k=4)  # the unmutated arguments are valid
+    mutate(a)
+    with pytest.raises(exc, match=name):
+        getattr(attention, fn)(**a, **(dict(k=4) if fn == "select" else {}))
+
+
+def test_scales_with_a_trailing_one_and_strided_views():
+    """Scales as SPEC section 5 shapes them ([..., 1]: one tile per row) and as strided views give the
+    same scores as the plain [T, Hi] / [S] ones, on every backend."""
+    case = SelCase("fp8_views", quant="fp8", seqs=((3, 20), (2, 33)), k=6, page_size=8)
+    a = case.make()
+    ref = _oracle_scores(a)
+    for backend in _cpu_backends("lightning_indexer"):
+        b = dict(a)
+        b["q_idx_scale"] = a["q_idx_scale"][..., None]
+        wide = torch.full(a["k_idx_scale"].shape + (3,), float("nan"))
+        wide[..., 1] = a["k_idx_scale"]
+        b["k_idx_scale"] = wide[..., 1]  # stride 3 in the last dimension, NaN around it
+        got = attention.lightning_indexer(**b, backend=backend)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        assert (got.double() - ref)[fin].abs().max() <= 1e-4 * (1 + ref[fin].abs().max())
+
+
+def test_bad_lengths():
+    s = torch.randn(3, 10)
+    for lengths, exc in ((torch.tensor([1, 2]), ValueError), (torch.tensor([1.0, 2.0, 3.0]), TypeError),
+                         (torch.tensor([1, 2, 11]), ValueError), (torch.tensor([1, -1, 3]), ValueError),
+                         (torch.ones(3, 1, dtype=torch.int32), ValueError)):
+        with pytest.raises(exc, match="lengths"):
+            attention.topk_indices(s, 2, lengths=lengths)
+    attention.topk_indices(s, 2, lengths=torch.tensor([0, 10, 4]))  # the bounds themselves are valid
+
+
 def test_bad_scores():
     with pytest.raises(TypeError, match="scores"):
         attention.topk_indices(torch.zeros(3, 4, dtype=torch.int32), 2)
@@ -427,6 +629,9 @@ def test_gpu_topk_matches_oracle(backend, rows, W, k):
     assert torch.equal(got.cpu(), python_ref.topk_indices_dense(s, k))
     # the op's CUDA kernel (the CUDA C++ one when built) gives the same
     assert torch.equal(torch.ops.attention.topk_indices(s.cuda(), k).cpu(), got.cpu())
+    lengths = torch.randint(0, W + 1, (rows,), generator=g, dtype=torch.int32)
+    got = attention.topk_indices(s.cuda(), k, lengths=lengths.cuda(), backend=backend)
+    assert torch.equal(got.cpu(), python_ref.topk_indices_dense(s, k, lengths))
 
 
 @_gpu

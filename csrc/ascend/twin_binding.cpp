@@ -26,9 +26,9 @@
 using GmAddr = uint8_t*;
 extern "C" {
 #define SELATTN_DECL(NAME)                                                                                          \
-    void NAME(GmAddr q, GmAddr qRope, GmAddr kv, GmAddr kvRope, GmAddr v, GmAddr indices, GmAddr cuSeqlensQ,        \
-              GmAddr cuSeqlensK, GmAddr blockTable, GmAddr seqlensK, GmAddr attnSink, GmAddr out, GmAddr lse,       \
-              GmAddr workspace, GmAddr tiling);
+    void NAME(GmAddr q, GmAddr qRope, GmAddr kv, GmAddr kvRope, GmAddr v, GmAddr kvScale, GmAddr vScale,          \
+              GmAddr indices, GmAddr cuSeqlensQ, GmAddr cuSeqlensK, GmAddr blockTable, GmAddr seqlensK,             \
+              GmAddr attnSink, GmAddr out, GmAddr lse, GmAddr workspace, GmAddr tiling);
 SELATTN_DECL(selective_attention_f32)
 SELATTN_DECL(selective_attention_f16)
 SELATTN_DECL(selective_attention_bf16)
@@ -147,6 +147,10 @@ selattn::ProblemShape ShapeFromDict(const py::dict& d)
     else if (dt == "float16") { sh.dtypeBytes = 2; }
     else Bad("dtype must be float32, float16 or bfloat16");
     sh.separateV = d.contains("separate_v") && Cast<bool>(d["separate_v"], "shape field separate_v");
+    sh.kvInt8 = d.contains("kv_int8") && Cast<bool>(d["kv_int8"], "shape field kv_int8");
+    sh.vInt8 = d.contains("v_int8") && Cast<bool>(d["v_int8"], "shape field v_int8");
+    sh.scaleBlock = get("scale_block", 128);
+    if (sh.scaleBlock == 0) Bad("scale_block must be positive");
     if (sh.H == 0 || sh.Hkv == 0 || sh.H % sh.Hkv) Bad("H must be a positive multiple of Hkv");
     if (sh.Dqk == 0 || sh.Dv == 0 || sh.blockSize == 0) Bad("Dqk, Dv and block_size must be positive");
     return sh;
@@ -203,13 +207,15 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
                  const Tensor& indices, const Tensor& cuSeqlensQ, const OptTensor& cuSeqlensK,
                  const OptTensor& blockTable, const OptTensor& seqlensK, const OptTensor& attnSink, Tensor& out,
                  Tensor& lse, double smScale, int64_t dV, int64_t blockSize, bool causal, const std::string& socName,
-                 const py::object& override_, bool checkFit)
+                 const py::object& override_, bool checkFit, const OptTensor& kvScale, const OptTensor& vScale,
+                 int64_t scaleBlock)
 {
     const selattn::SocSpec& soc = Soc(socName);
     // ---- every argument checked here (binding_common.h): the kernel trusts the tiling and the pointers ----
     const selattn::ArgChecker check("ascendc twin", NeedCpuContiguous);
-    const selattn::ProblemShape sh = check.Check({q, qRope, kv, kvRope, v, indices, cuSeqlensQ, cuSeqlensK, blockTable,
-                                                  seqlensK, attnSink, out, lse, smScale, dV, blockSize, causal});
+    const selattn::ProblemShape sh = check.Check({q, qRope, kv, kvRope, v, kvScale, vScale, indices, cuSeqlensQ,
+                                                  cuSeqlensK, blockTable, seqlensK, attnSink, out, lse, smScale, dV,
+                                                  blockSize, scaleBlock, causal});
     // contents: a read of CPU tensors costs nothing here (the NPU build leaves them to the kernel's bounds)
     const int64_t B = sh.numSeqs, T = sh.T;
     const int32_t* cq = cuSeqlensQ.data_ptr<int32_t>();
@@ -263,6 +269,8 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     args.kv = static_cast<GmAddr>(kv.data_ptr());
     args.kvRope = Addr(kvRope);
     args.v = Addr(v);
+    args.kvScale = Addr(kvScale);
+    args.vScale = Addr(vScale);
     args.indices = static_cast<GmAddr>(indices.data_ptr());
     args.cuSeqlensQ = static_cast<GmAddr>(cuSeqlensQ.data_ptr());
     args.cuSeqlensK = Addr(cuSeqlensK);
@@ -306,7 +314,8 @@ PYBIND11_MODULE(_ascendc_twin, m)
           py::arg("indices"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("block_table"),
           py::arg("seqlens_k"), py::arg("attn_sink"), py::arg("out"), py::arg("lse"), py::arg("sm_scale"),
           py::arg("d_v"), py::arg("block_size"), py::arg("causal"), py::arg("soc"), py::arg("tiling") = py::none(),
-          py::arg("check_fit") = true,
+          py::arg("check_fit") = true, py::arg("kv_scale") = py::none(), py::arg("v_scale") = py::none(),
+          py::arg("scale_block") = 128,
           "Run the kernel on CPU tensors; writes out and lse; returns the tiling used and the twin's peak on-chip use.");
     m.def("plan", &Plan, py::arg("soc"), py::arg("shape"), py::arg("tiling") = py::none(),
           "The tiling the host picks for a shape on a SoC (no kernel run).");

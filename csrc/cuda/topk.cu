@@ -59,15 +59,17 @@ __device__ __forceinline__ uint32_t warp_reserve(uint32_t* counter, bool pred, i
 }
 
 __global__ void __launch_bounds__(kSliceThreads)
-coarse_hist_kernel(const float* __restrict__ scores, int64_t width, int64_t row_stride, int slices,
-                   uint32_t* __restrict__ hist_out) {
+coarse_hist_kernel(const float* __restrict__ scores, int64_t width, int64_t row_stride,
+                   const int32_t* __restrict__ lengths, int k, int slices, uint32_t* __restrict__ hist_out) {
   __shared__ uint32_t hist[kCoarseBins];
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31;
   const int64_t r = blockIdx.y;
   const float* row = scores + r * row_stride;
+  const int64_t n = row_width(width, lengths, r);
+  if (n <= k) return;  // the finish takes the whole row (same n for the whole CTA: no barrier skipped)
   int64_t begin, end;
-  slice_bounds(width, slices, static_cast<int>(blockIdx.x), &begin, &end);
+  slice_bounds(n, slices, static_cast<int>(blockIdx.x), &begin, &end);
   for (uint32_t i = static_cast<uint32_t>(tid); i < kCoarseBins; i += kSliceThreads) hist[i] = 0u;
   __syncthreads();
   // Scores of a row share their top bits, so lanes of a warp often hit the same bin: one atomic per
@@ -87,8 +89,8 @@ coarse_hist_kernel(const float* __restrict__ scores, int64_t width, int64_t row_
 }
 
 __global__ void __launch_bounds__(kSliceThreads)
-coarse_collect_kernel(const float* __restrict__ scores, int64_t width, int64_t row_stride, int slices, int k,
-                      Workspace w) {
+coarse_collect_kernel(const float* __restrict__ scores, int64_t width, int64_t row_stride,
+                      const int32_t* __restrict__ lengths, int slices, int k, Workspace w) {
   __shared__ uint32_t hist[kCoarseBins];
   __shared__ uint32_t gsum[kCoarseBins / kGroup];
   __shared__ uint32_t s_digit;
@@ -96,6 +98,8 @@ coarse_collect_kernel(const float* __restrict__ scores, int64_t width, int64_t r
   const int lane = tid & 31;
   const int64_t r = blockIdx.y;
   const float* row = scores + r * row_stride;
+  const int64_t n = row_width(width, lengths, r);
+  if (n <= k) return;  // as in coarse_hist_kernel
   for (uint32_t i = static_cast<uint32_t>(tid); i < kCoarseBins; i += kSliceThreads) hist[i] = w.hist[r * kCoarseBins + i];
   __syncthreads();
   if (static_cast<uint32_t>(tid) < kCoarseBins / kGroup) gsum[tid] = group_sum(hist, static_cast<uint32_t>(tid));
@@ -110,7 +114,7 @@ coarse_collect_kernel(const float* __restrict__ scores, int64_t width, int64_t r
   unsigned long long* sel = w.sel + r * k;
   unsigned long long* eq = w.eq + r * static_cast<int64_t>(kEqCap);
   int64_t begin, end;
-  slice_bounds(width, slices, static_cast<int>(blockIdx.x), &begin, &end);
+  slice_bounds(n, slices, static_cast<int>(blockIdx.x), &begin, &end);
   for (int64_t base = begin; base < end; base += kSliceThreads) {
     const int64_t i = base + tid;
     const uint32_t key = i < end ? order_key(row[i]) : 0u;
@@ -132,8 +136,8 @@ __device__ void block_sort_desc(unsigned long long* cand, uint32_t n) {
 }
 
 __global__ void __launch_bounds__(kFinishThreads)
-finish_kernel(const float* __restrict__ scores, int64_t width, int64_t row_stride, int k, Workspace w,
-              int32_t* __restrict__ out) {
+finish_kernel(const float* __restrict__ scores, int64_t width, int64_t row_stride,
+              const int32_t* __restrict__ lengths, int k, Workspace w, int32_t* __restrict__ out) {
   __shared__ unsigned long long cand[kCandCap];
   __shared__ uint32_t hist[kFineBins];
   __shared__ uint32_t gsum[kFineBins / kGroup];
@@ -145,7 +149,7 @@ finish_kernel(const float* __restrict__ scores, int64_t width, int64_t row_strid
   const int64_t r = blockIdx.x;
   const float* row = scores + r * row_stride;
   int32_t* dst = out + r * k;
-  const uint32_t n = static_cast<uint32_t>(width);
+  const uint32_t n = static_cast<uint32_t>(row_width(width, lengths, r));
   const uint32_t kk = static_cast<uint32_t>(k);
   uint32_t sort_n;
 
@@ -247,8 +251,9 @@ size_t topk_workspace_bytes(int64_t rows, int k) {
                                        (static_cast<size_t>(k) + kEqCap) * sizeof(unsigned long long));
 }
 
-cudaError_t topk_indices_f32(const float* scores, int64_t rows, int64_t width, int64_t row_stride, int k,
-                             int32_t* out, void* workspace, size_t workspace_bytes, int sms, cudaStream_t stream) {
+cudaError_t topk_indices_f32(const float* scores, int64_t rows, int64_t width, int64_t row_stride,
+                             const int32_t* lengths, int k, int32_t* out, void* workspace, size_t workspace_bytes,
+                             int sms, cudaStream_t stream) {
   if (rows < 0 || width < 0 || width >= (int64_t{1} << 31) || k < 0 || k > kTopkMaxK || rows > 0x7fffffff ||
       sms < 1) {
     return cudaErrorInvalidValue;
@@ -262,6 +267,7 @@ cudaError_t topk_indices_f32(const float* scores, int64_t rows, int64_t width, i
   for (int64_t r0 = 0; r0 < rows; r0 += kChunkRows) {
     const int64_t nr = rows - r0 < kChunkRows ? rows - r0 : kChunkRows;
     const float* s = scores + r0 * row_stride;
+    const int32_t* len = lengths == nullptr ? nullptr : lengths + r0;
     Workspace w{};
     if (!whole_row) {
       w = carve(workspace, nr, k);
@@ -270,10 +276,11 @@ cudaError_t topk_indices_f32(const float* scores, int64_t rows, int64_t width, i
                                       stream);
       if (e != cudaSuccess) return e;
       const dim3 grid(static_cast<unsigned>(slices), static_cast<unsigned>(nr));
-      coarse_hist_kernel<<<grid, kSliceThreads, 0, stream>>>(s, width, row_stride, slices, w.hist);
-      coarse_collect_kernel<<<grid, kSliceThreads, 0, stream>>>(s, width, row_stride, slices, k, w);
+      coarse_hist_kernel<<<grid, kSliceThreads, 0, stream>>>(s, width, row_stride, len, k, slices, w.hist);
+      coarse_collect_kernel<<<grid, kSliceThreads, 0, stream>>>(s, width, row_stride, len, slices, k, w);
     }
-    finish_kernel<<<static_cast<unsigned>(nr), kFinishThreads, 0, stream>>>(s, width, row_stride, k, w, out + r0 * k);
+    finish_kernel<<<static_cast<unsigned>(nr), kFinishThreads, 0, stream>>>(s, width, row_stride, len, k, w,
+                                                                            out + r0 * k);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }

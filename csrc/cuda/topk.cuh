@@ -19,12 +19,14 @@ namespace attention_cuda {
 constexpr int kTopkMaxK = 2048;
 
 // scores: rows x width float32, row r starting at scores + r * row_stride (elements).
+// lengths: null, or rows int32: row r ranks only its positions [0, lengths[r]) (clamped to [0, width]).
 // out: rows x k int32, contiguous. 0 <= k <= kTopkMaxK; 0 <= width < 2^31 (positions are int32).
 // workspace: device memory of at least topk_workspace_bytes(rows, k) bytes (any content; may be null
 // when width <= k); sms: the device's multiprocessor count (how many CTAs share a row).
 // Asynchronous on `stream`; returns the launch error (cudaErrorInvalidValue for bad sizes).
 size_t topk_workspace_bytes(int64_t rows, int k);
-cudaError_t topk_indices_f32(const float* scores, int64_t rows, int64_t width, int64_t row_stride, int k,
-                             int32_t* out, void* workspace, size_t workspace_bytes, int sms, cudaStream_t stream);
+cudaError_t topk_indices_f32(const float* scores, int64_t rows, int64_t width, int64_t row_stride,
+                             const int32_t* lengths, int k, int32_t* out, void* workspace, size_t workspace_bytes,
+                             int sms, cudaStream_t stream);
 
 }  // namespace attention_cuda

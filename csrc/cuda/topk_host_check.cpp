@@ -4,8 +4,8 @@
 // What it does not cover: the CUDA scheduling itself (atomics, barriers, warp intrinsics).
 //
 // Build: g++ -std=c++17 -O2 -I csrc/cuda csrc/cuda/topk_host_check.cpp (no CUDA runtime).
-// stdin: "rows width k sms" then rows*width float32 bit patterns in hex. stdout: one line of k indices
-// per row. stderr: one line per row naming the finish path taken (whole_row, shared or fallback).
+// stdin: "rows width k sms nlen", nlen (0 or rows) per-row lengths in decimal, then rows*width float32
+// bit patterns in hex. stdout: one line of k indices per row. stderr: one line per row naming the finish path taken (whole_row, shared or fallback).
 #include <cstdio>
 #include <vector>
 
@@ -114,12 +114,19 @@ const char* emulate_row(const float* row, int64_t width, int k, int slices, int3
 }  // namespace
 
 int main() {
-  long long rows, width;
+  long long rows, width, nlen;
   int k, sms;
-  if (std::scanf("%lld %lld %d %d", &rows, &width, &k, &sms) != 4 || rows < 0 || width < 0 || k < 1 ||
-      k > 2048 || sms < 1) {
+  if (std::scanf("%lld %lld %d %d %lld", &rows, &width, &k, &sms, &nlen) != 5 || rows < 0 || width < 0 || k < 1 ||
+      k > 2048 || sms < 1 || (nlen != 0 && nlen != rows)) {
     std::fprintf(stderr, "bad header\n");
     return 2;
+  }
+  std::vector<int32_t> lengths(static_cast<size_t>(nlen));
+  for (auto& n : lengths) {
+    if (std::scanf("%d", &n) != 1) {
+      std::fprintf(stderr, "short lengths\n");
+      return 2;
+    }
   }
   std::vector<float> scores(static_cast<size_t>(rows * width));
   for (auto& x : scores) {
@@ -133,7 +140,9 @@ int main() {
   const int slices = slices_for(rows, width, sms);
   std::vector<int32_t> out(static_cast<size_t>(k));
   for (long long r = 0; r < rows; ++r) {
-    const char* path = emulate_row(scores.data() + r * width, width, k, slices, out.data());
+    // The kernels' row width: slices are planned for the full width, each row ranks its own length.
+    const int64_t n = row_width(width, nlen ? lengths.data() : nullptr, r);
+    const char* path = emulate_row(scores.data() + r * width, n, k, slices, out.data());
     std::fprintf(stderr, "row %lld slices %d %s\n", r, slices, path);
     if (path[0] == 'e') return 3;
     for (int j = 0; j < k; ++j) std::printf(j ? " %d" : "%d", out[j]);

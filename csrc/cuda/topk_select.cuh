@@ -62,6 +62,14 @@ ATTN_TOPK_HD int32_t unpack_index(unsigned long long c) {
 
 ATTN_TOPK_HD uint32_t coarse_digit(uint32_t key) { return key >> kCoarseShift; }
 
+// Scores row r ranks: its first lengths[r] positions (vLLM's per-row lengths), clamped to [0, width]
+// so that a bad length can never read past the row; every position when there are no lengths.
+ATTN_TOPK_HD int64_t row_width(int64_t width, const int32_t* lengths, int64_t r) {
+  if (lengths == nullptr) return width;
+  const int64_t n = lengths[r];
+  return n < 0 ? 0 : (n < width ? n : width);
+}
+
 // How many CTAs share a row: enough CTAs in total to cover ~2 waves of the SMs, each reading at
 // least kMinSlice scores. Prefill (rows >= 2 * SMs) gets 1; decode T=4 x 64K gets 16 (64K / 4096).
 ATTN_TOPK_HD int slices_for(int64_t rows, int64_t width, int sms) {

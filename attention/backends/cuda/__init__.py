@@ -34,7 +34,7 @@ class CudaTopkBackend(Backend):
     name = "cuda"
     description = "CUDA C++ top-k (csrc/cuda: multi-CTA coarse histogram, shared-memory finish) for topk_indices"
     priorities = {"cuda": 0}
-    ops = {"topk_indices": frozenset()}  # scores [T, W] have no features
+    ops = {"topk_indices": frozenset({"lengths"})}  # per-row lengths: clamped in the kernel (row_width)
     # float64 scores are not declared: the kernel ranks float32 keys, and float64 scores are ranked in
     # float64 by the reference (docs/selection.md).
     dtypes = frozenset(FLOAT_DTYPES)
@@ -50,7 +50,7 @@ class CudaTopkBackend(Backend):
         return [f"k={inp.k} > {MAX_K}"] if inp.k > MAX_K else []
 
     def forward(self, inp):
-        return _ext.topk_indices(inp.scores, inp.k)
+        return _ext.topk_indices(inp.scores, inp.k, inp.lengths)
 
 
 BACKEND = CudaTopkBackend()

@@ -24,7 +24,7 @@ class ReferenceBackend(Backend):
         if op == "attention":
             return python_ref.selective_attention(inp.q, inp.kv, inp.indices, **inp.reference_kwargs())
         if op == "topk_indices":
-            return python_ref.topk_indices(inp.scores, inp.k)
+            return python_ref.topk_indices(inp.scores, inp.k, inp.lengths)
         if op == "merge":
             return python_ref.merge_attention_states(inp.outs, inp.lses, inp.attn_sink)
         if op == "lightning_indexer":

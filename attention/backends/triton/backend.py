@@ -57,11 +57,14 @@ class TritonBackend(Backend):
     # backend (10) stays first: this path is compile-checked only (issue 19).
     priorities = {"cuda": 10, "cpu": 50, "npu": 20}
     ops = {
-        # the kernel implements all of SPEC.md section 1 but quantized caches (issue 16: not yet)
-        "attention": ATTENTION_FEATURES - KV_QUANT_FEATURES,
-        "attention_backward": ATTENTION_FEATURES - KV_QUANT_FEATURES,  # backward.py; limits: backward.limit_reasons
-        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal"}),
-        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block"}),
+        # All of SPEC.md section 1, quantized caches included (kv_fp8 / kv_int8: both forward kernels
+        # dequantize the tiles they gather, issue 16).
+        "attention": ATTENTION_FEATURES,
+        # backward.py; limits: backward.limit_reasons. Its kernels read float caches only: a quantized
+        # kv / v (which gets no gradient) sends the backward to the reference.
+        "attention_backward": ATTENTION_FEATURES - KV_QUANT_FEATURES,
+        "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal", "fp8", "int8", "window"}),
+        "select": frozenset({"contiguous", "paged", "varlen", "causal", "block", "fp8", "int8", "window"}),
         "merge": frozenset(),  # merge.py (attention/merge.py's op)
     }
     dtypes = frozenset(FLOAT_DTYPES)

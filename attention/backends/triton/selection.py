@@ -20,6 +20,11 @@ Dots: float32 inputs use ``input_precision="ieee"`` (TF32 would reorder near-equ
 the reference); float16/bfloat16 use their native tensor-core dot on the GPU and are upcast under
 ``TRITON_INTERPRET=1`` because the interpreter's bfloat16 ``tl.dot`` is wrong (docs/traps.md).
 
+Serving engines' inputs (issue 13): float8_e4m3fn / int8 ``q_idx`` and ``k_idx`` enter the dot as
+stored (bfloat16 on the GPU, exact for both formats; float32 under the interpreter) and their float32
+per-row scales multiply the logits before the relu (selection_kernels._score_tile); per-token key
+windows ``[cu_seqlen_ks, cu_seqlen_ke)`` mask positions, and select starts at the window's first chunk.
+
 Block selection (``block_size = b > 1``, b a power of two <= 128): each score tile holds whole
 blocks and is reduced to block scores ("max" or "mean" over valid positions) before it is parked.
 Not implemented here (the registry falls back to the reference, which runs on the GPU with torch
@@ -59,6 +64,9 @@ _SENTINEL = -(1 << 63)  # smaller than every packed key: an empty slot of the ru
 def limit_reasons(inp) -> List[str]:
     """What the kernels cannot do (the registry then chooses another backend)."""
     reasons = []
+    if inp.device.type == "npu" and inp.quantized:
+        # 910B has no float8, and the int8 -> bfloat16 dot road was never compiled with triton-ascend.
+        reasons.append("quantized q_idx/k_idx on npu: not compile-checked with triton-ascend")
     if inp.op == "select":
         b = inp.block_size
         if b & (b - 1) or b > MAX_BLOCK:
@@ -100,13 +108,25 @@ class TritonSelection:
                                                         inp.seqlens_k if paged else None)
         table = inp.block_table.to(torch.int32).contiguous() if paged else L  # dummy pointer when contiguous
         W = score_width(kx, inp.cu_seqlens_k, inp.seqlens_k if paged else None, inp.max_seqlen_k)
-        lowp = q.dtype in (torch.float16, torch.bfloat16)
+        # Quantized inputs take the low-precision road on a GPU: their stored values are exact in
+        # bfloat16, so the tensor-core bfloat16 dot gives the products exactly (float32 accumulation).
+        quant = inp.quantized
+        lowp = q.dtype in (torch.float16, torch.bfloat16) or quant
         meta = dict(CAUSAL=inp.causal, PAGED=paged, UPCAST=interpreting() or not lowp,
-                    IEEE=not lowp or interpreting(), BLOCK_H=_p2(Hi), BLOCK_D=_p2(Di))
+                    IEEE=not lowp or interpreting(), QUANT=quant, QSCALE=inp.q_idx_scale is not None,
+                    WINDOW=inp.cu_seqlen_ks is not None, BLOCK_H=_p2(Hi), BLOCK_D=_p2(Di))
+        # Absent optional tensors are passed as a dummy pointer (L): their constexpr flag is off.
+        qs = L if inp.q_idx_scale is None else inp.q_idx_scale
+        ks = L if inp.k_idx_scale is None else inp.k_idx_scale  # strided views are read as they are
+        wlo, whi = (L, L) if inp.cu_seqlen_ks is None else (inp.cu_seqlen_ks, inp.cu_seqlen_ke)
         args = dict(q=q, k=k_flat, w=w, L=L, q_pos=q_pos, base=L if base is None else base, seq=seq, table=table,
                     T=T, Hi=Hi, Di=Di, W=W, scale=float(Di ** -0.5 if inp.scale is None else inp.scale),
                     num_pages=kx.shape[0] if paged else 0, page_size=kx.shape[1] if paged else 1,
-                    max_pages=table.shape[1] if paged else 1, stride_tb=table.stride(0) if paged else 0)
+                    max_pages=table.shape[1] if paged else 1, stride_tb=table.stride(0) if paged else 0,
+                    qs=qs, ks=ks, wlo=wlo, whi=whi,
+                    strides=(qs.stride(0) if qs.dim() == 2 else 0, qs.stride(1) if qs.dim() == 2 else 0,
+                             ks.stride(0) if inp.k_idx_scale is not None else 0,
+                             ks.stride(1) if inp.k_idx_scale is not None and paged else 0))
         return args, meta
 
     def run(self, inp):
@@ -119,8 +139,9 @@ class TritonSelection:
             BLOCK_N = 64
             _kernels()._indexer_kernel[(T, _cdiv(W, BLOCK_N))](
                 a["q"], a["k"], a["w"], out, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
+                a["qs"], a["ks"], a["wlo"], a["whi"],
                 a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), out.stride(0), a["stride_tb"],
-                W, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
+                *a["strides"], W, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
                 BLOCK_N=BLOCK_N, **meta)
             return out
         k = inp.k
@@ -139,7 +160,8 @@ class TritonSelection:
         dst = out if splits == 1 else torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.int64)
         _kernels()._select_kernel[(T, splits)](
             a["q"], a["k"], a["w"], dst, scratch, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
-            a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"],
+            a["qs"], a["ks"], a["wlo"], a["whi"],
+            a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"], *a["strides"],
             W, k, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
             INVALID_KEY_MAX, _SENTINEL, span, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs, MEAN=inp.block_reduce == "mean",
             SPLITS=splits, num_warps=8 if K_PAD >= 1024 else 4, **meta)

@@ -10,53 +10,95 @@ import triton.language as tl
 
 
 @triton.jit
-def _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base, p0, num_pages, page_size,
-                max_pages, Di, scale, CAUSAL: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr,
-                IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Scores [BLOCK_N] of positions p0 + [0, BLOCK_N) for one token (q [BLOCK_H, BLOCK_D])."""
+def _score_tile(q, w, qs, k_ptr, stride_k, ks_ptr, stride_ks0, stride_ks1, table_ptr, stride_tb, seq, L, q_pos,
+                base, lo, hi, p0, num_pages, page_size, max_pages, Di, scale, CAUSAL: tl.constexpr,
+                PAGED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
+                QSCALE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Scores [BLOCK_N] of positions p0 + [0, BLOCK_N) for one token (q [BLOCK_H, BLOCK_D]).
+
+    QUANT: k_idx is float8_e4m3fn / int8 with one float32 scale per row (ks_ptr, strides per page and
+    row, or per row); QSCALE: qs [BLOCK_H] holds q_idx's per-head scales. The stored values enter the
+    dot as they are (exactly representable in bfloat16, or float32 when upcast) and both scales are
+    applied to the [BLOCK_H, BLOCK_N] logits, before the relu: the dequantized product, one rounding.
+    WINDOW: only positions in [lo, hi) (the token's cu_seqlen_ks / cu_seqlen_ke).
+    """
     pos = p0 + tl.arange(0, BLOCK_N).to(tl.int64)
     valid = pos < L
     if CAUSAL:
         valid = valid & (pos <= q_pos)
+    if WINDOW:
+        valid = valid & (pos >= lo) & (pos < hi)
     if PAGED:
         pidx = tl.minimum(pos // page_size, max_pages - 1)
         page = tl.load(table_ptr + seq * stride_tb + pidx, mask=valid, other=0).to(tl.int64)
         valid = valid & (page >= 0) & (page < num_pages)
         rows = page * page_size + pos % page_size
+        srows = page * stride_ks0 + (pos % page_size) * stride_ks1
     else:
         rows = base + pos
+        srows = rows * stride_ks0
     rows = tl.where(valid, rows, 0)
     d = tl.arange(0, BLOCK_D)
     keys = tl.load(k_ptr + rows[:, None] * stride_k + d[None, :], mask=valid[:, None] & (d[None, :] < Di),
                    other=0.0)
     if UPCAST:
         keys = keys.to(tl.float32)
+    elif QUANT:
+        keys = keys.to(tl.bfloat16)  # exact: e4m3 and int8 values fit bfloat16's 8-bit significand
     if IEEE:
         logits = tl.dot(q, tl.trans(keys), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
     else:
         logits = tl.dot(q, tl.trans(keys))
-    logits = tl.maximum(logits * scale, 0.0)
+    if QUANT:
+        # the scale of an invalid row is never read (0 instead; the score is masked below anyway)
+        k_scale = tl.load(ks_ptr + tl.where(valid, srows, 0), mask=valid, other=0.0)
+        logits = logits * k_scale[None, :]
+    if QSCALE:
+        logits = logits * qs[:, None]  # qs = scale * q_idx_scale: one multiply per logit
+    else:
+        logits = logits * scale
+    logits = tl.maximum(logits, 0.0)
     s = tl.sum(w[:, None] * logits, axis=0)
     return tl.where(valid, s, float("-inf")), pos
 
 @triton.jit
-def _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_query(q_ptr, w_ptr, qs_ptr, t, stride_qt, stride_qh, stride_wt, stride_qst, stride_qsh, Hi, Di, scale,
+                UPCAST: tl.constexpr, QUANT: tl.constexpr, QSCALE: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + d[None, :],
                 mask=(h[:, None] < Hi) & (d[None, :] < Di), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    elif QUANT:
+        q = q.to(tl.bfloat16)
     w = tl.load(w_ptr + t * stride_wt + h, mask=h < Hi, other=0.0).to(tl.float32)
-    return q, w
+    if QSCALE:
+        qs = tl.load(qs_ptr + t * stride_qst + h * stride_qsh, mask=h < Hi, other=0.0) * scale
+    else:
+        qs = w  # unused
+    return q, w, qs
+
+@triton.jit
+def _window(ks_ptr, ke_ptr, t, WINDOW: tl.constexpr):
+    """The token's key window [lo, hi) (vLLM's cu_seqlen_ks / cu_seqlen_ke); everything without one."""
+    if WINDOW:
+        lo = tl.load(ks_ptr + t).to(tl.int64)
+        hi = tl.load(ke_ptr + t).to(tl.int64)
+    else:
+        lo = tl.zeros([], dtype=tl.int64)
+        hi = tl.zeros([], dtype=tl.int64) + 9223372036854775807
+    return lo, hi
 
 @triton.jit
 def _indexer_kernel(q_ptr, k_ptr, w_ptr, out_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
-                    stride_qt, stride_qh, stride_k, stride_wt, stride_ot, stride_tb, W, Hi, Di, scale,
+                    qs_ptr, ks_ptr, wlo_ptr, whi_ptr,
+                    stride_qt, stride_qh, stride_k, stride_wt, stride_ot, stride_tb, stride_qst, stride_qsh,
+                    stride_ks0, stride_ks1, W, Hi, Di, scale,
                     num_pages, page_size, max_pages, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr, QSCALE: tl.constexpr,
+                    WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     p0 = tl.program_id(1).to(tl.int64) * BLOCK_N
     L = tl.load(L_ptr + t)
@@ -67,9 +109,12 @@ def _indexer_kernel(q_ptr, k_ptr, w_ptr, out_ptr, L_ptr, qpos_ptr, base_ptr, seq
     else:
         seq = 0
         base = tl.load(base_ptr + t)
-    q, w = _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST, BLOCK_H, BLOCK_D)
-    s, pos = _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base, p0, num_pages,
-                         page_size, max_pages, Di, scale, CAUSAL, PAGED, UPCAST, IEEE, BLOCK_N, BLOCK_D)
+    q, w, qs = _load_query(q_ptr, w_ptr, qs_ptr, t, stride_qt, stride_qh, stride_wt, stride_qst, stride_qsh, Hi,
+                           Di, scale, UPCAST, QUANT, QSCALE, BLOCK_H, BLOCK_D)
+    lo, hi = _window(wlo_ptr, whi_ptr, t, WINDOW)
+    s, pos = _score_tile(q, w, qs, k_ptr, stride_k, ks_ptr, stride_ks0, stride_ks1, table_ptr, stride_tb, seq, L,
+                         q_pos, base, lo, hi, p0, num_pages, page_size, max_pages, Di, scale, CAUSAL, PAGED, UPCAST,
+                         IEEE, QUANT, QSCALE, WINDOW, BLOCK_N, BLOCK_D)
     tl.store(out_ptr + t * stride_ot + pos, s, mask=pos < W)
 
 @triton.jit
@@ -82,9 +127,12 @@ def _pack(s, pos):
 
 @triton.jit
 def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
-                   stride_qt, stride_qh, stride_k, stride_wt, stride_tb, W, k, Hi, Di, scale,
+                   qs_ptr, ks_ptr, wlo_ptr, whi_ptr,
+                   stride_qt, stride_qh, stride_k, stride_wt, stride_tb, stride_qst, stride_qsh,
+                   stride_ks0, stride_ks1, W, k, Hi, Di, scale,
                    num_pages, page_size, max_pages, invalid_max, sentinel, span, CAUSAL: tl.constexpr,
-                   PAGED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
+                   PAGED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
+                   QSCALE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, BS: tl.constexpr,
                    MEAN: tl.constexpr, SPLITS: tl.constexpr):
     # Units: a "slot" is a position (BS == 1) or a block of BS positions (NSA block selection).
@@ -106,17 +154,27 @@ def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, b
     end = L
     if CAUSAL:
         end = tl.minimum(end, q_pos + 1)
+    lo, hi = _window(wlo_ptr, whi_ptr, t, WINDOW)
+    if WINDOW:
+        end = tl.minimum(end, hi)  # nothing at or past the window's end scores either
     end_slots = (end + BS - 1) // BS
-    q, w = _load_query(q_ptr, w_ptr, t, stride_qt, stride_qh, stride_wt, Hi, Di, UPCAST, BLOCK_H, BLOCK_D)
+    q, w, qs = _load_query(q_ptr, w_ptr, qs_ptr, t, stride_qt, stride_qh, stride_wt, stride_qst, stride_qsh, Hi,
+                           Di, scale, UPCAST, QUANT, QSCALE, BLOCK_H, BLOCK_D)
     j = tl.arange(0, K_PAD)
     SUB: tl.constexpr = BLOCK_N // BS  # slots per score tile
     best = tl.zeros([K_PAD], dtype=tl.int64) + sentinel
     row = scratch_ptr + (t * SPLITS + sp) * K_PAD
-    for c0 in range(sp * span, tl.minimum(sp * span + span, end_slots), K_PAD):
+    # Computed here, after q's loads: computing it before them costs 30 registers on sm_90 (176 vs 146).
+    start = sp * span
+    if WINDOW:
+        # Skip to the window's first chunk. It stays on a K_PAD boundary (span is a multiple of K_PAD):
+        # chunks never straddle two splits, so no position is merged twice.
+        start = tl.maximum(start, (tl.maximum(lo, 0) // BS) // K_PAD * K_PAD)
+    for c0 in range(start, tl.minimum(sp * span + span, end_slots), K_PAD):
         for sub in range(0, K_PAD, SUB):  # a loop, not unrolled: K_PAD/SUB is up to 64
-            s, pos = _score_tile(q, w, k_ptr, stride_k, table_ptr, stride_tb, seq, L, q_pos, base,
-                                 (c0 + sub) * BS, num_pages, page_size, max_pages, Di, scale, CAUSAL, PAGED,
-                                 UPCAST, IEEE, BLOCK_N, BLOCK_D)
+            s, pos = _score_tile(q, w, qs, k_ptr, stride_k, ks_ptr, stride_ks0, stride_ks1, table_ptr, stride_tb,
+                                 seq, L, q_pos, base, lo, hi, (c0 + sub) * BS, num_pages, page_size, max_pages, Di,
+                                 scale, CAUSAL, PAGED, UPCAST, IEEE, QUANT, QSCALE, WINDOW, BLOCK_N, BLOCK_D)
             if BS > 1:
                 s2 = tl.reshape(s, [SUB, BS])
                 if MEAN:  # mean over the block's valid positions, as python_ref.block_scores

@@ -16,6 +16,11 @@ uint64_t Align32(uint64_t x) { return (x + 31) / 32 * 32; }
 uint64_t Align512(uint64_t x) { return (x + 511) / 512 * 512; }
 uint32_t Up16(uint32_t x) { return (x + 15) / 16 * 16; }
 uint64_t CeilDiv(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }  // no a + b - 1 overflow
+// widest quantized row (Dqk of an int8 kv, Dv of an int8 v) rounded up to 16: the kernel's staging width
+uint32_t QuantPad(const ProblemShape& sh)
+{
+    return std::max(sh.kvInt8 ? Up16(sh.Dqk) : 0u, sh.separateV && sh.vInt8 ? Up16(sh.Dv) : 0u);
+}
 }  // namespace
 
 const std::vector<SocSpec>& SocTable()
@@ -65,6 +70,11 @@ MemoryUse MemoryFor(const ProblemShape& sh, const TileChoice& tc, uint32_t vecSu
            Align32(dvPad * GATHER_ROWS * sz) + Align32(dvPad * GATHER_ROWS * 4) + Align32(n * 4) + Align32(r * n * 4) +
            Align32(r * n * sz) + Align32(r * dvPad * 4) + Align32(STAT_SLOTS * r * 4) + Align32(dvPad * 4) +
            Align32(dvPad * sz) + Align32(n * 4);
+    if (const uint64_t w = QuantPad(sh)) {
+        // int8 dequantization of one row: its bytes, fp32 values, fp32 scratch, tile scales, scale offsets
+        u.ub += Align32(w) + 2 * Align32(w * 4) + Align32(uint64_t(std::max(sh.KvScaleTiles(), sh.VScaleTiles())) * 4) +
+                Align32(w * 4);
+    }
     return u;
 }
 
@@ -203,6 +213,12 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.causal = sh.causal;
     t.hasSink = sh.hasSink;
     t.smScale = sh.smScale;
+    t.kvInt8 = sh.kvInt8;
+    t.vInt8 = sh.separateV && sh.vInt8;
+    t.scaleBlock = sh.scaleBlock;
+    t.kvScaleTiles = sh.KvScaleTiles();
+    t.vScaleTiles = sh.VScaleTiles();
+    t.quantPad = QuantPad(sh);
     t.mTile = tc.mTile;
     t.nTile = tc.nTile;
     t.dqkPad = Up16(sh.Dqk);

@@ -42,6 +42,11 @@ struct ProblemShape {
     bool isFloat32 = false, isBf16 = false;
     bool separateV = false, paged = false, causal = false, hasSink = false;
     uint32_t pageSize = 0, maxPages = 0, numSeqs = 1, kvRows = 0;
+    // an int8 kv / separate v with float32 tile scales of scaleBlock columns (dequantized in the kernel)
+    bool kvInt8 = false, vInt8 = false;
+    uint32_t scaleBlock = 128;
+    uint32_t KvScaleTiles() const { return kvInt8 ? (Dqk + scaleBlock - 1) / scaleBlock : 0; }
+    uint32_t VScaleTiles() const { return separateV && vInt8 ? (Dv + scaleBlock - 1) / scaleBlock : 0; }
     // Upper bound of every sequence length L_b: the cache rows (contiguous) or max_pages * page (paged);
     // UINT64_MAX when unknown (plan() without it). Positions >= it are dropped by the contract.
     uint64_t maxSeqLen = UINT64_MAX;

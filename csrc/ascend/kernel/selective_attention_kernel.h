@@ -15,9 +15,11 @@
 //   AIC  scores:  Nd2Nz Q and K into L1, LoadData to L0A/L0B chunk by chunk over the head dim, Mmad
 //                 into L0C (fp32), Fixpipe S [mTile, nTile] to the workspace.
 //   AIV  softmax: online softmax over the first nvalid columns of each row, in fp32: running max m,
-//                 running sum l, rescale of the accumulator by exp(m_old - m_new); P cast to the input
-//                 dtype and written to the workspace, zero beyond nvalid.
-//   AIC  values:  Nd2Nz P and V^T into L1, Mmad per dvChunk of output columns, Fixpipe O to workspace.
+//                 running sum l, rescale of the accumulator by exp(m_old - m_new); P in the input dtype
+//                 (16-bit dtypes: two parts P_hi + P_lo, see SoftmaxTile) written to the workspace, zero
+//                 beyond nvalid.
+//   AIC  values:  Nd2Nz P and V^T into L1, Mmad per dvChunk of output columns (one per part of P, summed
+//                 in L0C), Fixpipe O to workspace.
 //   AIV  accumulate O into the fp32 accumulator in UB.
 // Then AIV divides by l (+ exp(sink - m)), writes out (cast once) and lse; rows with no kept
 // candidate get out = 0 and lse = -inf.
@@ -98,7 +100,8 @@ public:
     static constexpr uint32_t P_PARTS = ProbabilityParts(sizeof(T));
     using Bits = typename BitsOf<T>::type;
 
-    __aicore__ inline void Init(GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v, GM_ADDR indices,
+    __aicore__ inline void Init(GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v, GM_ADDR kvScale,
+                                GM_ADDR vScale, GM_ADDR indices,
                                 GM_ADDR cuSeqlensQ, GM_ADDR cuSeqlensK, GM_ADDR blockTable, GM_ADDR seqlensK,
                                 GM_ADDR attnSink, GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
                                 const SelectiveAttentionTiling& tiling)
@@ -106,12 +109,20 @@ public:
         t_ = tiling;
         const uint64_t T_ = t_.numTokens, H = t_.numHeads, Hkv = t_.numKvHeads, rows = t_.kvRows;
         qGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(q), T_ * H * t_.headDim);
-        kvGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(kv), rows * Hkv * t_.headDim);
+        if (t_.kvInt8) {
+            kvI8Gm_.SetGlobalBuffer(reinterpret_cast<__gm__ int8_t*>(kv), rows * Hkv * t_.headDim);
+            kvScaleGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(kvScale), rows * Hkv * t_.kvScaleTiles);
+        } else {
+            kvGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(kv), rows * Hkv * t_.headDim);
+        }
         if (t_.ropeDim > 0) {
             qRopeGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(qRope), T_ * H * t_.ropeDim);
             kvRopeGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(kvRope), rows * Hkv * t_.ropeDim);
         }
-        if (t_.separateV) {
+        if (t_.separateV && t_.vInt8) {
+            vI8Gm_.SetGlobalBuffer(reinterpret_cast<__gm__ int8_t*>(v), rows * Hkv * t_.valueDim);
+            vScaleGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(vScale), rows * Hkv * t_.vScaleTiles);
+        } else if (t_.separateV) {
             vGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(v), rows * Hkv * t_.valueDim);
         }
         idxGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(indices), T_ * t_.indexHeads * t_.topk);
@@ -172,6 +183,16 @@ public:
             pipe_.InitBuffer(oRowBuf_, t_.dvPad * sizeof(float));
             pipe_.InitBuffer(outRowBuf_, t_.dvPad * sizeof(T));
             pipe_.InitBuffer(workBuf_, nT * sizeof(float) + (Planted(PLANT_UB_OVERFLOW) ? 256 * 1024 : 0));
+            if (t_.quantPad > 0) {
+                // one quantized row at a time: its int8 bytes, fp32 values, fp32 scratch (the int8 -> half
+                // step, then the per-column scales), its tile scales and the column -> scale offsets
+                const uint32_t w = t_.quantPad;
+                pipe_.InitBuffer(q8Buf_, w);
+                pipe_.InitBuffer(deqBuf_, w * sizeof(float));
+                pipe_.InitBuffer(deqAuxBuf_, w * sizeof(float));
+                pipe_.InitBuffer(scaleRowBuf_, Max32(t_.kvScaleTiles, t_.vScaleTiles) * sizeof(float));
+                pipe_.InitBuffer(scaleOffBuf_, w * sizeof(uint32_t));
+            }
         }
     }
 
@@ -334,7 +355,44 @@ private:
                 off.SetValue(d * GATHER_ROWS + s, static_cast<uint32_t>((s * stride + d) * sizeof(T)));
             }
         }
+        if (t_.quantPad > 0) {
+            // column c of a quantized row takes the scale of its tile: byte offset (c / scaleBlock) * 4
+            LocalTensor<uint32_t> soff = scaleOffBuf_.Get<uint32_t>();
+            for (uint32_t c = 0; c < t_.quantPad; ++c) {
+                soff.SetValue(c, (c / t_.scaleBlock) * static_cast<uint32_t>(sizeof(float)));
+            }
+        }
         Sync<HardEvent::S_V>();
+    }
+
+    // One int8 row of `width` columns from GM, dequantized into `dst` (compute dtype T): value of column c
+    // = float(stored[c]) * scales[c / scaleBlock], formed in fp32 and rounded once to T (the contract's
+    // float64 value up to that rounding). int8 -> half -> float are exact (A2/A3 Cast has no int8 -> float);
+    // the per-column scales come from one Gather of the row's tile scales, so any scaleBlock works without
+    // 32-byte-aligned tile starts. Columns past `width` of dst are left as they are (zero in the gather).
+    __aicore__ inline void DequantRowIn(const LocalTensor<T>& dst, const GlobalTensor<int8_t>& src,
+                                        const GlobalTensor<float>& scales, uint32_t width, uint32_t tiles)
+    {
+        LocalTensor<int8_t> raw = q8Buf_.Get<int8_t>();
+        LocalTensor<float> f = deqBuf_.Get<float>();
+        LocalTensor<float> aux = deqAuxBuf_.Get<float>();
+        LocalTensor<float> sc = scaleRowBuf_.Get<float>();
+        LocalTensor<uint32_t> soff = scaleOffBuf_.Get<uint32_t>();
+        Sync<HardEvent::V_MTE2>();  // the previous row's vector reads of raw / sc are done
+        DataCopyPad(raw, src, DataCopyExtParams(1, width, 0, 0, 0), DataCopyPadExtParams<int8_t>(false, 0, 0, 0));
+        DataCopyPad(sc, scales, DataCopyExtParams(1, tiles * sizeof(float), 0, 0, 0),
+                    DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+        Sync<HardEvent::MTE2_V>();
+        LocalTensor<half> h = aux.template ReinterpretCast<half>();
+        Cast(h, raw, RoundMode::CAST_NONE, width);
+        Cast(f, h, RoundMode::CAST_NONE, width);
+        Gather(aux.template ReinterpretCast<uint32_t>(), sc.template ReinterpretCast<uint32_t>(), soff, 0, width);
+        if constexpr (IsSameType<T, float>::value) {
+            Mul(dst, f, aux, static_cast<int32_t>(width));
+        } else {
+            Mul(f, f, aux, static_cast<int32_t>(width));
+            Cast(dst, f, RoundMode::CAST_RINT, width);
+        }
     }
 
     __aicore__ inline void BeginItemVec()
@@ -426,11 +484,20 @@ private:
             }
             for (uint32_t s = 0; s < GATHER_ROWS && s0 + s < nValid; ++s) {
                 const uint64_t row = static_cast<uint64_t>(rows.GetValue(s0 + s)) * Hkv + kvHead_;
-                CopyRowIn(kb[s * t_.dkPad + (Planted(PLANT_MISALIGNED_COPY) ? 1 : 0)], kvGm_[row * t_.headDim], t_.headDim);
+                if (t_.kvInt8) {
+                    DequantRowIn(kb[s * t_.dkPad], kvI8Gm_[row * t_.headDim], kvScaleGm_[row * t_.kvScaleTiles],
+                                 t_.headDim, t_.kvScaleTiles);
+                } else {
+                    CopyRowIn(kb[s * t_.dkPad + (Planted(PLANT_MISALIGNED_COPY) ? 1 : 0)], kvGm_[row * t_.headDim],
+                              t_.headDim);
+                }
                 if (t_.ropeDim > 0) {
                     CopyRowIn(kb[s * t_.dkPad + t_.dqkPad], kvRopeGm_[row * t_.ropeDim], t_.ropeDim);
                 }
-                if (t_.separateV) {
+                if (t_.separateV && t_.vInt8) {
+                    DequantRowIn(vrows[s * t_.dvPad], vI8Gm_[row * t_.valueDim], vScaleGm_[row * t_.vScaleTiles],
+                                 t_.valueDim, t_.vScaleTiles);
+                } else if (t_.separateV) {
                     CopyRowIn(vrows[s * t_.dvPad], vGm_[row * t_.valueDim], t_.valueDim);
                 }
             }
@@ -444,6 +511,9 @@ private:
             Gather(vt.template ReinterpretCast<Bits>(), vsrc.template ReinterpretCast<Bits>(), off, 0,
                    t_.dvPad * GATHER_ROWS);
             Sync<HardEvent::MTE2_MTE3>();
+            if (t_.kvInt8) {
+                Sync<HardEvent::V_MTE3>();  // the dequantized K rows were written by the vector unit
+            }
             DataCopyPad(kWs_[kBase + s0 * t_.dkPad], kb, DataCopyExtParams(1, GATHER_ROWS * t_.dkPad * sizeof(T), 0, 0, 0));
             Sync<HardEvent::V_MTE3>();
             DataCopyPad(vtWs_[vBase + s0], vt,
@@ -757,10 +827,13 @@ private:
     TQue<TPosition::VECIN, 2> gatherQue_;
     TBuf<TPosition::VECCALC> vRowsBuf_, vtBuf_, offBuf_, rowBuf_, sBuf_, pBuf_, accBuf_, statBuf_, oRowBuf_,
         outRowBuf_, workBuf_;
+    TBuf<TPosition::VECCALC> q8Buf_, deqBuf_, deqAuxBuf_, scaleRowBuf_, scaleOffBuf_;  // int8 dequantization
 
     GlobalTensor<T> qGm_, qRopeGm_, kvGm_, kvRopeGm_, vGm_, outGm_;
     GlobalTensor<int32_t> idxGm_, cuQGm_, cuKGm_, tableGm_, seqKGm_;
     GlobalTensor<float> sinkGm_, lseGm_;
+    GlobalTensor<int8_t> kvI8Gm_, vI8Gm_;        // an int8 kv / v (then kvGm_ / vGm_ are unused)
+    GlobalTensor<float> kvScaleGm_, vScaleGm_;   // their tile scales [rows, Hkv, tiles]
     GlobalTensor<T> qWs_, kWs_, vtWs_, pWs_;
     GlobalTensor<float> sWs_, oWs_;
 

@@ -35,6 +35,15 @@ struct SelectiveAttentionTiling {
     uint32_t causal;
     uint32_t hasSink;
     float smScale;
+    // quantized caches (docs/contract.md "Quantized caches"): an int8 kv / v with float32 scales of shape
+    // [rows, Hkv, tiles], value of column c = stored[c] * scale[c / scaleBlock]; dequantized on the vector
+    // cores after the gather (only kept rows are read), rounded once to the compute dtype for the cube
+    uint32_t kvInt8;         // 1: kv is int8 (kv_rope stays in the compute dtype)
+    uint32_t vInt8;          // 1: the separate v is int8
+    uint32_t scaleBlock;     // columns per scale
+    uint32_t kvScaleTiles;   // ceil(Dqk / scaleBlock): kv_scale's last dimension
+    uint32_t vScaleTiles;    // ceil(Dv / scaleBlock): v_scale's last dimension
+    uint32_t quantPad;       // widest quantized row rounded up to 16 (UB staging of one row; 0 = none)
     // ---- tiling (host/tiling.cpp: chosen per SoC from its on-chip capacities) ----
     uint32_t mTile;          // query heads per cube tile (multiple of 16)
     uint32_t nTile;          // candidate positions per tile (multiple of 16)

@@ -17,7 +17,8 @@
 #define PLANT_IDS X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14)
 #define X(N)                                                                                                     \
     extern "C" void plant_entry_##N(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR,      \
-                                    GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
+                                    GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR,      \
+                                    GM_ADDR);
 PLANT_IDS
 #undef X
 #define X(N) plant_entry_##N,

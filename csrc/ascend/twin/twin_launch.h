@@ -18,9 +18,10 @@
 namespace selattn {
 
 using TwinKernel = void (*)(uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*,
-                            uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*);
+                            uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*, uint8_t*);
 struct KernelArgs {
-    uint8_t *q = nullptr, *qRope = nullptr, *kv = nullptr, *kvRope = nullptr, *v = nullptr, *indices = nullptr,
+    uint8_t *q = nullptr, *qRope = nullptr, *kv = nullptr, *kvRope = nullptr, *v = nullptr, *kvScale = nullptr,
+            *vScale = nullptr, *indices = nullptr,
             *cuSeqlensQ = nullptr, *cuSeqlensK = nullptr, *blockTable = nullptr, *seqlensK = nullptr,
             *attnSink = nullptr, *out = nullptr, *lse = nullptr;
     // sizes in bytes of q and q_rope, for the twin's separate count of query reads (0: not counted apart)
@@ -75,7 +76,7 @@ inline LaunchReport LaunchTwin(TwinKernel kernel, const KernelArgs& a, const Sel
         auto core = [&](int coreType, int sub, int slot) {
             try {
                 AscendC::twin::EnterCore(coreType, b, tiling.blockDim, sub, &group);
-                kernel(a.q, a.qRope, a.kv, a.kvRope, a.v, a.indices, a.cuSeqlensQ, a.cuSeqlensK, a.blockTable,
+                kernel(a.q, a.qRope, a.kv, a.kvRope, a.v, a.kvScale, a.vScale, a.indices, a.cuSeqlensQ, a.cuSeqlensK, a.blockTable,
                        a.seqlensK, a.attnSink, a.out, a.lse, workspace.data(), tilingBytes.data());
                 for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) corePeak[slot][m] = AscendC::twin::S().peak[m];
             } catch (...) {
