@@ -121,3 +121,18 @@ def test_latent_kernel_runs_no_tile_past_the_last_kept_candidate(monkeypatch):
         assert wc.flops == tiles * per_tile
         ref_out, ref_lse = selective_attention_dense(q, kv, idx, d_v=16)
         assert torch.allclose(out.double(), ref_out, atol=1e-4) and torch.allclose(lse.double(), ref_lse, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_quant", ["fp8", "int8"])
+def test_bench_work_counts_a_quantized_cache_by_hand(kv_quant):
+    """The 'tiny' preset with its cache quantized (issue 16): each kept row is read once as 32 one-byte
+    values; its one float32 tile scale (32 columns < 128) is read twice, for the 16 value columns and
+    for the 16-column tail, which share the tile (DeepSeek's 512 + 64 columns do not: tiles 0-3 and 4):
+    40 B a row against 64 B in bfloat16. The dots are the three of the unquantized count."""
+    p = work.WORK_PRESETS["tiny"][0]
+    row = work.measure(p, "NVIDIA H200", kv_quant)
+    assert row["problem"] == f"{p.name}+{kv_quant}" and row["plan"]["kernel"] == "latent"
+    assert row["flops_executed"] == 3 * (2 * 16 * 32 * 16)
+    assert row["bytes_loaded"]["kv"] == 16 * 32 and row["bytes_loaded"]["kv_scale"] == 2 * 16 * 4
+    assert row["kv_bytes_per_row"] == 40.0 and work.measure(p, "NVIDIA H200")["kv_bytes_per_row"] == 64.0
+    assert row["bytes_ratio"]["kv"] == 1.0 and row["bytes_ratio"]["kv_scale"] == 2.0 and row["finite"]
