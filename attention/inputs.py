@@ -68,6 +68,11 @@ class _Derived:
         return self.kv.shape[-2]
 
     @property
+    def heads_per_kv(self) -> int:
+        """Query heads that share one kv head (H / Hkv; the Triton kernels' ``HG``, AscendC's ``headsPerKv``)."""
+        return self.q.shape[1] // self.kv.shape[-2]
+
+    @property
     def head_dim(self) -> int:
         return self.q.shape[2]
 

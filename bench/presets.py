@@ -7,17 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List
 
-from .problems import Problem
+from .problems import Case, Problem
 
 
-def dsv32(family: str, **kw) -> Problem:
+def dsv32(family: str, **kw) -> Case:
     base = dict(H=128, Hkv=1, Dqk=576, Dv=512, latent=True, K=2048, block_size=1, page_size=64,
                 shared_indices=True, dtype="bfloat16")
     base.update(kw)
     return Problem(family, **base)
 
 
-def nsa(family: str, **kw) -> Problem:
+def nsa(family: str, **kw) -> Case:
     # NSA selected-block branch as fla's parallel_nsa runs it: GQA with 16 query heads per kv head,
     # 64-token blocks, 16 blocks per query chosen per kv head, causal prefill.
     base = dict(H=64, Hkv=4, Dqk=128, Dv=128, latent=False, K=16, block_size=64, page_size=0,

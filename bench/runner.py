@@ -29,7 +29,7 @@ from attention._cli import (device_type, device_unavailable, dir_problem, file_p
 from . import report
 from .baselines import BackendImpl, Impl, Unavailable, all_baselines, sdpa_mode, split_result
 from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
-from .problems import DTYPES, Problem, byte_count, check_tokens, expected_float64, flop_count, make_inputs
+from .problems import DTYPES, Case, byte_count, check_tokens, expected_float64, flop_count, make_inputs
 from .selection import (check_selection, expected_selection, make_selection_inputs, selection_bytes,
                         selection_flops, selection_impls)
 from .timing import Timing, machine_info, measure_limits, nan_fill, sample_ms, timer_name, warm_and_calibrate
@@ -301,7 +301,7 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
                            "whole context (float32 on the CPU, upcast untimed; input dtype on a GPU); the "
                            "contiguous copy of the paged cache is untimed; query heads per kv head: "
                            + ", ".join(sorted({f"{getattr(p, 'name', '')}: {sdpa_mode(dev.type, p.H // p.Hkv)}"
-                                               for p in problems if isinstance(p, Problem)})),
+                                               for p in problems if isinstance(p, Case)})),
         ),
         results=results,
     )

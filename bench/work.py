@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .presets import dsv32, nsa  # noqa: E402
-from .problems import Problem, flop_count, kept_candidates, make_inputs  # noqa: E402
+from .problems import Case, flop_count, kept_candidates, make_inputs  # noqa: E402
 
 
 class WorkCounter:
@@ -161,7 +161,7 @@ class WorkCounter:
 # 4 x 1 keeps K=2048, whose 16-way split the plan depends on; 64 x 1 (128 programs: no split on 132
 # SMs at any K) uses K=128, every tile full as at 2048. The prefill is 128 causal tokens selecting
 # 64 (K / context = 1/2 as at 4096 / 2048).
-WORK_PRESETS: Dict[str, List[Problem]] = {
+WORK_PRESETS: Dict[str, List[Case]] = {
     "dsv32-decode": [dsv32("dsv32-decode-64x1", batch=64, q_per_seq=1, context=4096, K=128),
                      dsv32("dsv32-decode-4x1", batch=4, q_per_seq=1, context=4096)],
     "dsv32-prefill": [dsv32("dsv32-prefill", batch=1, q_per_seq=128, context=128, K=64, causal=True,
@@ -184,7 +184,7 @@ KV_QUANT = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 SCALE_BLOCK = 128
 
 
-def compulsory_bytes(p: Problem, kept: int, kv_quant: Optional[str] = None) -> Dict[str, int]:
+def compulsory_bytes(p: Case, kept: int, kv_quant: Optional[str] = None) -> Dict[str, int]:
     """Each (token, kv head)'s kept rows once, q once, out once (bytes of the problem's dtype; a
     quantized kv: 1 byte a column plus its rows' float32 tile scales, kv_scale)."""
     es = torch.tensor([], dtype=p.torch_dtype).element_size()
@@ -198,7 +198,7 @@ def compulsory_bytes(p: Problem, kept: int, kv_quant: Optional[str] = None) -> D
     return out
 
 
-def measure(p: Problem, target: str, kv_quant: Optional[str] = None) -> Dict[str, object]:
+def measure(p: Case, target: str, kv_quant: Optional[str] = None) -> Dict[str, object]:
     """Run problem ``p`` through the triton backend planned for ``target``; counts and ratios.
     ``kv_quant`` ("fp8" | "int8"): the latent cache quantized (attention.quantize_kv), kv_scale beside it."""
     import attention
@@ -244,7 +244,7 @@ def measure(p: Problem, target: str, kv_quant: Optional[str] = None) -> Dict[str
                 interpreter_seconds=round(secs, 1), finite=bool(torch.isfinite(out.float()).all()))
 
 
-def measure_backward(p: Problem, target: str, deterministic: bool = False) -> Dict[str, object]:
+def measure_backward(p: Case, target: str, deterministic: bool = False) -> Dict[str, object]:
     """Count the Triton backward (issue 17) of problem ``p``: executed dot FLOPs against the useful
     backward, 2.5x the forward's useful FLOPs (recomputed scores, dP, dV, dq, dK); the forward that
     produces (out, lse) runs outside the counter."""

@@ -237,3 +237,24 @@ def test_quantized_problem_is_checked_timed_and_counted_as_656_byte_rows(tmp_pat
                       "cpu")
     assert inp.kwargs["kv"].dtype == {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[qt]
     assert inp.kv_log.dtype == torch.float32
+
+
+def test_one_problem_description():
+    # The matrix, the tune presets, bench's presets and compile_budget's problems are all Cases: a
+    # uniform problem is a Case made by testing.Problem, rebuilt from its own fields.
+    from attention import tune
+    from attention.testing import CASES, Case, Problem
+    from bench import compile_budget
+    from bench.presets import PRESETS
+
+    problems = (list(tune.PRESETS.values()) + [p for ps in PRESETS.values() for p in ps if not isinstance(p, SelectionProblem)]
+                + list(compile_budget.PROBLEMS.values()))
+    assert all(type(p) is Case for p in problems + CASES)
+    for p in problems:
+        assert Problem(**p.workload()) == p
+        q = p.with_overrides(context=p.context + 64, dtype="float32")
+        assert (q.context, q.dtype, q.batch, q.q_per_seq, q.name) == (p.context + 64, "float32", p.batch, p.q_per_seq,
+                                                                      f"{p.family}/L={p.context + 64}")
+        assert q.T == p.T and q.seqs == ((p.q_per_seq, p.context + 64),) * p.batch
+    assert compile_budget.PROBLEMS["nsa-prefill"].op == "attention" and not compile_budget.PROBLEMS["nsa-prefill"].latent
+    assert compile_budget.PROBLEMS["dsv32-select-decode"].op == "select"

@@ -162,6 +162,7 @@ def test_shipped_ascend_record_is_marked_compile_checked_and_plans(soc, monkeypa
     inp = attention.validate(**CASES_BY_NAME["deepseek_split_rope"].make(torch.float32, "cpu"))
     cfg, source = launch.resolve_config(inp)
     assert source == "default" and cfg["GATHER_ROWS"] == 1
+    assert launch.plan(inp, cfg)["KEPT_CHUNK"] == rec["config"]["KEPT_CHUNK"]
     assert launch.sm_count(inp.device) == dict(launch.SM_COUNTS)[soc]
 
 
@@ -222,6 +223,22 @@ def test_check_compiles_every_kernel_of_the_package(soc):
     got = __import__("json").loads(r.stdout.strip().splitlines()[-1])
     assert got["seen"] == got["defined"] and len(got["defined"]) >= 8, got
     assert got["gather_rows"] and all(got["gather_rows"]), got
+
+
+@pytest.mark.skipif(not BACKEND.test_devices(), reason="triton backend cannot run here")
+@pytest.mark.parametrize("case_name", ["k_large_odd", "block4_causal", "block_causal_varlen"])
+def test_latent_kernel_with_a_short_kept_chunk_matches_oracle(case_name):
+    """The latent kernel with the Ascend records' 16 x 16 tiles and a kept-end pass in chunks (KEPT_CHUNK)
+    shorter than the candidate list, so the pass takes several steps."""
+    args = CASES_BY_NAME[case_name].make(torch.float32, DEVICE)
+    inp = attention.validate(**args)
+    cfg = dict(BLOCK_H=16, BLOCK_N=16, KEPT_CHUNK=16)
+    p = launch.plan(inp, dict(tuning.FALLBACK_CONFIG, **cfg))
+    assert p["kernel"] == "latent" and p["KEPT_CHUNK"] == 16 and inp.topk * inp.block_size > 16
+    out, lse = launch.forward(inp, override=cfg, autotune=False)
+    ref_out, ref_lse = oracle(args)
+    tol_out, tol_lse = TOLERANCES[torch.float32]
+    assert _max_err(out, ref_out) <= tol_out and _max_err(lse, ref_lse) <= tol_lse
 
 
 # ---------------------------------------------------------------- registry and info

@@ -60,6 +60,9 @@ CONFIG_FIELDS: Dict[str, Tuple[Tuple[int, int], bool]] = {
     # The general kernel's rope chunk (default: BLOCK_D) and its key-gather shape (1: rows, transposed
     # on chip; what triton-ascend turns into row copies, docs/triton.md "Ascend"); 0 on NVIDIA.
     "BLOCK_DR": ((16, 1024), True), "GATHER_ROWS": ((0, 1), False),
+    # Indices per step of the latent kernel's kept-end pass (default launch.KEPT_CHUNK): int64 vectors
+    # of this length sit in Ascend's UB beside the tile (docs/triton.md "Ascend").
+    "KEPT_CHUNK": ((16, 4096), True),
 }
 
 _warned: set = set()

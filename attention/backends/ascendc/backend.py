@@ -80,7 +80,8 @@ class AscendCBackend(Backend):
             lines[f"tiling {s['name']}"] = (
                 f"DeepSeek H=128 Dqk=576 Dv=512 K=2048 {shape['dtype']}: mTile={p['mTile']} nTile={p['nTile']} "
                 f"dkChunk={p['dkChunk']} dvChunk={p['dvChunk']} buffers vec/kv/l0={p['vecBufNum']}/"
-                f"{p['kvBufNum']}/{p['l0BufNum']} blocks<= {s['aic']} | {mem}"
+                f"{p['kvBufNum']}/{p['l0BufNum']} T=1: {p['numSplits']} candidate splits on {p['blockDim']} of "
+                f"{s['aic']} cube cores | {mem}"
                 + ("" if p["fits"] else f" | DOES NOT FIT: {p['problems']}"))
         return lines
 

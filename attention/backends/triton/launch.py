@@ -246,7 +246,8 @@ def plan(inp, cfg: Dict) -> Dict:
     return dict(kernel="latent" if latent else "general", BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DR=bdr,
                 BLOCK_DV=bdv, BLOCK_DT=bdt, NUM_HB=num_hb, NUM_DVB=num_dvb, num_splits=splits,
                 cand_per_split=per_split, num_warps=int(cfg.get("num_warps", 4)),
-                num_stages=int(cfg.get("num_stages", 1)), GATHER_ROWS=bool(cfg.get("GATHER_ROWS", 0)))
+                num_stages=int(cfg.get("num_stages", 1)), GATHER_ROWS=bool(cfg.get("GATHER_ROWS", 0)),
+                KEPT_CHUNK=int(cfg.get("KEPT_CHUNK", KEPT_CHUNK)))
 
 
 def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
@@ -336,7 +337,7 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     if p["kernel"] == "latent":
         # The loop's own pipelining (tl.range num_stages) is the ring of candidate tiles.
         selective_attention_latent_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_DT=p["BLOCK_DT"],
-                                                NUM_STAGES=p["num_stages"], KEPT_CHUNK=KEPT_CHUNK,
+                                                NUM_STAGES=p["num_stages"], KEPT_CHUNK=p["KEPT_CHUNK"],
                                                 num_warps=p["num_warps"])
     else:
         args.update(V=v, **_named("stride_v", "prhd", _strides(v, paged, 4)), NUM_DVB=p["NUM_DVB"],

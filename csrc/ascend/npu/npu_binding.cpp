@@ -28,8 +28,9 @@
 #include "binding_common.h"
 #include "tiling.h"
 
-extern "C" int selattn_launch(uint32_t blockDim, void* stream, int dtypeCode, uint8_t* q, uint8_t* qRope, uint8_t* kv,
-                              uint8_t* kvRope, uint8_t* v, uint8_t* kvScale, uint8_t* vScale, uint8_t* indices, uint8_t* cuSeqlensQ, uint8_t* cuSeqlensK,
+extern "C" int selattn_launch(uint32_t blockDim, uint32_t combineBlockDim, void* stream, int dtypeCode, uint8_t* q,
+                              uint8_t* qRope, uint8_t* kv, uint8_t* kvRope, uint8_t* v, uint8_t* kvScale, uint8_t* vScale,
+                              uint8_t* indices, uint8_t* cuSeqlensQ, uint8_t* cuSeqlensK,
                               uint8_t* blockTable, uint8_t* seqlensK, uint8_t* attnSink, uint8_t* out, uint8_t* lse,
                               uint8_t* workspace, uint8_t* tiling);
 
@@ -133,11 +134,12 @@ void Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, const Op
     if (sh.T == 0 || sh.H == 0) return;  // nothing to launch
 
     const Tensor& tilingDev = DeviceTilingFor(tiling, q.device());
-    // from torch_npu's caching allocator, on the current stream: freed memory is reused without a sync
-    Tensor workspace = at::empty({static_cast<int64_t>(tiling.workspacePerBlock * tiling.blockDim)},
+    // from torch_npu's caching allocator, on the current stream: freed memory is reused without a sync.
+    // Every block's hand-over part, then the partial results of a decode split (read by the combine launch)
+    Tensor workspace = at::empty({static_cast<int64_t>(tiling.workspacePerBlock * tiling.blockDim + tiling.partialBytes)},
                                  q.options().dtype(at::kByte));
     void* stream = c10_npu::getCurrentNPUStream().stream(false);
-    const int rc = selattn_launch(tiling.blockDim, stream, dtypeCode, static_cast<uint8_t*>(q.data_ptr()), Addr(qRope),
+    const int rc = selattn_launch(tiling.blockDim, tiling.combineBlockDim, stream, dtypeCode, static_cast<uint8_t*>(q.data_ptr()), Addr(qRope),
                                   static_cast<uint8_t*>(kv.data_ptr()), Addr(kvRope), Addr(v), Addr(kvScale), Addr(vScale),
                                   static_cast<uint8_t*>(indices.data_ptr()), static_cast<uint8_t*>(cuSeqlensQ.data_ptr()),
                                   Addr(cuSeqlensK), Addr(blockTable), Addr(seqlensK), Addr(attnSink),
