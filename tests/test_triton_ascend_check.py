@@ -134,7 +134,7 @@ def test_select_is_declined_on_npu_for_the_known_failure():
 
     from attention.backends.triton import selection
 
-    inp = SimpleNamespace(op="select", block_size=1, k=2048, device=torch.device("cpu"))
+    inp = SimpleNamespace(op="select", block_size=1, k=2048, device=torch.device("cpu"), quantized=False)
     assert selection.limit_reasons(inp) == []
     inp.device = SimpleNamespace(type="npu")
     assert any("npu" in r and "vsort" in r for r in selection.limit_reasons(inp))
