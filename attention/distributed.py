@@ -494,18 +494,40 @@ def select(
     its positions' scores gathered from every rank holding one, with the same reduction as one device.
     """
     rank, world = _group_info(group)
-    error = None
+    inp, meta, local_w = _checked_select_inputs(
+        q_idx, k_idx_shard, weights, k, shard, group, rank, world, check_ranks, scale=scale,
+        cu_seqlens_q=cu_seqlens_q, block_table=block_table, causal=causal, block_size=block_size,
+        block_reduce=block_reduce, backend=backend)
+    paged = k_idx_shard.dim() == 3
+    # 1. This rank's position scores, [T, local_w], -inf past each local length.
+    scores = _lightning_indexer(q_idx, k_idx_shard, weights, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                cu_seqlens_k=None if paged else meta["cu_seqlens_k"], block_table=block_table,
+                                seqlens_k=meta["seqlens_k"] if paged else None, max_seqlen_k=local_w,
+                                causal=False, backend=backend)
+    # 2. Block scores in a frame aligned on global blocks.
+    seq, _, q_pos, _ = python_ref.token_metadata(q_idx.shape[0], None, q_idx.device, cu_seqlens_q, None,
+                                                 meta["seqlens"])
+    fs, blk, gid, base = _block_frame(scores, inp, shard, rank, meta["starts"][seq], q_pos, local_w)
+    # 3. Blocks shared by several ranks travel as position scores, not as local candidates.
+    blk, frag64, bid = _straddling_blocks(fs, blk, gid, base, seq, shard, inp.block_size)
+    # 4. One all-gather of the local top-k (and the fragments), one global top-k.
+    return _global_top_k(blk, gid, frag64, bid, inp, world, group)
+
+
+def _checked_select_inputs(q_idx, k_idx_shard, weights, k, shard, group, rank, world, check_ranks, **kw):
+    """(inputs, shard metadata, local score width) after the selection rules on the rank's local view;
+    a bad input on one rank raises on every rank when ``check_ranks`` (see :func:`select`)."""
+    error = inp = meta = None
+    local_w = 0
     try:
-        B = _check_shard(shard, world, ("q_idx", q_idx), ("k_idx_shard", k_idx_shard), cu_seqlens_q)
+        B = _check_shard(shard, world, ("q_idx", q_idx), ("k_idx_shard", k_idx_shard), kw["cu_seqlens_q"])
         paged = k_idx_shard.dim() == 3
         meta = shard.tensors(rank, q_idx.device)
         local_w = max(shard.lengths(rank)) if B else 0
         try:
             inp = validate_selection(
-                "select", q_idx, k_idx_shard, weights, k, scale=scale, cu_seqlens_q=cu_seqlens_q,
-                cu_seqlens_k=None if paged else meta["cu_seqlens_k"], block_table=block_table,
-                seqlens_k=meta["seqlens_k"] if paged else None, max_seqlen_k=local_w, causal=causal,
-                block_size=block_size, block_reduce=block_reduce, backend=backend)
+                "select", q_idx, k_idx_shard, weights, k, cu_seqlens_k=None if paged else meta["cu_seqlens_k"],
+                seqlens_k=meta["seqlens_k"] if paged else None, max_seqlen_k=local_w, **kw)
         except (ValueError, TypeError) as e:
             raise _shard_error(e, shard, rank, "k_idx", "k_idx_shard") from None
     except (ValueError, TypeError) as e:
@@ -519,21 +541,18 @@ def select(
                q_idx.device if isinstance(q_idx, Tensor) else "cpu", group, "attention.distributed.select")
     elif error is not None:
         raise error
+    return inp, meta, local_w
 
-    dev = q_idx.device
-    T, b = q_idx.shape[0], inp.block_size
-    # 1. This rank's position scores, [T, local_w], -inf past each local length.
-    scores = _lightning_indexer(q_idx, k_idx_shard, weights, scale=scale, cu_seqlens_q=cu_seqlens_q,
-                                cu_seqlens_k=None if paged else meta["cu_seqlens_k"], block_table=block_table,
-                                seqlens_k=meta["seqlens_k"] if paged else None, max_seqlen_k=local_w,
-                                causal=False, backend=backend)
-    # 2. Into a frame aligned on global blocks: frame column f is global position (start - start % b) + f.
-    seq, _, q_pos, _ = python_ref.token_metadata(T, None, dev, cu_seqlens_q, None, meta["seqlens"])
-    starts = shard.starts(rank)
-    frame = max((s % b + n for s, n in zip(starts, shard.lengths(rank))), default=0)
+
+def _block_frame(scores: Tensor, inp, shard: ShardLayout, rank: int, start: Tensor, q_pos: Tensor,
+                 local_w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """This rank's scores in a frame aligned on global blocks: frame column f of token t is global position
+    base[t] + f, base = its sequence's shard start rounded down to a block. Returns (frame scores [T, frame]
+    with the global causal rule applied, block scores [T, nblk], their global block ids, base)."""
+    T, b, dev = scores.shape[0], inp.block_size, scores.device
+    frame = max((s % b + n for s, n in zip(shard.starts(rank), shard.lengths(rank))), default=0)
     nblk = -(-frame // b)
     frame = nblk * b
-    start = meta["starts"][seq]
     off = start % b
     f = torch.arange(frame, device=dev, dtype=torch.int64)
     if b > 1 or frame != local_w:
@@ -549,39 +568,50 @@ def select(
         fs = torch.where(base[:, None] + f[None, :] <= q_pos[:, None], fs, float("-inf"))
     blk = reduce_blocks(fs, b, inp.block_reduce) if b > 1 else fs  # [T, nblk]
     gid = base[:, None] // b + torch.arange(nblk, device=dev, dtype=torch.int64)[None, :]
+    return fs, blk, gid, base
 
-    # 3. Blocks shared by several ranks: leave them out of the local candidates and send their position
-    #    scores instead (every position is held by exactly one rank; the others send -inf).
+
+def _straddling_blocks(fs: Tensor, blk: Tensor, gid: Tensor, base: Tensor, seq: Tensor, shard: ShardLayout,
+                       b: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Blocks shared by several ranks: left out of the local candidates (their score here is partial);
+    their position scores are sent instead (every position is held by exactly one rank; the others send
+    -inf). Returns (block scores, fragments packed as int64 [T, *] to ride with the keys, the shared
+    block ids [T, nb_max] per token or None)."""
+    T, frame, dev = fs.shape[0], fs.shape[1], fs.device
     # (Cached per device: a host-to-device copy per call would be a sync on CUDA.)
     table = shard.boundary_table(b, dev) if b > 1 else None
-    nb_max = table.shape[1] if table is not None else 0
-    if nb_max:
-        bid = table[seq]  # [T, nb_max]
-        shared = (gid[:, :, None] == bid[:, None, :]).any(dim=2)
-        blk = torch.where(shared, float("-inf"), blk)
-        col = ((bid - base[:, None] // b) * b)[:, :, None] + torch.arange(b, device=dev)[None, None, :]
-        held = (bid[:, :, None] >= 0) & (col >= 0) & (col < frame)
-        frag = torch.where(held, torch.gather(fs, 1, col.clamp(0, max(frame - 1, 0)).flatten(1)).view(col.shape)
-                           if frame else fs.new_full(col.shape, float("-inf")), float("-inf"))
-        frag = frag.to(torch.float32).flatten(1)
-        if frag.shape[1] % 2:
-            frag = torch.nn.functional.pad(frag, (0, 1), value=float("-inf"))
-        frag64 = frag.contiguous().view(torch.int64)  # rides in the same all-gather as the keys
-    else:
-        frag64 = torch.empty(T, 0, device=dev, dtype=torch.int64)
+    if table is None or not table.shape[1]:
+        return blk, torch.empty(T, 0, device=dev, dtype=torch.int64), None
+    bid = table[seq]  # [T, nb_max]
+    shared = (gid[:, :, None] == bid[:, None, :]).any(dim=2)
+    blk = torch.where(shared, float("-inf"), blk)
+    col = ((bid - base[:, None] // b) * b)[:, :, None] + torch.arange(b, device=dev)[None, None, :]
+    held = (bid[:, :, None] >= 0) & (col >= 0) & (col < frame)
+    frag = torch.where(held, torch.gather(fs, 1, col.clamp(0, max(frame - 1, 0)).flatten(1)).view(col.shape)
+                       if frame else fs.new_full(col.shape, float("-inf")), float("-inf"))
+    frag = frag.to(torch.float32).flatten(1)
+    if frag.shape[1] % 2:
+        frag = torch.nn.functional.pad(frag, (0, 1), value=float("-inf"))
+    return blk, frag.contiguous().view(torch.int64), bid
 
-    # 4. Local top-k as packed keys (exact order, no ties: pack_keys), padded to k.
+
+def _global_top_k(blk: Tensor, gid: Tensor, frag64: Tensor, bid: Optional[Tensor], inp, world: int,
+                  group) -> Tensor:
+    """Local top-k as packed keys (exact order, no ties: pack_keys), padded to k, all-gathered with the
+    straddling blocks' fragments; the global top-k of every rank's candidates and the whole blocks."""
+    T, nblk, b = blk.shape[0], blk.shape[1], inp.block_size
     kk = min(inp.k, nblk)
     keys = pack_keys(blk, gid)
     keys = torch.topk(keys, kk, dim=1).values if kk else keys[:, :0]
     if kk < inp.k:
         keys = torch.cat([keys, keys.new_full((T, inp.k - kk), _NO_KEY)], dim=1)
     mine = torch.cat([keys, frag64], dim=1).contiguous()
-    allk = torch.empty((world * T, mine.shape[1]), device=dev, dtype=torch.int64)
+    allk = torch.empty((world * T, mine.shape[1]), device=blk.device, dtype=torch.int64)
     _all_gather(allk, mine, group)
     allk = allk.view(world, T, -1)
     cand = allk[:, :, :inp.k].transpose(0, 1).reshape(T, world * inp.k)
-    if nb_max:
+    if bid is not None:
+        nb_max = bid.shape[1]
         frags = allk[:, :, inp.k:].contiguous().view(torch.float32)[:, :, :nb_max * b]  # [W, T, nb_max*b]
         # amax over ranks: the holder's value (NaN included: amax propagates it, as one device sees it).
         whole = frags.amax(dim=0)

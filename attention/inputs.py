@@ -68,6 +68,11 @@ class _Derived:
         return self.kv.shape[-2]
 
     @property
+    def heads_per_kv(self) -> int:
+        """Query heads that share one kv head (H / Hkv; the Triton kernels' ``HG``, AscendC's ``headsPerKv``)."""
+        return self.q.shape[1] // self.kv.shape[-2]
+
+    @property
     def head_dim(self) -> int:
         return self.q.shape[2]
 
@@ -250,7 +255,7 @@ def need_backend_name(backend) -> None:
 
 def is_fake(x: Tensor) -> bool:
     # FakeTensor / meta tensors carry no data: content checks are skipped for them.
-    return x.device.type == "meta" or type(x).__name__ in ("FakeTensor", "FunctionalTensor")
+    return x.is_meta or type(x).__name__ in ("FakeTensor", "FunctionalTensor")
 
 
 def validate(*args, check_contents: Optional[bool] = None, **kwargs) -> SelectiveAttentionInputs:
@@ -267,7 +272,7 @@ def validate(*args, check_contents: Optional[bool] = None, **kwargs) -> Selectiv
     _check_quantization(inp)
     inp.layout = KVLayout.check(inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table, inp.seqlens_k)
     if check_contents is None:
-        check_contents = inp.q.device.type == "cpu" or debug_checks_enabled()
+        check_contents = inp.q.is_cpu or debug_checks_enabled()
     if check_contents and not is_fake(inp.q):
         check_sequence_contents(inp)
     return inp

@@ -7,40 +7,23 @@ split-K combine of the Triton forward (one part per split; same tile function). 
 ``torch.ops.attention.merge_attention_states(outs, lses, attn_sink=None, backend=None) -> (out, lse)``
 with a fake kernel (torch.compile, opcheck).
 
-Which implementation runs follows the inputs' device, as attention/selection.py does, from one
-small declarative table:
-
-=========== =================== ============================================================
-impl        devices (automatic) notes
-=========== =================== ============================================================
-triton      cuda                attention/backends/triton/merge.py; CPU tensors only when forced
-                                (``backend="triton"``) under TRITON_INTERPRET=1 (tests)
-reference   any                 python_ref.merge (torch ops on whatever device)
-=========== =================== ============================================================
+Which implementation runs is the registry's choice for the op ``merge`` (attention/registry.py), as
+for every other op: backends declare it in their ``ops`` (``reference`` on any device; ``triton`` on
+cuda, and on CPU tensors under TRITON_INTERPRET=1 when forced with ``backend="triton"``, for tests).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-import python_ref
-
+from . import registry
 from .inputs import FLOAT_DTYPES, dtype_name, need_backend_name, need_rank, need_tensor
 
-__all__ = ["merge_attention_states", "validate_merge", "choose_merge_impl", "MERGE_IMPLS"]
-
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    from .backends.triton.backend import interpreting  # the one reading of TRITON_INTERPRET
-
-    return interpreting()
+__all__ = ["merge_attention_states", "validate_merge", "MergeInputs", "choose_merge_backend"]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -94,61 +77,39 @@ def _stack(name: str, x) -> Tensor:
     return torch.stack(list(x))
 
 
-# ----------------------------------------------------------------------------- implementations
-@dataclass(frozen=True)
-class MergeImpl:
-    """One implementation: where it runs automatically, where it may be forced, and why not."""
+# ----------------------------------------------------------------------------- registry inputs
+@dataclass
+class MergeInputs:
+    """Validated arguments of one merge, as the registry and the backends read them (op ``merge``)."""
 
-    name: str
-    auto_devices: FrozenSet[str]  # "*" = any device
-    run: Callable[[Tensor, Tensor, Optional[Tensor]], Tuple[Tensor, Tensor]]
-    unavailable: Callable[[], List[str]] = lambda: []
-    forced_devices: Callable[[], FrozenSet[str]] = lambda: frozenset({"*"})
+    outs: Tensor  # [N, T, H, Dv]
+    lses: Tensor  # [N, T, H]
+    attn_sink: Optional[Tensor] = None  # [H] float32
+    backend: Optional[str] = None
 
-    def reasons(self, device_type: str, forced: bool) -> List[str]:
-        r = list(self.unavailable())
-        devs = self.forced_devices() if forced else self.auto_devices
-        if "*" not in devs and device_type not in devs:
-            r.append(f"device {device_type} not in {sorted(devs)}")
-        return r
+    op = "merge"
+    #: no environment variable forces the merge (ATTENTION_BACKEND names an attention backend)
+    force_env = None
+    features = frozenset()  # a merge has no optional feature for a backend to declare
 
+    @property
+    def device(self) -> torch.device:
+        return self.outs.device
 
-def _triton_run(outs, lses, attn_sink):
-    from .backends.triton.merge import merge_attention_states as run
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.outs.dtype
 
-    return run(outs, lses, attn_sink)
+    def choice_key(self) -> tuple:
+        return (self.outs.device.type, self.outs.dtype)
 
-
-def _triton_unavailable() -> List[str]:
-    if not _HAVE_TRITON:
-        return ["triton not importable"]
-    if not torch.cuda.is_available() and not _interpreting():
-        return ["no CUDA device (CPU tensors need TRITON_INTERPRET=1)"]
-    return []
+    def describe(self) -> str:
+        return f"merge outs={tuple(self.outs.shape)} {dtype_name(self.outs.dtype)}"
 
 
-# In priority order: the first whose automatic devices hold the inputs' device and that is available.
-MERGE_IMPLS: Tuple[MergeImpl, ...] = (
-    MergeImpl("triton", frozenset({"cuda"}), _triton_run, _triton_unavailable,
-              lambda: frozenset({"cuda", "cpu"}) if _interpreting() else frozenset({"cuda"})),
-    MergeImpl("reference", frozenset({"*"}), python_ref.merge_attention_states),
-)
-
-
-def choose_merge_impl(device: torch.device, backend: Optional[str] = None) -> MergeImpl:
-    by_name = {m.name: m for m in MERGE_IMPLS}
-    if backend is not None:
-        if backend not in by_name:
-            raise ValueError(f"backend must be one of {sorted(by_name)}, got {backend!r}")
-        reasons = by_name[backend].reasons(device.type, forced=True)
-        if reasons:
-            raise ValueError(f"backend {backend!r} cannot run merge_attention_states on {device.type}: "
-                             f"{'; '.join(reasons)}")
-        return by_name[backend]
-    for m in MERGE_IMPLS:
-        if not m.reasons(device.type, forced=False):
-            return m
-    raise ValueError(f"no merge implementation for device {device.type}")  # unreachable: reference is "*"
+def choose_merge_backend(inp: MergeInputs):
+    """The registered backend that merges these inputs (``backend=`` forces one)."""
+    return registry.choose_backend(inp)
 
 
 # ----------------------------------------------------------------------------- torch.library op
@@ -160,8 +121,8 @@ _lib.define("merge_attention_states(Tensor outs, Tensor lses, Tensor? attn_sink=
 
 
 def _impl(outs, lses, attn_sink=None, backend=None):
-    outs, lses, attn_sink = validate_merge(outs, lses, attn_sink, backend)
-    return choose_merge_impl(outs.device, backend).run(outs, lses, attn_sink)
+    inp = MergeInputs(*validate_merge(outs, lses, attn_sink, backend), backend)
+    return choose_merge_backend(inp).forward(inp)
 
 
 _lib.impl("merge_attention_states", _impl, "CompositeExplicitAutograd")

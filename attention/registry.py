@@ -4,7 +4,8 @@ A backend is a small class that *declares* what it has, opt-in (the default is n
 
 - ``ops``: op name -> the features of that op it implements, e.g.
   ``{"attention": frozenset({"latent", "paged", ...}), "select": frozenset({"contiguous"})}``.
-  Op names: ``attention``, ``attention_backward``, ``lightning_indexer``, ``topk_indices``, ``select``.
+  Op names: ``attention``, ``attention_backward``, ``lightning_indexer``, ``topk_indices``, ``select``,
+  ``merge`` (``merge_attention_states``).
 - ``priorities``: device type -> rank, lower first (``{"cuda": 10, "cpu": 50}``; ``"*"`` = any device).
 - ``dtypes``, ``max_head_dim``, ``max_heads_per_kv``, and ``limit_reasons(inp)`` for shape limits.
 
@@ -31,7 +32,7 @@ import torch
 from .inputs import dtype_name, new_outputs
 
 #: Every op the registry chooses a backend for.
-OPS = ("attention", "attention_backward", "lightning_indexer", "topk_indices", "select")
+OPS = ("attention", "attention_backward", "lightning_indexer", "topk_indices", "select", "merge")
 
 #: Quantized caches: "kv_fp8" when kv or a separate v is float8_e4m3fn, "kv_int8" when one is int8
 #: (with kv_scale / v_scale; docs/contract.md "Quantized caches").
@@ -103,9 +104,8 @@ class Backend:
                 if widest > self.max_head_dim:
                     reasons.append(f"head width {widest} > {self.max_head_dim}")
             if self.max_heads_per_kv is not None:
-                heads_per_kv = inp.num_heads // inp.num_kv_heads
-                if heads_per_kv > self.max_heads_per_kv:
-                    reasons.append(f"{heads_per_kv} query heads per kv head > {self.max_heads_per_kv}")
+                if inp.heads_per_kv > self.max_heads_per_kv:
+                    reasons.append(f"{inp.heads_per_kv} query heads per kv head > {self.max_heads_per_kv}")
         if not reasons:
             reasons.extend(self.limit_reasons(inp))
         return reasons
@@ -201,6 +201,8 @@ def forced_backend_name(inp) -> Optional[str]:
     """The argument wins over the op's environment variable."""
     if inp.backend:
         return inp.backend
+    if inp.force_env is None:  # an op no environment variable forces (merge)
+        return None
     return os.environ.get(inp.force_env, "").strip() or None
 
 

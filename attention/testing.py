@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -69,13 +69,79 @@ class Case:
     # (NaN) get NaN scales: a kernel that reads a dropped row's scale fails the comparison.
     kv_quant: Optional[str] = None
     scale_block: int = 128
+    # A uniform workload (made by :func:`Problem`: ``index_mode="selector"``): its family (problems of
+    # one family differ only in context), the dtype its inputs are made in, a note for reports, and
+    # the op it describes ("attention"; "select" / "indexer": H, Dqk, K are Hi, Di, k).
+    family: str = ""
+    dtype: str = "float32"
+    description: str = ""
+    op: str = "attention"
 
     @property
     def T(self) -> int:
         return sum(lq for lq, _ in self.seqs)
 
-    def make(self, dtype: torch.dtype = torch.float32, device="cpu") -> Dict[str, object]:
-        """Keyword arguments of ``attention.selective_attention`` (q, kv, indices included)."""
+    # ---- a uniform problem's shape (every sequence holds the same (q_per_seq, context) pair) ----
+    @property
+    def batch(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def q_per_seq(self) -> int:
+        return self.seqs[0][0] if self.seqs else 0
+
+    @property
+    def context(self) -> int:
+        return self.seqs[0][1] if self.seqs else 0
+
+    @property
+    def G(self) -> int:
+        """Index groups (rows of indices per token)."""
+        return 1 if self.shared_indices else self.Hkv
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.H // self.Hkv
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES_BY_NAME[self.dtype]
+
+    def describe(self) -> str:
+        mode = "latent" if self.latent else "separate v"
+        cache = f"paged({self.page_size})" if self.page_size else "contiguous"
+        sel = f"K={self.K}" + (f" blocks of {self.block_size}" if self.block_size > 1 else "")
+        rope = f"+{self.Dr}" if self.Dr else ""
+        quant = f", kv {self.kv_quant}" if self.kv_quant else ""
+        return (f"B={self.batch} x {self.q_per_seq} tok, L={self.context}, H={self.H}/Hkv={self.Hkv}, "
+                f"Dqk={self.Dqk}{rope} Dv={self.Dv} {mode}, {sel}, {cache}, "
+                f"{'causal, ' if self.causal else ''}{self.dtype}{quant}")
+
+    def workload(self) -> Dict[str, object]:
+        """The arguments of :func:`Problem` that rebuild this uniform problem."""
+        d = {k: getattr(self, k) for k in _WORKLOAD_FIELDS}
+        d.update({k: getattr(self, k) for k in _WORKLOAD_EXTRAS if getattr(self, k) != _CASE_DEFAULTS[k]})
+        return d
+
+    def as_dict(self) -> Dict[str, object]:
+        """A uniform problem as a report row (JSON-ready)."""
+        d = {k: getattr(self, k) for k in _WORKLOAD_FIELDS}
+        d["name"] = self.name
+        d["T"] = self.T
+        return d
+
+    def with_overrides(self, **kw) -> "Case":
+        """This uniform problem with the given fields replaced (None = keep)."""
+        return Problem(**{**self.workload(), **{k: v for k, v in kw.items() if v is not None}})
+
+    def make(self, dtype: Optional[torch.dtype] = None, device="cpu", seed: Optional[int] = None) -> Dict[str, object]:
+        """Keyword arguments of ``attention.selective_attention`` (q, kv, indices included), in ``dtype``
+        (default: the case's own). A uniform problem (``index_mode="selector"``) is made by
+        :meth:`make_logical` from ``seed`` (default 0); a matrix case from its name."""
+        if self.index_mode == "selector":
+            p = self if dtype is None else replace(self, dtype=dtype_name(dtype))
+            return p.make_logical(device, 0 if seed is None else seed)[0]
+        dtype = self.torch_dtype if dtype is None else dtype
         # One generator seeded from the name, drawn from in a fixed order (q, q_rope, cache, indices,
         # sink): a case's inputs never change when another case is added.
         g = torch.Generator().manual_seed(zlib.crc32(self.name.encode()))
@@ -209,6 +275,82 @@ class Case:
         return indices
 
 
+    def make_logical(self, device="cpu", seed: int = 0):
+        """``(kwargs, kv_log, kvr_log, v_log)``: keyword arguments of ``selective_attention`` and the
+        logical (unpaged, ``[batch, context, Hkv, D]``) views of the same cache values (with
+        ``kv_quant``, the dequantized values in float32: what the op reads)."""
+        p = self
+        dev = torch.device(device)
+        dt = p.torch_dtype
+        gen = torch.Generator().manual_seed(seed)
+        dgen = torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else None
+
+        def rn(*shape):
+            # Random data is made on the device where possible: a 128K x 576 cache is 300 MB of float32.
+            if dgen is not None:
+                return torch.randn(*shape, generator=dgen, device=dev, dtype=torch.float32).to(dt)
+            return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dt).to(dev)
+
+        B, L, Lq = p.batch, p.context, p.q_per_seq
+        q = rn(p.T, p.H, p.Dqk)
+        q_rope = rn(p.T, p.H, p.Dr) if p.Dr else None
+        kv_log = rn(B, L, p.Hkv, p.Dqk)
+        kvr_log = rn(B, L, p.Hkv, p.Dr) if p.Dr else None
+        v_log = None if p.latent else rn(B, L, p.Hkv, p.Dv)
+        indices = sample_indices(p, dev, gen)
+
+        kwargs: Dict[str, object] = dict(q=q, indices=indices, block_size=p.block_size, causal=p.causal)
+        if p.sink:  # drawn last: the other inputs do not depend on it
+            kwargs["attn_sink"] = torch.randn(p.H, generator=gen).to(dev)
+        if p.latent:
+            kwargs["d_v"] = p.Dv
+        if q_rope is not None:
+            kwargs["q_rope"] = q_rope
+        if B > 1:
+            kwargs["cu_seqlens_q"] = (torch.arange(B + 1, dtype=torch.int32) * Lq).to(dev)
+        if p.page_size:
+            pg = p.page_size
+            npg = math.ceil(L / pg)
+            P = B * npg
+            # Pages scattered over the pool in a random order, as a serving cache ends up.
+            perm = torch.randperm(P, generator=gen).to(dev)
+            table = perm.view(B, npg).to(torch.int32)
+
+            def paged(x):
+                if x is None:
+                    return None
+                D = x.shape[-1]
+                pad = npg * pg - L
+                xp = torch.cat([x, x.new_zeros(B, pad, p.Hkv, D)], dim=1) if pad else x
+                pool = torch.empty(P, pg, p.Hkv, D, dtype=x.dtype, device=dev)
+                pool[perm.to(torch.int64)] = xp.reshape(P, pg, p.Hkv, D)
+                return pool
+
+            kwargs.update(kv=paged(kv_log), block_table=table,
+                          seqlens_k=torch.full((B,), L, dtype=torch.int32, device=dev))
+            stores = dict(kv_rope=paged(kvr_log), v=paged(v_log))
+        else:
+            flat = lambda x: None if x is None else x.reshape(B * L, p.Hkv, x.shape[-1])  # noqa: E731
+            kwargs["kv"] = flat(kv_log)
+            stores = dict(kv_rope=flat(kvr_log), v=flat(v_log))
+            if B > 1:
+                kwargs["cu_seqlens_k"] = (torch.arange(B + 1, dtype=torch.int32) * L).to(dev)
+        kwargs.update({k: x for k, x in stores.items() if x is not None})
+        if p.kv_quant:
+            # Quantized per row, so quantizing the (paged) storage and the logical view gives the same
+            # values; the logical views become those values, dequantized.
+            from .api import quantize_kv
+
+            qdt, sb = QUANT_DTYPES_BY_NAME[p.kv_quant], p.scale_block
+            for name, scale_name in (("kv", "kv_scale"), ("v", "v_scale")):
+                if name in kwargs:
+                    kwargs[name], kwargs[scale_name] = quantize_kv(kwargs[name], qdt, sb)
+            if sb != 128:  # the op's default
+                kwargs["scale_block"] = sb
+            kv_log = python_ref.dequantize(*quantize_kv(kv_log, qdt, sb), sb)
+            v_log = None if v_log is None else python_ref.dequantize(*quantize_kv(v_log, qdt, sb), sb)
+        return kwargs, kv_log, kvr_log, v_log
+
 def _cu(lengths: Sequence[int]) -> torch.Tensor:
     out = [0]
     for n in lengths:
@@ -305,139 +447,32 @@ assert len(CASES_BY_NAME) == len(CASES), "case names must be unique"
 # with the same field names.
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Problem:
-    """One shape of ``attention.selective_attention`` with realistic (selector-like) indices.
+def Problem(family: str, batch: int = 1, q_per_seq: int = 1, context: int = 4096, *, H: int = 128, Hkv: int = 1,
+            Dqk: int = 576, Dv: int = 512, Dr: int = 0, latent: bool = True, K: int = 2048, block_size: int = 1,
+            page_size: int = 64, causal: bool = False, shared_indices: bool = True, dtype: str = "bfloat16",
+            description: str = "", **fields) -> Case:
+    """A uniform workload as a :class:`Case`: ``batch`` sequences, each ``q_per_seq`` query tokens at the
+    end of ``context`` kv positions, with selector-like indices (``index_mode="selector"``). Defaults:
+    DeepSeek-V3.2 sparse MLA (H=128 heads on one 576-wide latent kv head, top-2048, paged bfloat16).
 
     Indices are what a selector returns: per (token, index group) ``K`` *distinct* units (tokens,
     or blocks of ``block_size``) the query may see, drawn at random, -1 padded when fewer exist
-    (early tokens of a causal prefill). Problems of one ``family`` differ only in ``context``.
+    (early tokens of a causal prefill). ``fields``: other Case fields (``sink``, ``op``...).
     """
-
-    family: str
-    batch: int = 1
-    q_per_seq: int = 1
-    context: int = 4096
-    H: int = 128
-    Hkv: int = 1
-    Dqk: int = 576
-    Dv: int = 512
-    Dr: int = 0
-    latent: bool = True  # value = kv[..., :Dv] (MLA); else a separate v
-    K: int = 2048
-    block_size: int = 1
-    page_size: int = 64  # 0 = contiguous cache
-    causal: bool = False
-    shared_indices: bool = True  # indices [T, 1, K] (DSA) or [T, Hkv, K] (NSA: per kv head)
-    dtype: str = "bfloat16"
-    description: str = ""
-
-    @property
-    def T(self) -> int:
-        return self.batch * self.q_per_seq
-
-    @property
-    def name(self) -> str:
-        return f"{self.family}/L={self.context}"
-
-    @property
-    def G(self) -> int:
-        """Index groups (rows of indices per token)."""
-        return 1 if self.shared_indices else self.Hkv
-
-    @property
-    def heads_per_kv(self) -> int:
-        return self.H // self.Hkv
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES_BY_NAME[self.dtype]
-
-    def describe(self) -> str:
-        mode = "latent" if self.latent else "separate v"
-        cache = f"paged({self.page_size})" if self.page_size else "contiguous"
-        sel = f"K={self.K}" + (f" blocks of {self.block_size}" if self.block_size > 1 else "")
-        rope = f"+{self.Dr}" if self.Dr else ""
-        return (f"B={self.batch} x {self.q_per_seq} tok, L={self.context}, H={self.H}/Hkv={self.Hkv}, "
-                f"Dqk={self.Dqk}{rope} Dv={self.Dv} {mode}, {sel}, {cache}, "
-                f"{'causal, ' if self.causal else ''}{self.dtype}")
-
-    def as_dict(self) -> Dict[str, object]:
-        d = asdict(self)
-        d["name"] = self.name
-        d["T"] = self.T
-        return d
-
-    def with_overrides(self, **kw) -> "Problem":
-        return replace(self, **{k: v for k, v in kw.items() if v is not None})
-
-    def make_logical(self, device="cpu", seed: int = 0):
-        """``(kwargs, kv_log, kvr_log, v_log)``: keyword arguments of ``selective_attention`` and the
-        logical (unpaged, ``[batch, context, Hkv, D]``) views of the same cache values."""
-        p = self
-        dev = torch.device(device)
-        dt = p.torch_dtype
-        gen = torch.Generator().manual_seed(seed)
-        dgen = torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else None
-
-        def rn(*shape):
-            # Random data is made on the device where possible: a 128K x 576 cache is 300 MB of float32.
-            if dgen is not None:
-                return torch.randn(*shape, generator=dgen, device=dev, dtype=torch.float32).to(dt)
-            return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dt).to(dev)
-
-        B, L, Lq = p.batch, p.context, p.q_per_seq
-        q = rn(p.T, p.H, p.Dqk)
-        q_rope = rn(p.T, p.H, p.Dr) if p.Dr else None
-        kv_log = rn(B, L, p.Hkv, p.Dqk)
-        kvr_log = rn(B, L, p.Hkv, p.Dr) if p.Dr else None
-        v_log = None if p.latent else rn(B, L, p.Hkv, p.Dv)
-        indices = sample_indices(p, dev, gen)
-
-        kwargs: Dict[str, object] = dict(q=q, indices=indices, block_size=p.block_size, causal=p.causal)
-        if p.latent:
-            kwargs["d_v"] = p.Dv
-        if q_rope is not None:
-            kwargs["q_rope"] = q_rope
-        if B > 1:
-            kwargs["cu_seqlens_q"] = (torch.arange(B + 1, dtype=torch.int32) * Lq).to(dev)
-        if p.page_size:
-            pg = p.page_size
-            npg = math.ceil(L / pg)
-            P = B * npg
-            # Pages scattered over the pool in a random order, as a serving cache ends up.
-            perm = torch.randperm(P, generator=gen).to(dev)
-            table = perm.view(B, npg).to(torch.int32)
-
-            def paged(x):
-                if x is None:
-                    return None
-                D = x.shape[-1]
-                pad = npg * pg - L
-                xp = torch.cat([x, x.new_zeros(B, pad, p.Hkv, D)], dim=1) if pad else x
-                pool = torch.empty(P, pg, p.Hkv, D, dtype=x.dtype, device=dev)
-                pool[perm.to(torch.int64)] = xp.reshape(P, pg, p.Hkv, D)
-                return pool
-
-            kwargs.update(kv=paged(kv_log), block_table=table,
-                          seqlens_k=torch.full((B,), L, dtype=torch.int32, device=dev))
-            stores = dict(kv_rope=paged(kvr_log), v=paged(v_log))
-        else:
-            flat = lambda x: None if x is None else x.reshape(B * L, p.Hkv, x.shape[-1])  # noqa: E731
-            kwargs["kv"] = flat(kv_log)
-            stores = dict(kv_rope=flat(kvr_log), v=flat(v_log))
-            if B > 1:
-                kwargs["cu_seqlens_k"] = (torch.arange(B + 1, dtype=torch.int32) * L).to(dev)
-        kwargs.update({k: x for k, x in stores.items() if x is not None})
-        return kwargs, kv_log, kvr_log, v_log
-
-    def make(self, dtype: Optional[torch.dtype] = None, device="cpu", seed: int = 0) -> Dict[str, object]:
-        """Keyword arguments of ``attention.selective_attention`` (``dtype`` overrides the problem's)."""
-        p = self if dtype is None else replace(self, dtype=dtype_name(dtype))
-        return p.make_logical(device, seed)[0]
+    return Case(name=f"{family}/L={context}", family=family, seqs=((q_per_seq, context),) * batch, H=H, Hkv=Hkv,
+                Dqk=Dqk, Dv=Dv, Dr=Dr, latent=latent, K=K, block_size=block_size, page_size=page_size,
+                causal=causal, shared_indices=shared_indices, index_mode="selector", dtype=dtype,
+                description=description, **fields)
 
 
-def sample_indices(p: Problem, device, gen: torch.Generator) -> torch.Tensor:
+#: Problem()'s named fields (a report row's keys), and the Case fields a workload may also set
+_WORKLOAD_FIELDS = ("family", "batch", "q_per_seq", "context", "H", "Hkv", "Dqk", "Dv", "Dr", "latent", "K",
+                    "block_size", "page_size", "causal", "shared_indices", "dtype", "description", "kv_quant")
+_WORKLOAD_EXTRAS = ("sink", "op", "scale_block")
+_CASE_DEFAULTS = {f.name: f.default for f in fields(Case)}
+
+
+def sample_indices(p: Case, device, gen: torch.Generator) -> torch.Tensor:
     """[T, G, K] int32: distinct units each query may see, random order, -1 padded."""
     L, bs, Lq = p.context, p.block_size, p.q_per_seq
     n_units = math.ceil(L / bs)

@@ -31,10 +31,10 @@ if __name__ == "__main__" and device_arg(sys.argv[1:]) == "cpu":
 import torch  # noqa: E402
 
 
-from .testing import Problem  # noqa: E402  (the one problem description, shared with bench/)
+from .testing import Case, Problem  # noqa: E402  (the one problem description, shared with bench/ and the tests)
 
 # Tuning presets, keyed by ``family`` (the --preset name).
-PRESETS: Dict[str, Problem] = {p.family: p for p in [
+PRESETS: Dict[str, Case] = {p.family: p for p in [
     Problem("deepseek-prefill", batch=1, q_per_seq=4096, context=4096, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
             page_size=0, causal=True,
             description="DeepSeek-V3.2 sparse prefill: T=4096, MQA latent 576/512, top-2048, causal"),
@@ -50,7 +50,7 @@ GPU_PRESETS = ("deepseek-prefill", "deepseek-decode")
 CPU_PRESETS = ("tiny",)
 
 
-def make_inputs(preset: Problem, device: str, seed: int = 0, dtype: Optional[torch.dtype] = None) -> Dict:
+def make_inputs(preset: Case, device: str, seed: int = 0, dtype: Optional[torch.dtype] = None) -> Dict:
     """Keyword arguments of ``attention.selective_attention`` for a preset, built on ``device``.
 
     Indices are distinct random positions the query may see (causal: <= its position), -1 padded,
@@ -71,7 +71,7 @@ def flops(args: Dict) -> float:
 def search_space(inp, full: bool = False) -> List[Dict]:
     """Configs to measure. The quick space (default) is sized for bench/gpu_check.sh's time budget:
     each distinct set of block sizes is a separate Triton compile of a 576-wide kernel."""
-    hg = inp.num_heads // inp.num_kv_heads
+    heads_per_kv = inp.heads_per_kv
     decode = inp.num_tokens * inp.num_kv_heads <= 128
     if inp.device.type == "cpu":
         grid = dict(BLOCK_N=[16, 32], BLOCK_D=[64, 128], BLOCK_H=[16], BLOCK_DV=[512], num_warps=[1],
@@ -92,8 +92,8 @@ def search_space(inp, full: bool = False) -> List[Dict]:
                 for splits in ([0, 4, 16] if decode else [0]):
                     space.append(dict(BLOCK_N=bn, BLOCK_D=64, BLOCK_H=bh, BLOCK_DV=bdv, num_warps=8, num_stages=2,
                                       num_splits=splits))
-    if hg < 64:  # small groups: head blocks no larger than the group (min 16 for tl.dot)
-        cap = max(16, 1 << (hg - 1).bit_length())
+    if heads_per_kv < 64:  # small groups: head blocks no larger than the group (min 16 for tl.dot)
+        cap = max(16, 1 << (heads_per_kv - 1).bit_length())
         seen, uniq = set(), []
         for c in space:
             c = dict(c, BLOCK_H=min(c["BLOCK_H"], cap))
@@ -153,7 +153,7 @@ def _progress(total: int, desc: str):
         return _P()
 
 
-def tune_preset(preset: Problem, device: str, full: bool = False, repeats: int = 3, save: bool = True,
+def tune_preset(preset: Case, device: str, full: bool = False, repeats: int = 3, save: bool = True,
                 check: bool = True) -> Dict:
     import attention
     from attention.testing import TOLERANCES

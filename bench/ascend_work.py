@@ -1,16 +1,22 @@
 """How the AscendC kernel spreads DeepSeek-V3.2 work over the cores, measured on the CPU twin.
 
-For each SoC and problem the twin runs the real kernel once and reports: the blocks launched and the
-blocks that did work (cube cores busy, out of the SoC's AIC count), the bytes the cores' MTE2 read from
-the kernel's inputs in GM (kv rows, q) and from the workspace hand-over, and the compulsory bytes: every
-distinct kept kv row of a (token, kv head) read once, plus q once. The ratio input/compulsory is the
-redundancy of the gather (1.0 = each selected row read once per token).
+For each SoC and problem the twin runs the real kernel once and reports: the candidate splits per
+(token, kv head), the blocks launched and the blocks that did work (cube cores busy, out of the SoC's AIC
+count), the bytes the cores' MTE2 read from the kernel's inputs in GM (kv rows, q) and from the workspace
+hand-over, and the compulsory bytes: every distinct kept kv row of a (token, kv head) read once, plus q
+once. The ratio input/compulsory is the redundancy of the gather; the kv-row ratio leaves q out (q is
+read once per split that computes its heads: docs/ascendc.md explains why the total cannot reach 1.2x at
+T = 1..4 with >= 20 busy cores). With more than one split, the combine launch (vector cores only) reads
+the partial results back: its busy vector cores and MTE2 bytes are the last columns.
 
 dsv32-decode: 4 sequences of 32768 cached tokens, one query each (T = 1..4 shown), H = 128, Hkv = 1,
 576-wide latent rows (Dv = 512), top-2048 shared indices, paged bfloat16 cache (page 64).
 dsv32-prefill: the same rows and selection, causal, over one 4096-token sequence; the twin runs a slice of
 its last queries (the per-token figures are those of the full prefill, whose 4096 tokens would take the
 CPU twin hours).
+
+A second table puts the kv-row bytes of an int8 cache (issue 16: 576 int8 values + 5 float32 tile scales
+per row, dequantized on the vector cores) next to the same decode with the 16-bit cache.
 
 Nothing here ran on an NPU: these are counts of what the kernel asks the hardware to do, not timings.
 
@@ -26,6 +32,7 @@ from typing import Dict, List
 import torch
 
 from attention.backends import ascendc
+from attention.testing import TOLERANCES, max_error, oracle
 
 H, HKV, DQK, DV, K, PAGE = 128, 1, 576, 512, 2048, 64
 
@@ -68,17 +75,26 @@ def measure(soc: str, args: Dict[str, object]) -> Dict[str, object]:
     inp = attention.validate(**args)
     out, lse = ascendc.BACKEND.new_outputs(inp)
     rep = ascendc._twin.forward(**ascendc.AscendCBackend._args(inp), out=out, lse=lse, soc=soc)
+    # counts of a wrong result mean nothing: check against the float64 oracle first (SPEC.md section 4)
+    want_out, want_lse = oracle(args)
+    tol_out, tol_lse = TOLERANCES[inp.dtype]
+    err_out, err_lse = max_error(out, want_out), max_error(lse, want_lse)
+    if err_out > tol_out or err_lse > tol_lse:
+        raise RuntimeError(f"{soc} T={inp.num_tokens}: the twin's result is wrong (max |out - ref| = {err_out:.3g}, "
+                           f"max |lse - ref| = {err_lse:.3g})")
     info = next(s for s in ascendc.soc_table() if s["name"] == soc)
     ins, ws = rep["twin_mte2_input_bytes"], rep["twin_mte2_workspace_bytes"]
     comp = _compulsory_bytes(args)
     # kv rows apart from q: a split of the candidates over cores must replicate q, never the rows
     row_bytes = sum(ins) - sum(rep["twin_mte2_query_bytes"])
     comp_rows = _compulsory_row_bytes(args)
-    return dict(soc=soc, T=inp.num_tokens, aic=info["aic"], blocks=rep["blockDim"],
+    comb = rep["twin_combine_mte2_workspace_bytes"]
+    return dict(soc=soc, T=inp.num_tokens, aic=info["aic"], aiv=info["aiv"], blocks=rep["blockDim"],
                 busy=sum(1 for b in ins if b > 0), items=rep["numItems"], mTile=rep["mTile"], nTile=rep["nTile"],
-                input_bytes=sum(ins), workspace_bytes=sum(ws), compulsory=comp, ratio=sum(ins) / comp,
-                max_core_input=max(ins), row_bytes=row_bytes, compulsory_rows=comp_rows,
-                row_ratio=row_bytes / comp_rows)
+                splits=rep["numSplits"], input_bytes=sum(ins), workspace_bytes=sum(ws), compulsory=comp,
+                ratio=sum(ins) / comp, max_core_input=max(ins), row_bytes=row_bytes, compulsory_rows=comp_rows,
+                row_ratio=row_bytes / comp_rows, query_bytes=sum(rep["twin_mte2_query_bytes"]),
+                combine_busy=sum(1 for b in comb if b > 0), combine_bytes=sum(comb))
 
 
 def main(argv: List[str] = None) -> int:
@@ -112,14 +128,30 @@ def main(argv: List[str] = None) -> int:
         rows.append((f"dsv32-prefill (last {a.prefill_tokens} of 4096 queries)", measure(soc, args)))
         print(f"  {soc} dsv32-prefill done", file=sys.stderr, flush=True)
 
-    print("| problem | SoC | T | work items | blocks launched | cube cores busy / AIC | mTile x nTile | "
-          "MTE2 input MiB | compulsory MiB | input / compulsory | kv rows / compulsory rows | MTE2 workspace MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| problem | SoC | T | splits | work items | cube cores busy / AIC | mTile x nTile | "
+          "MTE2 input MiB | of which q MiB | compulsory MiB | input / compulsory | kv rows / compulsory rows | "
+          "MTE2 workspace MiB | combine: vector cores busy / AIV | combine MTE2 MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     mib = 1024 * 1024
     for name, r in rows:
-        print(f"| {name} | {r['soc']} | {r['T']} | {r['items']} | {r['blocks']} | {r['busy']} / {r['aic']} | "
-              f"{r['mTile']} x {r['nTile']} | {r['input_bytes'] / mib:.2f} | {r['compulsory'] / mib:.2f} | "
-              f"{r['ratio']:.2f}x | {r['row_ratio']:.2f}x | {r['workspace_bytes'] / mib:.2f} |")
+        print(f"| {name} | {r['soc']} | {r['T']} | {r['splits']} | {r['items']} | {r['busy']} / {r['aic']} | "
+              f"{r['mTile']} x {r['nTile']} | {r['input_bytes'] / mib:.2f} | {r['query_bytes'] / mib:.2f} | "
+              f"{r['compulsory'] / mib:.2f} | {r['ratio']:.2f}x | {r['row_ratio']:.2f}x | "
+              f"{r['workspace_bytes'] / mib:.2f} | {r['combine_busy']} / {r['aiv']} | {r['combine_bytes'] / mib:.2f} |")
+
+    # int8 cache (issue 16): the same decode with the cache quantized per row and tile of 128 columns
+    from attention import quantize_kv
+
+    print("\n| problem | SoC | T | kv-row MiB, 16-bit cache | kv-row MiB, int8 cache | int8 / 16-bit |")
+    print("|---|---|---|---|---|---|")
+    for soc in socs:
+        dtype = torch.bfloat16 if known[soc]["bf16"] else torch.float16
+        args = _problem(T=1, context=32768, seqs=1, causal=False, dtype=dtype)
+        plain = measure(soc, args)
+        args["kv"], args["kv_scale"] = quantize_kv(args["kv"].float(), torch.int8)
+        quant = measure(soc, args)
+        print(f"| dsv32-decode | {soc} | 1 | {plain['row_bytes'] / mib:.2f} ({str(dtype)[6:]}) | "
+              f"{quant['row_bytes'] / mib:.2f} | {quant['row_bytes'] / plain['row_bytes']:.3f}x |")
     return 0
 
 

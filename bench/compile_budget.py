@@ -23,7 +23,6 @@ builds a different kernel (TRAPS.md). Reported per kernel: registers and stack b
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -46,52 +45,46 @@ SM_COUNT = {"NVIDIA H200": 132, "NVIDIA H100": 132, "NVIDIA A100": 108, "NVIDIA 
 MAX_SHARED = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    name: str
-    op: str  # "attention" | "select" | "indexer"
-    seqs: int = 1
-    q_per_seq: int = 1
-    context: int = 32768
-    H: int = 128
-    Hkv: int = 1
-    Dqk: int = 576
-    Dv: int = 512
-    Dr: int = 0
-    K: int = 2048
-    block_size: int = 1
-    page_size: int = 64
-    separate_v: bool = False
-    causal: bool = True
-    sink: bool = False
-    dtype: str = "bfloat16"
-    quant: str = ""  # selection: "float8_e4m3fn" / "int8" q_idx and k_idx with scales and key windows
+def Problem(family: str, op: str = "attention", **kw):
+    """A problem of this table: attention.testing.Problem (the package's one problem description) with
+    this file's defaults, a 32K causal context; ``op`` "select" / "indexer" reads H, Dqk, K as Hi, Di, k.
+    ``kv_quant`` ("fp8" / "int8"): attention, a quantized kv (and separate v) with tile scales of
+    ``scale_block`` columns; selection, q_idx and k_idx with scales and key windows."""
+    from attention.testing import Problem as problem
+
+    return problem(family, op=op, **{"context": 32768, "causal": True, **kw})
 
 
-PROBLEMS = {p.name: p for p in [
+PROBLEMS = {p.family: p for p in [
     # DeepSeek-V3.2 sparse MLA: decode at 64 x 1 and 4 x 1 tokens (different split plans), prefill.
-    Problem("dsv32-decode-64", "attention", seqs=64, q_per_seq=1, sink=True),
-    Problem("dsv32-decode-4", "attention", seqs=4, q_per_seq=1),
-    Problem("dsv32-prefill", "attention", seqs=1, q_per_seq=4096, context=4096, page_size=0),
+    Problem("dsv32-decode-64", "attention", batch=64, q_per_seq=1, sink=True),
+    Problem("dsv32-decode-4", "attention", batch=4, q_per_seq=1),
+    Problem("dsv32-prefill", "attention", batch=1, q_per_seq=4096, context=4096, page_size=0),
     # Separate-v decode with 128 heads and 256-wide values: the general kernel (the one triton.autotune
     # prunes by the shared-memory estimate) at the shipped H200 tile, 64 heads x 256 value columns.
-    Problem("separate-v-decode", "attention", seqs=64, q_per_seq=1, Dqk=256, Dv=256, separate_v=True),
+    Problem("separate-v-decode", "attention", batch=64, q_per_seq=1, Dqk=256, Dv=256, latent=False),
     # NSA selected-block branch: GQA 16, D=128, separate v, blocks of 64.
-    Problem("nsa-prefill", "attention", seqs=1, q_per_seq=4096, context=4096, H=64, Hkv=4, Dqk=128, Dv=128, K=16,
-            block_size=64, page_size=0, separate_v=True),
+    Problem("nsa-prefill", "attention", batch=1, q_per_seq=4096, context=4096, H=64, Hkv=4, Dqk=128, Dv=128, K=16,
+            block_size=64, page_size=0, latent=False),
     # DeepSeek-V3.2 lightning indexer (Hi=64, Di=128) and fused top-2048 over 128K, decode and prefill.
-    Problem("dsv32-indexer", "indexer", seqs=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0),
-    Problem("dsv32-select-decode", "select", seqs=1, q_per_seq=4, context=131072, H=64, Dqk=128, page_size=0),
-    Problem("dsv32-select-prefill", "select", seqs=1, q_per_seq=512, context=131072, H=64, Dqk=128, page_size=0),
+    Problem("dsv32-indexer", "indexer", batch=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0),
+    Problem("dsv32-select-decode", "select", batch=1, q_per_seq=4, context=131072, H=64, Dqk=128, page_size=0),
+    Problem("dsv32-select-prefill", "select", batch=1, q_per_seq=512, context=131072, H=64, Dqk=128, page_size=0),
     # The largest k the Triton select takes (MAX_K): a 4096-key sort network per program.
-    Problem("select-k4096", "select", seqs=1, q_per_seq=4, context=131072, H=64, Dqk=128, K=4096, page_size=0),
+    Problem("select-k4096", "select", batch=1, q_per_seq=4, context=131072, H=64, Dqk=128, K=4096, page_size=0),
+    # Quantized caches (issue 16): FlashMLA's FP8 decode (the latent kernel, 576 e4m3 columns), the
+    # INT8 ("C8") split decode, and an FP8 separate-v decode (the general kernel dequantizing k and v).
+    Problem("dsv32-decode-64-fp8", "attention", batch=64, q_per_seq=1, sink=True, kv_quant="fp8"),
+    Problem("dsv32-decode-4-int8", "attention", batch=4, q_per_seq=1, kv_quant="int8"),
+    Problem("separate-v-decode-fp8", "attention", batch=64, q_per_seq=1, Dqk=256, Dv=256, latent=False,
+            kv_quant="fp8"),
     # The serving engines' indexer (issue 13): DeepGEMM-style fp8 / int8 inputs with scales and windows.
-    Problem("dsv32-indexer-fp8", "indexer", seqs=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
-            quant="float8_e4m3fn"),
-    Problem("dsv32-select-decode-fp8", "select", seqs=1, q_per_seq=4, context=131072, H=64, Dqk=128, page_size=0,
-            quant="float8_e4m3fn"),
-    Problem("dsv32-select-prefill-int8", "select", seqs=1, q_per_seq=512, context=131072, H=64, Dqk=128,
-            page_size=0, quant="int8"),
+    Problem("dsv32-indexer-fp8", "indexer", batch=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
+            kv_quant="fp8"),
+    Problem("dsv32-select-decode-fp8", "select", batch=1, q_per_seq=4, context=131072, H=64, Dqk=128, page_size=0,
+            kv_quant="fp8"),
+    Problem("dsv32-select-prefill-int8", "select", batch=1, q_per_seq=512, context=131072, H=64, Dqk=128,
+            page_size=0, kv_quant="int8"),
 ]}
 
 
@@ -112,10 +105,11 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
 
     import attention
     from attention.backends.triton import launch
+    from attention.testing import QUANT_DTYPES_BY_NAME
 
     dt = getattr(torch, problem.dtype)
     m = "meta"
-    T = problem.seqs * problem.q_per_seq
+    T = problem.T
     recorded = []
 
     def record(self, *args, grid, warmup, **kwargs):
@@ -133,23 +127,31 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
             q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=dt)
             args = dict(q=q, indices=torch.empty(T, problem.Hkv, problem.K, device=m, dtype=torch.int32),
                         causal=problem.causal, block_size=problem.block_size)
-            seqs = torch.empty(problem.seqs + 1, device=m, dtype=torch.int32)
+            seqs = torch.empty(problem.batch + 1, device=m, dtype=torch.int32)
             if problem.page_size:
-                pages = -(-problem.context // problem.page_size) * problem.seqs
+                pages = -(-problem.context // problem.page_size) * problem.batch
                 kv = torch.empty(pages, problem.page_size, problem.Hkv, problem.Dqk, device=m, dtype=dt)
-                args.update(kv=kv, block_table=torch.empty(problem.seqs, pages // problem.seqs, device=m,
+                args.update(kv=kv, block_table=torch.empty(problem.batch, pages // problem.batch, device=m,
                                                            dtype=torch.int32),
-                            seqlens_k=torch.empty(problem.seqs, device=m, dtype=torch.int32), cu_seqlens_q=seqs)
-                if problem.separate_v:
+                            seqlens_k=torch.empty(problem.batch, device=m, dtype=torch.int32), cu_seqlens_q=seqs)
+                if not problem.latent:
                     args["v"] = torch.empty(pages, problem.page_size, problem.Hkv, problem.Dv, device=m, dtype=dt)
             else:
-                kv = torch.empty(problem.seqs * problem.context, problem.Hkv, problem.Dqk, device=m, dtype=dt)
+                kv = torch.empty(problem.batch * problem.context, problem.Hkv, problem.Dqk, device=m, dtype=dt)
                 args["kv"] = kv
-                if problem.separate_v:
+                if not problem.latent:
                     args["v"] = torch.empty(kv.shape[0], problem.Hkv, problem.Dv, device=m, dtype=dt)
-                if problem.seqs > 1:
+                if problem.batch > 1:
                     args.update(cu_seqlens_q=seqs, cu_seqlens_k=seqs.clone())
-            if not problem.separate_v:
+            if problem.kv_quant:  # stored values and float32 tile scales
+                qdt, sb = QUANT_DTYPES_BY_NAME[problem.kv_quant], problem.scale_block
+                for name in ("kv",) if problem.latent else ("kv", "v"):
+                    x = args[name]
+                    args[name] = torch.empty(x.shape, device=m, dtype=qdt)
+                    args[name + "_scale"] = torch.empty(
+                        x.shape[:-1] + (-(-x.shape[-1] // sb),), device=m, dtype=torch.float32)
+                args["scale_block"] = sb
+            if problem.latent:
                 args["d_v"] = problem.Dv
             if problem.Dr:  # the split rope part (q_rope / kv_rope), shaped like q and the cache
                 args["q_rope"] = torch.empty(T, problem.H, problem.Dr, device=m, dtype=dt)
@@ -161,12 +163,12 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
             from attention.backends.triton.selection import LAUNCHER as SELECTION_LAUNCHER
             from attention.selection import validate_selection
 
-            sdt = getattr(torch, problem.quant) if problem.quant else dt
+            sdt = QUANT_DTYPES_BY_NAME[problem.kv_quant] if problem.kv_quant else dt
             q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=sdt)
             k = torch.empty(problem.context, problem.Dqk, device=m, dtype=sdt)
             w = torch.empty(T, problem.H, device=m, dtype=torch.float32)
             extra = {}
-            if problem.quant:
+            if problem.kv_quant:
                 extra = dict(q_idx_scale=torch.empty(T, problem.H, device=m), k_idx_scale=torch.empty(problem.context, device=m),
                              cu_seqlen_ks=torch.empty(T, device=m, dtype=torch.int32),
                              cu_seqlen_ke=torch.empty(T, device=m, dtype=torch.int32))

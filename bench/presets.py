@@ -7,17 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List
 
-from .problems import Problem
+from .problems import Case, Problem
 
 
-def dsv32(family: str, **kw) -> Problem:
+def dsv32(family: str, **kw) -> Case:
     base = dict(H=128, Hkv=1, Dqk=576, Dv=512, latent=True, K=2048, block_size=1, page_size=64,
                 shared_indices=True, dtype="bfloat16")
     base.update(kw)
     return Problem(family, **base)
 
 
-def nsa(family: str, **kw) -> Problem:
+def nsa(family: str, **kw) -> Case:
     # NSA selected-block branch as fla's parallel_nsa runs it: GQA with 16 query heads per kv head,
     # 64-token blocks, 16 blocks per query chosen per kv head, causal prefill.
     base = dict(H=64, Hkv=4, Dqk=128, Dv=128, latent=False, K=16, block_size=64, page_size=0,
@@ -59,8 +59,12 @@ PRESETS: Dict[str, List[object]] = {
     "smoke": [dsv32("smoke-mla-decode", batch=1, q_per_seq=1, context=c, H=16, K=128) for c in (256, 512, 1024)]
     + [nsa("smoke-nsa-prefill", batch=1, q_per_seq=512, context=512, H=16, Hkv=1, Dqk=64, Dv=64, K=8,
            block_size=16)],
-    # Four sequences decoding one token each against a 32K-token cache.
-    "dsv32-decode": [dsv32("dsv32-decode", batch=4, q_per_seq=1, context=32768)],
+    # Four sequences decoding one token each against a 32K-token cache: bfloat16, and the quantized
+    # caches (issue 16) laid out as FlashMLA's V3.2 record: 512 latent values in fp8 / int8 with a
+    # float32 scale per 128, the 64 rope values in bfloat16 (kv_rope), 656 bytes a row against 1152.
+    "dsv32-decode": [dsv32("dsv32-decode", batch=4, q_per_seq=1, context=32768)]
+    + [dsv32(f"dsv32-decode-{qt}", batch=4, q_per_seq=1, context=32768, Dqk=512, Dr=64, kv_quant=qt)
+       for qt in ("fp8", "int8")],
     # One 4096-token causal prefill (every query selects 2048 of the positions before it).
     "dsv32-prefill": [dsv32("dsv32-prefill", batch=1, q_per_seq=4096, context=4096, causal=True)],
     "nsa-prefill": [nsa("nsa-prefill", batch=1, q_per_seq=c, context=c) for c in (4096, 8192)],

@@ -1,7 +1,7 @@
 """Benchmark problems: shapes, deterministic inputs, the FLOP/byte model and the float64 check.
 
-A :class:`Problem` is one shape of ``attention.selective_attention``: ``batch`` sequences, each with
-``q_per_seq`` query tokens (the last positions of the sequence, as in decode or a prefill chunk) and
+A problem (an ``attention.testing.Case`` made by ``attention.testing.Problem``) is one shape of
+``attention.selective_attention``: ``batch`` sequences, each with ``q_per_seq`` query tokens (the last positions of the sequence, as in decode or a prefill chunk) and
 ``context`` kv positions. Problems of one ``family`` differ only in ``context``, so they plot as one
 line against context length.
 
@@ -22,7 +22,7 @@ import torch
 # The problem description is shared with attention.tune and the test matrix (attention.testing);
 # bench keeps its preset lists (bench/presets.py) as instances of it.
 from attention.testing import DTYPES_BY_NAME as DTYPES  # noqa: E402,F401  (bench's --dtype choices)
-from attention.testing import Problem, sample_indices  # noqa: E402,F401
+from attention.testing import Case, Problem, sample_indices  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ from attention.testing import Problem, sample_indices  # noqa: E402,F401
 # TFLOP/s of a dense baseline is the *useful* sparse work per second, not the work it actually did.
 # ---------------------------------------------------------------------------------------------
 
-def kept_candidates(p: Problem, indices: torch.Tensor) -> int:
+def kept_candidates(p: Case, indices: torch.Tensor) -> int:
     """Sum over (token, index group) of the selected positions actually attended (K_eff each)."""
     # Bench indices are distinct and never point past the sequence; -1 pads rows of early causal
     # tokens. A selected block may stick out past the query (causal) or the sequence end: count only
@@ -51,20 +51,27 @@ def kept_candidates(p: Problem, indices: torch.Tensor) -> int:
     return int(per_group) * groups
 
 
-def flop_count(p: Problem, kept: int) -> float:
+def flop_count(p: Case, kept: int) -> float:
     """2*T*H*K_eff*(Dqk+Dr) + 2*T*H*K_eff*Dv, summed over tokens with their own K_eff.
 
     ``kept`` counts (token, kv head, position) triples; each serves H/Hkv query heads.
     """
-    hg = p.H // p.Hkv
-    return 2.0 * kept * hg * (p.Dqk + p.Dr) + 2.0 * kept * hg * p.Dv
+    return 2.0 * kept * p.heads_per_kv * (p.Dqk + p.Dr) + 2.0 * kept * p.heads_per_kv * p.Dv
 
 
-def byte_count(p: Problem, kept: int) -> float:
-    """Gathered kv rows (each read once per token and kv head) + q + out + indices."""
+def byte_count(p: Case, kept: int) -> float:
+    """Gathered kv rows (each read once per token and kv head) + q + out + indices.
+
+    A quantized cache (``kv_quant``) row: one byte per kv (and v) value plus a float32 scale per tile
+    of 128 values, the rope part in the problem's dtype (FlashMLA's V3.2 record: 512 + 16 + 128 bytes).
+    """
     es = torch.tensor([], dtype=p.torch_dtype).element_size()
-    row = p.Dqk + p.Dr + (0 if p.latent else p.Dv)
-    kv_bytes = kept * row * es
+    if p.kv_quant:
+        stored = [p.Dqk] + ([] if p.latent else [p.Dv])
+        row_bytes = sum(d + 4 * -(-d // 128) for d in stored) + p.Dr * es
+    else:
+        row_bytes = (p.Dqk + p.Dr + (0 if p.latent else p.Dv)) * es
+    kv_bytes = kept * row_bytes
     q_bytes = p.T * p.H * (p.Dqk + p.Dr) * es
     out_bytes = p.T * p.H * p.Dv * es
     idx_bytes = p.T * p.G * p.K * 4
@@ -79,7 +86,7 @@ def byte_count(p: Problem, kept: int) -> float:
 class Inputs:
     """What every implementation gets: ``kwargs`` for selective_attention plus the logical views."""
 
-    problem: Problem
+    problem: Case
     kwargs: Dict[str, object]        # q, kv, indices, ... exactly as a user passes them
     kv_log: torch.Tensor             # [B, L, Hkv, Dqk]   logical (unpaged) cache, same values
     kvr_log: Optional[torch.Tensor]  # [B, L, Hkv, Dr]
@@ -95,7 +102,7 @@ class Inputs:
         return self.kwargs["indices"]
 
 
-def make_inputs(p: Problem, device: str, seed: int = 0) -> Inputs:
+def make_inputs(p: Case, device: str, seed: int = 0) -> Inputs:
     kwargs, kv_log, kvr_log, v_log = p.make_logical(device, seed)
     inp = Inputs(p, kwargs, kv_log, kvr_log, v_log)
     inp.kept = kept_candidates(p, kwargs["indices"])
@@ -106,7 +113,7 @@ def make_inputs(p: Problem, device: str, seed: int = 0) -> Inputs:
 # The correctness gate's expected values: float64 on the CPU from the logical cache
 # ---------------------------------------------------------------------------------------------
 
-def check_tokens(p: Problem, max_tokens: int = 32) -> List[int]:
+def check_tokens(p: Case, max_tokens: int = 32) -> List[int]:
     """Which query tokens the float64 check covers: all of them when few, else an even spread
     that always includes the first and last token of the call (and so of a causal prefill)."""
     if p.T <= max_tokens:
@@ -126,7 +133,6 @@ def expected_float64(inp: Inputs, tokens: List[int]):
     q_all = inp.q
     qr_all = inp.kwargs.get("q_rope")
     scale = (p.Dqk + p.Dr) ** -0.5
-    hg = p.H // p.Hkv
     outs, lses = [], []
     for t in tokens:
         b, i = divmod(t, p.q_per_seq)
@@ -144,15 +150,15 @@ def expected_float64(inp: Inputs, tokens: List[int]):
                 continue
             pos_d = pos.to(inp.kv_log.device)
             keys = inp.kv_log[b, pos_d, g].cpu().double()
-            qh = q_all[t, g * hg:(g + 1) * hg].cpu().double()
-            s = qh @ keys.T
+            heads = slice(g * p.heads_per_kv, (g + 1) * p.heads_per_kv)  # the query heads of kv head g
+            s = q_all[t, heads].cpu().double() @ keys.T
             if p.Dr:
-                s = s + qr_all[t, g * hg:(g + 1) * hg].cpu().double() @ inp.kvr_log[b, pos_d, g].cpu().double().T
+                s = s + qr_all[t, heads].cpu().double() @ inp.kvr_log[b, pos_d, g].cpu().double().T
             s = s * scale
             vals = keys[:, :p.Dv] if p.latent else inp.v_log[b, pos_d, g].cpu().double()
             lse = torch.logsumexp(s, dim=-1)
-            out_t[g * hg:(g + 1) * hg] = torch.softmax(s, dim=-1) @ vals
-            lse_t[g * hg:(g + 1) * hg] = lse
+            out_t[heads] = torch.softmax(s, dim=-1) @ vals
+            lse_t[heads] = lse
         outs.append(out_t)
         lses.append(lse_t)
     return torch.stack(outs), torch.stack(lses)

@@ -29,7 +29,7 @@ from attention._cli import (device_type, device_unavailable, dir_problem, file_p
 from . import report
 from .baselines import BackendImpl, Impl, Unavailable, all_baselines, sdpa_mode, split_result
 from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
-from .problems import DTYPES, Problem, byte_count, check_tokens, expected_float64, flop_count, make_inputs
+from .problems import DTYPES, Case, byte_count, check_tokens, expected_float64, flop_count, make_inputs
 from .selection import (check_selection, expected_selection, make_selection_inputs, selection_bytes,
                         selection_flops, selection_impls)
 from .timing import Timing, machine_info, measure_limits, nan_fill, sample_ms, timer_name, warm_and_calibrate
@@ -219,7 +219,9 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
             impls = [i for i in selection_impls() if include_baselines or i.kind == "backend"]
         else:
             impls = backend_impls(device, backend_names)
-            if include_baselines:
+            # The baselines read a float cache: for a quantized one they would time a float attention
+            # over the dequantized values, not a quantized decode (the bfloat16 row has them).
+            if include_baselines and not prob.kv_quant:
                 impls += all_baselines()
         plan.append((prob, impls))
     progress = _Progress(sum(len(i) for _, i in plan))
@@ -299,7 +301,7 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
                            "whole context (float32 on the CPU, upcast untimed; input dtype on a GPU); the "
                            "contiguous copy of the paged cache is untimed; query heads per kv head: "
                            + ", ".join(sorted({f"{getattr(p, 'name', '')}: {sdpa_mode(dev.type, p.H // p.Hkv)}"
-                                               for p in problems if isinstance(p, Problem)})),
+                                               for p in problems if isinstance(p, Case)})),
         ),
         results=results,
     )
@@ -363,6 +365,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-causal", dest="causal", action="store_false")
     g.add_argument("--separate-v", dest="latent", action="store_false", default=None)
     g.add_argument("--per-kv-head-indices", dest="shared_indices", action="store_false", default=None)
+    g.add_argument("--kv-quant", dest="kv_quant", choices=["fp8", "int8"],
+                   help="quantized cache: kv (and v) in float8_e4m3fn / int8 with float32 scales per 128 values")
     return ap
 
 
@@ -402,7 +406,7 @@ def shape_problem(p) -> Optional[str]:
 
 
 SHAPE_KEYS = ("batch", "q_per_seq", "H", "Hkv", "Dqk", "Dv", "Dr", "K", "block_size", "page_size", "causal",
-              "latent", "shared_indices")
+              "latent", "shared_indices", "kv_quant")
 
 
 def problems_from_args(a: argparse.Namespace) -> List[object]:

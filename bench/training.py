@@ -20,9 +20,9 @@ from typing import Dict, List, Optional
 import torch
 
 from .presets import dsv32, nsa
-from .problems import Problem, flop_count, kept_candidates, make_inputs
+from .problems import Case, flop_count, kept_candidates, make_inputs
 
-TRAIN_PRESETS: Dict[str, List[Problem]] = {
+TRAIN_PRESETS: Dict[str, List[Case]] = {
     # Seconds on 2 CPU cores: a DeepSeek-shaped (576/512 latent, 128 heads, one shared selection) causal
     # chunk and an NSA block-selection chunk, scaled down from the prefills of bench/presets.py.
     "train-small": [dsv32("train-dsv32", batch=1, q_per_seq=128, context=512, K=256, causal=True, page_size=0),
@@ -61,7 +61,7 @@ def _median_ms(fn, dev, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def run(problems: List[Problem], backends: List[str], device: str, repeats: int) -> List[Dict[str, object]]:
+def run(problems: List[Case], backends: List[str], device: str, repeats: int) -> List[Dict[str, object]]:
     dev = torch.device(device)
     rows = []
     for p in problems:

@@ -1,6 +1,6 @@
 """Our Triton kernels compiled for Ascend by triton-ascend, checked through memory planning (issue 19).
 
-    python bench/triton_ascend_check.py [--soc Ascend910B2]... [--problem NAME]... [--keep DIR] [--jsonl]
+    python bench/triton_ascend_check.py [--soc Ascend910B2]... [--problem NAME]... [--out DIR] [--jobs N] [--jsonl]
 
 Runs in an environment whose ``triton`` is Huawei's triton-ascend (3.2) with the ``ascendnpu-ir`` wheel
 (``bishengir-compile``); ``make triton-ascend-check`` builds one (.venv-triton-ascend) and runs this.
@@ -33,7 +33,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -192,6 +191,20 @@ def bishengir_flags(soc: str, options) -> List[str]:
     return flags + ["--enable-hfusion-compile=true", "--enable-hivm-compile=true", "--enable-triton-kernel-compile=true"]
 
 
+def launch_key(fn, args, kwargs) -> str:
+    """What a launch's Linalg depends on: the kernel, its arguments' JIT specialization and the options
+    (the binder's cache key, as JITFunction.run forms it)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("npu", SOCS[0], 0))
+    kwargs = dict(kwargs, debug=kwargs.get("debug", False))
+    _, sig_and_spec, constexpr_vals, _, excess = create_function_from_signature(fn.signature, fn.params,
+                                                                                backend)(*args, **kwargs)
+    return f"{fn.__name__}|{fn.cache_key}|{''.join(sig_and_spec)}|{constexpr_vals}|{sorted(excess.items())}"
+
+
 def lower_launch(fn, args, kwargs, soc: str):
     """(Linalg text, metadata, options) of one recorded launch: triton-ascend's JIT binder (the
     specialization JITFunction.run would give it), then its ttir and ttadapter stages."""
@@ -319,13 +332,13 @@ class AscendProblem:
 def _extra_problems():
     from bench.compile_budget import Problem
 
-    return {p.name: p for p in [
+    return {p.family: p for p in [
         # One decode token: 8 programs of 16 heads on 20-24 AI cores, so the candidates are split and
         # the combine kernel runs (64 x 1 tokens fill the cores without a split).
-        Problem("dsv32-decode-1", "attention", seqs=1, q_per_seq=1, sink=True),
+        Problem("dsv32-decode-1", "attention", batch=1, q_per_seq=1, sink=True),
         # The general kernel at DeepSeek widths with the split rope part (the issue's overflowing case:
         # separate V, Dqk 512 + rope 64, Dv 512): its rope chunk loop is sized by BLOCK_DR.
-        Problem("rope-general-decode", "attention", seqs=64, q_per_seq=1, Dqk=512, Dr=64, Dv=512, separate_v=True),
+        Problem("rope-general-decode", "attention", batch=64, q_per_seq=1, Dqk=512, Dr=64, Dv=512, latent=False),
     ]}
 
 
@@ -424,6 +437,8 @@ def format_table(rows: List[Dict]) -> str:
         if r["status"] == "overflow" and not pl:
             ub = " ".join(f"{o['memory']} needs {_kib(o['required'])} / {_kib(o['available'])}" for o in r["overflow"])
             l1 = "-"
+        elif not pl:  # stopped before memory planning (an error, a known failure)
+            ub = l1 = "-"
         else:
             ub = f"{_kib(pl.get('ub', 0))} / {_kib(ch.get('ub'))}"
             l1 = f"{_kib(pl.get('cbuf', 0))} / {_kib(ch.get('cbuf'))}"
@@ -438,37 +453,20 @@ def format_table(rows: List[Dict]) -> str:
 
 def check(socs: List[str], problems: List[str], out: Path, jobs: int, timeout: int, progress=None):
     """Compile every launch of ``problems`` for every SoC; yields result rows as compiles finish.
-    Launches that lower to the same Linalg for a SoC are compiled once (their problems are listed)."""
+
+    Launches that lower to the same Linalg for a SoC are compiled once (their problems are listed). The
+    Linalg depends on the kernel's specialization and options, not on the SoC, so a launch another SoC
+    already lowered is not lowered again; bishengir-compile runs per SoC (``--target``), ``jobs`` at a
+    time, starting while later launches are still being lowered."""
     import concurrent.futures as cf
     import hashlib
 
     by_name = {p.name: p for p in PROBLEMS}
-    jobs_list = {}  # (soc, linalg hash) -> [row, linalg, options, workdir]
-    for soc in socs:
-        for pname in problems:
-            for i, (fn, args, kwargs) in enumerate(launches(by_name[pname], soc)):
-                row = dict(soc=soc, kernel=fn.__name__, problems=[pname])
-                try:
-                    linalg, metadata, options, consts = lower_launch(fn, args, kwargs, soc)
-                except Exception as e:  # a lowering error is a compile error of the kernel
-                    detail = getattr(e, "stderr", None)
-                    detail = (detail.decode(errors="replace") if isinstance(detail, bytes)
-                              else f"{type(e).__name__}: {e}")
-                    yield dict(row, status="error", stage="triton-ascend lowering", log=detail[-4000:])
-                    continue
-                key = (soc, hashlib.sha256(linalg.encode()).hexdigest())
-                if key in jobs_list:
-                    jobs_list[key][0]["problems"].append(pname)
-                    continue
-                row.update(core=metadata["mix_mode"],
-                           config={k: v for k, v in consts.items()
-                                   if k.startswith("BLOCK") or k in ("K_PAD", "NUM_STAGES", "GATHER_ROWS")})
-                jobs_list[key] = [row, linalg, options, out / soc / pname / f"{i}-{fn.__name__}"]
-                if progress:
-                    progress(f"lowered {soc} {pname} {fn.__name__}")
+    lowered = {}  # launch key -> (linalg, metadata, options, consts)
+    compiling = {}  # (soc, linalg hash) -> row
+    futures = []
 
-    def one(job):
-        row, linalg, options, workdir = job
+    def one(row, linalg, options, workdir):
         t0 = time.time()
         log, hivm = run_bishengir(linalg, row["soc"], options, workdir, timeout)
         row.update(classify(log, hivm, feature_widths(row["config"])), compile_s=round(time.time() - t0, 1),
@@ -478,7 +476,37 @@ def check(socs: List[str], problems: List[str], out: Path, jobs: int, timeout: i
         return apply_known_failures(row)
 
     with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for fut in cf.as_completed([pool.submit(one, j) for j in jobs_list.values()]):
+        for soc in socs:
+            for pname in problems:
+                for i, (fn, args, kwargs) in enumerate(launches(by_name[pname], soc)):
+                    row = dict(soc=soc, kernel=fn.__name__, problems=[pname])
+                    try:
+                        key = launch_key(fn, args, kwargs)
+                        if key not in lowered:
+                            lowered[key] = lower_launch(fn, args, kwargs, soc)
+                        linalg, metadata, options, consts = lowered[key]
+                    except Exception as e:  # a lowering error is a compile error of the kernel
+                        detail = getattr(e, "stderr", None)
+                        detail = (detail.decode(errors="replace") if isinstance(detail, bytes)
+                                  else f"{type(e).__name__}: {e}")
+                        yield apply_known_failures(dict(row, status="error", stage="triton-ascend lowering",
+                                                        log=detail[-4000:]))
+                        continue
+                    ckey = (soc, hashlib.sha256(linalg.encode()).hexdigest())
+                    if ckey in compiling:
+                        compiling[ckey]["problems"].append(pname)
+                        continue
+                    row.update(core=metadata["mix_mode"],
+                               config={k: v for k, v in consts.items()
+                                       if k.startswith("BLOCK") or k in ("K_PAD", "NUM_STAGES", "GATHER_ROWS")})
+                    compiling[ckey] = row
+                    futures.append(pool.submit(one, row, linalg, options, out / soc / pname / f"{i}-{fn.__name__}"))
+                    if progress:
+                        progress(f"lowered {soc} {pname} {fn.__name__}")
+                    for fut in [f for f in futures if f.done()]:  # report compiles as they finish
+                        futures.remove(fut)
+                        yield fut.result()
+        for fut in cf.as_completed(futures):
             yield fut.result()
 
 

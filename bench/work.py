@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .presets import dsv32, nsa  # noqa: E402
-from .problems import Problem, flop_count, kept_candidates, make_inputs  # noqa: E402
+from .problems import Case, flop_count, kept_candidates, make_inputs  # noqa: E402
 
 
 class WorkCounter:
@@ -161,7 +161,7 @@ class WorkCounter:
 # 4 x 1 keeps K=2048, whose 16-way split the plan depends on; 64 x 1 (128 programs: no split on 132
 # SMs at any K) uses K=128, every tile full as at 2048. The prefill is 128 causal tokens selecting
 # 64 (K / context = 1/2 as at 4096 / 2048).
-WORK_PRESETS: Dict[str, List[Problem]] = {
+WORK_PRESETS: Dict[str, List[Case]] = {
     "dsv32-decode": [dsv32("dsv32-decode-64x1", batch=64, q_per_seq=1, context=4096, K=128),
                      dsv32("dsv32-decode-4x1", batch=4, q_per_seq=1, context=4096)],
     "dsv32-prefill": [dsv32("dsv32-prefill", batch=1, q_per_seq=128, context=128, K=64, causal=True,
@@ -179,10 +179,18 @@ WORK_PRESETS: Dict[str, List[Problem]] = {
 }
 
 
-def compulsory_bytes(p: Problem, kept: int) -> Dict[str, int]:
-    """Each (token, kv head)'s kept rows once, q once, out once (bytes of the problem's dtype)."""
+# Quantized caches (--kv-quant, issue 16): the cache stored by attention.quantize_kv in tiles of 128 columns.
+KV_QUANT = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+SCALE_BLOCK = 128
+
+
+def compulsory_bytes(p: Case, kept: int, kv_quant: Optional[str] = None) -> Dict[str, int]:
+    """Each (token, kv head)'s kept rows once, q once, out once (bytes of the problem's dtype; a
+    quantized kv: 1 byte a column plus its rows' float32 tile scales, kv_scale)."""
     es = torch.tensor([], dtype=p.torch_dtype).element_size()
     out = dict(kv=kept * p.Dqk * es, q=p.T * p.H * p.Dqk * es, out=p.T * p.H * p.Dv * es)
+    if kv_quant:
+        out.update(kv=kept * p.Dqk, kv_scale=kept * math.ceil(p.Dqk / SCALE_BLOCK) * 4)
     if p.Dr:
         out.update(kv_rope=kept * p.Dr * es, q_rope=p.T * p.H * p.Dr * es)
     if not p.latent:
@@ -190,8 +198,9 @@ def compulsory_bytes(p: Problem, kept: int) -> Dict[str, int]:
     return out
 
 
-def measure(p: Problem, target: str) -> Dict[str, object]:
-    """Run problem ``p`` through the triton backend planned for ``target``; counts and ratios."""
+def measure(p: Case, target: str, kv_quant: Optional[str] = None) -> Dict[str, object]:
+    """Run problem ``p`` through the triton backend planned for ``target``; counts and ratios.
+    ``kv_quant`` ("fp8" | "int8"): the latent cache quantized (attention.quantize_kv), kv_scale beside it."""
     import attention
     from attention.backends.triton import launch
 
@@ -200,6 +209,11 @@ def measure(p: Problem, target: str) -> Dict[str, object]:
     try:
         inputs = make_inputs(p, "cpu")
         kw = inputs.kwargs
+        if kv_quant:
+            if not p.latent:
+                raise ValueError(f"--kv-quant counts latent caches; {p.name} has a separate v")
+            kw["kv"], kw["kv_scale"] = attention.quantize_kv(kw["kv"], KV_QUANT[kv_quant], SCALE_BLOCK)
+            kw["scale_block"] = SCALE_BLOCK
         inp = attention.validate(**kw)
         cfg, source = launch.resolve_config(inp)
         plan = launch.plan(inp, cfg)
@@ -215,11 +229,14 @@ def measure(p: Problem, target: str) -> Dict[str, object]:
             os.environ[launch.TARGET_ENV] = old
     kept = kept_candidates(p, inputs.indices)
     useful = flop_count(p, kept)
-    need = compulsory_bytes(p, kept)
+    need = compulsory_bytes(p, kept, kv_quant)
     hg = p.H // p.Hkv
     blocks64 = math.ceil(hg / 64)
     ratios = {k: (wc.bytes.get(k, 0) / v if v else float("nan")) for k, v in need.items() if k != "out"}
-    return dict(problem=p.name, describe=p.describe(), target=target, config_source=source,
+    # What each 64-head block reads per selected row: the row's stored bytes and its tile scales.
+    row_bytes = (wc.bytes.get("kv", 0) + wc.bytes.get("kv_scale", 0)) / kept / blocks64 if kept else float("nan")
+    return dict(problem=p.name + (f"+{kv_quant}" if kv_quant else ""), describe=p.describe(), target=target,
+                kv_quant=kv_quant, kv_bytes_per_row=row_bytes, config_source=source,
                 plan={k: v for k, v in plan.items()}, kept=kept, flops_executed=wc.flops, flops_useful=useful,
                 flops_ratio=wc.flops / useful if useful else float("nan"), dots=wc.dots,
                 bytes_loaded=dict(wc.bytes), bytes_compulsory=need, bytes_ratio=ratios,
@@ -227,7 +244,7 @@ def measure(p: Problem, target: str) -> Dict[str, object]:
                 interpreter_seconds=round(secs, 1), finite=bool(torch.isfinite(out.float()).all()))
 
 
-def measure_backward(p: Problem, target: str, deterministic: bool = False) -> Dict[str, object]:
+def measure_backward(p: Case, target: str, deterministic: bool = False) -> Dict[str, object]:
     """Count the Triton backward (issue 17) of problem ``p``: executed dot FLOPs against the useful
     backward, 2.5x the forward's useful FLOPs (recomputed scores, dP, dV, dq, dK); the forward that
     produces (out, lse) runs outside the counter."""
@@ -270,8 +287,8 @@ def check_targets(row: Dict[str, object]) -> List[str]:
 
 def table(rows: List[Dict[str, object]]) -> str:
     lines = ["| problem | plan | executed / useful FLOPs | kv bytes / compulsory (per 64-head block) "
-             "| q bytes / compulsory | indices bytes | targets |",
-             "|---|---|---|---|---|---|---|"]
+             "| kv bytes per selected row (per 64-head block) | q bytes / compulsory | indices bytes | targets |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pl = r["plan"]
         plan = (f"{pl['kernel']}, BLOCK_H {pl['BLOCK_H']}, BLOCK_N {pl['BLOCK_N']}, BLOCK_DV {pl['BLOCK_DV']}, "
@@ -279,7 +296,7 @@ def table(rows: List[Dict[str, object]]) -> str:
         miss = r.get("misses")
         tgt = "n/a" if miss is None else ("met" if not miss else "; ".join(miss))
         lines.append(f"| {r['problem']} | {plan} | {r['flops_ratio']:.3f} | {r['bytes_ratio']['kv']:.3f} "
-                     f"({r['kv_ratio_per_64_heads']:.3f}) | {r['bytes_ratio']['q']:.3f} | "
+                     f"({r['kv_ratio_per_64_heads']:.3f}) | {r['kv_bytes_per_row']:.1f} | {r['bytes_ratio']['q']:.3f} | "
                      f"{r['bytes_loaded'].get('indices', 0)} | {tgt} |")
     return "\n".join(lines)
 
@@ -293,6 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--md", help="write the table (with the shapes and versions) here, e.g. docs/benchmarks/")
     ap.add_argument("--backward", action="store_true",
                     help="count the Triton backward instead (default preset: dsv32-prefill-backward; goal <= 1.2x)")
+    ap.add_argument("--kv-quant", choices=sorted(KV_QUANT),
+                    help="quantize the (latent) cache with attention.quantize_kv, tiles of 128 columns (issue 16)")
     args = ap.parse_args(argv)
     from attention.backends.triton import launch
 
@@ -313,7 +332,7 @@ def main(argv=None) -> int:
     for name in args.preset or ["dsv32-decode", "dsv32-prefill"]:
         for p in WORK_PRESETS[name]:
             print(f"counting {p.name}: {p.describe()} ...", file=sys.stderr, flush=True)
-            row = measure(p, args.target)
+            row = measure(p, args.target, args.kv_quant)
             if p.family.startswith("dsv32"):
                 row["misses"] = check_targets(row)
             rows.append(row)

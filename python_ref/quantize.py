@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["QUANT_MAX", "num_scales", "quantize_kv", "dequantize", "scale_tiles_"]
+__all__ = ["QUANT_MAX", "num_scales", "quantize_kv", "dequantize", "scale_tiles_", "stored_values"]
 
 #: Largest magnitude each storage dtype holds (e4m3fn: 448, no inf; int8: symmetric [-127, 127], so
 #: that -x is always representable and the grid is the same on both sides of 0).
@@ -25,6 +25,29 @@ QUANT_MAX: Dict[torch.dtype, float] = {torch.float8_e4m3fn: 448.0, torch.int8: 1
 def num_scales(width: int, scale_block: int) -> int:
     """Scales per row: ceil(width / scale_block)."""
     return -(-int(width) // int(scale_block))
+
+
+_FP8_TABLE: Dict[torch.device, Tensor] = {}
+
+
+def stored_values(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``float(stored)`` of every element of a quantized (or any) tensor, in ``dtype``: a new tensor.
+
+    On the CPU, PyTorch's float8 -> float conversion runs element by element, about 3x slower than a
+    bfloat16 -> float32 copy (measured here): a float8 tensor is read through a table of its 256 values
+    instead (``index_select`` of its bytes as int32), the same values bit for bit (NaN codes included),
+    about 1.5x faster. Plain CPU tensors only: traced or fake tensors take ``.to`` (no global table
+    made of fake tensors).
+    """
+    if (x.dtype == torch.float8_e4m3fn and x.device.type == "cpu" and type(x) is torch.Tensor
+            and not torch.compiler.is_compiling()):
+        table = _FP8_TABLE.get(x.device)
+        if table is None:
+            codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+            table = _FP8_TABLE.setdefault(x.device, codes.view(torch.float8_e4m3fn).to(torch.float32))
+        y = torch.index_select(table, 0, x.reshape(-1).view(torch.uint8).to(torch.int32)).view(x.shape)
+        return y if dtype == torch.float32 else y.to(dtype)
+    return x.to(dtype)
 
 
 def scale_tiles_(x: Tensor, scale: Tensor, scale_block: int) -> Tensor:
@@ -44,7 +67,7 @@ def scale_tiles_(x: Tensor, scale: Tensor, scale_block: int) -> Tensor:
 
 def dequantize(x: Tensor, scale: Tensor, scale_block: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """The values of a quantized tensor in ``dtype`` (a new tensor): float(stored) * scale of its tile."""
-    return scale_tiles_(x.to(dtype), scale.to(dtype), scale_block)
+    return scale_tiles_(stored_values(x, dtype), scale.to(dtype), scale_block)
 
 
 def quantize_kv(kv: Tensor, dtype: torch.dtype, scale_block: int = 128) -> Tuple[Tensor, Tensor]:

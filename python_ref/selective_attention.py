@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .quantize import dequantize, scale_tiles_
+from .quantize import dequantize, scale_tiles_, stored_values
 
 __all__ = ["selective_attention", "selective_attention_backward", "selective_attention_dense", "token_metadata",
            "tokens_per_chunk", "DEFAULT_CHUNK_BYTES"]
@@ -115,7 +115,7 @@ class _Call:
         self.t0 = token_offset
         self.paged = kv.dim() == 4
         self.Hkv = kv.shape[-2]
-        self.Hg = H // self.Hkv
+        self.heads_per_kv = H // self.Hkv
         self.Dr = 0 if q_rope is None else q_rope.shape[-1]
         self.scale = float((Dqk + self.Dr) ** -0.5 if sm_scale is None else sm_scale)
         self.Dv = v.shape[-1] if v is not None else (Dqk if d_v is None else int(d_v))
@@ -149,7 +149,8 @@ class _Call:
         # Bytes of one stored value, the widest of the row's parts (bytes_per_candidate's bound).
         self.in_bytes = max(x.element_size() for x in (kv, v, kv_rope) if x is not None)
         self.block_table = block_table if self.paged else None
-        self.sink = None if attn_sink is None else attn_sink.to(self.compute_dtype).reshape(1, self.Hkv, self.Hg, 1)
+        self.sink = (None if attn_sink is None
+                     else attn_sink.to(self.compute_dtype).reshape(1, self.Hkv, self.heads_per_kv, 1))
         # On the CPU a host-side test ("was anything dropped?") is free and lets the common case skip
         # two masking passes; elsewhere it would be a device sync, so always mask there. Tracing
         # (torch.compile, opcheck) must not see it either: plain tensors only.
@@ -253,18 +254,23 @@ def _per_head(keep: Tensor, Hkv: int) -> Tensor:
 
 
 def _gather(storage: Tensor, rows: Tensor, keep: Optional[Tensor], dtype: torch.dtype,
-            scale: Optional[Tensor] = None, scale_block: int = 0) -> Tensor:
+            scale: Optional[Tensor] = None, scale_block: int = 0, out: Optional[Tensor] = None) -> Tensor:
     """storage [N, Hkv, D], rows/keep [c, G, n] -> [c*Hkv, n, D] in ``dtype``, dropped rows zeroed.
 
     A quantized storage comes with its tile scales ``scale`` [N, Hkv, ceil(D / scale_block)]: the
-    gathered rows alone are dequantized (never the whole cache).
+    gathered rows alone are dequantized (never the whole cache). ``out`` (a [c*Hkv, n, D] view of a
+    wider buffer, last stride 1) receives the result instead of a new tensor.
     """
     c, G, n = rows.shape
     Hkv, D = storage.shape[1], storage.shape[2]
     if n == 0 or storage.shape[0] == 0:  # nothing selected, or a cache with no rows: nothing to read
-        return storage.new_zeros((c * Hkv, n, D), dtype=dtype)
+        return storage.new_zeros((c * Hkv, n, D), dtype=dtype) if out is None else out.zero_()
     x = _take(storage, rows)
-    if x.dtype != dtype:
+    if out is not None:
+        x = out.copy_(x if scale is None else stored_values(x, dtype))  # the dtype conversion is the copy
+    elif scale is not None:
+        x = stored_values(x, dtype)
+    elif x.dtype != dtype:
         x = x.to(dtype)
     if scale is not None:
         scale_tiles_(x, _take(scale, rows).to(dtype), scale_block)  # x is a fresh copy: in place
@@ -294,17 +300,17 @@ def _take(storage: Tensor, rows: Tensor) -> Tensor:
 
 def _rows(storage: Tensor, scale: Optional[Tensor], scale_block: int, u: Tensor, dtype: torch.dtype) -> Tensor:
     """Storage rows ``u`` [U] -> [U, Hkv, D] in ``dtype``, dequantized when ``scale`` is given."""
-    x = storage[u].to(dtype)
-    return x if scale is None else scale_tiles_(x, scale[u].to(dtype), scale_block)
+    x = storage[u]
+    return x.to(dtype) if scale is None else scale_tiles_(stored_values(x, dtype), scale[u].to(dtype), scale_block)
 
 
 def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: int, in_bytes: int) -> Optional[Tensor]:
     """Sorted distinct storage rows kept by a chunk, when attending over them densely is cheaper.
 
     In a prefill, neighbouring tokens select mostly the same positions (top-2048 of a 4K context):
-    gathering K rows per token then multiplies [Hg, D] x [D, K] per token, which is bound by the
+    gathering K rows per token then multiplies [heads_per_kv, D] x [D, K] per token, which is bound by the
     gather's memory traffic. Over the chunk's union of rows instead, one gather serves every token
-    and the GEMMs have c*Hg rows. Used on the CPU only (``unique`` is a host sync elsewhere) and
+    and the GEMMs have c*heads_per_kv rows. Used on the CPU only (``unique`` is a host sync elsewhere) and
     when the union is at most half the candidates and its working set fits the chunk budget.
     """
     c, _, n = rows.shape
@@ -328,60 +334,69 @@ def _union_rows(call: _Call, rows: Tensor, keep: Optional[Tensor], chunk_bytes: 
 
 
 def _chunk_union(call: _Call, q, q_rope, c0, c1, rows, keep, u):
-    """(out [c, Hkv, Hg, Dv], lse) of tokens [c0, c1) by dense scores over the union rows ``u``, or
+    """(out [c, Hkv, heads_per_kv, Dv], lse) of tokens [c0, c1) by dense scores over the union rows ``u``, or
     None when the union's value rows are not all finite (then the caller takes the gather path).
 
-    Scores of each token's own candidates are gathered from the dense [c, Hkv, Hg, U] matrix (so
+    Scores of each token's own candidates are gathered from the dense [c, Hkv, heads_per_kv, U] matrix (so
     duplicates and masks behave exactly as in the gather path), and the softmax weights are
-    scattered back (``scatter_add_`` sums duplicates) before one [c*Hg, U] x [U, Dv] GEMM per kv head.
+    scattered back (``scatter_add_`` sums duplicates) before one [c*heads_per_kv, U] x [U, Dv] GEMM per kv head.
     That GEMM multiplies every token's weights with every union row, including the rows the token
     did not select (weight 0): 0 * NaN or 0 * inf would poison it (SPEC: a row a token did not select
     never influences it). Hence the finiteness check; the dense scores need none, since each token
     reads back only its own candidates' columns.
     """
     c, cd = c1 - c0, call.compute_dtype
-    Hkv, Hg, D, Dv, U = call.Hkv, call.Hg, call.Dqk, call.Dv, u.numel()
+    Hkv, heads_per_kv, D, Dv, U = call.Hkv, call.heads_per_kv, call.Dqk, call.Dv, u.numel()
     ku = _rows(call.kv_flat, call.kvs_flat, call.scale_block, u, cd)  # [U, Hkv, Dqk]
     vu = ku[..., :Dv] if call.v_flat is None else _rows(call.v_flat, call.vs_flat, call.scale_block, u, cd)
     if not bool(torch.isfinite(vu).all()):  # host-only path: free to read
         return None
     inv = torch.searchsorted(u, rows).clamp_(max=U - 1)  # dropped candidates: any column, masked below
-    index = inv[:, :, None, :].expand(c, Hkv, Hg, rows.shape[2])
+    index = inv[:, :, None, :].expand(c, Hkv, heads_per_kv, rows.shape[2])
 
-    def dense(xu, qx, width):  # [Hkv, c*Hg, U] scores of qx against the union rows xu [U, Hkv, width]
-        qh = qx[c0:c1].to(cd).reshape(c, Hkv, Hg, width).transpose(0, 1).reshape(Hkv, c * Hg, width)
+    def dense(xu, qx, width):  # [Hkv, c*heads_per_kv, U] scores of qx against the union rows xu [U, Hkv, width]
+        qh = qx[c0:c1].to(cd).reshape(c, Hkv, heads_per_kv, width).transpose(0, 1).reshape(Hkv, c * heads_per_kv, width)
         return torch.bmm(qh * call.scale, xu.permute(1, 2, 0))
 
     sd = dense(ku, q, D)
     if call.kvr_flat is not None:
         sd = sd + dense(call.kvr_flat[u].to(cd), q_rope, call.Dr)
-    s = torch.gather(sd.view(Hkv, c, Hg, U).transpose(0, 1), -1, index)
+    s = torch.gather(sd.view(Hkv, c, heads_per_kv, U).transpose(0, 1), -1, index)
     if keep is not None:
         s = s.masked_fill_(~keep[:, :, None, :], float("-inf"))
     lse, e, _, denom = _softmax(call, s, _kept_rows(keep, s.shape))
-    w = torch.zeros(c, Hkv, Hg, U, dtype=cd, device=e.device).scatter_add_(-1, index, e)
-    o = torch.bmm(w.transpose(0, 1).reshape(Hkv, c * Hg, U), vu.transpose(0, 1))
-    return o.view(Hkv, c, Hg, Dv).transpose(0, 1).div_(denom), lse
+    w = torch.zeros(c, Hkv, heads_per_kv, U, dtype=cd, device=e.device).scatter_add_(-1, index, e)
+    o = torch.bmm(w.transpose(0, 1).reshape(Hkv, c * heads_per_kv, U), vu.transpose(0, 1))
+    return o.view(Hkv, c, heads_per_kv, Dv).transpose(0, 1).div_(denom), lse
 
 
 def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
-    """Gathered operands and masked scores of tokens [c0, c1): s [c*Hkv, Hg, n] (scaled), keys/vals
-    [c*Hkv, n, D], qc [c*Hkv, Hg, Dqk] (token x kv head folded into the bmm batch)."""
+    """Gathered operands and masked scores of tokens [c0, c1): s [c*Hkv, heads_per_kv, n] (scaled), keys/vals
+    [c*Hkv, n, D], qc [c*Hkv, heads_per_kv, Dqk] (token x kv head folded into the bmm batch)."""
     whole = c0 == 0 and c1 == call.Tc  # one chunk (decode): skip the slicing
     if selected is None:
         selected = _select(call, indices if whole else indices[c0:c1], c0, c1)
     rows, keep = selected
     c, cd = c1 - c0, call.compute_dtype
-    keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block)  # [c*Hkv, n, Dqk]
-    qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.Hg, call.Dqk)
-    if qc.dtype != cd:
-        qc = qc.to(cd)
-    s = torch.bmm(qc * call.scale, keys.transpose(1, 2))  # [c*Hkv, Hg, n]
+    Dqk, Dr = call.Dqk, call.Dr
+    qc = (q if whole else q[c0:c1]).reshape(c * call.Hkv, call.heads_per_kv, Dqk)
     kr = qr = None
-    if call.kvr_flat is not None:
-        kr = _gather(call.kvr_flat, rows, keep, cd)
-        qr = q_rope[c0:c1].to(cd).reshape(c * call.Hkv, call.Hg, call.Dr)
-        s = s + torch.bmm(qr * call.scale, kr.transpose(1, 2))
+    if call.kvr_flat is None:
+        keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block)  # [c*Hkv, n, Dqk]
+        if qc.dtype != cd:
+            qc = qc.to(cd)
+        s = torch.bmm(qc * call.scale, keys.transpose(1, 2))  # [c*Hkv, heads_per_kv, n]
+    else:
+        # A split rope part (a quantized cache keeps it apart, in higher precision): both parts are
+        # gathered side by side into one [.., n, Dqk + Dr] buffer, so the scores are one bmm, not two
+        # plus a sum over [c*Hkv, heads_per_kv, n]. keys / kr are views of it.
+        both = torch.empty((c * call.Hkv, rows.shape[2], Dqk + Dr), dtype=cd, device=qc.device)
+        keys = _gather(call.kv_flat, rows, keep, cd, call.kvs_flat, call.scale_block, out=both[..., :Dqk])
+        kr = _gather(call.kvr_flat, rows, keep, cd, out=both[..., Dqk:])
+        qr = q_rope[c0:c1].reshape(c * call.Hkv, call.heads_per_kv, Dr)
+        q_both = torch.cat([qc, qr], dim=-1).to(cd)
+        qc, qr = q_both[..., :Dqk], q_both[..., Dqk:]
+        s = torch.bmm(q_both * call.scale, both.transpose(1, 2))
     if call.v_flat is None:
         vals = keys[..., :call.Dv] if call.Dv < call.Dqk else keys
     else:
@@ -393,7 +408,7 @@ def _chunk_scores(call: _Call, q, q_rope, indices, c0, c1, selected=None):
 
 
 def _kept_rows(keep: Optional[Tensor], shape) -> Optional[Tensor]:
-    """Which rows of scores ``shape`` ([c*Hkv, Hg, n] or [c, Hkv, Hg, n]) keep a candidate, as a bool
+    """Which rows of scores ``shape`` ([c*Hkv, heads_per_kv, n] or [c, Hkv, heads_per_kv, n]) keep a candidate, as a bool
     tensor broadcastable to ``shape[:-1] + (1,)``; None when nothing was dropped (then a row keeps
     all of its n candidates, so it is empty only when n = 0).
 
@@ -410,7 +425,7 @@ def _kept_rows(keep: Optional[Tensor], shape) -> Optional[Tensor]:
 
 
 def _softmax(call: _Call, s: Tensor, kept: Optional[Tensor]):
-    """Online-softmax pieces of masked scores s [c, Hkv, Hg, n] (consumed in place).
+    """Online-softmax pieces of masked scores s [c, Hkv, heads_per_kv, n] (consumed in place).
 
     Returns (lse, e, l, denom): lse [.., 1] natural log (-inf for an empty row); e = exp(s - m) with
     m the row max (0 for an empty row, so e = 0 there, never NaN); l = sum(e); and the output
@@ -430,8 +445,9 @@ def _softmax(call: _Call, s: Tensor, kept: Optional[Tensor]):
     e = s.sub_(m).exp_()
     l = e.sum(dim=-1, keepdim=True)
     lse = torch.log(l).add_(m)
-    # (s is [c*Hkv, Hg, n] or [c, Hkv, Hg, n]: the sink [1, Hkv, Hg, 1] meets m in the 4-D view)
-    denom = l if call.sink is None else l + torch.exp(call.sink - m.view(-1, call.Hkv, call.Hg, 1)).view_as(m)
+    # (s is [c*Hkv, heads_per_kv, n] or [c, Hkv, heads_per_kv, n]: the sink [1, Hkv, heads_per_kv, 1]
+    # meets m in the 4-D view)
+    denom = l if call.sink is None else l + torch.exp(call.sink - m.view(-1, call.Hkv, call.heads_per_kv, 1)).view_as(m)
     if kept is not None or call.sink is not None or not s.shape[-1]:
         denom = denom.clamp_min(1.0)
     return lse, e, l, denom
@@ -467,6 +483,12 @@ def selective_attention(
     token ``token_offset`` out of ``total_tokens``. A quantized ``kv`` / ``v`` (float8_e4m3fn, int8)
     comes with ``kv_scale`` / ``v_scale``; only the rows a piece of work selects are dequantized.
     """
+    if (q.shape[0] == 1 and kv.dim() == 3 and cu_seqlens_q is None and cu_seqlens_k is None
+            and block_size == 1 and kv_scale is None and v_scale is None):
+        res = _one_token(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, causal, attn_sink, token_offset,
+                         total_tokens)
+        if res is not None:
+            return res
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, token_offset, total_tokens, kv_scale, v_scale,
                  scale_block)
@@ -500,6 +522,89 @@ def selective_attention(
     return out, lse_out
 
 
+# PyTorch's CPU flash-attention kernel: softmax(scale * q k^T) v and its logsumexp in one call. Private
+# (aten::_...), so it may be missing from a torch version (then every call takes the general path),
+# and it trusts its caller: it reads garbage when a last dimension is strided, divides by zero on
+# zero keys, and wants q, k and v of one width. `_one_token` gives it only what it handles.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU = None if _FLASH_CPU is None else _FLASH_CPU.default
+
+
+def _one_token(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, causal, attn_sink, token_offset, total_tokens):
+    """(out, lse) of a call of one query token over one contiguous sequence with token selection, when
+    no candidate is dropped; None otherwise (the caller takes the general path).
+
+    A decode step calls the op once per layer, so this path is about per-call cost, not FLOPs: the
+    general path's ~25 small torch ops (selection masks, chunking, an online softmax by hand) cost
+    several times the attention itself at decode sizes. Here the rows are gathered by
+    ``index_select``, whose own range check proves that every candidate is kept (a dropped one raises
+    before anything is read, and the general path takes over), and one flash-attention call returns
+    out and lse together. Same contract, same float32 (float64 for float64 q) compute. Every
+    conversion below runs only when needed: at decode sizes each torch call costs as much as the math.
+    """
+    S, Hkv, Dqk = kv.shape
+    G, K = indices.shape[1], indices.shape[2]
+    if (_FLASH_CPU is None or K == 0 or not q.is_cpu or type(q) is not torch.Tensor
+            or torch.compiler.is_compiling()):
+        return None
+    if torch.is_grad_enabled() and _needs_grad(q, kv, v, q_rope, kv_rope, attn_sink):
+        return None  # python_ref called directly under autograd: the general path differentiates
+    Dk = Dqk if q_rope is None else Dqk + q_rope.shape[-1]
+    if v is not None and v.shape[-1] != Dk:
+        return None  # the kernel wants values as wide as the keys
+    # Kept = 0 <= index < end: end = L (= S), or with causal q_pos + 1 = L - T + t + 1 (SPEC section 1).
+    T = token_offset + 1 if total_tokens is None else total_tokens
+    end = S - (T - 1 - token_offset) if causal else S
+    if G != 1:  # per-kv-head selections: advanced indexing wraps negatives, so check the range first
+        lo, hi = torch.aminmax(indices)
+        if int(lo) < 0 or int(hi) >= end:
+            return None
+        heads = torch.arange(Hkv)[:, None]
+    elif end <= 0:
+        return None
+    else:
+        rows = indices.reshape(K)
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def gather(x):  # [S, Hkv, D] -> [1, Hkv, K, D] in cd, last dimension dense
+        if G == 1:  # one selection shared by every kv head; index_select raises for rows outside [0, end)
+            x = torch.index_select(x if end == S else x[:end], 0, rows)
+            x = x.view(1, 1, K, x.shape[-1]) if Hkv == 1 else x.transpose(0, 1)[None]
+        else:
+            x = x[indices[0], heads][None]
+        return x if x.dtype == cd else x.to(cd)
+
+    try:
+        keys = gather(kv)
+    except IndexError:  # a dropped candidate (negative, past the sequence, or after the query)
+        return None
+    qx = q
+    if q_rope is not None:
+        keys, qx = torch.cat((keys, gather(kv_rope)), -1), torch.cat((q, q_rope), -1)
+    vals = keys if v is None else gather(v)  # latent: value = the first Dv columns of the key row
+    if qx.dtype != cd:
+        qx = qx.to(cd)
+    if qx.stride(-1) != 1:
+        qx = qx.contiguous()
+    H = q.shape[1]
+    scale = Dk ** -0.5 if sm_scale is None else float(sm_scale)
+    o, lse = _FLASH_CPU(qx.reshape(1, Hkv, H // Hkv, Dk), keys, vals, 0.0, False, scale=scale)
+    o, lse = o.reshape(1, H, Dk), lse.reshape(1, H)  # (a copy when Hkv > 1: the kernel returns [B, L, heads] strides)
+    if attn_sink is not None:  # exp(s) / (exp(lse) + exp(sink)) = softmax * sigmoid(lse - sink)
+        o = o * torch.sigmoid(lse - attn_sink.to(cd))[..., None]
+    Dv = Dk if v is not None else (Dqk if d_v is None else int(d_v))
+    if Dv < Dk:
+        o = o[..., :Dv].contiguous()
+    return (o if o.dtype == q.dtype else o.to(q.dtype)), (lse if cd == torch.float32 else lse.to(torch.float32))
+
+
+def _needs_grad(*xs) -> bool:
+    for x in xs:
+        if x is not None and x.requires_grad:
+            return True
+    return False
+
+
 def _forward_piece(call: _Call, q, q_rope, idx, c0, c1, budget, in_bytes):
     """(out, lse) of tokens [c0, c1) over their candidates ``idx`` [c, G, k]: the union or gather path."""
     selected = _select(call, idx, c0, c1)
@@ -509,7 +614,7 @@ def _forward_piece(call: _Call, q, q_rope, idx, c0, c1, budget, in_bytes):
         return res
     x = _chunk_scores(call, q, q_rope, idx, c0, c1, selected)
     lse, e, _, denom = _softmax(call, x["s"], x["kept"])
-    return torch.bmm(e, x["vals"]).div_(denom), lse  # [c*Hkv, Hg, Dv]
+    return torch.bmm(e, x["vals"]).div_(denom), lse  # [c*Hkv, heads_per_kv, Dv]
 
 
 def _forward_split_k(call: _Call, q, q_rope, idx, c0, c1, k_piece, r_piece):
@@ -537,7 +642,7 @@ def _forward_split_k(call: _Call, q, q_rope, idx, c0, c1, k_piece, r_piece):
         o_run = o_run * w_run + o_i * w_i
         lse_run = lse_new
     if call.sink is not None:
-        sink = call.sink.reshape(1, call.Hkv, call.Hg, 1).expand(c1 - c0, -1, -1, -1).reshape(lse_run.shape)
+        sink = call.sink.reshape(1, call.Hkv, call.heads_per_kv, 1).expand(c1 - c0, -1, -1, -1).reshape(lse_run.shape)
         o_run = o_run / (1.0 + torch.exp(sink - lse_run))  # lse = -inf: o is 0 and stays 0
     return o_run, lse_run
 
@@ -565,7 +670,7 @@ def max_logits(
     parts = []
     for c0 in range(0, T, chunk):
         c1 = min(T, c0 + chunk)
-        s = _chunk_scores(call, q, q_rope, indices, c0, c1)["s"]  # [c*Hkv, Hg, n], dropped = -inf
+        s = _chunk_scores(call, q, q_rope, indices, c0, c1)["s"]  # [c*Hkv, heads_per_kv, n], dropped = -inf
         parts.append(s.amax(dim=-1).reshape(c1 - c0, H).to(torch.float32))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -615,13 +720,13 @@ def selective_attention_backward(
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, 0, None, kv_scale, v_scale, scale_block)
     cd = call.compute_dtype
-    Tc, H, Hkv, Hg, Dv = call.Tc, call.H, call.Hkv, call.Hg, call.Dv
+    Tc, H, Hkv, heads_per_kv, Dv = call.Tc, call.H, call.Hkv, call.heads_per_kv, call.Dv
     dq = torch.zeros(q.shape, device=q.device, dtype=cd)
     dkv = None if kv_scale is not None else torch.zeros(call.kv_flat.shape, device=q.device, dtype=cd)
     dv = None if v is None or v_scale is not None else torch.zeros(call.v_flat.shape, device=q.device, dtype=cd)
     dqr = None if q_rope is None else torch.zeros(q_rope.shape, device=q.device, dtype=cd)
     dkvr = None if kv_rope is None else torch.zeros(call.kvr_flat.shape, device=q.device, dtype=cd)
-    dsink = None if attn_sink is None else torch.zeros(1, Hkv, Hg, 1, device=q.device, dtype=cd)
+    dsink = None if attn_sink is None else torch.zeros(1, Hkv, heads_per_kv, 1, device=q.device, dtype=cd)
     heads = torch.arange(Hkv, device=q.device)[None, :, None]
     chunk = tokens_per_chunk(H, Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
 
@@ -642,30 +747,31 @@ def selective_attention_backward(
             p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
             sink_share = None if dsink is None else 1 - l / denom  # exp(sink) / (exp(lse) + exp(sink))
         else:
-            row_lse = lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
+            row_lse = lse[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, 1)
             # An empty row (lse = -inf, every s = -inf) subtracts 0 instead: P = 0 there, never NaN.
             p = torch.exp(x["s"] - (row_lse if x["kept"] is None else torch.where(x["kept"], row_lse, 0.0)))
             if dsink is None:
                 pp = p
             else:
-                sink_share = torch.sigmoid(call.sink.view(1, Hkv, Hg, 1) - row_lse.view(c, Hkv, Hg, 1))
-                sink_share = sink_share.view(c * Hkv, Hg, 1)
+                sink_share = torch.sigmoid(call.sink.view(1, Hkv, heads_per_kv, 1)
+                                           - row_lse.view(c, Hkv, heads_per_kv, 1))
+                sink_share = sink_share.view(c * Hkv, heads_per_kv, 1)
                 pp = p * (1 - sink_share)
         vals = x["vals"]
         if grad_out is not None:
-            do = grad_out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
-            o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, Hg, Dv)
+            do = grad_out[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, Dv)
+            o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, Dv)
             delta = (do * o).sum(-1, keepdim=True)
             ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
             dvals = None if (dkv if v is None else dv) is None else torch.matmul(pp.transpose(-1, -2), do)
             if dsink is not None:
                 # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
-                dsink -= (delta * sink_share).view(c, Hkv, Hg, 1).sum(0, keepdim=True)
+                dsink -= (delta * sink_share).view(c, Hkv, heads_per_kv, 1).sum(0, keepdim=True)
         else:
             ds = torch.zeros_like(p)
             dvals = None
         if grad_lse is not None:
-            gl = grad_lse[c0:c1].to(cd).reshape(c * Hkv, Hg, 1)
+            gl = grad_lse[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, 1)
             if x["kept"] is not None:  # an empty row's lse is the constant -inf
                 gl = torch.where(x["kept"], gl, 0.0)
             ds = ds + gl * p
@@ -744,7 +850,7 @@ def selective_attention_dense(
     idx = i64(indices)
     T, H, Dqk = qd.shape
     Hkv = kvd.shape[-2]
-    Hg = H // Hkv
+    heads_per_kv = H // Hkv
     Dr = 0 if qr is None else qr.shape[-1]
     scale = (Dqk + Dr) ** -0.5 if sm_scale is None else float(sm_scale)
     Dv = vd.shape[-1] if vd is not None else (Dqk if d_v is None else int(d_v))
@@ -785,8 +891,8 @@ def selective_attention_dense(
                 p = (j[:, None] * block_size + torch.arange(min(block_size, Lb))).flatten()
                 p = p[(p < Lb) & ((p <= q_pos) if causal else True)]
                 count = torch.bincount(p, minlength=Lb).to(dtype)
-                for hh in range(Hg):
-                    h = g * Hg + hh
+                for hh in range(heads_per_kv):
+                    h = g * heads_per_kv + hh
                     sel = count > 0
                     if not bool(sel.any()):
                         continue  # out 0, lse -inf

@@ -13,6 +13,8 @@ import torch
 
 import attention
 from attention.testing import CASES, DTYPE_NAMES, Case, oracle, run_case
+from attention.vendor_rules import cann_check_result
+from python_ref.quantize import dequantize, quantize_kv
 
 ascendc = pytest.importorskip("attention.backends.ascendc")
 twin = ascendc._twin
@@ -30,12 +32,35 @@ def _expected(case, dtype):
     return oracle(case.make(dtype, "cpu"))
 
 
+@functools.lru_cache(maxsize=None)
+def _exact_rounded_cann_percent(case, dtype):
+    """CANN's check_result rate of the float64 result rounded once to ``dtype``: what a kernel whose only
+    error is the final cast would score (issue 13 item 6). With a quantized cache the contract lets a
+    kernel round the dequantized values to q's dtype before the cube (docs/contract.md), so the baseline
+    is the float64 result on that rounded cache, rounded once."""
+    ref_out, _ = _expected(case, dtype)
+    base = ref_out
+    if case.kv_quant is not None:
+        args = case.make(dtype, "cpu")
+        sb = args.pop("scale_block")
+        for name, scale in (("kv", "kv_scale"), ("v", "v_scale")):
+            if scale in args:
+                args[name] = dequantize(args[name], args.pop(scale), sb).to(dtype)
+        base, _ = oracle(args)
+    return cann_check_result(base.to(dtype), ref_out)[1]
+
+
 def _run(case, dtype, soc, tiling=None):
     with ascendc.use_soc(soc, tiling):
         res = run_case("ascendc", case, dtype, "cpu", repeats=2, expected=_expected(case, dtype))
     if res.skipped:
         pytest.skip(f"ascendc/{soc}: {res.message}")
     assert res.ok, f"ascendc/{soc}/{res.dtype}/{case.name}: {res.message}"
+    # Huawei's own pass rule (CANN check_result), held to the exact result rounded once: with P rounded to
+    # the 16-bit dtype in one part, 38 of 47 bfloat16 cases scored 89-97% here (docs/ascendc.md)
+    exact = _exact_rounded_cann_percent(case, dtype)
+    assert res.cann_percent >= exact, (f"ascendc/{soc}/{res.dtype}/{case.name}: CANN check_result "
+                                       f"{res.cann_percent:.3f}% < {exact:.3f}% of the exact result rounded to {res.dtype}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -81,6 +106,16 @@ def test_many_heads_per_kv_head(dtype, case, tiling):
             assert case.Dv == 512 and tl["mTile"] == 128, p["problems"]
             pytest.skip(f"does not fit Ascend910B2: {p['problems']}")
     _run(case, dtype, "Ascend910B2", tl)
+
+
+# DeepSeek-V3.2 decode as Huawei's sparse-flash-attention goldens shape it (one kv head, 512 + 64 rope),
+# fewer heads and candidates to stay fast: one 16-bit rounding of P scored 97.2% (bf16) here.
+VENDOR_SHAPE = Case("dsv32_h16_k512", H=16, Hkv=1, Dqk=512, Dv=512, Dr=64, K=512, seqs=((1, 4096),))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=lambda d: DTYPE_NAMES[d])
+def test_cann_rule_on_the_vendor_shape(dtype):
+    _run(VENDOR_SHAPE, dtype, "Ascend910B2")
 
 
 def test_310p3_declares_missing_dtypes():
@@ -130,13 +165,17 @@ def _deepseek_args(dtype, T=1, K=2048, S=4096):
     return dict(q=q, kv=kv, indices=idx, d_v=512)
 
 
+@pytest.mark.parametrize("cache", ["float", "int8"])
 @pytest.mark.parametrize("soc", SOCS)
-def test_deepseek_shape_runs_on_twin(soc):
+def test_deepseek_shape_runs_on_twin(soc, cache):
     """The real DeepSeek shape through the kernel with the planner's tiling: every TPipe buffer is
-    checked against the SoC, and the twin's measured peak equals what the host charged."""
+    checked against the SoC, and the twin's measured peak equals what the host charged (an int8 cache
+    adds the dequantization staging to UB)."""
     info = next(s for s in ascendc.soc_table() if s["name"] == soc)
     dtype = torch.bfloat16 if info["bf16"] else torch.float16
     args = _deepseek_args(dtype)
+    if cache == "int8":
+        args["kv"], args["kv_scale"] = quantize_kv(args["kv"].float(), torch.int8)
     inp = attention.validate(**args)
     with ascendc.use_soc(soc):
         out, lse = ascendc.BACKEND.forward(inp)
@@ -212,6 +251,18 @@ def test_binding_accepts_good_arguments():
     (lambda a, o, l: a.update(soc="Ascend999"), "unknown SoC"),
     (lambda a, o, l: a.update(tiling=dict(mTile=24)), "mTile and nTile must be multiples of 16"),
     (lambda a, o, l: a.update(tiling=dict(bogus=16)), "unknown tiling override key"),
+    # quantized caches (issue 16): int8 only, with float32 scales of the right shape
+    (lambda a, o, l: a.update(kv=a["kv"].to(torch.int8)), "an int8 kv needs kv_scale"),
+    (lambda a, o, l: a.update(kv_scale=torch.ones(a["kv"].shape[:-1] + (1,))), "kv_scale is only for an int8 kv"),
+    (lambda a, o, l: a.update(kv=a["kv"].to(torch.int8), kv_scale=torch.ones(a["kv"].shape[:-1] + (2,))),
+     "kv_scale must have shape"),
+    (lambda a, o, l: a.update(kv=a["kv"].to(torch.int8), kv_scale=torch.ones(a["kv"].shape[:-1] + (1,)).double()),
+     "kv_scale must be Float"),
+    (lambda a, o, l: a.update(kv=a["kv"].to(torch.int8), kv_scale=torch.ones(a["kv"].shape[:-1] + (1,)), scale_block=0),
+     "scale_block must be in"),
+    (lambda a, o, l: a.update(kv=a["kv"].to(torch.float8_e4m3fn), kv_scale=torch.ones(a["kv"].shape[:-1] + (1,))),
+     "no FP8"),
+    (lambda a, o, l: a.update(v_scale=torch.ones(3, 1, 1)), "v_scale is only for an int8 v"),
 ])
 def test_binding_rejects_bad_arguments(mutation, message):
     a, out, lse = _good()
@@ -243,6 +294,18 @@ def test_binding_rejects_wrong_outputs_and_paged_tables():
 
 
 # ---------------------------------------------------------------- registry, info, packaging
+def test_int8_declared_fp8_declined_with_the_reason():
+    """910B has no FP8: the backend declares kv_int8 only and says why it declines kv_fp8 (issue 16)."""
+    from attention.backends.ascendc.backend import NO_FP8
+
+    assert "kv_int8" in ascendc.BACKEND.ops["attention"] and "kv_fp8" not in ascendc.BACKEND.ops["attention"]
+    for quant, declined in (("int8", False), ("fp8", True)):
+        case = next(c for c in CASES if c.kv_quant == quant)
+        reasons = ascendc.BACKEND.not_supported_reasons(attention.validate(**case.make(torch.float16)))
+        assert (NO_FP8 in reasons) == declined and bool(reasons) == declined, reasons
+    assert "no FP8" in ascendc.BACKEND.info()["quantized caches"]
+
+
 def test_reference_stays_first_on_cpu():
     inp = attention.validate(**CASES[0].make(torch.float32))
     from attention.registry import choose_backend

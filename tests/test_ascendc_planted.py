@@ -5,7 +5,8 @@ The real kernel source (csrc/ascend/kernel) is compiled once per ``PlantedBug`` 
 corrupt a real Ascend chip (event-id collision with TQue, missing pipe barriers and waits, flag misuse,
 API limits, UB overflow, reading unspecified padding). ``csrc/ascend/twin/planted_driver.cpp`` runs every
 variant through the twin on one problem; each must be caught with a message naming the bug, and the real
-kernel (variant 0) must run clean and match a float64 evaluation, on 910B2, 910B4, 910_9391 and 310P3.
+kernel (variant 0) must run clean and match a float64 evaluation, on 910B2, 910B4, 910_9391 and 310P3, both
+in one work item per token and split over cores with the combine launch.
 Needs a C++20 compiler (g++ or $CXX); the build (about 15 files, cached under build/) is skipped where
 none exists. Nothing here runs on an NPU.
 """
@@ -33,7 +34,7 @@ EXPECTED = {
     4: ("PLANT_NO_V_MTE3_WAIT", r"race on UB .*\(DataCopyPad\(UB->GM\) on MTE3 of AIV\d\) races with the write by \w+ on V"),
     5: ("PLANT_DOUBLE_SET", r"SetFlag<\w+>\(\d\) on a flag that is already set"),
     6: ("PLANT_WAIT_WITHOUT_SET", r"WaitFlag<\w+>\(\d\) with no SetFlag before it: a deadlock"),
-    7: ("PLANT_CROSS_FLAG_OVERFLOW", r"CrossCoreSetFlag\(1\): the flag's counter overflows"),
+    7: ("PLANT_CROSS_FLAG_OVERFLOW", r"CrossCoreSetFlag\(5\): the flag's counter overflows"),
     8: ("PLANT_MISALIGNED_COPY", r"DataCopyPad\(GM->UB\) .*must start 32-byte aligned"),
     9: ("PLANT_BLOCK_COUNT_4096", r"blockCount 4096 outside \[1, 4095\]"),
     10: ("PLANT_MMAD_K_UNALIGNED", r"Mmad: k = \d+ is not a multiple of C0 = 16"),
@@ -77,7 +78,7 @@ def driver():
         obj = out / f"variant_{i}.o"
         cmd = base + ["-c", str(ASCEND / "kernel" / "selective_attention.cpp"), "-o", str(obj), "-DSELATTN_F16_ONLY",
                       f"-DSELATTN_PLANTED_BUG={i}", f"-Dselattn=selattn_plant{i}",
-                      f"-Dselective_attention_f16=plant_entry_{i}"]
+                      f"-Dselective_attention_f16=plant_entry_{i}", f"-Dselective_attention_combine_f16=plant_combine_{i}"]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         return obj
 
@@ -114,6 +115,8 @@ def test_planted_bugs_are_caught_and_the_real_kernel_is_clean(driver, soc):
     assert res.returncode == 0, res.stderr
     lines = dict(line.split(" ", 1) for line in res.stdout.strip().splitlines())
     assert lines.pop("0") == "clean", "the real kernel must run clean and match float64"
+    # and with the decode split: partial results of several splits, merged by the combine launch
+    assert lines.pop("split") == "clean", "the real kernel with split candidates must run clean and match float64"
     problems = []
     for i, (name, pattern) in EXPECTED.items():
         got = lines.get(str(i), "<no output>")

@@ -216,3 +216,45 @@ def test_sdpa_baseline_head_sharing_modes(mode, monkeypatch):
         impl = baselines.DenseSDPA()
         verdict = runner._check_attention(impl.prepare(inp)(), inp, expected_float64(inp, tokens), tokens, impl)
         assert verdict["ok"], (mode, p.family, verdict["reason"])
+
+
+@pytest.mark.parametrize("qt", ["fp8", "int8"])
+def test_quantized_problem_is_checked_timed_and_counted_as_656_byte_rows(tmp_path, qt):
+    """--kv-quant: the cache is quantized (the float64 gate reads the dequantized logical values), the
+    dense baselines (float caches) are not run, and the byte model counts FlashMLA's record."""
+    p = dsv32("m", batch=4, q_per_seq=1, context=32768, Dqk=512, Dr=64, kv_quant=qt)
+    kept = 4 * 2048
+    assert byte_count(p, kept) == kept * 656 + 2 * (4 * 128 * 576 + 4 * 128 * 512) + 4 * 2048 * 4
+    rc = runner.main(["--preset", "custom", "--context", "300", "--heads", "4", "--dqk", "64", "--dr", "16",
+                      "--dv", "64", "--topk", "40", "--kv-quant", qt, "--repeats", "2", "--warmup", "1",
+                      "--backends", "reference", "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "custom.json").read_text())
+    rows = doc["results"]
+    assert [r["impl"] for r in rows] == ["reference"] and rows[0]["status"] == "ok"
+    assert f"kv {qt}" in rows[0]["shape"] and rows[0]["max_out_err"] <= rows[0]["tol_out"]
+    inp = make_inputs(dsv32("m", batch=1, q_per_seq=1, context=100, H=4, Dqk=64, Dr=16, Dv=64, K=10, kv_quant=qt),
+                      "cpu")
+    assert inp.kwargs["kv"].dtype == {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[qt]
+    assert inp.kv_log.dtype == torch.float32
+
+
+def test_one_problem_description():
+    # The matrix, the tune presets, bench's presets and compile_budget's problems are all Cases: a
+    # uniform problem is a Case made by testing.Problem, rebuilt from its own fields.
+    from attention import tune
+    from attention.testing import CASES, Case, Problem
+    from bench import compile_budget
+    from bench.presets import PRESETS
+
+    problems = (list(tune.PRESETS.values()) + [p for ps in PRESETS.values() for p in ps if not isinstance(p, SelectionProblem)]
+                + list(compile_budget.PROBLEMS.values()))
+    assert all(type(p) is Case for p in problems + CASES)
+    for p in problems:
+        assert Problem(**p.workload()) == p
+        q = p.with_overrides(context=p.context + 64, dtype="float32")
+        assert (q.context, q.dtype, q.batch, q.q_per_seq, q.name) == (p.context + 64, "float32", p.batch, p.q_per_seq,
+                                                                      f"{p.family}/L={p.context + 64}")
+        assert q.T == p.T and q.seqs == ((p.q_per_seq, p.context + 64),) * p.batch
+    assert compile_budget.PROBLEMS["nsa-prefill"].op == "attention" and not compile_budget.PROBLEMS["nsa-prefill"].latent
+    assert compile_budget.PROBLEMS["dsv32-select-decode"].op == "select"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import attention
+import python_ref
 from _helpers import skip_if_declined as _skip_if_declined
 from attention.testing import max_error as _err
 from attention.compat import flash_mla as fm
@@ -300,15 +301,25 @@ def test_kvcache_sparse_fp8(backend, case):
     if extra is not None:
         kw_bf["extra_k_cache"] = edeq
     out_bf, lse_bf = fm.flash_mla_with_kvcache(q, deq, None, None, 512, None, backend=backend, **kw_bf)
-    assert torch.allclose(out.float(), out_bf.float(), atol=1e-2, rtol=0)
+    if backend == "reference":
+        # power-of-two scales: the dequantized values are exact in bfloat16, and the reference computes
+        # the split rope as one float32 GEMM over both parts: the same arithmetic, the same bits
+        assert torch.equal(out, out_bf)
+    else:
+        # a kernel's native path is another configuration (split rope, scales in the loads, its own
+        # roundings of P before P @ V): the two agree within the contract's bfloat16 tolerance
+        assert _err(out, out_bf.double()) <= TOLERANCES[torch.bfloat16][0]
     assert _err(lse, lse_bf.double()) <= 1e-4
 
 
 def test_fp8_cache_of_another_layout_is_an_error():
     q, cache, idx, scale, d_v, *_ = _make_decode_sparse("mqa", torch.bfloat16)
-    bad = torch.zeros(cache.shape[0], cache.shape[1], 1, 584, dtype=torch.uint8)  # not the 656-byte V3.2 record
-    with pytest.raises(ValueError, match="656"):
+    bad = torch.zeros(cache.shape[0], cache.shape[1], 1, 600, dtype=torch.uint8)  # neither V3.2 nor MODEL1
+    with pytest.raises(ValueError, match="656.*584"):
         fm.flash_mla_with_kvcache(q, bad, None, None, d_v, None, indices=idx, is_fp8_kvcache=True)
+    model1 = torch.zeros(cache.shape[0], cache.shape[1], 1, 584, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="head_dim 512"):  # MODEL1 needs q's 448 + 64 columns
+        fm.flash_mla_with_kvcache(q, model1, None, None, d_v, None, indices=idx, is_fp8_kvcache=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +479,11 @@ def test_no_host_reads_meta_tensors():
     out, lse = fm.flash_mla_with_kvcache(q576, fp8, None, None, 512, None, indices=si, topk_length=sl,
                                          is_fp8_kvcache=True)
     assert out.shape == (2, 2, 4, 512) and lse.shape == (2, 4, 2)
+    q512 = torch.empty(2, 2, 4, 512, device=dev, dtype=bf)
+    model1 = torch.empty(6, 1152 + 576, device=dev, dtype=torch.uint8)[:, :2 * 584].view(6, 2, 1, 584)
+    out, lse = fm.flash_mla_with_kvcache(q512, model1, None, None, 512, None, indices=si, topk_length=sl,
+                                         is_fp8_kvcache=True)
+    assert out.shape == (2, 2, 4, 512) and lse.shape == (2, 4, 2)
 
 
 def test_sparse_fwd_gradients_match_the_native_op():
@@ -558,3 +574,66 @@ def test_pack_fp8_kvcache_errors_name_the_argument(bad, exc, words):
         fm.pack_fp8_kvcache(**a)
     for w in words:
         assert w in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlashMLA's MODEL1 FP8 cache (issue 13 item 4): d_qk = 512 (448 e4m3 in 7 tiles of 64 with e8m0
+# scales, 64 bfloat16 rope), 584 bytes per token, blocks padded to a multiple of 576 bytes
+# ---------------------------------------------------------------------------------------------
+
+def quantize_model1(cache):
+    """bf16 [nb, page, 1, 512] -> a MODEL1 cache [nb, page, 1, 584] (a strided view of padded blocks) and
+    its dequantized bfloat16 values, written from FlashMLA's layout description: per block, every token's
+    448 float8 + 128 rope bytes, then every token's 7 e8m0 scale bytes + 1 padding byte."""
+    nb, page = cache.shape[:2]
+    x = cache[:, :, 0].float()
+    nope = x[..., :448].reshape(nb, page, 7, 64)
+    amax = nope.abs().amax(-1)
+    scale = torch.pow(2.0, torch.ceil(torch.log2(torch.clamp_min(amax / 448.0, 1e-4))))  # power of two
+    q8 = (nope / scale[..., None]).to(torch.float8_e4m3fn).reshape(nb, page, 448)
+    block = -(-page * 584 // 576) * 576 + 576  # padded, and one spare record so blocks are not tight
+    store = torch.zeros(nb, block, dtype=torch.uint8)
+    data = torch.cat([q8.view(torch.uint8), cache[:, :, 0, 448:].contiguous().view(torch.uint8)], dim=-1)
+    store[:, :page * 576] = data.reshape(nb, page * 576)
+    e8 = scale.to(torch.float8_e8m0fnu).view(torch.uint8)  # exact: powers of two
+    store[:, page * 576:page * 584].view(nb, page, 8)[:, :, :7] = e8
+    deq = torch.cat([(q8.float().reshape(nb, page, 7, 64) * scale[..., None]).reshape(nb, page, 448)
+                     .to(torch.bfloat16), cache[:, :, 0, 448:]], dim=-1)
+    return store[:, :page * 584].view(torch.float8_e4m3fn).view(nb, page, 1, 584), deq.unsqueeze(2)
+
+
+@pytest.mark.parametrize("case", ["mqa", "sink_topk_length", "extra_cache"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_sparse_fp8_model1(backend, case):
+    q, cache, idx, scale, d_v, sink, tl, extra = _make_decode_sparse(case, torch.bfloat16)
+    g = torch.Generator().manual_seed(11)
+    b, s_q, h_q, _ = q.shape
+    q = torch.randn(b, s_q, h_q, 512, generator=g).to(torch.bfloat16)
+    m1, deq = quantize_model1(torch.randn(cache.shape[0], cache.shape[1], 1, 512, generator=g).to(torch.bfloat16))
+    assert not m1.is_contiguous() and m1.shape[-1] == 584
+    kw = dict(indices=idx, attn_sink=sink, topk_length=tl)
+    caches, idxs, tls = [deq], [idx], [tl]
+    if extra is not None:
+        e1, edeq = quantize_model1(torch.randn(3, 4, 1, 512, generator=g).to(torch.bfloat16))
+        kw.update(extra_k_cache=e1, extra_indices_in_kvcache=extra[1], extra_topk_length=extra[2])
+        caches.append(edeq), idxs.append(extra[1]), tls.append(extra[2])
+    out, lse = _skip_if_declined(backend, lambda: fm.flash_mla_with_kvcache(
+        q, m1, None, None, 512, None, None, is_fp8_kvcache=True, backend=backend, **kw))
+    assert out.shape == (b, s_q, h_q, 512) and lse.shape == (b, h_q, s_q)
+    r_out, r_lse = oracle_sparse_decode(q, caches, idxs, tls, 512 ** -0.5, 512, sink)
+    _check(out, r_out, torch.bfloat16, "out")
+    _check(lse, r_lse, torch.bfloat16, "lse", "lse")
+
+
+def test_unpack_model1_views_the_layout():
+    g = torch.Generator().manual_seed(12)
+    cache = torch.randn(3, 5, 1, 512, generator=g).to(torch.bfloat16)
+    m1, deq = quantize_model1(cache)
+    kv_q, s8, kv_rope = fm.unpack_model1_fp8_kvcache(m1)
+    assert kv_q.shape == (3, 5, 1, 448) and s8.shape == (3, 5, 1, 7) and kv_rope.shape == (3, 5, 1, 64)
+    assert s8.dtype == torch.float8_e8m0fnu and kv_rope.dtype == torch.bfloat16
+    for x in (kv_q, s8, kv_rope):
+        assert x.untyped_storage().data_ptr() == m1.untyped_storage().data_ptr()
+    assert torch.equal(kv_rope, cache[..., 448:])
+    back = python_ref.dequantize(kv_q, s8.to(torch.float32), 64).to(torch.bfloat16)
+    assert torch.equal(back, deq[..., :448])

@@ -245,3 +245,45 @@ def test_from_pretrained_with_attn_implementation(model, batch, eager_logits, tm
     with torch.no_grad():
         got = loaded(input_ids=batch[0], attention_mask=batch[1]).logits
     assert _real_max_err(got, eager_logits, batch[1]) <= TOL
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
+def test_absorb_mla_quantized_cache_equals_the_float_cache_of_the_same_values(model, batch, eager_logits,
+                                                                               cache_dtype):
+    """absorb_mla(cache_dtype=fp8/int8) stores the latent quantized (rope in the model's dtype) and gives
+    the logits of the float cache holding the dequantized latents (a hook rounds the latent through
+    quantize_kv the same way): the quantization is the only difference, and it is visible."""
+    import python_ref
+
+    _eager(model)
+    sat.absorb_mla(model, cache_dtype=cache_dtype, scale_block=16)
+    try:
+        cache = transformers.DynamicCache(config=model.config)
+        with torch.no_grad():
+            got = model(input_ids=batch[0], attention_mask=batch[1], cache=cache, use_cache=True).logits
+        paged = cache.layers[0].paged
+        assert paged.kv.dtype == cache_dtype and paged.kv_scale.shape[-1] == 2  # 32 latent values, tiles of 16
+        assert paged.kv_rope.dtype == torch.float32
+        sat.unabsorb_mla(model)
+        sat.absorb_mla(model)  # float cache
+
+        def round_trip(module, args, out):
+            return python_ref.dequantize(*attention.quantize_kv(out, cache_dtype, 16), 16)
+
+        hooks = [layer.self_attn.kv_a_layernorm.register_forward_hook(round_trip) for layer in model.model.layers]
+        try:
+            with torch.no_grad():
+                want = model(input_ids=batch[0], attention_mask=batch[1]).logits
+        finally:
+            for h in hooks:
+                h.remove()
+    finally:
+        _eager(model)
+    assert _real_max_err(got, want, batch[1]) <= TOL
+    assert _real_max_err(got, eager_logits, batch[1]) > TOL  # the cache really is quantized
+
+
+def test_absorb_mla_bad_cache_dtype(model):
+    with pytest.raises(TypeError, match="cache_dtype"):
+        sat.absorb_mla(model, cache_dtype=torch.float8_e5m2)
+    _eager(model)

@@ -13,15 +13,16 @@ import torch
 
 import attention
 import python_ref
-from attention.merge import MERGE_IMPLS
+from attention import registry
+from attention.merge import MergeInputs
 
-IMPLS = [m.name for m in MERGE_IMPLS]
+IMPLS = [b.name for b in registry.backends("merge")]
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 1e-2), torch.bfloat16: (3e-2, 1e-2)}
 
 
 def _run(impl, *args, **kw):
-    m = {x.name: x for x in MERGE_IMPLS}[impl]
-    reasons = m.reasons("cpu", forced=True)
+    probe = MergeInputs(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1), None, impl)
+    reasons = registry.get_backend(impl).not_supported_reasons(probe)
     if reasons:
         pytest.skip(f"{impl}: {'; '.join(reasons)}")
     return attention.merge_attention_states(*args, backend=impl, **kw)
@@ -179,3 +180,15 @@ def test_merge_op_opcheck_and_compile():
     out, lse = f(o, l, sink)
     ref_out, ref_lse = python_ref.merge_attention_states_dense(o, l, sink)
     _check(out, lse, ref_out, ref_lse, torch.float32)
+
+
+def test_merge_backend_is_the_registrys_choice():
+    # The merge is chosen like every op: the reference first on the CPU (the Triton kernel runs here
+    # only when forced, under the interpreter), and a backend without the op cannot be forced.
+    from attention.merge import choose_merge_backend
+
+    inp = MergeInputs(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1))
+    assert choose_merge_backend(inp).name == "reference"
+    assert "merge" in registry.OPS and all("merge" in b.ops for b in registry.backends("merge"))
+    with pytest.raises(ValueError, match="ascendc"):
+        attention.merge_attention_states(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1), backend="ascendc")

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import attention
+import python_ref
+from _helpers import skip_if_declined as _skip_if_declined
 from attention.integrations import PagedLatentCache
 from attention.testing import oracle
 
@@ -100,3 +102,56 @@ def test_attention_over_paged_cache_equals_contiguous(backend):
     assert out.shape == (T, H, R)
     assert (out.double() - ref).abs().max().item() <= 1e-4
     assert out.abs().max().item() > 0.1  # the rows read real data, not an empty selection
+
+
+# ---- quantized caches (issue 16) ----
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_quantized_cache_quantizes_on_append(backend, dtype):
+    """append quantizes each new row (quantize_kv: per token, tiles of scale_block); attention through the
+    cache's kwargs equals the oracle on the same rows quantized at once and laid out contiguously."""
+    gen = torch.Generator().manual_seed(2)
+    R, Dr, H, K, sb = 24, 8, 4, 6, 16  # two tiles per row, the second one shorter
+    cache = PagedLatentCache(2, R, Dr, page_size=4, dtype=dtype, scale_block=sb, rope_dtype=torch.float32)
+    rows = _fill(cache, [[7, 3], [1, 1], [1, 1]], R, Dr, gen)
+    kw = cache.attention_kwargs()
+    assert kw["kv"].dtype == dtype and kw["kv_scale"].shape == (cache.num_pages, 4, 1, 2)
+    assert kw["scale_block"] == sb and kw["kv_rope"].dtype == torch.float32
+    T = 3
+    q = torch.randn(T, H, R, generator=gen)
+    q_rope = torch.randn(T, H, Dr, generator=gen)
+    idx = torch.stack([torch.randperm(9, generator=gen)[:K] for _ in range(2)] +
+                      [torch.cat([torch.randperm(5, generator=gen)[:K - 1], torch.tensor([-1])])])
+    idx = idx.to(torch.int32).unsqueeze(1)
+    cu_q = torch.tensor([0, 2, 3], dtype=torch.int32)
+    out = _skip_if_declined(backend, lambda: attention.selective_attention(
+        q, indices=idx, q_rope=q_rope, sm_scale=0.3, cu_seqlens_q=cu_q, causal=True, backend=backend, **kw))
+    kv_q, kv_scale = attention.quantize_kv(torch.cat([r[0] for r in rows]).unsqueeze(1), dtype, sb)
+    kv_rope = torch.cat([r[1] for r in rows]).unsqueeze(1)
+    ref, _ = oracle(dict(q=q, kv=kv_q, kv_scale=kv_scale, scale_block=sb, indices=idx, d_v=R, q_rope=q_rope,
+                         kv_rope=kv_rope, sm_scale=0.3, cu_seqlens_q=cu_q,
+                         cu_seqlens_k=torch.tensor([0, 9, 14], dtype=torch.int32), causal=True))
+    assert (out.double() - ref).abs().max().item() <= 1e-4
+    assert out.abs().max().item() > 0.1
+    # gather() returns what the op reads: the dequantized rows
+    lat, _ = cache.gather(0)
+    assert torch.equal(lat, python_ref.dequantize(kv_q[:9, 0], kv_scale[:9, 0], sb))
+
+
+def test_quantized_cache_memory_is_656_bytes_per_deepseek_token():
+    fp8 = PagedLatentCache(1, 512, 64, page_size=64, dtype=torch.float8_e4m3fn)
+    bf16 = PagedLatentCache(1, 512, 64, page_size=64, dtype=torch.bfloat16)
+    for c in (fp8, bf16):
+        c.append(torch.randn(64, 512), torch.randn(64, 64))
+    assert fp8.used_bytes() == 64 * 656 and bf16.used_bytes() == 64 * 1152
+    grown = PagedLatentCache(1, 512, 64, page_size=4, dtype=torch.int8)
+    grown.append(torch.randn(9, 512), torch.randn(9, 64))  # grows the pool: the scales grow with it
+    assert grown.kv_scale.shape[0] == grown.num_pages >= 3
+
+
+@pytest.mark.parametrize("kw,exc,word", [(dict(dtype=torch.float8_e5m2), TypeError, "dtype"),
+                                        (dict(dtype=torch.int8, scale_block=0), ValueError, "scale_block"),
+                                        (dict(dtype=torch.int8, rope_dtype=torch.int8), TypeError, "rope_dtype")])
+def test_quantized_cache_bad_options(kw, exc, word):
+    with pytest.raises(exc, match=word):
+        PagedLatentCache(1, 16, 8, **kw)

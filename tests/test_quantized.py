@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attention
 import python_ref
+from attention import registry
 from attention.registry import ATTENTION_FEATURES, KV_QUANT_FEATURES
 from attention.testing import CASES, CASES_BY_NAME, oracle
 
@@ -229,5 +230,20 @@ def test_quantized_caches_are_opt_in():
         assert FloatOnly.calls == 0
     finally:
         attention.unregister_backend("float_only_test_only")
-    for name in ("triton", "ascendc"):  # their kernels do not dequantize (yet): they must decline
-        assert "kv_int8" in "; ".join(attention.get_backend(name).not_supported_reasons(attention.validate(**args)))
+    inp = attention.validate(**args)
+    for backend in registry.backends("attention"):  # whoever does not declare kv_int8 must decline it
+        if "attention" in backend.ops and "kv_int8" not in backend.ops["attention"]:
+            assert "kv_int8" in "; ".join(backend.not_supported_reasons(inp)), backend.name
+
+
+def test_fp8_table_conversion_is_the_float8_conversion_bit_for_bit():
+    """python_ref.stored_values reads float8 through a 256-entry table on the CPU (faster than PyTorch's
+    element-wise conversion): every code, NaN included, gives the same float32 bits as ``.to``."""
+    from python_ref.quantize import stored_values
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).reshape(4, 8, 8)[:, ::2]  # a view
+    for dt in (torch.float32, torch.bfloat16):
+        got, want = stored_values(codes, dt), codes.to(dt)
+        assert got.shape == want.shape and got.dtype == dt
+        ints = torch.int32 if dt == torch.float32 else torch.int16
+        assert torch.equal(got.view(ints), want.view(ints))

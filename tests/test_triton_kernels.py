@@ -75,6 +75,25 @@ def test_launch_plans(case_name, override):
     _check(case_name, torch.float32, override=override)
 
 
+# Quantized caches (issue 16) through the paths the matrix's default plan does not take: the general
+# kernel in latent mode (V = KV, dequantized with kv's scales), several value blocks (the second one
+# starting inside a scale tile's row), 16-column key chunks (one scale per chunk), the row gather of
+# the Ascend plan, and split-K. The scale blocks of these cases (8, 12, 16) cover each way
+# _dequantize loads scales: one per chunk, a [rows, tiles] load, one per column.
+@pytest.mark.parametrize("override", [
+    dict(LATENT=0, BLOCK_D=16, BLOCK_DV=16, BLOCK_N=16),
+    dict(LATENT=0, GATHER_ROWS=1, BLOCK_D=64, BLOCK_N=32),
+    dict(num_splits=3, BLOCK_N=16),
+], ids=["general_small_blocks", "general_gather_rows", "split"])
+@pytest.mark.parametrize("case_name", ["fp8_paged_latent_rope_sink_causal", "int8_block_causal_varlen", "fp8_varlen",
+                                       "int8_gqa_separate_v_paged"])
+def test_quantized_cache_launch_plans(case_name, override):
+    inp = _check(case_name, torch.float32, override=override)
+    assert inp.kv_scale is not None
+    kernel = launch.plan(inp, launch.resolve_config(inp, override)[0])["kernel"]
+    assert kernel == ("latent" if override.get("LATENT", 1) and inp.v is None else "general")
+
+
 def test_many_heads_per_kv_head_use_several_head_blocks():
     case = CASES_BY_NAME["mqa_latent"]
     from dataclasses import replace

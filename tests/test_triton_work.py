@@ -44,17 +44,19 @@ def test_counter_on_a_trivial_kernel():
 
 def test_bench_work_tiny_preset_counts_by_hand(capsys):
     """The 'tiny' preset: one token, 16 heads, 32-wide rows whose first 16 columns are the value,
-    16 candidates, planned for the H200 (BLOCK_N 64): one program, one tile of 64 slots of which 16
-    are kept. By hand: dots 16x16 @ 16x64 (q_nope . k_nope), 16x16 @ 16x64 (the 16-column tail) and
-    16x64 @ 64x16 (p . v); kv bytes = 16 rows x 32 columns x 2 B, each row once; q = 16 x 32 x 2 B."""
+    16 candidates, planned for the H200 (the latent kernel's 32-row tiles, LATENT_BLOCK_N): one
+    program, one tile of 32 slots of which 16 are kept. By hand: dots 16x16 @ 16x32 (k_nope .
+    q_nope^T), 16x16 @ 16x32 (the 16-column tail) and 16x32 @ 32x16 (p . v); kv bytes = 16 rows x
+    32 columns x 2 B, each row once; q = 16 x 32 x 2 B; the 16 int32 indices twice (the first pass
+    that finds where the kept candidates end, then the tile)."""
     p = work.WORK_PRESETS["tiny"][0]
     row = work.measure(p, "NVIDIA H200")
-    assert row["plan"]["kernel"] == "latent" and row["plan"]["BLOCK_N"] == 64 and row["plan"]["num_splits"] == 1
-    assert row["flops_executed"] == 3 * (2 * 16 * 64 * 16)
+    assert row["plan"]["kernel"] == "latent" and row["plan"]["BLOCK_N"] == 32 and row["plan"]["num_splits"] == 1
+    assert row["flops_executed"] == 3 * (2 * 16 * 32 * 16)
     assert row["flops_useful"] == 2 * 16 * 16 * (32 + 16)
     assert row["bytes_loaded"]["kv"] == 16 * 32 * 2
     assert row["bytes_loaded"]["q"] == 16 * 32 * 2
-    assert row["bytes_loaded"]["indices"] == 16 * 4
+    assert row["bytes_loaded"]["indices"] == 2 * 16 * 4
     assert row["bytes_ratio"]["kv"] == 1.0 and row["bytes_ratio"]["q"] == 1.0
     assert row["finite"]
     assert work.main(["--preset", "tiny"]) == 0
@@ -95,3 +97,42 @@ def test_splits_fill_whole_waves(programs, n, expected):
     """132 SMs, min 128 candidates per split: the grid that best fills whole waves, fewest splits on a tie."""
     got = launch.choose_splits(programs, n, 64, 132, dict(min_per_split=128))
     assert got == expected
+
+
+def test_latent_kernel_runs_no_tile_past_the_last_kept_candidate(monkeypatch):
+    """A token keeping its first 5 of 128 candidates (the -1 padding of an early causal token) costs
+    one 32-row tile of dots on the H200 plan, not four: the first pass over the indices ends the tile
+    loop at the last kept candidate. A kept candidate at position 70 of the list runs tiles 0-2."""
+    import attention
+    from python_ref import selective_attention_dense
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 16, 32, generator=g)
+    kv = torch.randn(256, 1, 32, generator=g)
+    monkeypatch.setenv(launch.TARGET_ENV, "NVIDIA H200")
+    per_tile = 3 * (2 * 32 * 16 * 16)  # k_nope . q^T, k_tail . q_tail^T, p . v: 32 rows, 16 heads, 16 columns
+    for kept_at, tiles in ((range(5), 1), ([70], 3)):
+        idx = torch.full((1, 1, 128), -1, dtype=torch.int32)
+        idx[0, 0, list(kept_at)] = torch.arange(len(kept_at), dtype=torch.int32) * 7 + 1
+        inp = attention.validate(q=q, kv=kv, indices=idx, d_v=16)
+        assert launch.plan(inp, launch.resolve_config(inp)[0])["BLOCK_N"] == 32
+        with work.WorkCounter() as wc:
+            out, lse = launch.forward(inp, autotune=False)
+        assert wc.flops == tiles * per_tile
+        ref_out, ref_lse = selective_attention_dense(q, kv, idx, d_v=16)
+        assert torch.allclose(out.double(), ref_out, atol=1e-4) and torch.allclose(lse.double(), ref_lse, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_quant", ["fp8", "int8"])
+def test_bench_work_counts_a_quantized_cache_by_hand(kv_quant):
+    """The 'tiny' preset with its cache quantized (issue 16): each kept row is read once as 32 one-byte
+    values; its one float32 tile scale (32 columns < 128) is read twice, for the 16 value columns and
+    for the 16-column tail, which share the tile (DeepSeek's 512 + 64 columns do not: tiles 0-3 and 4):
+    40 B a row against 64 B in bfloat16. The dots are the three of the unquantized count."""
+    p = work.WORK_PRESETS["tiny"][0]
+    row = work.measure(p, "NVIDIA H200", kv_quant)
+    assert row["problem"] == f"{p.name}+{kv_quant}" and row["plan"]["kernel"] == "latent"
+    assert row["flops_executed"] == 3 * (2 * 16 * 32 * 16)
+    assert row["bytes_loaded"]["kv"] == 16 * 32 and row["bytes_loaded"]["kv_scale"] == 2 * 16 * 4
+    assert row["kv_bytes_per_row"] == 40.0 and work.measure(p, "NVIDIA H200")["kv_bytes_per_row"] == 64.0
+    assert row["bytes_ratio"]["kv"] == 1.0 and row["bytes_ratio"]["kv_scale"] == 2.0 and row["finite"]

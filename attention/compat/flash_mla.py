@@ -26,7 +26,7 @@ from ._common import max_logits as _max_logits
 from ._common import need_int_tensor, need_rank, need_tensor
 
 __all__ = ["FlashMLASchedMeta", "get_mla_metadata", "flash_mla_with_kvcache", "flash_mla_sparse_fwd",
-           "pack_fp8_kvcache", "unpack_fp8_kvcache", "quantize_fp8_kvcache"]
+           "pack_fp8_kvcache", "unpack_fp8_kvcache", "quantize_fp8_kvcache", "unpack_model1_fp8_kvcache"]
 
 
 def _lonely_to_inf(lse: Tensor) -> Tensor:
@@ -179,9 +179,10 @@ def flash_mla_with_kvcache(
     ``cache_seqlens[i]`` of sequence i through ``block_table``, ``causal`` bottom-right aligned.
     Returns ``(out [b, s_q, h_q, head_dim_v] q.dtype, lse [b, h_q, s_q] float32)``.
     ``num_splits`` is ignored (FlashMLA requires None; the old interface passed a tensor).
-    ``is_fp8_kvcache=True`` (sparse path only) reads FlashMLA's V3.2 FP8 cache,
-    [num_blocks, page_block_size, 1, 656] bytes per token, natively: the records are viewed as the op's
-    (kv, kv_scale, kv_rope) arguments (``unpack_fp8_kvcache``), and the backend dequantizes what it selects.
+    ``is_fp8_kvcache=True`` (sparse path only) reads FlashMLA's FP8 caches natively: V3.2,
+    [num_blocks, page_block_size, 1, 656] bytes per token (q's head_dim 576), and MODEL1, 584 bytes per
+    token (head_dim 512): the records are viewed as the op's (kv, kv_scale, kv_rope) arguments
+    (``unpack_fp8_kvcache`` / ``unpack_model1_fp8_kvcache``), and the backend dequantizes what it selects.
     """
     need_tensor("q", q)
     need_tensor("k_cache", k_cache)
@@ -266,15 +267,39 @@ _FP8_SCALES = _FP8_NOPE // _FP8_TILE
 _FP8_RECORD = _FP8_NOPE + 4 * _FP8_SCALES + 2 * _FP8_ROPE  # 656 bytes
 
 
+# FlashMLA's MODEL1 FP8 cache (its tests/quant.py, FP8KVCacheLayout.MODEL1_FP8Sparse): d_qk = 512, of which
+# 448 latent values in float8_e4m3 (7 tiles of 64, each with a power-of-two scale stored as an e8m0
+# exponent byte) and 64 rope values in bfloat16. Per block of page_block_size tokens: first every token's
+# 448 + 128 data bytes (576), then every token's 8 scale bytes (7 + 1 padding); blocks are padded to a
+# multiple of 576 bytes in memory. 584 bytes a token; the cache is viewed as [num_blocks, page, 1, 584].
+_M1_NOPE, _M1_TILE, _M1_ROPE = 448, 64, 64
+_M1_SCALES = _M1_NOPE // _M1_TILE
+_M1_DATA = _M1_NOPE + 2 * _M1_ROPE  # 576 bytes of a token's values
+_M1_RECORD = _M1_DATA + 8  # 584
+
+
 def _check_fp8_layout(name: str, cache: Tensor) -> None:
     need_tensor(name, cache)
-    if cache.dim() != 4 or cache.element_size() != 1 or cache.shape[2] != 1 or cache.shape[3] != _FP8_RECORD:
-        raise ValueError(f"{name} with is_fp8_kvcache=True must be FlashMLA's V3.2 FP8 layout "
-                         f"[num_blocks, page_block_size, 1, {_FP8_RECORD}] of 1-byte elements, got "
-                         f"{tuple(cache.shape)} {str(cache.dtype).replace('torch.', '')}")
+    if cache.dim() != 4 or cache.element_size() != 1 or cache.shape[2] != 1 \
+            or cache.shape[3] not in (_FP8_RECORD, _M1_RECORD):
+        raise ValueError(f"{name} with is_fp8_kvcache=True must be one of FlashMLA's FP8 layouts of 1-byte elements: "
+                         f"V3.2 [num_blocks, page_block_size, 1, {_FP8_RECORD}] or MODEL1 [num_blocks, "
+                         f"page_block_size, 1, {_M1_RECORD}], got {tuple(cache.shape)} "
+                         f"{str(cache.dtype).replace('torch.', '')}")
     if cache.stride(3) != 1:
         raise ValueError(f"{name}: the bytes of a record must be contiguous (last stride 1), got strides "
                          f"{tuple(cache.stride())}")
+
+
+def _byte_views(name: str, raw: Tensor, parts):
+    """Views of ``raw`` (uint8) as ``(size, stride, offset, dtype)`` parts; a ValueError naming ``name``
+    when a stride or offset does not allow the wider dtype."""
+    try:
+        return tuple(raw.as_strided(size, stride, raw.storage_offset() + off).view(dt)
+                     for size, stride, off, dt in parts)
+    except RuntimeError as e:
+        raise ValueError(f"{name}'s strides {tuple(raw.stride())} (bytes) cannot be viewed as its record's "
+                         f"parts: {e}") from None
 
 
 def unpack_fp8_kvcache(k_cache: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -288,13 +313,40 @@ def unpack_fp8_kvcache(k_cache: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     4 bytes, which a 656-byte record always gives unless the cache is sliced inside a record.
     """
     _check_fp8_layout("k_cache", k_cache)
+    if k_cache.shape[3] != _FP8_RECORD:
+        raise ValueError(f"k_cache must be FlashMLA's V3.2 layout [num_blocks, page_block_size, 1, {_FP8_RECORD}] "
+                         f"(unpack_model1_fp8_kvcache reads the {_M1_RECORD}-byte MODEL1 one), got {tuple(k_cache.shape)}")
     raw = k_cache.view(torch.uint8)
     a, b = _FP8_NOPE, _FP8_NOPE + 4 * _FP8_SCALES
-    try:
-        return raw[..., :a].view(torch.float8_e4m3fn), raw[..., a:b].view(torch.float32), raw[..., b:].view(torch.bfloat16)
-    except RuntimeError as e:  # a stride or offset that is not a multiple of the wider element
-        raise ValueError(f"k_cache's strides {tuple(k_cache.stride())} (bytes) cannot be viewed as float32 "
-                         f"scales and bfloat16 rope values: {e}") from None
+    lead, st = tuple(raw.shape[:3]), tuple(raw.stride()[:3])
+    return _byte_views("k_cache", raw, [(lead + (a,), st + (1,), 0, torch.float8_e4m3fn),
+                                        (lead + (b - a,), st + (1,), a, torch.float32),
+                                        (lead + (_FP8_RECORD - b,), st + (1,), b, torch.bfloat16)])
+
+
+def unpack_model1_fp8_kvcache(k_cache: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """FlashMLA's MODEL1 FP8 cache [num_blocks, page_block_size, 1, 584] -> ``(kv_q, kv_scale_e8m0, kv_rope)``,
+    views of the same memory: kv_q [nb, page, 1, 448] float8_e4m3fn, kv_scale_e8m0 [nb, page, 1, 7]
+    float8_e8m0fnu (a tile's scale is 2^(byte - 127); ``.to(torch.float32)`` gives the op's ``kv_scale``,
+    tiles of 64), kv_rope [nb, page, 1, 64] bfloat16. Within a block the values of token t start at byte
+    576 t and its scale bytes at 576 page + 8 t; the block stride (bytes) must be a multiple of 576."""
+    _check_fp8_layout("k_cache", k_cache)
+    if k_cache.shape[3] != _M1_RECORD:
+        raise ValueError(f"k_cache must be FlashMLA's MODEL1 layout [num_blocks, page_block_size, 1, {_M1_RECORD}], "
+                         f"got {tuple(k_cache.shape)}")
+    nb, page = k_cache.shape[0], k_cache.shape[1]
+    raw = k_cache.view(torch.uint8)
+    block = raw.stride(0)
+    if nb > 1 and (block % _M1_DATA or block < page * _M1_RECORD):
+        raise ValueError(f"k_cache's block stride {block} (bytes) must be a multiple of {_M1_DATA} holding "
+                         f"page_block_size * {_M1_RECORD} bytes (FlashMLA's MODEL1 block padding)")
+    if page > 1 and raw.stride(1) != _M1_RECORD:
+        raise ValueError(f"k_cache must be a view of MODEL1 blocks (record stride {_M1_RECORD}), got strides "
+                         f"{tuple(raw.stride())}")
+    vals, scales = (block, _M1_DATA, _M1_DATA, 1), (block, 8, 8, 1)
+    return _byte_views("k_cache", raw, [((nb, page, 1, _M1_NOPE), vals, 0, torch.float8_e4m3fn),
+                                        ((nb, page, 1, _M1_SCALES), scales, page * _M1_DATA, torch.float8_e8m0fnu),
+                                        ((nb, page, 1, 2 * _M1_ROPE), vals, _M1_NOPE, torch.bfloat16)])
 
 
 def pack_fp8_kvcache(kv_q: Tensor, kv_scale: Tensor, kv_rope: Tensor) -> Tensor:
@@ -329,41 +381,68 @@ def quantize_fp8_kvcache(kv: Tensor) -> Tensor:
     return pack_fp8_kvcache(kv_q, kv_scale, kv[..., _FP8_NOPE:].to(torch.bfloat16))
 
 
-def _slot_rows(x: Tensor) -> Tensor:
+def _slot_rows(x: Tensor, rows_per_block: int) -> Tensor:
     """A paged view [nb, page, 1, w] -> [R, 1, w] over the same memory, where the slot (block, offset)
-    is row ``block * rows_per_block + offset`` (rows_per_block = stride(0) / stride(1): a block padded in
-    memory has more rows than ``page``; its padding rows are never named by a remapped slot)."""
+    is row ``block * rows_per_block + offset`` (a block padded in memory has more rows than ``page``;
+    its padding rows are never named by a remapped slot)."""
     nb, page = x.shape[0], x.shape[1]
-    rows = (nb - 1) * (x.stride(0) // x.stride(1)) + page if nb else 0
+    rows = (nb - 1) * rows_per_block + page if nb else 0
     return x.as_strided((rows, 1, x.shape[3]), (x.stride(1), x.stride(2), x.stride(3)))
 
 
 def _sparse_fp8(cache_name, q_flat, cache, idx, head_dim_v, scale, attn_sink, backend):
-    """The sparse decode on FlashMLA's FP8 cache through the op's quantized-cache arguments: the records
+    """The sparse decode on FlashMLA's FP8 caches through the op's quantized-cache arguments: the records
     are viewed (never copied, never dequantized here) and the flat slot indices are mapped onto the
-    rows of those views. The backend dequantizes the rows it selects."""
+    rows of those views. The backend dequantizes the rows it selects.
+
+    V3.2 (656 bytes): one call, value = the dequantized latent. MODEL1 (584 bytes): its e8m0 scale bytes
+    become the float32 ``kv_scale`` the op takes (4 bytes per tile per cached token, a pass over the scales
+    only), and since its value is the whole 512-wide row (448 latent + 64 rope values, K = V), a
+    ``head_dim_v`` above 448 adds a second call with the rope part as a separate ``v``: the same scores
+    and softmax, the rope columns of the output.
+    """
     _check_fp8_layout(cache_name, cache)
+    model1 = cache.shape[3] == _M1_RECORD
+    nope, rope_w, tile = (_M1_NOPE, _M1_ROPE, _M1_TILE) if model1 else (_FP8_NOPE, _FP8_ROPE, _FP8_TILE)
     d = q_flat.shape[-1]
-    if d != _FP8_NOPE + _FP8_ROPE:
-        raise ValueError(f"q must have head_dim {_FP8_NOPE + _FP8_ROPE} with is_fp8_kvcache=True (512 latent + 64 "
-                         f"rope columns of the V3.2 record), got {d}")
+    if d != nope + rope_w:
+        raise ValueError(f"q must have head_dim {nope + rope_w} with is_fp8_kvcache=True and a {cache.shape[3]}-byte "
+                         f"record ({nope} latent + {rope_w} rope columns), got {d}")
+    if head_dim_v > (d if model1 else nope):
+        raise ValueError(f"head_dim_v must be at most {d if model1 else nope} with this FP8 layout, got {head_dim_v}")
     nb, page = cache.shape[0], cache.shape[1]
-    if nb > 1 and cache.stride(0) % cache.stride(1) != 0:
-        raise ValueError(f"{cache_name}'s block stride {cache.stride(0)} must be a multiple of its record stride "
-                         f"{cache.stride(1)}")
-    kv_q, kv_scale, kv_rope = (_slot_rows(x) for x in unpack_fp8_kvcache(cache))
+    if model1:
+        kv_q, kv_scale, kv_rope = unpack_model1_fp8_kvcache(cache)
+        kv_scale = kv_scale.to(torch.float32)  # e8m0 -> float32: a new [nb, page, 1, 7] tensor
+        rpb = cache.stride(0) // _M1_DATA if nb > 1 else page  # rows of the value views per block
+    else:
+        if nb > 1 and cache.stride(0) % cache.stride(1) != 0:
+            raise ValueError(f"{cache_name}'s block stride {cache.stride(0)} must be a multiple of its record "
+                             f"stride {cache.stride(1)}")
+        kv_q, kv_scale, kv_rope = unpack_fp8_kvcache(cache)
+        rpb = cache.stride(0) // cache.stride(1) if nb > 1 else page
+    if model1 and nb > 1 and rpb != page:
+        # The converted scales are dense [nb, page]: lay them out with the value views' row numbering.
+        padded = kv_scale.new_zeros(nb, rpb, 1, _M1_SCALES)
+        padded[:, :page] = kv_scale
+        kv_scale = padded[:, :page]
+    kv_q, kv_scale, kv_rope = (_slot_rows(x, rpb) for x in (kv_q, kv_scale, kv_rope))
     # Flat slot -> row of the views; an invalid slot (< 0 or >= nb * page: FlashMLA's rule) becomes -1.
     i = idx.to(torch.int64)
     valid = (i >= 0) & (i < nb * page)
-    rpb = cache.stride(0) // cache.stride(1) if nb > 1 else page
     rows = torch.where(valid, (i // page) * rpb + i % page, -1)
     if q_flat.dtype != torch.bfloat16:
         # The op computes with q's dtype and wants kv_rope in it: a float32 / float16 query converts the
         # rope part (FlashMLA itself takes bfloat16 queries only, with no such copy).
         kv_rope = kv_rope.to(q_flat.dtype)
-    return selective_attention(q_flat[..., :_FP8_NOPE], kv_q, rows, d_v=head_dim_v, q_rope=q_flat[..., _FP8_NOPE:],
-                               kv_rope=kv_rope, kv_scale=kv_scale, scale_block=_FP8_TILE, sm_scale=scale,
-                               attn_sink=attn_sink, return_lse=True, backend=backend)
+    common = dict(q_rope=q_flat[..., nope:], kv_rope=kv_rope, kv_scale=kv_scale, scale_block=tile, sm_scale=scale,
+                  attn_sink=attn_sink, return_lse=True, backend=backend)
+    q_nope = q_flat[..., :nope]
+    out, lse = selective_attention(q_nope, kv_q, rows, d_v=min(head_dim_v, nope), **common)
+    if head_dim_v > nope:  # MODEL1: the rope columns of the value
+        out_rope, _ = selective_attention(q_nope, kv_q, rows, v=kv_rope[..., :head_dim_v - nope], **common)
+        out = torch.cat([out, out_rope], dim=-1)
+    return out, lse
 
 
 def _merge(parts, attn_sink, h_q, dtype):

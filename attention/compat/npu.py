@@ -283,16 +283,56 @@ def npu_sparse_flash_attention(
     entries it reads are dropped.
     """
     if prefer_vendor:
-        torch_npu = _vendor()
-        kw = dict(block_table=block_table, actual_seq_lengths_query=actual_seq_lengths_query,
-                  actual_seq_lengths_kv=actual_seq_lengths_kv, query_rope=query_rope, key_rope=key_rope,
-                  sparse_block_size=sparse_block_size, layout_query=layout_query, layout_kv=layout_kv,
-                  sparse_mode=sparse_mode, pre_tokens=pre_tokens, next_tokens=next_tokens,
-                  attention_mode=attention_mode, return_softmax_lse=return_softmax_lse)
-        if sinks is not None:  # older torch_npu builds have no sinks keyword
-            kw["sinks"] = sinks
-        return torch_npu.npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, **kw)
+        return _vendor_sparse_flash_attention(
+            query, key, value, sparse_indices, scale_value, sinks, block_table=block_table,
+            actual_seq_lengths_query=actual_seq_lengths_query, actual_seq_lengths_kv=actual_seq_lengths_kv,
+            query_rope=query_rope, key_rope=key_rope, sparse_block_size=sparse_block_size,
+            layout_query=layout_query, layout_kv=layout_kv, sparse_mode=sparse_mode, pre_tokens=pre_tokens,
+            next_tokens=next_tokens, attention_mode=attention_mode, return_softmax_lse=return_softmax_lse)
+    _check_sfa_arguments(query, key, value, sparse_indices, query_rope, key_rope, sinks, scale_value,
+                         layout_query, layout_kv, sparse_mode, attention_mode, pre_tokens, next_tokens)
+    actual_seq_lengths_query = _lengths("actual_seq_lengths_query", actual_seq_lengths_query, query.device)
+    actual_seq_lengths_kv = _lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, query.device)
+    plan = _plan_query(layout_query, query, actual_seq_lengths_query, "query")
+    _plan_kv(plan, layout_kv, key, actual_seq_lengths_kv, block_table, "actual_seq_lengths_kv", "layout_kv")
+    _check_sfa_shapes(query, key, value, sparse_indices, query_rope, key_rope, layout_query)
 
+    q = _q_flat(query, layout_query)
+    causal = SPARSE_MODES[sparse_mode]
+    threshold, skipped = _row_reach(plan, causal, query.device)
+    idx = _golden_indices(_q_flat(sparse_indices, layout_query), threshold, sparse_block_size)
+    # MLA-absorb passes the same tensor as key and value: use latent mode (value = kv[..., :D]) so the
+    # rows are gathered once.
+    shared = value is key or (value.data_ptr() == key.data_ptr() and value.shape == key.shape
+                              and value.stride() == key.stride() and value.dtype == key.dtype)
+    kw = dict(
+        q_rope=_q_flat(query_rope, layout_query), kv_rope=key_rope, sm_scale=float(scale_value),
+        block_size=sparse_block_size, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
+        block_table=plan.block_table, seqlens_k=plan.seqlens_k, causal=causal)
+    out, lse = selective_attention(q, key, idx, v=None if shared else value, d_v=key.shape[-1] if shared else None,
+                                   attn_sink=sinks, return_lse=True, backend=backend, **kw)
+    out = _q_unflat(out, plan)
+    if not return_softmax_lse:
+        empty = torch.empty(0, device=query.device, dtype=torch.float32)
+        return out, empty, empty.clone()
+    with torch.no_grad():  # a statistic: no gradient flows through the row max
+        mx = _max_logits(q, key, idx, **kw)  # [T, N1], -inf where no candidate is kept
+    mx, ssum = _golden_softmax_statistics(mx, lse.detach(), sinks, skipped)
+    N1, N2 = query.shape[-2], key.shape[-2]
+    return out, _vendor_statistics_layout(mx, plan, layout_query, N2, N1 // N2), \
+        _vendor_statistics_layout(ssum, plan, layout_query, N2, N1 // N2)
+
+
+def _vendor_sparse_flash_attention(query, key, value, sparse_indices, scale_value, sinks, **kw):
+    """``prefer_vendor=True``: torch_npu's own operator with the same arguments."""
+    if sinks is not None:  # older torch_npu builds have no sinks keyword
+        kw["sinks"] = sinks
+    return _vendor().npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, **kw)
+
+
+def _check_sfa_arguments(query, key, value, sparse_indices, query_rope, key_rope, sinks, scale_value,
+                         layout_query, layout_kv, sparse_mode, attention_mode, pre_tokens, next_tokens) -> None:
+    """Types and choices of npu_sparse_flash_attention's arguments (before any shape is read)."""
     for name, x in (("query", query), ("key", key), ("value", value), ("sparse_indices", sparse_indices)):
         need_tensor(name, x)
     for name, x in (("query_rope", query_rope), ("key_rope", key_rope), ("sinks", sinks)):
@@ -306,10 +346,9 @@ def npu_sparse_flash_attention(
     if isinstance(scale_value, bool) or not isinstance(scale_value, (int, float)):
         raise TypeError(f"scale_value must be a float, got {type(scale_value).__name__}")
 
-    actual_seq_lengths_query = _lengths("actual_seq_lengths_query", actual_seq_lengths_query, query.device)
-    actual_seq_lengths_kv = _lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, query.device)
-    plan = _plan_query(layout_query, query, actual_seq_lengths_query, "query")
-    _plan_kv(plan, layout_kv, key, actual_seq_lengths_kv, block_table, "actual_seq_lengths_kv", "layout_kv")
+
+def _check_sfa_shapes(query, key, value, sparse_indices, query_rope, key_rope, layout_query) -> None:
+    """Shape rules between the vendor tensors that the plan does not check (heads, value, indices, rope)."""
     if query.shape[-2] % key.shape[-2] != 0:
         raise ValueError(f"query's head count N1={query.shape[-2]} must be a multiple of key's N2={key.shape[-2]}")
     if value.shape[:-1] != key.shape[:-1]:
@@ -328,33 +367,15 @@ def npu_sparse_flash_attention(
         raise ValueError(f"key_rope must have key's shape except the last dimension, "
                          f"got {tuple(key_rope.shape)} for key {tuple(key.shape)}")
 
-    q = _q_flat(query, layout_query)
-    causal = SPARSE_MODES[sparse_mode]
-    threshold, skipped = _row_reach(plan, causal, query.device)
-    idx = _golden_indices(_q_flat(sparse_indices, layout_query), threshold, sparse_block_size)
-    q_rope = _q_flat(query_rope, layout_query)
-    # MLA-absorb passes the same tensor as key and value: use latent mode (value = kv[..., :D]) so the
-    # rows are gathered once.
-    shared = value is key or (value.data_ptr() == key.data_ptr() and value.shape == key.shape
-                              and value.stride() == key.stride() and value.dtype == key.dtype)
-    kw = dict(
-        v=None if shared else value, d_v=key.shape[-1] if shared else None,
-        q_rope=q_rope, kv_rope=key_rope, sm_scale=float(scale_value),
-        block_size=sparse_block_size, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
-        block_table=plan.block_table, seqlens_k=plan.seqlens_k, causal=causal)
-    out, lse = selective_attention(q, key, idx, attn_sink=sinks, return_lse=True,
-                                   backend=backend, **kw)
-    out = _q_unflat(out, plan)
-    if not return_softmax_lse:
-        empty = torch.empty(0, device=query.device, dtype=torch.float32)
-        return out, empty, empty.clone()
-    kw.pop("v"), kw.pop("d_v")
-    with torch.no_grad():  # a statistic: no gradient flows through the row max
-        mx = _max_logits(q, key, idx, **kw)  # [T, N1], -inf where no candidate is kept
-    # Huawei's golden (see docs/migration.md, torch_npu item 3): the sink takes part in both statistics
-    # (max(logits, sink), and exp(sink - max) in the sum), and a row the golden does not compute, or
-    # one with no kept key and no sink, reports softmax_max = softmax_sum = 0.
-    mx, lse = mx.detach(), lse.detach()
+
+def _golden_softmax_statistics(mx: Tensor, lse: Tensor, sinks: Optional[Tensor],
+                               skipped: Tensor) -> Tuple[Tensor, Tensor]:
+    """(softmax_max, softmax_sum) [T, N1] from the row max of the logits and the op's lse.
+
+    Huawei's golden (see docs/migration.md, torch_npu item 3): the sink takes part in both statistics
+    (max(logits, sink), and exp(sink - max) in the sum), and a row the golden does not compute, or one
+    with no kept key and no sink, reports softmax_max = softmax_sum = 0.
+    """
     if sinks is not None:
         sink = sinks.detach().to(device=mx.device, dtype=torch.float32)[None, :]
         mx = torch.maximum(mx, sink)
@@ -362,18 +383,15 @@ def npu_sparse_flash_attention(
     else:
         ssum = torch.exp(lse - mx)
     zero = skipped[:, None] | torch.isneginf(mx)
-    mx = torch.where(zero, 0.0, mx)
-    ssum = torch.where(zero, 0.0, ssum)
-    N1, N2 = query.shape[-2], key.shape[-2]
-    G = N1 // N2
+    return torch.where(zero, 0.0, mx), torch.where(zero, 0.0, ssum)
 
-    def vendor_layout(x):  # [T, N1] -> [B, N2, S1, G] or [N2, T1, G]
-        if layout_query == "BSND":
-            B, S1 = plan.query_shape
-            return x.reshape(B, S1, N2, G).permute(0, 2, 1, 3).contiguous()
-        return x.reshape(plan.T, N2, G).permute(1, 0, 2).contiguous()
 
-    return out, vendor_layout(mx), vendor_layout(ssum)
+def _vendor_statistics_layout(x: Tensor, plan: _Plan, layout_query: str, N2: int, heads_per_kv: int) -> Tensor:
+    """[T, N1] -> [B, N2, S1, N1/N2] ("BSND") or [N2, T1, N1/N2] ("TND"), as torch_npu returns them."""
+    if layout_query == "BSND":
+        B, S1 = plan.query_shape
+        return x.reshape(B, S1, N2, heads_per_kv).permute(0, 2, 1, 3).contiguous()
+    return x.reshape(plan.T, N2, heads_per_kv).permute(1, 0, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------

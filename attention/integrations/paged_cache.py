@@ -11,6 +11,12 @@ Layout (SPEC.md section 1, paged kv): ``kv [P, page_size, 1, kv_lora_rank]``,
 ``seqlens_k [B] int32``. Pages come from one pool per cache; a sequence takes a new page only when
 its last one is full, so a batch of ragged sequences wastes at most ``page_size - 1`` rows each.
 
+A quantized cache (issue 16): ``dtype=torch.float8_e4m3fn`` or ``torch.int8`` stores the latent
+quantized on ``append`` (``attention.quantize_kv``: per token, tiles of ``scale_block`` values, amax
+scaling) with ``kv_scale [P, page_size, 1, ceil(kv_lora_rank / scale_block)]`` float32 beside it; the
+rope part stays floating point in ``rope_dtype`` (it must be the queries' dtype; default bfloat16).
+DeepSeek's 512 + 64 row then takes 512 + 16 + 128 = 656 bytes (FlashMLA's V3.2 record) instead of 1152.
+
 Use outside transformers::
 
     cache = PagedLatentCache(batch_size=2, kv_lora_rank=512, rope_dim=64, page_size=64)
@@ -26,7 +32,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..inputs import KVLayout
+from ..api import quantize_kv
+from ..inputs import FLOAT_DTYPES, QUANT_DTYPES, KVLayout, dtype_name, need_int
+from python_ref import dequantize, num_scales
 
 
 class PagedLatentCache:
@@ -34,18 +42,33 @@ class PagedLatentCache:
 
     def __init__(self, batch_size: int, kv_lora_rank: int, rope_dim: int, *, page_size: int = 64,
                  initial_pages: int = 0, dtype: torch.dtype = torch.float32,
-                 device: Union[str, torch.device] = "cpu"):
+                 device: Union[str, torch.device] = "cpu", scale_block: int = 128,
+                 rope_dtype: Optional[torch.dtype] = None):
         if batch_size < 1 or kv_lora_rank < 1 or rope_dim < 0 or page_size < 1:
             raise ValueError(f"PagedLatentCache: batch_size {batch_size}, kv_lora_rank {kv_lora_rank}, "
                              f"rope_dim {rope_dim} and page_size {page_size} must be positive")
+        if dtype not in FLOAT_DTYPES and dtype not in QUANT_DTYPES:
+            raise TypeError(f"PagedLatentCache: dtype must be one of "
+                            f"{[dtype_name(d) for d in FLOAT_DTYPES + tuple(QUANT_DTYPES)]}, got {dtype!r}")
+        need_int("scale_block", scale_block, lo=1)
+        self.quantized = dtype in QUANT_DTYPES
+        if rope_dtype is None:
+            rope_dtype = torch.bfloat16 if self.quantized else dtype
+        if rope_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"PagedLatentCache: rope_dtype must be float32, float16 or bfloat16, got {rope_dtype!r}")
         self.batch_size = batch_size
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
         self.page_size = page_size
         self.dtype = dtype
+        self.rope_dtype = rope_dtype
+        self.scale_block = scale_block
         self.device = torch.device(device)
         self.kv = torch.empty(initial_pages, page_size, 1, kv_lora_rank, dtype=dtype, device=self.device)
-        self.kv_rope = torch.empty(initial_pages, page_size, 1, rope_dim, dtype=dtype, device=self.device)
+        self.kv_rope = torch.empty(initial_pages, page_size, 1, rope_dim, dtype=rope_dtype, device=self.device)
+        # The tile scales of a quantized latent (None for a float cache).
+        self.kv_scale = (torch.empty(initial_pages, page_size, 1, num_scales(kv_lora_rank, scale_block),
+                                     dtype=torch.float32, device=self.device) if self.quantized else None)
         self._free: List[int] = list(range(initial_pages))
         # Lengths and page lists live on the host too: allocation decisions then never wait on a device.
         self._lengths: List[int] = [0] * batch_size
@@ -64,13 +87,15 @@ class PagedLatentCache:
 
     def memory_bytes(self) -> int:
         """Bytes held by the page pool (allocated pages, used or free), block table and lengths."""
-        t = (self.kv, self.kv_rope, self.block_table, self.seqlens_k)
-        return sum(x.numel() * x.element_size() for x in t)
+        t = (self.kv, self.kv_rope, self.kv_scale, self.block_table, self.seqlens_k)
+        return sum(x.numel() * x.element_size() for x in t if x is not None)
 
     def used_bytes(self) -> int:
         """Bytes of the pages that sequences hold (a partly filled last page counts whole)."""
         pages = sum(len(p) for p in self._pages)
         row = self.kv_lora_rank * self.kv.element_size() + self.rope_dim * self.kv_rope.element_size()
+        if self.kv_scale is not None:
+            row += self.kv_scale.shape[-1] * self.kv_scale.element_size()
         return pages * self.page_size * row
 
     # ---- writing ----
@@ -83,6 +108,8 @@ class PagedLatentCache:
         shape = (add, self.page_size, 1)
         self.kv = torch.cat([self.kv, self.kv.new_empty(shape + (self.kv_lora_rank,))])
         self.kv_rope = torch.cat([self.kv_rope, self.kv_rope.new_empty(shape + (self.rope_dim,))])
+        if self.kv_scale is not None:
+            self.kv_scale = torch.cat([self.kv_scale, self.kv_scale.new_empty(shape + (self.kv_scale.shape[-1],))])
         self._free.extend(range(old, old + add))
 
     def append(self, latent: Tensor, rope: Tensor, lengths: Optional[Sequence[int]] = None) -> None:
@@ -90,7 +117,7 @@ class PagedLatentCache:
 
         latent [N, kv_lora_rank] (or [N, 1, kv_lora_rank]), rope [N, rope_dim] likewise; ``lengths[b]``
         rows belong to sequence b, in batch order (default: N / batch_size each). Sequences may get
-        zero rows (a padded slot in a decode step).
+        zero rows (a padded slot in a decode step). A quantized cache quantizes the new rows only.
         """
         latent = latent.reshape(latent.shape[0], self.kv_lora_rank)
         rope = rope.reshape(rope.shape[0], self.rope_dim)
@@ -139,8 +166,11 @@ class PagedLatentCache:
             pos = old[b_idx] + torch.arange(n, device=self.device) - first[b_idx]
             page = self.block_table[b_idx, pos // self.page_size].long()
             row = pos % self.page_size
+            if self.quantized:
+                latent, scale = quantize_kv(latent, self.dtype, self.scale_block)
+                self.kv_scale[page, row, 0] = scale
             self.kv[page, row, 0] = latent.to(self.dtype)
-            self.kv_rope[page, row, 0] = rope.to(self.dtype)
+            self.kv_rope[page, row, 0] = rope.to(self.rope_dtype)
         for b, m in enumerate(lengths):
             self._lengths[b] += m
         self.seqlens_k = torch.tensor(self._lengths, dtype=torch.int32, device=self.device)
@@ -161,12 +191,19 @@ class PagedLatentCache:
 
     def attention_kwargs(self) -> dict:
         """The keyword arguments of ``selective_attention`` that describe this cache (latent mode)."""
-        return {"kv": self.kv, "kv_rope": self.kv_rope, "d_v": self.kv_lora_rank, **self.layout().kwargs()}
+        kw = {"kv": self.kv, "kv_rope": self.kv_rope, "d_v": self.kv_lora_rank, **self.layout().kwargs()}
+        if self.quantized:
+            kw.update(kv_scale=self.kv_scale, scale_block=self.scale_block)
+        return kw
 
     def gather(self, b: int) -> tuple:
-        """Sequence b's rows, contiguous ([L, kv_lora_rank], [L, rope_dim]): for tests and debugging."""
+        """Sequence b's rows, contiguous ([L, kv_lora_rank], [L, rope_dim]): for tests and debugging.
+        A quantized latent comes back dequantized (float32), the values the op reads."""
         n = self._lengths[b]
         pages = torch.tensor(self._pages[b], dtype=torch.long, device=self.device)
-        lat = self.kv[pages].reshape(-1, self.kv_lora_rank)[:n]
+        lat = self.kv[pages]
+        if self.quantized:
+            lat = dequantize(lat, self.kv_scale[pages], self.scale_block)
+        lat = lat.reshape(-1, self.kv_lora_rank)[:n]
         rope = self.kv_rope[pages].reshape(-1, self.rope_dim)[:n]
         return lat, rope

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..api import selective_attention
+from ..inputs import FLOAT_DTYPES, QUANT_DTYPES, need_int
 from .paged_cache import PagedLatentCache
 
 __all__ = ["register", "absorb_mla", "unabsorb_mla", "PagedLatentCacheLayer", "attention_forward"]
@@ -175,9 +176,12 @@ def _make_layer_class():
         maps each padded slot to its row in the paged sequence, or -1 for padding.
         """
 
-        def __init__(self, page_size: int = 64, **kwargs):
+        def __init__(self, page_size: int = 64, cache_dtype: Optional[torch.dtype] = None, scale_block: int = 128,
+                     **kwargs):
             super().__init__(**kwargs)
             self.page_size = page_size
+            self.cache_dtype = cache_dtype  # None: the model's dtype; float8_e4m3fn / int8: quantized latent
+            self.scale_block = scale_block
             self.paged: Optional[PagedLatentCache] = None
             self.padded_length = 0
             self.k_pos: Optional[Tensor] = None
@@ -194,8 +198,10 @@ def _make_layer_class():
             """latent [B, S, R], rope [B, S, Dr], new_real [B, S] bool: store the real rows."""
             B, S, R = latent.shape
             if self.paged is None:
+                # The rope part stays in the model's dtype (the queries'): the op computes in q's dtype.
                 self.paged = PagedLatentCache(B, R, rope.shape[-1], page_size=self.page_size,
-                                              dtype=latent.dtype, device=latent.device)
+                                              dtype=self.cache_dtype or latent.dtype, device=latent.device,
+                                              scale_block=self.scale_block, rope_dtype=rope.dtype)
                 self.k_pos = torch.empty(B, 0, dtype=torch.int32, device=latent.device)
                 self.device = latent.device
                 self.is_initialized = True
@@ -288,7 +294,7 @@ def _absorbed_forward(self, hidden_states: Tensor, position_embeddings, attentio
 
     # HF's mask covers the cached + new padded positions; the new tokens' own slots are its last S.
     allowed = _allowed(attention_mask)
-    layer = _paged_layer(cache, self.layer_idx, self._sa_page_size)
+    layer = _paged_layer(cache, self.layer_idx, self._sa_page_size, self._sa_cache_dtype, self._sa_scale_block)
     vl = _Varlen(allowed)
     layer.append(latent, k_rot[:, 0], vl.q_real)
 
@@ -310,35 +316,46 @@ def _absorbed_forward(self, hidden_states: Tensor, position_embeddings, attentio
     return self.o_proj(attn_output), None
 
 
-def _paged_layer(cache, layer_idx: int, page_size: int):
+def _paged_layer(cache, layer_idx: int, page_size: int, cache_dtype=None, scale_block: int = 128):
     cls = _layer_class()
+    options = dict(page_size=page_size, cache_dtype=cache_dtype, scale_block=scale_block)
     if cache is None:
-        return cls(page_size=page_size)  # use_cache=False: a cache that lives for this one call
+        return cls(**options)  # use_cache=False: a cache that lives for this one call
     current = cache.layers[layer_idx]
     if not isinstance(current, cls):
         if current.get_seq_length() != 0:
             raise RuntimeError(f"absorb_mla: cache layer {layer_idx} already holds HF's own (expanded-path) "
                                "entries; start generation with a fresh cache after absorb_mla(model)")
         # First use of a fresh HF cache: swap its layer for the paged latent one (same role, MLA storage).
-        current = cls(page_size=page_size)
+        current = cls(**options)
         cache.layers[layer_idx] = current
     return current
 
 
-def absorb_mla(model, backend: Optional[str] = None, page_size: int = 64):
+def absorb_mla(model, backend: Optional[str] = None, page_size: int = 64, cache_dtype: Optional[torch.dtype] = None,
+               scale_block: int = 128):
     """Run every DeepSeek-V3.2 attention layer of ``model`` the absorbed-MLA way, in place; returns model.
 
     The weights are untouched (``kv_b_proj`` is split on the fly), so ``unabsorb_mla(model)`` restores
     HF's forward. Caches: the first forward with a fresh HF cache (as ``generate()`` creates) turns its
-    layers into ``PagedLatentCacheLayer``s of ``page_size`` rows per page.
+    layers into ``PagedLatentCacheLayer``s of ``page_size`` rows per page. ``cache_dtype`` (default:
+    the model's dtype) may be ``torch.float8_e4m3fn`` or ``torch.int8``: the latent is then quantized
+    as it is cached (tiles of ``scale_block`` values, docs/contract.md "Quantized caches"), the rope
+    part kept in the model's dtype.
     """
     from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Attention
 
+    if cache_dtype is not None and cache_dtype not in FLOAT_DTYPES and cache_dtype not in QUANT_DTYPES:
+        raise TypeError(f"absorb_mla: cache_dtype must be None, a float dtype, float8_e4m3fn or int8, "
+                        f"got {cache_dtype!r}")
+    need_int("scale_block", scale_block, lo=1)
     n = 0
     for module in model.modules():
         if isinstance(module, DeepseekV32Attention):
             module._sa_backend = backend
             module._sa_page_size = page_size
+            module._sa_cache_dtype = cache_dtype
+            module._sa_scale_block = scale_block
             module.forward = types.MethodType(_absorbed_forward, module)
             n += 1
     if n == 0:
@@ -351,5 +368,5 @@ def unabsorb_mla(model):
     for module in model.modules():
         if "forward" in vars(module) and getattr(module, "_sa_page_size", None) is not None:
             del module.forward
-            del module._sa_backend, module._sa_page_size
+            del module._sa_backend, module._sa_page_size, module._sa_cache_dtype, module._sa_scale_block
     return model

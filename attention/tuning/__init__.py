@@ -52,11 +52,17 @@ FALLBACK_CONFIG: Dict = dict(BLOCK_H=64, BLOCK_N=32, BLOCK_D=64, BLOCK_DV=512, n
 CONFIG_FIELDS: Dict[str, Tuple[Tuple[int, int], bool]] = {
     "BLOCK_H": ((16, 1024), True), "BLOCK_N": ((16, 1024), True), "BLOCK_D": ((16, 1024), True),
     "BLOCK_DV": ((16, 1024), True), "num_warps": ((1, 32), True), "num_stages": ((1, 8), False),
+    # The latent kernel's candidate tile when it differs from the general kernel's BLOCK_N (its
+    # 64 x 512 float32 accumulator leaves fewer registers for the tile; docs/triton.md).
+    "LATENT_BLOCK_N": ((16, 1024), True),
     "num_splits": ((0, 1024), False), "target_programs": ((0, 1 << 20), False),
     "min_per_split": ((0, 1 << 24), False),
     # The general kernel's rope chunk (default: BLOCK_D) and its key-gather shape (1: rows, transposed
     # on chip; what triton-ascend turns into row copies, docs/triton.md "Ascend"); 0 on NVIDIA.
     "BLOCK_DR": ((16, 1024), True), "GATHER_ROWS": ((0, 1), False),
+    # Indices per step of the latent kernel's kept-end pass (default launch.KEPT_CHUNK): int64 vectors
+    # of this length sit in Ascend's UB beside the tile (docs/triton.md "Ascend").
+    "KEPT_CHUNK": ((16, 4096), True),
 }
 
 _warned: set = set()

@@ -29,6 +29,8 @@ struct CallArgs {
     const at::Tensor& kv;
     const OptTensor& kvRope;
     const OptTensor& v;
+    const OptTensor& kvScale;  // float32 tile scales of an int8 kv (None for a kv in q's dtype)
+    const OptTensor& vScale;   // the same for an int8 separate v
     const at::Tensor& indices;
     const at::Tensor& cuSeqlensQ;
     const OptTensor& cuSeqlensK;
@@ -38,7 +40,7 @@ struct CallArgs {
     const at::Tensor& out;
     const at::Tensor& lse;
     double smScale;
-    int64_t dV, blockSize;
+    int64_t dV, blockSize, scaleBlock;
     bool causal;
 };
 
@@ -79,7 +81,8 @@ public:
             place_(name, *t);
         for (auto [name, t] : std::vector<std::pair<const char*, const OptTensor*>>{
                  {"q_rope", &a.qRope}, {"kv_rope", &a.kvRope}, {"v", &a.v}, {"cu_seqlens_k", &a.cuSeqlensK},
-                 {"block_table", &a.blockTable}, {"seqlens_k", &a.seqlensK}, {"attn_sink", &a.attnSink}})
+                 {"block_table", &a.blockTable}, {"seqlens_k", &a.seqlensK}, {"attn_sink", &a.attnSink},
+                 {"kv_scale", &a.kvScale}, {"v_scale", &a.vScale}})
             if (*t) place_(name, **t);
         const at::Tensor& q = a.q;
         const at::Tensor& kv = a.kv;
@@ -89,7 +92,13 @@ public:
         const int64_t T = q.size(0), H = q.size(1), Dqk = q.size(2);
         const bool paged = kv.dim() == 4;
         if (kv.dim() != 3 && !paged) Bad("kv must be [S, Hkv, Dqk] or [P, page, Hkv, Dqk], got " + Shape(kv));
-        NeedDtype("kv", kv, dt);
+        // an int8 kv / v carries float32 tile scales (docs/contract.md); the Ascend A2/A3 units have no FP8
+        if (a.scaleBlock < 1 || a.scaleBlock >= (int64_t(1) << 31)) Bad("scale_block must be in [1, 2^31)");
+        const bool kvInt8 = kv.scalar_type() == at::kChar;
+        if (kv.scalar_type() == at::ScalarType::Float8_e4m3fn)
+            Bad("kv: float8_e4m3fn caches are not supported (Ascend A2/A3 have no FP8 data type)");
+        if (!kvInt8) NeedDtype("kv", kv, dt);
+        if (kvInt8 != a.kvScale.has_value()) Bad(kvInt8 ? "an int8 kv needs kv_scale" : "kv_scale is only for an int8 kv");
         const int64_t Hkv = kv.size(-2);
         if (Hkv < 1 || H < 1 || H % Hkv) Bad("H must be a positive multiple of Hkv");
         if (kv.size(-1) != Dqk || Dqk < 1) Bad("kv's last dimension must equal Dqk");
@@ -110,14 +119,29 @@ public:
             NeedShape("kv_rope", *a.kvRope, want);
             if (Dr < 1) Bad("rope width must be >= 1");
         }
+        if (kvInt8) {
+            std::vector<int64_t> want = lead;
+            want.push_back((Dqk + a.scaleBlock - 1) / a.scaleBlock);
+            NeedDtype("kv_scale", *a.kvScale, at::kFloat);
+            NeedShape("kv_scale", *a.kvScale, want);
+        }
         int64_t Dv = a.dV;
+        const bool vInt8 = a.v && a.v->scalar_type() == at::kChar;
+        if (a.v && a.v->scalar_type() == at::ScalarType::Float8_e4m3fn)
+            Bad("v: float8_e4m3fn caches are not supported (Ascend A2/A3 have no FP8 data type)");
+        if (vInt8 != a.vScale.has_value()) Bad(vInt8 ? "an int8 v needs v_scale" : "v_scale is only for an int8 v");
         if (a.v) {
-            NeedDtype("v", *a.v, dt);
+            if (!vInt8) NeedDtype("v", *a.v, dt);
             Dv = a.v->size(-1);
             std::vector<int64_t> want = lead;
             want.push_back(Dv);
             NeedShape("v", *a.v, want);
             if (a.dV != Dv) Bad("d_v must equal v's width");
+            if (vInt8) {
+                want.back() = (Dv + a.scaleBlock - 1) / a.scaleBlock;
+                NeedDtype("v_scale", *a.vScale, at::kFloat);
+                NeedShape("v_scale", *a.vScale, want);
+            }
         } else if (Dv < 1 || Dv > Dqk) {
             Bad("latent d_v must be in [1, Dqk]");
         }
@@ -172,6 +196,9 @@ public:
         sh.isFloat32 = dt == at::kFloat;
         sh.isBf16 = dt == at::kBFloat16;
         sh.separateV = a.v.has_value();
+        sh.kvInt8 = kvInt8;
+        sh.vInt8 = vInt8;
+        sh.scaleBlock = static_cast<uint32_t>(a.scaleBlock);
         sh.paged = paged;
         sh.pageSize = pageSize;
         sh.maxPages = maxPages;

@@ -26,12 +26,15 @@
 using GmAddr = uint8_t*;
 extern "C" {
 #define SELATTN_DECL(NAME)                                                                                          \
-    void NAME(GmAddr q, GmAddr qRope, GmAddr kv, GmAddr kvRope, GmAddr v, GmAddr indices, GmAddr cuSeqlensQ,        \
-              GmAddr cuSeqlensK, GmAddr blockTable, GmAddr seqlensK, GmAddr attnSink, GmAddr out, GmAddr lse,       \
-              GmAddr workspace, GmAddr tiling);
+    void NAME(GmAddr q, GmAddr qRope, GmAddr kv, GmAddr kvRope, GmAddr v, GmAddr kvScale, GmAddr vScale,          \
+              GmAddr indices, GmAddr cuSeqlensQ, GmAddr cuSeqlensK, GmAddr blockTable, GmAddr seqlensK,             \
+              GmAddr attnSink, GmAddr out, GmAddr lse, GmAddr workspace, GmAddr tiling);
 SELATTN_DECL(selective_attention_f32)
 SELATTN_DECL(selective_attention_f16)
 SELATTN_DECL(selective_attention_bf16)
+SELATTN_DECL(selective_attention_combine_f32)
+SELATTN_DECL(selective_attention_combine_f16)
+SELATTN_DECL(selective_attention_combine_bf16)
 #undef SELATTN_DECL
 }
 
@@ -89,13 +92,14 @@ selattn::TileChoice ApplyOverride(selattn::TileChoice tc, const py::object& over
         else if (key == "vecBufNum") tc.vecBufNum = u;
         else if (key == "kvBufNum") tc.kvBufNum = u;
         else if (key == "l0BufNum") tc.l0BufNum = u;
+        else if (key == "numSplits") tc.numSplits = u;  // clipped to the tiles and MAX_SPLITS (tiling.h)
         else Bad("unknown tiling override key '" + key + "'");
     }
     return tc;
 }
 
-py::dict TilingDict(const selattn::SelectiveAttentionTiling& t, const selattn::MemoryUse& mem,
-                    const selattn::SocSpec& soc)
+py::dict TilingDict(const selattn::SelectiveAttentionTiling& t, const selattn::ProblemShape& shape,
+                    const selattn::MemoryUse& mem, const selattn::SocSpec& soc)
 {
     py::dict d;
     d["soc"] = soc.name;
@@ -112,7 +116,12 @@ py::dict TilingDict(const selattn::SelectiveAttentionTiling& t, const selattn::M
     d["numTiles"] = t.numTiles;
     d["numItems"] = t.numItems;
     d["blockDim"] = t.blockDim;
+    d["numSplits"] = t.numSplits;
+    d["kvSlots"] = t.kvSlots;
+    d["gatherOnce"] = bool(t.gatherOnce);
+    d["combineBlockDim"] = t.combineBlockDim;
     d["workspacePerBlock"] = t.workspacePerBlock;
+    d["partialBytes"] = t.partialBytes;
     py::dict m;
     m["UB"] = py::make_tuple(mem.ub, soc.UbUsable());
     m["L1"] = py::make_tuple(mem.l1, soc.l1Bytes);
@@ -120,6 +129,8 @@ py::dict TilingDict(const selattn::SelectiveAttentionTiling& t, const selattn::M
     m["L0B"] = py::make_tuple(mem.l0b, soc.l0bBytes);
     m["L0C"] = py::make_tuple(mem.l0c, soc.l0cBytes);
     d["memory"] = m;  // bytes needed, bytes available
+    // UB of one vector core of the combine launch (0: no combine)
+    d["combine_ub"] = py::make_tuple(t.numSplits > 1 ? selattn::CombineUbBytes(shape, t.numSplits) : 0, soc.UbUsable());
     return d;
 }
 
@@ -147,6 +158,10 @@ selattn::ProblemShape ShapeFromDict(const py::dict& d)
     else if (dt == "float16") { sh.dtypeBytes = 2; }
     else Bad("dtype must be float32, float16 or bfloat16");
     sh.separateV = d.contains("separate_v") && Cast<bool>(d["separate_v"], "shape field separate_v");
+    sh.kvInt8 = d.contains("kv_int8") && Cast<bool>(d["kv_int8"], "shape field kv_int8");
+    sh.vInt8 = d.contains("v_int8") && Cast<bool>(d["v_int8"], "shape field v_int8");
+    sh.scaleBlock = get("scale_block", 128);
+    if (sh.scaleBlock == 0) Bad("scale_block must be positive");
     if (sh.H == 0 || sh.Hkv == 0 || sh.H % sh.Hkv) Bad("H must be a positive multiple of Hkv");
     if (sh.Dqk == 0 || sh.Dv == 0 || sh.blockSize == 0) Bad("Dqk, Dv and block_size must be positive");
     return sh;
@@ -168,7 +183,9 @@ py::dict Plan(const std::string& socName, const py::dict& shapeDict, const py::o
     }
     tc = ApplyOverride(tc, override_);
     if (!override_.is_none() || problems.empty()) problems = selattn::FitProblems(sh, tc, soc);
-    py::dict d = TilingDict(selattn::MakeTiling(sh, tc, soc), selattn::MemoryFor(sh, tc, soc.VecPerCube()), soc);
+    const bool malformed = tc.mTile == 0 || tc.nTile == 0;  // MakeTiling divides by both; FitProblems names it
+    if (malformed) tc = selattn::TileChoice{};
+    py::dict d = TilingDict(selattn::MakeTiling(sh, tc, soc), sh, selattn::MemoryFor(sh, tc, soc.VecPerCube()), soc);
     d["fits"] = problems.empty();
     d["problems"] = problems;
     return d;
@@ -203,13 +220,15 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
                  const Tensor& indices, const Tensor& cuSeqlensQ, const OptTensor& cuSeqlensK,
                  const OptTensor& blockTable, const OptTensor& seqlensK, const OptTensor& attnSink, Tensor& out,
                  Tensor& lse, double smScale, int64_t dV, int64_t blockSize, bool causal, const std::string& socName,
-                 const py::object& override_, bool checkFit)
+                 const py::object& override_, bool checkFit, const OptTensor& kvScale, const OptTensor& vScale,
+                 int64_t scaleBlock)
 {
     const selattn::SocSpec& soc = Soc(socName);
     // ---- every argument checked here (binding_common.h): the kernel trusts the tiling and the pointers ----
     const selattn::ArgChecker check("ascendc twin", NeedCpuContiguous);
-    const selattn::ProblemShape sh = check.Check({q, qRope, kv, kvRope, v, indices, cuSeqlensQ, cuSeqlensK, blockTable,
-                                                  seqlensK, attnSink, out, lse, smScale, dV, blockSize, causal});
+    const selattn::ProblemShape sh = check.Check({q, qRope, kv, kvRope, v, kvScale, vScale, indices, cuSeqlensQ,
+                                                  cuSeqlensK, blockTable, seqlensK, attnSink, out, lse, smScale, dV,
+                                                  blockSize, scaleBlock, causal});
     // contents: a read of CPU tensors costs nothing here (the NPU build leaves them to the kernel's bounds)
     const int64_t B = sh.numSeqs, T = sh.T;
     const int32_t* cq = cuSeqlensQ.data_ptr<int32_t>();
@@ -257,12 +276,17 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     auto kernel = dt == at::kFloat ? selective_attention_f32
                   : dt == at::kHalf ? selective_attention_f16
                                     : selective_attention_bf16;
+    auto combine = dt == at::kFloat ? selective_attention_combine_f32
+                   : dt == at::kHalf ? selective_attention_combine_f16
+                                     : selective_attention_combine_bf16;
     selattn::KernelArgs args;
     args.q = static_cast<GmAddr>(q.data_ptr());
     args.qRope = Addr(qRope);
     args.kv = static_cast<GmAddr>(kv.data_ptr());
     args.kvRope = Addr(kvRope);
     args.v = Addr(v);
+    args.kvScale = Addr(kvScale);
+    args.vScale = Addr(vScale);
     args.indices = static_cast<GmAddr>(indices.data_ptr());
     args.cuSeqlensQ = static_cast<GmAddr>(cuSeqlensQ.data_ptr());
     args.cuSeqlensK = Addr(cuSeqlensK);
@@ -276,22 +300,27 @@ py::dict Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, cons
     selattn::LaunchReport rep;
     {
         py::gil_scoped_release nogil;
-        rep = selattn::LaunchTwin(kernel, args, tiling, soc);
+        rep = selattn::LaunchTwin(kernel, args, tiling, soc, combine);
     }
-    py::dict d = TilingDict(tiling, selattn::MemoryFor(sh, tc, soc.VecPerCube()), soc);
+    py::dict d = TilingDict(tiling, sh, selattn::MemoryFor(sh, tc, soc.VecPerCube()), soc);
     py::dict peakDict;
     for (int m = 0; m < AscendC::twin::NUM_MEM; ++m) peakDict[AscendC::twin::MemName(m)] = rep.peak[m];
-    d["twin_peak"] = peakDict;  // the most any one core's TPipe allocated, per memory
+    d["twin_peak"] = peakDict;  // the most any one core's TPipe allocated, per memory (main launch)
+    auto list = [](const std::vector<uint64_t>& v) {
+        py::list l;
+        for (uint64_t x : v) l.append(x);
+        return l;
+    };
     // per launched block (a cube core with its vector cores): MTE2 bytes read from the inputs in GM and
     // from the workspace hand-over; a block with no input reads did no work
-    py::list inBytes, wsBytes;
-    for (uint64_t v : rep.blockInputBytes) inBytes.append(v);
-    for (uint64_t v : rep.blockWorkspaceBytes) wsBytes.append(v);
-    d["twin_mte2_input_bytes"] = inBytes;
-    d["twin_mte2_workspace_bytes"] = wsBytes;
-    py::list qBytes;  // the part of twin_mte2_input_bytes read from q and q_rope
-    for (uint64_t v : rep.blockQueryBytes) qBytes.append(v);
-    d["twin_mte2_query_bytes"] = qBytes;
+    d["twin_mte2_input_bytes"] = list(rep.main.blockInputBytes);
+    d["twin_mte2_workspace_bytes"] = list(rep.main.blockWorkspaceBytes);
+    d["twin_mte2_query_bytes"] = list(rep.main.blockQueryBytes);  // the part read from q and q_rope
+    // the combine launch (one vector core per block; empty lists when the candidates are not split): it
+    // reads only the partial results, which count as workspace bytes
+    d["twin_combine_mte2_input_bytes"] = list(rep.combine.blockInputBytes);
+    d["twin_combine_mte2_workspace_bytes"] = list(rep.combine.blockWorkspaceBytes);
+    d["twin_combine_peak_ub"] = rep.combinePeakUb;
     return d;
 }
 
@@ -306,7 +335,8 @@ PYBIND11_MODULE(_ascendc_twin, m)
           py::arg("indices"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("block_table"),
           py::arg("seqlens_k"), py::arg("attn_sink"), py::arg("out"), py::arg("lse"), py::arg("sm_scale"),
           py::arg("d_v"), py::arg("block_size"), py::arg("causal"), py::arg("soc"), py::arg("tiling") = py::none(),
-          py::arg("check_fit") = true,
+          py::arg("check_fit") = true, py::arg("kv_scale") = py::none(), py::arg("v_scale") = py::none(),
+          py::arg("scale_block") = 128,
           "Run the kernel on CPU tensors; writes out and lse; returns the tiling used and the twin's peak on-chip use.");
     m.def("plan", &Plan, py::arg("soc"), py::arg("shape"), py::arg("tiling") = py::none(),
           "The tiling the host picks for a shape on a SoC (no kernel run).");

@@ -30,7 +30,10 @@ def kernel_args(inp: SelectiveAttentionInputs) -> dict:
     cu_k = inp.cu_seqlens_k
     if not inp.paged and cu_k is None:
         cu_k = two(inp.kv.shape[0])
+    # an int8 kv / v goes with its float32 tile scales; the kernel reads them as [rows, Hkv, tiles] (a
+    # strided scale view, e.g. inside FlashMLA-style records, is copied here like every other view)
     return dict(q=c(inp.q), q_rope=c(inp.q_rope), kv=c(inp.kv), kv_rope=c(inp.kv_rope), v=c(inp.v),
+                kv_scale=c(inp.kv_scale), v_scale=c(inp.v_scale), scale_block=int(inp.scale_block),
                 indices=i32(idx), cu_seqlens_q=i32(cu_q), cu_seqlens_k=i32(cu_k),
                 block_table=i32(inp.block_table), seqlens_k=i32(inp.seqlens_k),
                 attn_sink=None if inp.attn_sink is None else inp.attn_sink.float().contiguous(),

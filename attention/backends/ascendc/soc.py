@@ -49,7 +49,7 @@ def soc_info(name: str) -> Optional[dict]:
 
 def plan(shape: dict, soc: Optional[str] = None, tiling: Optional[Dict[str, int]] = None) -> dict:
     """The tiling the host picks for ``shape`` (keys T, H, Hkv, Dqk, Dr, Dv, K, block_size, dtype,
-    separate_v, max_seqlen) on ``soc``; with ``tiling``, that choice checked instead. No kernel runs."""
+    separate_v, max_seqlen, kv_int8, v_int8, scale_block) on ``soc``; with ``tiling``, that choice checked instead. No kernel runs."""
     if not TWIN.built:
         raise RuntimeError(TWIN.error)
     return TWIN.module.plan(soc or current_soc(), shape, tiling)
@@ -67,14 +67,15 @@ def _max_seqlen(inp: SelectiveAttentionInputs) -> int:
 
 def _shape_key(inp: SelectiveAttentionInputs) -> tuple:
     return (inp.num_tokens, inp.num_heads, inp.num_kv_heads, inp.head_dim, inp.rope_dim, inp.d_v, inp.topk,
-            inp.block_size, dtype_name(inp.dtype), not inp.latent, _max_seqlen(inp))
+            inp.block_size, dtype_name(inp.dtype), not inp.latent, _max_seqlen(inp), inp.kv_quantized,
+            inp.v_quantized, inp.scale_block)
 
 
 @functools.lru_cache(maxsize=256)
 def _plan_cached(soc: str, key: tuple, tiling: Optional[tuple]) -> dict:
-    T, H, Hkv, Dqk, Dr, Dv, K, bs, dt, sep, max_seqlen = key
+    T, H, Hkv, Dqk, Dr, Dv, K, bs, dt, sep, max_seqlen, kv_int8, v_int8, scale_block = key
     shape = dict(T=T, H=H, Hkv=Hkv, Dqk=Dqk, Dr=Dr, Dv=Dv, K=K, block_size=bs, dtype=dt, separate_v=sep,
-                 max_seqlen=max_seqlen)
+                 max_seqlen=max_seqlen, kv_int8=kv_int8, v_int8=v_int8, scale_block=scale_block)
     return TWIN.module.plan(soc, shape, None if tiling is None else dict(tiling))
 
 

@@ -57,11 +57,15 @@ class TritonBackend(Backend):
     # backend (10) stays first: this path is compile-checked only (issue 19).
     priorities = {"cuda": 10, "cpu": 50, "npu": 20}
     ops = {
-        # the kernel implements all of SPEC.md section 1 but quantized caches (issue 16: not yet)
-        "attention": ATTENTION_FEATURES - KV_QUANT_FEATURES,
-        "attention_backward": ATTENTION_FEATURES - KV_QUANT_FEATURES,  # backward.py; limits: backward.limit_reasons
+        # All of SPEC.md section 1, quantized caches included (kv_fp8 / kv_int8: both forward kernels
+        # dequantize the tiles they gather, issue 16).
+        "attention": ATTENTION_FEATURES,
+        # backward.py; limits: backward.limit_reasons. Its kernels read float caches only: a quantized
+        # kv / v (which gets no gradient) sends the backward to the reference.
+        "attention_backward": ATTENTION_FEATURES - KV_QUANT_FEATURES,
         "lightning_indexer": frozenset({"contiguous", "paged", "varlen", "causal", "fp8", "int8", "window"}),
         "select": frozenset({"contiguous", "paged", "varlen", "causal", "block", "fp8", "int8", "window"}),
+        "merge": frozenset(),  # merge.py (attention/merge.py's op)
     }
     dtypes = frozenset(FLOAT_DTYPES)
 
@@ -87,6 +91,8 @@ class TritonBackend(Backend):
     def limit_reasons(self, inp) -> List[str]:
         # Launch-geometry limits (CUDA grid axes 1/2 hold at most 65535 programs; offsets inside a
         # candidate list are int32) and the selection kernels' block/k limits.
+        if inp.op == "merge":  # the reference merges there: this kernel is checked on cuda only
+            return ["merge not offered on npu"] if inp.device.type == "npu" else []
         if inp.op in ("attention", "attention_backward"):
             from . import limits
 
@@ -105,6 +111,10 @@ class TritonBackend(Backend):
             from .launch import forward
 
             return forward(inp)
+        if inp.op == "merge":
+            from .merge import merge_attention_states
+
+            return merge_attention_states(inp.outs, inp.lses, inp.attn_sink)
         from .selection import LAUNCHER
 
         return LAUNCHER.run(inp)

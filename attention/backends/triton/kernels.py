@@ -80,16 +80,11 @@ def _sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN: tl.constexpr, HAS_
 
 
 @triton.jit
-def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT, stride_btb, stride_btp,
-                    max_pages, num_pages, BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                    CAUSAL: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Candidates c0 .. c0 + BLOCK_N: (kept mask, page, row) with the row of a kept candidate at
-    ``page * stride_page + row * stride_row`` (contiguous caches: page 0, stride_page 0).
-
-    Candidate c is position indices[c // b] * b + c % b. Kept is decided by the indices, lengths and
-    causality alone (SPEC.md section 1), and a dropped candidate's page and row are 0, so no load
-    of it can leave the cache."""
-    offs_c = c0 + tl.arange(0, BLOCK_N)
+def _candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE: tl.constexpr,
+                         CAUSAL: tl.constexpr):
+    """(kept mask, position) of candidates ``offs_c``, from the indices, the length and causality
+    alone (a paged cache's table may still drop a kept one): candidate c is position
+    indices[c // b] * b + c % b (SPEC.md section 1). A dropped candidate's position is 0."""
     c_mask = offs_c < c_end
     if BLOCK_SIZE == 1:
         j = offs_c
@@ -104,6 +99,36 @@ def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, 
     valid = valid & (pos < L)
     if CAUSAL:
         valid = valid & (pos <= q_pos)
+    return valid, tl.where(valid, pos, 0)
+
+
+@triton.jit
+def _kept_end(c_start, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE: tl.constexpr,
+              CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
+    """One past the last candidate of [c_start, c_end) that the indices, length and causality keep
+    (c_start when none). Candidates past it are all dropped, so a tile loop may stop there: the -1
+    padding of a causal prefill's early tokens costs no tile. This replaces a per-tile
+    "any kept?" branch, which kept the gather out of the software pipeline (a load under an
+    scf.if is not pipelined) and cost registers on sm_90 (docs/triton.md)."""
+    end = c_start
+    for c0 in range(c_start, c_end, CHUNK):
+        offs_c = c0 + tl.arange(0, CHUNK)
+        valid, pos = _candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE,
+                                          CAUSAL)
+        end = tl.maximum(end, tl.max(tl.where(valid, offs_c + 1, 0), 0))
+    return end
+
+
+@triton.jit
+def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT, stride_btb, stride_btp,
+                    max_pages, num_pages, BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    CAUSAL: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Candidates c0 .. c0 + BLOCK_N: (kept mask, page, row) with the row of a kept candidate at
+    ``page * stride_page + row * stride_row`` (contiguous caches: page 0, stride_page 0).
+
+    A dropped candidate's page and row are 0, so no load of it can leave the cache."""
+    valid, pos = _candidate_positions(c0 + tl.arange(0, BLOCK_N), c_end, idx_base, stride_ik, L, q_pos, n_units,
+                                      BLOCK_SIZE, CAUSAL)
     if PAGED:
         page_i = pos // PAGE_SIZE
         valid = valid & (page_i < max_pages)
@@ -192,6 +217,57 @@ def _online_softmax(s, valid, m_i, l_i, sm_scale_log2):
 
 
 @triton.jit
+def _dequantize(x, s_rows, c0, offs_c, valid, c_mask, stride_sd, n_scales, LIKE, SCALE_BLOCK: tl.constexpr,
+                BLOCK_C: tl.constexpr, ROWS_FIRST: tl.constexpr, ALIGNED: tl.constexpr, F32_DOT: tl.constexpr):
+    """The values of a gathered tile of a quantized cache (issue 16): stored (float8_e4m3fn / int8)
+    times the float32 scale of each element's tile of SCALE_BLOCK columns, cast to LIKE's element
+    type (q's: the dot's operand type, as FlashMLA rounds its dequantized fp8 to bf16) unless the dot
+    runs in float32 (F32_DOT).
+
+    x holds columns ``offs_c`` (c0 = the first) of the candidate rows whose scale rows start at
+    ``s_rows``; rows are axis 0 when ROWS_FIRST, else axis 1. ALIGNED: c0 is a multiple of BLOCK_C.
+    Scales are loaded per (row, tile), not per column, when the tiles allow it:
+    - the run lies inside one scale tile (ALIGNED, SCALE_BLOCK a multiple of BLOCK_C): one scale a row;
+    - the run is whole tiles, at most 8 (ALIGNED, BLOCK_C a multiple of SCALE_BLOCK; DeepSeek's
+      512 = 4 x 128): one [rows] load per tile;
+    - otherwise (any scale_block, e.g. 12): one scale load per column.
+    A dropped row's scale is never read (a garbage row may carry NaN scales): it is 0 and its
+    stored values were loaded as 0."""
+    if ALIGNED and SCALE_BLOCK % BLOCK_C == 0:
+        sc = tl.load(s_rows + (c0 // SCALE_BLOCK) * stride_sd, mask=valid, other=0.0)
+        if ROWS_FIRST:
+            y = x.to(tl.float32) * sc[:, None]
+        else:
+            y = x.to(tl.float32) * sc[None, :]
+    elif ALIGNED and BLOCK_C % SCALE_BLOCK == 0 and BLOCK_C // SCALE_BLOCK <= 8:
+        # Whole tiles (DeepSeek: 512 = 4 x 128): one [rows] scale load per tile, selected per column
+        # elementwise (a reshape to [rows, tiles, SCALE_BLOCK] spilled 448-1840 B on sm_90: docs/triton.md).
+        tile = (offs_c - c0) // SCALE_BLOCK
+        first = c0 // SCALE_BLOCK
+        xf = x.to(tl.float32)
+        y = xf
+        for i in tl.static_range(BLOCK_C // SCALE_BLOCK):
+            in_range = tl.full(valid.shape, first + i, tl.int32) < n_scales  # a padded last tile has no scale
+            sc = tl.load(s_rows + (first + i) * stride_sd, mask=valid & in_range, other=0.0)
+            if ROWS_FIRST:
+                y = tl.where(tile[None, :] == i, xf * sc[:, None], y)
+            else:
+                y = tl.where(tile[:, None] == i, xf * sc[None, :], y)
+    else:
+        tiles = (offs_c // SCALE_BLOCK).to(tl.int64)
+        if ROWS_FIRST:
+            sc = tl.load(s_rows[:, None] + tiles[None, :] * stride_sd, mask=valid[:, None] & c_mask[None, :],
+                         other=0.0)
+        else:
+            sc = tl.load(s_rows[None, :] + tiles[:, None] * stride_sd, mask=valid[None, :] & c_mask[:, None],
+                         other=0.0)
+        y = x.to(tl.float32) * sc
+    if not F32_DOT:
+        y = y.to(LIKE.dtype.element_ty)
+    return y
+
+
+@triton.jit
 def _gather_t(head, rows, offs_d, stride_d, valid, d_mask, GATHER_ROWS: tl.constexpr):
     """Columns ``offs_d`` of the candidate rows ``rows`` as a transposed key chunk [BLOCK_D, BLOCK_N]
     (masked: a dropped row is never read).
@@ -212,11 +288,13 @@ def _gather_t(head, rows, offs_d, stride_d, valid, d_mask, GATHER_ROWS: tl.const
 @triton.jit
 def selective_attention_fwd_kernel(
     Q, KV, V, QR, KVR, IDX, SINK, BT, CUQ, CUK, SEQK,
-    OUT, LSE, OPART, LPART,
-    sm_scale_log2, T, B, S_total, num_pages, max_pages, n_cand, cand_per_split,
+    OUT, LSE, OPART, LPART, KS, VS,
+    sm_scale_log2, T, B, S_total, num_pages, max_pages, n_cand, cand_per_split, n_kscales, n_vscales,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_kr, stride_kh, stride_kd,
     stride_vp, stride_vr, stride_vh, stride_vd,
+    stride_ksp, stride_ksr, stride_ksh, stride_ksd,
+    stride_vsp, stride_vsr, stride_vsh, stride_vsd,
     stride_qrt, stride_qrh, stride_qrd,
     stride_krp, stride_krr, stride_krh, stride_krd,
     stride_it, stride_ig, stride_ik,
@@ -232,7 +310,11 @@ def selective_attention_fwd_kernel(
     NUM_HB: tl.constexpr, NUM_DVB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DR: tl.constexpr,
     BLOCK_DV: tl.constexpr, RTNE_BF16: tl.constexpr = False, GATHER_ROWS: tl.constexpr = False,
+    KV_QUANT: tl.constexpr = False, V_QUANT: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 1,
 ):
+    """The general kernel: any widths, separate V, value blocks (docs/triton.md). KV_QUANT / V_QUANT:
+    kv / v stored as float8_e4m3fn or int8 with tile scales KS / VS (kv's / v's leading shape +
+    [n_kscales / n_vscales]), dequantized in registers after the masked gather (_dequantize)."""
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -270,6 +352,7 @@ def selective_attention_fwd_kernel(
         v_row = page * stride_vp + row * stride_vr
         kr_row = page * stride_krp + row * stride_krr
         n_kept += tl.sum(valid.to(tl.int32), 0)
+        ks_rows = KS + g.to(tl.int64) * stride_ksh + page * stride_ksp + row * stride_ksr
 
         # ---- scores [BLOCK_H, BLOCK_N]: head widths walked in power-of-two chunks (576 = 9 x 64) ----
         # A runtime loop, not static_range: unrolled, the compiler hoists all of q (64 heads x 576,
@@ -282,6 +365,9 @@ def selective_attention_fwd_kernel(
             d_mask = offs_d < DQK
             qc = tl.load(q_base + offs_d[None, :].to(tl.int64) * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
             kc = _gather_t(k_head, k_row, offs_d, stride_kd, valid, d_mask, GATHER_ROWS)
+            if KV_QUANT:
+                kc = _dequantize(kc, ks_rows, d0, offs_d, valid, d_mask, stride_ksd, n_kscales, Q, SCALE_BLOCK,
+                                 BLOCK_D, False, True, F32_DOT)
             s += _dot(qc, kc, F32_DOT)
         if DR > 0:
             kr_head = KVR + g.to(tl.int64) * stride_krh
@@ -296,6 +382,10 @@ def selective_attention_fwd_kernel(
         # Masked load: a dropped row is never read, so NaN in an unused page cannot reach acc.
         vt = tl.load(V + g.to(tl.int64) * stride_vh + v_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_vd,
                      mask=valid[:, None] & dv_mask[None, :], other=0.0)
+        if V_QUANT:  # latent mode: V is KV and VS is KS
+            vs_rows = VS + g.to(tl.int64) * stride_vsh + page * stride_vsp + row * stride_vsr
+            vt = _dequantize(vt, vs_rows, dvb * BLOCK_DV, offs_dv, valid, dv_mask, stride_vsd, n_vscales, Q,
+                             SCALE_BLOCK, BLOCK_DV, True, True, F32_DOT)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, F32_DOT)
         m_i = m_new
 
@@ -306,9 +396,10 @@ def selective_attention_fwd_kernel(
 
 @triton.jit
 def selective_attention_latent_kernel(
-    Q, KV, QR, KVR, IDX, SINK, BT, CUQ, CUK, SEQK, OUT, LSE, OPART, LPART,
-    sm_scale_log2, T, B, S_total, num_pages, max_pages, n_cand, cand_per_split,
+    Q, KV, QR, KVR, IDX, SINK, BT, CUQ, CUK, SEQK, OUT, LSE, OPART, LPART, KS,
+    sm_scale_log2, T, B, S_total, num_pages, max_pages, n_cand, cand_per_split, n_kscales,
     stride_qt, stride_qh, stride_qd, stride_kp, stride_kr, stride_kh, stride_kd,
+    stride_ksp, stride_ksr, stride_ksh, stride_ksd,
     stride_qrt, stride_qrh, stride_qrd, stride_krp, stride_krr, stride_krh, stride_krd,
     stride_it, stride_ig, stride_ik, stride_btb, stride_btp,
     stride_ot, stride_oh, stride_od, stride_lt, stride_lh,
@@ -318,7 +409,8 @@ def selective_attention_latent_kernel(
     VARLEN: tl.constexpr, HAS_CUK: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_SINK: tl.constexpr, SPLIT: tl.constexpr, SEARCH_STEPS: tl.constexpr, F32_DOT: tl.constexpr,
     NUM_HB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_DT: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_STAGES: tl.constexpr, RTNE_BF16: tl.constexpr = False,
+    BLOCK_DT: tl.constexpr, BLOCK_DR: tl.constexpr, NUM_STAGES: tl.constexpr, KEPT_CHUNK: tl.constexpr,
+    RTNE_BF16: tl.constexpr = False, KV_QUANT: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 1,
 ):
     """Latent (MLA) mode, value = the first DV columns of the key row: FlashMLA's data flow.
 
@@ -327,9 +419,12 @@ def selective_attention_latent_kernel(
     for P.V) and the tail k_tail [BLOCK_N, DQK - DV] (DeepSeek's 64 rope columns inside the 576-wide
     row), plus the split rope part kv_rope when given. q is loaded once per program (loop
     invariant). No value split: the [BLOCK_H, BLOCK_DV] float32 accumulator stays on chip, so the
-    scores are computed once per tile. A tile whose candidates are all dropped (the -1 padding of
-    early causal tokens) skips its loads and dots. The tile loop is software-pipelined NUM_STAGES
-    deep, so the gather of tile i+1 overlaps the dots of tile i.
+    scores are computed once per tile. The tiles past the last kept candidate (the -1 padding of
+    early causal tokens) are not run: a first pass over the indices (KEPT_CHUNK at a time) finds
+    where the kept candidates end. The tile loop is software-pipelined NUM_STAGES deep, so the
+    gather of tile i+1 overlaps the dots of tile i. KV_QUANT: kv stored as float8_e4m3fn / int8 with
+    tile scales KS; each gathered tile is dequantized once in registers (_dequantize) and serves both
+    products, as the unquantized tile does.
     """
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -363,6 +458,7 @@ def selective_attention_latent_kernel(
     idx_base = IDX + t.to(tl.int64) * stride_it + g.to(tl.int64) * stride_ig
     k_head = KV + g.to(tl.int64) * stride_kh
     kr_head = KVR + g.to(tl.int64) * stride_krh
+    ks_head = KS + g.to(tl.int64) * stride_ksh
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -371,30 +467,44 @@ def selective_attention_latent_kernel(
 
     c_start = pid_s * cand_per_split
     c_end = tl.minimum(c_start + cand_per_split, n_cand)
-    for c0 in tl.range(c_start, c_end, BLOCK_N, num_stages=NUM_STAGES):
-        valid, page, row = _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
+    # Tiles past the last kept candidate are skipped (the -1 padding of early causal tokens); a
+    # dropped tile inside the range still runs, masked. The loop itself has no branch, so the
+    # gather of tile i+1 is pipelined under the dots of tile i.
+    c_stop = _kept_end(c_start, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE, CAUSAL, KEPT_CHUNK)
+    for c0 in tl.range(c_start, c_stop, BLOCK_N, num_stages=NUM_STAGES):
+        valid, page, row = _candidate_rows(c0, c_stop, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
                                            stride_btb, stride_btp, max_pages, num_pages, BLOCK_SIZE, PAGE_SIZE,
                                            CAUSAL, PAGED, BLOCK_N)
-        n_tile = tl.sum(valid.to(tl.int32), 0)
-        n_kept += n_tile
-        if n_tile > 0:
-            k_row = k_head + page * stride_kp + row * stride_kr
-            # Masked gather: a dropped row is never read, so NaN in an unused page cannot reach acc.
-            k_nope = tl.load(k_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_kd,
-                             mask=valid[:, None] & dv_mask[None, :], other=0.0)
-            s = _dot(q_nope, tl.trans(k_nope), F32_DOT)
-            if DQK > DV:
-                k_tail = tl.load(k_row[:, None] + offs_dt[None, :].to(tl.int64) * stride_kd,
-                                 mask=valid[:, None] & dt_mask[None, :], other=0.0)
-                s += _dot(q_tail, tl.trans(k_tail), F32_DOT)
-            if DR > 0:
-                kr_row = kr_head + page * stride_krp + row * stride_krr
-                k_rope = tl.load(kr_row[:, None] + offs_dr[None, :].to(tl.int64) * stride_krd,
-                                 mask=valid[:, None] & dr_mask[None, :], other=0.0)
-                s += _dot(q_rope, tl.trans(k_rope), F32_DOT)
-            p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
-            acc = acc * alpha[:, None] + _dot(p.to(k_nope.dtype), k_nope, F32_DOT)
-            m_i = m_new
+        n_kept += tl.sum(valid.to(tl.int32), 0)
+        k_row = k_head + page * stride_kp + row * stride_kr
+        # Masked gather: a dropped row is never read, so NaN in an unused page cannot reach acc.
+        k_nope = tl.load(k_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_kd,
+                         mask=valid[:, None] & dv_mask[None, :], other=0.0)
+        if KV_QUANT:
+            ks_rows = ks_head + page * stride_ksp + row * stride_ksr
+            k_nope = _dequantize(k_nope, ks_rows, 0, offs_dv, valid, dv_mask, stride_ksd, n_kscales, Q, SCALE_BLOCK,
+                                 BLOCK_DV, True, True, F32_DOT)
+        # Scores transposed, [BLOCK_N, BLOCK_H] = k . q^T: with 32-row tiles this is an M=32 product
+        # (mma.sync), which compiles for sm_90 without spilling on triton 3.6 and 3.9; q . k^T
+        # (a wgmma with q's loop-invariant shared-memory descriptors held in registers) spills
+        # 96-168 B on 3.9 (docs/triton.md, compile budgets).
+        s = _dot(k_nope, tl.trans(q_nope), F32_DOT)
+        if DQK > DV:
+            k_tail = tl.load(k_row[:, None] + offs_dt[None, :].to(tl.int64) * stride_kd,
+                             mask=valid[:, None] & dt_mask[None, :], other=0.0)
+            if KV_QUANT:
+                k_tail = _dequantize(k_tail, ks_rows, DV, offs_dt, valid, dt_mask, stride_ksd, n_kscales, Q,
+                                     SCALE_BLOCK, BLOCK_DT, True, DV % BLOCK_DT == 0, F32_DOT)
+            s += _dot(k_tail, tl.trans(q_tail), F32_DOT)
+        if DR > 0:
+            kr_row = kr_head + page * stride_krp + row * stride_krr
+            k_rope = tl.load(kr_row[:, None] + offs_dr[None, :].to(tl.int64) * stride_krd,
+                             mask=valid[:, None] & dr_mask[None, :], other=0.0)
+            s += _dot(k_rope, tl.trans(q_rope), F32_DOT)
+        s = tl.trans(s)
+        p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
+        acc = acc * alpha[:, None] + _dot(p.to(k_nope.dtype), k_nope, F32_DOT)
+        m_i = m_new
 
     _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, pid1 * 0, SINK, OUT, LSE, OPART,
                   LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh, stride_ops, stride_opt, stride_oph,

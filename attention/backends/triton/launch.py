@@ -36,6 +36,9 @@ MAX_SPLITS = 64
 # and the key columns past d_v (DeepSeek's 64 rope columns) in one tile up to MAX_LATENT_TAIL.
 MAX_LATENT_DV = 512
 MAX_LATENT_TAIL = 256
+# Indices the latent kernel's first pass (where its kept candidates end) reads per step: a few
+# steps for DeepSeek's 2048 candidates, each a vector of 4 per thread at 8 warps.
+KEPT_CHUNK = 1024
 
 # ATTENTION_TRITON_TARGET="NVIDIA H200": plan for that device (its tuned/shipped config and SM count)
 # whatever the tensors' device, e.g. on CPU tensors under the interpreter, so that bench.work can
@@ -169,6 +172,9 @@ def resolve_config(inp, override: Optional[Dict] = None) -> Tuple[Dict, str]:
     cfg, source = found if found is not None else (dict(tuning.FALLBACK_CONFIG), "built-in fallback")
     cfg = dict(tuning.FALLBACK_CONFIG, **cfg)
     if override:
+        if "BLOCK_N" in override and "LATENT_BLOCK_N" not in override:
+            # An override names one candidate tile for whichever kernel runs (tests, the tune CLI).
+            cfg.pop("LATENT_BLOCK_N", None)
         cfg.update(override)
         source = "override"
     return cfg, source
@@ -210,7 +216,7 @@ def plan(inp, cfg: Dict) -> Dict:
     n = inp.topk * inp.block_size
     latent = use_latent_kernel(inp, cfg)
     bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))  # tl.dot needs M >= 16: small groups pad to 16
-    bn = max(16, _p2(cfg["BLOCK_N"]))
+    bn = max(16, _p2(cfg["LATENT_BLOCK_N"] if latent and "LATENT_BLOCK_N" in cfg else cfg["BLOCK_N"]))
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
     # The rope chunk has its own size where a config gives one (BLOCK_DR: Ascend's UB holds a 64-wide
     # rope chunk of the general kernel only at small tiles, issue 19); else it follows BLOCK_D.
@@ -240,7 +246,8 @@ def plan(inp, cfg: Dict) -> Dict:
     return dict(kernel="latent" if latent else "general", BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DR=bdr,
                 BLOCK_DV=bdv, BLOCK_DT=bdt, NUM_HB=num_hb, NUM_DVB=num_dvb, num_splits=splits,
                 cand_per_split=per_split, num_warps=int(cfg.get("num_warps", 4)),
-                num_stages=int(cfg.get("num_stages", 1)), GATHER_ROWS=bool(cfg.get("GATHER_ROWS", 0)))
+                num_stages=int(cfg.get("num_stages", 1)), GATHER_ROWS=bool(cfg.get("GATHER_ROWS", 0)),
+                KEPT_CHUNK=int(cfg.get("KEPT_CHUNK", KEPT_CHUNK)))
 
 
 def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
@@ -293,16 +300,24 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     bt = inp.block_table
     # The interpreter truncates float32 -> bfloat16; the kernels then round by hand, as a GPU does.
     rtne_bf16 = on_cpu and inp.dtype == torch.bfloat16
+    # A quantized kv / v (float8_e4m3fn / int8) comes with float32 tile scales of its leading shape
+    # (issue 16); the kernels dequantize each gathered tile. The scale block is a compile-time constant
+    # only where something is quantized, so unquantized calls share one compile whatever it is.
+    ks = inp.kv_scale
+    vs = ks if inp.v is None else inp.v_scale  # latent: the values are kv's columns, kv's scales
+    scale_block = inp.scale_block if (ks is not None or vs is not None) else 1
     # Arguments by name (the kernels' parameter names), shared by both forward kernels.
     args = dict(
         Q=q, KV=kv, QR=inp.q_rope if inp.q_rope is not None else dummy,
         KVR=inp.kv_rope if inp.kv_rope is not None else dummy, IDX=idx, SINK=sink if sink is not None else dummy,
         BT=bt if bt is not None else dummy, CUQ=cuq if cuq is not None else dummy,
         CUK=cuk if cuk is not None else dummy, SEQK=seqk if seqk is not None else dummy,
-        OUT=out, LSE=lse, OPART=opart, LPART=lpart,
+        OUT=out, LSE=lse, OPART=opart, LPART=lpart, KS=ks if ks is not None else dummy,
         sm_scale_log2=float(inp.sm_scale) * LOG2E, T=T, B=B, S_total=S_total, num_pages=num_pages,
         max_pages=bt.shape[1] if bt is not None else 0, n_cand=n, cand_per_split=p["cand_per_split"],
+        n_kscales=ks.shape[-1] if ks is not None else 0,
         **_named("stride_q", "thd", q.stride()), **_named("stride_k", "prhd", _strides(kv, paged, 4)),
+        **_named("stride_ks", "prhd", _strides(ks, paged, 4)),
         **_named("stride_qr", "thd", _strides(inp.q_rope, paged, 3)),
         **_named("stride_kr", "prhd", _strides(inp.kv_rope, paged, 4)),
         stride_it=idx.stride(0), stride_ig=0 if idx.shape[1] == 1 else idx.stride(1), stride_ik=idx.stride(2),
@@ -316,15 +331,19 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
         SPLIT=split, SEARCH_STEPS=max(1, B.bit_length() + 1),
         F32_DOT=on_cpu or inp.dtype == torch.float32, RTNE_BF16=rtne_bf16,
         NUM_HB=p["NUM_HB"], BLOCK_H=p["BLOCK_H"], BLOCK_DV=p["BLOCK_DV"], BLOCK_DR=p["BLOCK_DR"],
+        KV_QUANT=ks is not None, SCALE_BLOCK=scale_block,
     )
     grid = (T, inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"], p["num_splits"])
     if p["kernel"] == "latent":
         # The loop's own pipelining (tl.range num_stages) is the ring of candidate tiles.
         selective_attention_latent_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_DT=p["BLOCK_DT"],
-                                                NUM_STAGES=p["num_stages"], num_warps=p["num_warps"])
+                                                NUM_STAGES=p["num_stages"], KEPT_CHUNK=p["KEPT_CHUNK"],
+                                                num_warps=p["num_warps"])
     else:
         args.update(V=v, **_named("stride_v", "prhd", _strides(v, paged, 4)), NUM_DVB=p["NUM_DVB"],
-                    GATHER_ROWS=p["GATHER_ROWS"])
+                    GATHER_ROWS=p["GATHER_ROWS"], VS=vs if vs is not None else dummy,
+                    n_vscales=vs.shape[-1] if vs is not None else 0,
+                    **_named("stride_vs", "prhd", _strides(vs, paged, 4)), V_QUANT=vs is not None)
         if autotune:
             _autotuned_kernel()[grid](**args)
         else:

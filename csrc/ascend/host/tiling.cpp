@@ -11,11 +11,17 @@ namespace {
 constexpr uint64_t KB = 1024;
 constexpr uint32_t GATHER_ROWS = 16;  // = selattn::GATHER_ROWS in the kernel
 constexpr uint32_t STAT_SLOTS = 10;   // = selattn::STAT_SLOTS in the kernel
+constexpr uint32_t COMBINE_VEC_SLOTS = 8;  // = selattn::COMBINE_VEC_SLOTS in the kernel
 
 uint64_t Align32(uint64_t x) { return (x + 31) / 32 * 32; }
 uint64_t Align512(uint64_t x) { return (x + 511) / 512 * 512; }
 uint32_t Up16(uint32_t x) { return (x + 15) / 16 * 16; }
 uint64_t CeilDiv(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }  // no a + b - 1 overflow
+// widest quantized row (Dqk of an int8 kv, Dv of an int8 v) rounded up to 16: the kernel's staging width
+uint32_t QuantPad(const ProblemShape& sh)
+{
+    return std::max(sh.kvInt8 ? Up16(sh.Dqk) : 0u, sh.separateV && sh.vInt8 ? Up16(sh.Dv) : 0u);
+}
 }  // namespace
 
 const std::vector<SocSpec>& SocTable()
@@ -65,7 +71,47 @@ MemoryUse MemoryFor(const ProblemShape& sh, const TileChoice& tc, uint32_t vecSu
            Align32(dvPad * GATHER_ROWS * sz) + Align32(dvPad * GATHER_ROWS * 4) + Align32(n * 4) + Align32(r * n * 4) +
            Align32(r * n * sz) + Align32(r * dvPad * 4) + Align32(STAT_SLOTS * r * 4) + Align32(dvPad * 4) +
            Align32(dvPad * sz) + Align32(n * 4);
+    if (const uint64_t w = QuantPad(sh)) {
+        // int8 dequantization of one row: its bytes, fp32 values, fp32 scratch, tile scales, scale offsets
+        u.ub += Align32(w) + 2 * Align32(w * 4) + Align32(uint64_t(std::max(sh.KvScaleTiles(), sh.VScaleTiles())) * 4) +
+                Align32(w * 4);
+    }
     return u;
+}
+
+uint64_t CombineUbBytes(const ProblemShape& sh, uint32_t numSplits)
+{
+    const uint64_t dvPad = Up16(sh.Dv), g = COMBINE_HEADS;
+    // m, l, kept and the weights: one 32-byte row of COMBINE_HEADS floats per split; the per-head vectors;
+    // the fp32 accumulator and one split's O rows of the group; one output row in the input dtype
+    return 4 * Align32(uint64_t(numSplits) * g * 4) + Align32(COMBINE_VEC_SLOTS * g * 4) + 2 * Align32(g * dvPad * 4) +
+           Align32(dvPad * sh.dtypeBytes);
+}
+
+SplitPlan SplitsFor(const ProblemShape& sh, const TileChoice& tc, const SocSpec& soc)
+{
+    SplitPlan sp;
+    const uint64_t tiles = tc.nTile ? CeilDiv(sh.Candidates(), tc.nTile) : 0;
+    if (tiles == 0) {
+        return sp;  // K = 0 (or a malformed nTile, refused by FitProblems): nothing to split
+    }
+    const uint32_t hg = std::max<uint32_t>(1, sh.H / std::max<uint32_t>(1, sh.Hkv));
+    const uint64_t headTiles = tc.mTile ? CeilDiv(hg, tc.mTile) : 1;
+    uint64_t want = tc.numSplits;
+    if (want == 0) {
+        const uint64_t pairs = std::max<uint64_t>(1, uint64_t(sh.T) * sh.Hkv);
+        want = std::max<uint64_t>(1, soc.aicNum / pairs);
+        if (headTiles > 1) {
+            want = std::max<uint64_t>(want, CeilDiv(tiles, MAX_KV_SLOTS));
+        }
+    }
+    sp.numSplits = static_cast<uint32_t>(std::min<uint64_t>({want, tiles, MAX_SPLITS}));
+    sp.splitTiles = CeilDiv(tiles, sp.numSplits);
+    // several head tiles re-use a split's rows when all of them fit the slots; otherwise (one head tile, or
+    // a split longer than MAX_KV_SLOTS tiles) the hand-over is a ping-pong of two slots as before
+    sp.gatherOnce = headTiles > 1 && sp.splitTiles <= MAX_KV_SLOTS;
+    sp.kvSlots = static_cast<uint32_t>(sp.gatherOnce ? sp.splitTiles : std::min<uint64_t>(2, sp.splitTiles));
+    return sp;
 }
 
 std::string DtypeProblems(const ProblemShape& sh, const SocSpec& soc)
@@ -110,6 +156,10 @@ std::string FitProblems(const ProblemShape& sh, const TileChoice& tc, const SocS
     over("L0A", u.l0a, soc.l0aBytes);
     over("L0B", u.l0b, soc.l0bBytes);
     over("L0C", u.l0c, soc.l0cBytes);
+    const SplitPlan sp = SplitsFor(sh, tc, soc);
+    if (sp.numSplits > 1) {
+        over("UB (combine launch)", CombineUbBytes(sh, sp.numSplits), soc.UbUsable());
+    }
     (void)dqkPad;
     return why;
 }
@@ -129,7 +179,9 @@ TileChoice ChooseTiles(const ProblemShape& sh, const SocSpec& soc)
     TileChoice best;
     double bestCost = -1.0;
     for (uint32_t m = 16; m <= std::max<uint32_t>(16, mMax) && m <= 256; m *= 2) {
-        for (uint32_t n = 16; n <= std::max<uint32_t>(16, nMax); n *= 2) {
+        // every multiple of 16, not only powers of two: decode splits 2048 candidates over 24 cores best
+        // with nTile = 96 (22 one-tile splits), where 64 and 128 leave cores idle or double a split
+        for (uint32_t n = 16; n <= std::max<uint32_t>(16, nMax); n += 16) {
             for (uint32_t bufs = 0; bufs < 8; ++bufs) {
                 TileChoice tc;
                 tc.mTile = m;
@@ -157,16 +209,27 @@ TileChoice ChooseTiles(const ProblemShape& sh, const SocSpec& soc)
                 if (tc.dkChunk == 0 || tc.dvChunk == 0 || !FitProblems(sh, tc, soc).empty()) {
                     continue;
                 }
-                // cost per block, in rough cube-fractal units: rounds of work items x tiles x
-                // (cube fractal ops + per-tile handshakes + scalar index scan and row copies + softmax rows)
-                const uint64_t items = uint64_t(std::max<uint32_t>(1, sh.T)) * sh.Hkv * CeilDiv(hg, m);
+                // cost per block, in rough cube-fractal units: rounds of work items x (gathers x scalar index
+                // scan and row copies + tiles x head tiles x (cube fractal ops + per-tile handshakes + softmax
+                // rows)), plus the combine launch when the candidates are split
+                const SplitPlan sp = SplitsFor(sh, tc, soc);
+                const uint64_t headTiles = CeilDiv(hg, m);
+                const uint64_t items = uint64_t(std::max<uint32_t>(1, sh.T)) * sh.Hkv * sp.numSplits;
                 const uint64_t rounds = CeilDiv(items, soc.aicNum);
-                const uint64_t tiles = CeilDiv(candidates, n);
+                const uint64_t tiles = std::max<uint64_t>(1, sp.splitTiles);
+                const uint64_t gathers = tiles * (sp.gatherOnce ? 1 : headTiles);
                 const double cube =
                     double(m / 16) * (n / 16) * (dkPad / c0) + double(pParts * m / 16) * (dvPad / 16) * (n / c0);
-                const double perTile = cube + 1500.0 + 40.0 * n + 60.0 * std::min(m, hg);
+                const double perTile = cube + 1500.0 + 60.0 * std::min(m, hg);
                 const double buffered = 1.0 - 0.03 * ((tc.vecBufNum == 2) + (tc.kvBufNum == 2) + (tc.l0BufNum == 2));
-                const double cost = double(rounds) * tiles * perTile * buffered;
+                // combine: rounds of head groups over the vector cores x splits x (one copy of the group's
+                // fp32 O rows, a few vector passes); about a tenth of a gathered tile per split
+                const double combine = sp.numSplits > 1 ? double(CeilDiv(uint64_t(std::max<uint32_t>(1, sh.T)) *
+                                                                         CeilDiv(sh.H, COMBINE_HEADS), soc.aivNum)) *
+                                                              sp.numSplits * (200.0 + COMBINE_HEADS * dvPad / 64.0)
+                                                        : 0.0;
+                const double cost =
+                    double(rounds) * (gathers * 40.0 * n + double(tiles) * headTiles * perTile) * buffered + combine;
                 if (bestCost < 0 || cost < bestCost) {
                     bestCost = cost;
                     best = tc;
@@ -203,6 +266,12 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.causal = sh.causal;
     t.hasSink = sh.hasSink;
     t.smScale = sh.smScale;
+    t.kvInt8 = sh.kvInt8;
+    t.vInt8 = sh.separateV && sh.vInt8;
+    t.scaleBlock = sh.scaleBlock;
+    t.kvScaleTiles = sh.KvScaleTiles();
+    t.vScaleTiles = sh.VScaleTiles();
+    t.quantPad = QuantPad(sh);
     t.mTile = tc.mTile;
     t.nTile = tc.nTile;
     t.dqkPad = Up16(sh.Dqk);
@@ -216,24 +285,39 @@ SelectiveAttentionTiling MakeTiling(const ProblemShape& sh, const TileChoice& tc
     t.vecSubBlocks = soc.VecPerCube();
     t.headTiles = static_cast<uint32_t>(CeilDiv(t.headsPerKv, tc.mTile));
     t.numTiles = CeilDiv(sh.Candidates(), tc.nTile);
-    t.numItems = uint64_t(sh.T) * sh.Hkv * t.headTiles;
+    const SplitPlan sp = SplitsFor(sh, tc, soc);
+    t.numSplits = sp.numSplits;
+    t.kvSlots = sp.kvSlots;
+    t.gatherOnce = sp.gatherOnce;
+    t.numItems = uint64_t(sh.T) * sh.Hkv * t.numSplits;
     t.blockDim = static_cast<uint32_t>(std::max<uint64_t>(1, std::min<uint64_t>(t.numItems, soc.aicNum)));
+    t.combineHeads = COMBINE_HEADS;
+    t.combineGroups = static_cast<uint32_t>(uint64_t(sh.T) * CeilDiv(sh.H, COMBINE_HEADS));
+    t.combineBlockDim = t.numSplits > 1 ? std::min<uint32_t>(soc.aivNum, t.combineGroups) : 0;
     const uint64_t sz = sh.dtypeBytes;
     uint64_t off = 0;
     t.wsQ = off;
     off += Align512(uint64_t(tc.mTile) * t.dkPad * sz);
-    // K and V^T: two tiles each (the kernel gathers tile i + 1 while the cube works on tile i)
+    // K and V^T: kvSlots tiles each (the kernel gathers tile i + 1 while the cube works on tile i; with
+    // gatherOnce every tile of the split stays for the later head tiles)
     t.wsK = off;
-    off += 2 * Align512(uint64_t(tc.nTile) * t.dkPad * sz);
+    off += t.kvSlots * Align512(uint64_t(tc.nTile) * t.dkPad * sz);
     t.wsVt = off;
-    off += 2 * Align512(uint64_t(t.dvPad) * tc.nTile * sz);
+    off += t.kvSlots * Align512(uint64_t(t.dvPad) * tc.nTile * sz);
     t.wsS = off;
-    off += Align512(uint64_t(tc.mTile) * tc.nTile * 4);
+    // S: two tiles (the cube scores tile i + 1 while the vector cores run the softmax of tile i)
+    off += 2 * Align512(uint64_t(tc.mTile) * tc.nTile * 4);
     t.wsP = off;
     off += Align512(uint64_t(ProbabilityParts(sh.dtypeBytes)) * tc.mTile * tc.nTile * sz);
     t.wsO = off;
     off += Align512(uint64_t(tc.mTile) * t.dvPad * 4);
     t.workspacePerBlock = off;
+    if (t.numSplits > 1) {
+        const uint64_t rowsSplit = uint64_t(sh.T) * t.numSplits * sh.H;
+        t.partialO = off * t.blockDim;
+        t.partialStat = t.partialO + Align512(rowsSplit * t.dvPad * 4);
+        t.partialBytes = t.partialStat + Align512(rowsSplit * 3 * 4) - t.partialO;
+    }
     return t;
 }
 

@@ -42,6 +42,11 @@ struct ProblemShape {
     bool isFloat32 = false, isBf16 = false;
     bool separateV = false, paged = false, causal = false, hasSink = false;
     uint32_t pageSize = 0, maxPages = 0, numSeqs = 1, kvRows = 0;
+    // an int8 kv / separate v with float32 tile scales of scaleBlock columns (dequantized in the kernel)
+    bool kvInt8 = false, vInt8 = false;
+    uint32_t scaleBlock = 128;
+    uint32_t KvScaleTiles() const { return kvInt8 ? (Dqk + scaleBlock - 1) / scaleBlock : 0; }
+    uint32_t VScaleTiles() const { return separateV && vInt8 ? (Dv + scaleBlock - 1) / scaleBlock : 0; }
     // Upper bound of every sequence length L_b: the cache rows (contiguous) or max_pages * page (paged);
     // UINT64_MAX when unknown (plan() without it). Positions >= it are dropped by the contract.
     uint64_t maxSeqLen = UINT64_MAX;
@@ -55,13 +60,29 @@ struct ProblemShape {
 
 struct TileChoice {
     uint32_t mTile = 16, nTile = 16, dkChunk = 16, dvChunk = 16, vecBufNum = 1, kvBufNum = 1, l0BufNum = 1;
+    uint32_t numSplits = 0;  // splits per (token, kv head); 0 = the planner's choice (SplitsFor)
 };
+
+// How the candidate tiles of a (token, kv head) are split over cores (issue 14 item 8).
+struct SplitPlan {
+    uint32_t numSplits = 1;   // 1 .. MAX_SPLITS, never more than the tiles
+    uint64_t splitTiles = 0;  // the most tiles one split holds (splits differ by at most one tile)
+    uint32_t kvSlots = 1;     // K / V^T hand-over slots per block
+    bool gatherOnce = false;  // the slots hold a whole split: its rows are gathered once for every head tile
+};
+// Splits that fill the cube cores (floor(aicNum / (T * Hkv)) per (token, kv head), so that no core runs
+// two items while others idle), at least enough for a split to fit the hand-over slots when there are
+// several head tiles, at most one per tile and MAX_SPLITS; tc.numSplits > 0 asks for that many instead
+// (still clipped to the tiles and MAX_SPLITS).
+SplitPlan SplitsFor(const ProblemShape& shape, const TileChoice& tiles, const SocSpec& soc);
 
 // Bytes each on-chip memory needs for a tile choice: the exact InitBuffer sizes of the kernel
 // (selective_attention_kernel.h, Init), each rounded up to 32 bytes as TPipe does.
 struct MemoryUse {
     uint64_t ub = 0, l1 = 0, l0a = 0, l0b = 0, l0c = 0;
 };
+// UB of one vector core in the combine launch (selective_attention_kernel.h, SelectiveAttentionCombine::Init)
+uint64_t CombineUbBytes(const ProblemShape& shape, uint32_t numSplits);
 // UB is per vector core: each of the `vecSubBlocks` vector cores of a block holds its share of the heads.
 MemoryUse MemoryFor(const ProblemShape& shape, const TileChoice& tiles, uint32_t vecSubBlocks);
 

@@ -4,9 +4,13 @@
 // type-checks against Huawei's open AscendC headers (shared/ascendc-check).
 //
 // Organisation (the way production sparse-MLA kernels on A2/A3 split work; written from scratch):
-// one work item = (query token t, kv head g, a tile of mTile of the H/Hkv query heads of g). All query
-// heads of a kv head share one candidate list, so they are packed into the cube's M dimension.
-// For each tile of nTile candidate slots:
+// one work item = (query token t, kv head g, split s: a contiguous range of the candidate tiles). All
+// query heads of a kv head share one candidate list, so they are packed into the cube's M dimension, a
+// tile of mTile heads at a time; the item runs its head tiles one after another over the same tiles
+// (with gatherOnce, re-using the rows the first head tile gathered). Splitting the candidates (flash-
+// decoding) is what puts decode (T = 1..4, one kv head) on every core; with numSplits > 1 each item
+// writes a partial result and a second, vector-only launch (SelectiveAttentionCombine) merges the
+// splits in order. For each tile of nTile candidate slots:
 //   AIV  gather:  scan the indices (scalar), keep the candidates the contract keeps (index >= 0,
 //                 position < L_b, causal bottom-right, duplicates kept), compact them to the front of
 //                 the tile, DataCopyPad the kept kv rows (and rope rows) into UB, zero the rest, write
@@ -15,9 +19,11 @@
 //   AIC  scores:  Nd2Nz Q and K into L1, LoadData to L0A/L0B chunk by chunk over the head dim, Mmad
 //                 into L0C (fp32), Fixpipe S [mTile, nTile] to the workspace.
 //   AIV  softmax: online softmax over the first nvalid columns of each row, in fp32: running max m,
-//                 running sum l, rescale of the accumulator by exp(m_old - m_new); P cast to the input
-//                 dtype and written to the workspace, zero beyond nvalid.
-//   AIC  values:  Nd2Nz P and V^T into L1, Mmad per dvChunk of output columns, Fixpipe O to workspace.
+//                 running sum l, rescale of the accumulator by exp(m_old - m_new); P in the input dtype
+//                 (16-bit dtypes: two parts P_hi + P_lo, see SoftmaxTile) written to the workspace, zero
+//                 beyond nvalid.
+//   AIC  values:  Nd2Nz P and V^T into L1, Mmad per dvChunk of output columns (one per part of P, summed
+//                 in L0C), Fixpipe O to workspace.
 //   AIV  accumulate O into the fp32 accumulator in UB.
 // Then AIV divides by l (+ exp(sink - m)), writes out (cast once) and lse; rows with no kept
 // candidate get out = 0 and lse = -inf.
@@ -29,9 +35,10 @@
 //
 // The vector cores of a block (two on A2/A3) split the work: each gathers every other 16-row chunk of
 // the tile and owns mTile / vecSubBlocks of the packed heads for softmax, accumulation and output.
-// The K / V^T hand-over is double-buffered: the vector cores gather tile i+1 while the cube computes
-// the scores of tile i. Not done (see csrc/ascend/README.md): softmax and P.V still alternate with
-// the cube (the cube waits for P, the vector cores wait for O).
+// The K / V^T hand-over has kvSlots slots: the vector cores gather tile i+1 while the cube computes the
+// scores of tile i, and the cube computes the scores of tile i + 1 (a second S buffer) while the vector
+// cores run the softmax of tile i. Not done (see csrc/ascend/README.md): P.V of tile i waits for P(i),
+// and the vector cores wait for O(i) before the softmax of tile i + 1.
 #pragma once
 
 #include "kernel_operator.h"
@@ -46,9 +53,11 @@ constexpr uint16_t FLAG_KV = 1;
 constexpr uint16_t FLAG_S = 2;
 constexpr uint16_t FLAG_P = 3;
 constexpr uint16_t FLAG_O = 4;
+constexpr uint16_t FLAG_UNWAITED = 5;  // only PLANT_CROSS_FLAG_OVERFLOW sets it
 constexpr uint8_t SYNC_MODE = 2;       // AIC <-> both AIVs of its group
 constexpr uint32_t GATHER_ROWS = 16;   // kv rows gathered per vector step: one fractal of positions
 constexpr uint32_t STAT_SLOTS = 10;    // per-row fp32 statistics vectors in UB
+constexpr uint32_t COMBINE_VEC_SLOTS = 8;  // per-head fp32 vectors of the combine launch (host/tiling.cpp charges them)
 constexpr float NEG_BIG = -3.0e38f;    // "no maximum yet": finite, so m_old - m_new never forms inf - inf
 constexpr uint32_t NEG_INF_BITS = 0xFF800000u;
 constexpr float P_HI_SHRINK = 0.99999988079071044921875f;  // 1 - 2^-23: the float just below 1
@@ -68,7 +77,7 @@ enum PlantedBug : int {
     PLANT_NO_V_MTE3_WAIT,        // P copied out before the vector unit finished writing it
     PLANT_DOUBLE_SET,            // SetFlag twice on one id without a wait
     PLANT_WAIT_WITHOUT_SET,      // WaitFlag with no SetFlag
-    PLANT_CROSS_FLAG_OVERFLOW,   // a cross-core flag set more often than it is waited for
+    PLANT_CROSS_FLAG_OVERFLOW,   // a cross-core flag set once per tile and never waited for
     PLANT_MISALIGNED_COPY,       // DataCopyPad into UB at an address that is not 32-byte aligned
     PLANT_BLOCK_COUNT_4096,      // DataCopyPad with blockCount 4096
     PLANT_MMAD_K_UNALIGNED,      // Mmad with k not a multiple of C0
@@ -98,7 +107,8 @@ public:
     static constexpr uint32_t P_PARTS = ProbabilityParts(sizeof(T));
     using Bits = typename BitsOf<T>::type;
 
-    __aicore__ inline void Init(GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v, GM_ADDR indices,
+    __aicore__ inline void Init(GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v, GM_ADDR kvScale,
+                                GM_ADDR vScale, GM_ADDR indices,
                                 GM_ADDR cuSeqlensQ, GM_ADDR cuSeqlensK, GM_ADDR blockTable, GM_ADDR seqlensK,
                                 GM_ADDR attnSink, GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
                                 const SelectiveAttentionTiling& tiling)
@@ -106,12 +116,20 @@ public:
         t_ = tiling;
         const uint64_t T_ = t_.numTokens, H = t_.numHeads, Hkv = t_.numKvHeads, rows = t_.kvRows;
         qGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(q), T_ * H * t_.headDim);
-        kvGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(kv), rows * Hkv * t_.headDim);
+        if (t_.kvInt8) {
+            kvI8Gm_.SetGlobalBuffer(reinterpret_cast<__gm__ int8_t*>(kv), rows * Hkv * t_.headDim);
+            kvScaleGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(kvScale), rows * Hkv * t_.kvScaleTiles);
+        } else {
+            kvGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(kv), rows * Hkv * t_.headDim);
+        }
         if (t_.ropeDim > 0) {
             qRopeGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(qRope), T_ * H * t_.ropeDim);
             kvRopeGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(kvRope), rows * Hkv * t_.ropeDim);
         }
-        if (t_.separateV) {
+        if (t_.separateV && t_.vInt8) {
+            vI8Gm_.SetGlobalBuffer(reinterpret_cast<__gm__ int8_t*>(v), rows * Hkv * t_.valueDim);
+            vScaleGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(vScale), rows * Hkv * t_.vScaleTiles);
+        } else if (t_.separateV) {
             vGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(v), rows * Hkv * t_.valueDim);
         }
         idxGm_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(indices), T_ * t_.indexHeads * t_.topk);
@@ -139,11 +157,17 @@ public:
         rowBegin_ = sub_ * rowsPer_;
         const uint32_t mT = t_.mTile, nT = t_.nTile;
         qWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsQ), mT * t_.dkPad);
-        kWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsK), 2 * nT * t_.dkPad);      // two tiles
-        vtWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsVt), 2 * t_.dvPad * nT);  // two tiles
-        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsS), mT * nT);
+        kWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsK), uint64_t(t_.kvSlots) * nT * t_.dkPad);
+        vtWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsVt), uint64_t(t_.kvSlots) * t_.dvPad * nT);
+        sWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsS), 2 * mT * nT);  // two tiles
         pWs_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(ws + t_.wsP), P_PARTS * mT * nT);
         oWs_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(ws + t_.wsO), mT * t_.dvPad);
+        if (t_.numSplits > 1) {
+            // the partial results of every split, shared by all blocks (each writes only its own rows)
+            const uint64_t rowsSplit = uint64_t(T_) * t_.numSplits * H;
+            partOGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(workspace + t_.partialO), rowsSplit * t_.dvPad);
+            partStatGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(workspace + t_.partialStat), rowsSplit * 3);
+        }
 
         // On-chip buffers. host/tiling.cpp charges exactly these sizes against the SoC's capacities
         // (keep the two in step; the twin re-checks every InitBuffer at run time).
@@ -172,6 +196,16 @@ public:
             pipe_.InitBuffer(oRowBuf_, t_.dvPad * sizeof(float));
             pipe_.InitBuffer(outRowBuf_, t_.dvPad * sizeof(T));
             pipe_.InitBuffer(workBuf_, nT * sizeof(float) + (Planted(PLANT_UB_OVERFLOW) ? 256 * 1024 : 0));
+            if (t_.quantPad > 0) {
+                // one quantized row at a time: its int8 bytes, fp32 values, fp32 scratch (the int8 -> half
+                // step, then the per-column scales), its tile scales and the column -> scale offsets
+                const uint32_t w = t_.quantPad;
+                pipe_.InitBuffer(q8Buf_, w);
+                pipe_.InitBuffer(deqBuf_, w * sizeof(float));
+                pipe_.InitBuffer(deqAuxBuf_, w * sizeof(float));
+                pipe_.InitBuffer(scaleRowBuf_, Max32(t_.kvScaleTiles, t_.vScaleTiles) * sizeof(float));
+                pipe_.InitBuffer(scaleOffBuf_, w * sizeof(uint32_t));
+            }
         }
     }
 
@@ -183,55 +217,87 @@ public:
         const uint32_t blockNum = static_cast<uint32_t>(GetBlockNum());
         for (uint64_t item = BlockOfCore(); item < t_.numItems; item += blockNum) {
             Decode(item);
-            if ASCEND_IS_AIV {
-                BeginItemVec();
-            }
-            // K / V^T hand-over buffers are double-buffered by tile parity: the vector cores gather tile
-            // i + 1 while the cube core computes the scores of tile i. Buffer i % 2 is written again only
-            // for tile i + 2, after FLAG_O of tile i, when the cube core has finished reading it.
-            if ASCEND_IS_AIV {
-                if (t_.numTiles > 0) {
-                    GatherTile(0);
-                    CrossCoreSetFlag<SYNC_MODE, Planted(PLANT_CROSS_FLAG_WRONG_PIPE) ? PIPE_S : PIPE_MTE3>(FLAG_KV);
-                }
-            }
-            for (uint64_t tile = 0; tile < t_.numTiles; ++tile) {
+            // the head tiles of the kv head run one after another on this block, over the same candidates:
+            // with gatherOnce the first head tile gathers the split's rows into the hand-over slots and the
+            // later ones re-use them, so each kept row is read from GM once per split, not once per head tile
+            for (uint32_t headTile = 0; headTile < t_.headTiles; ++headTile) {
+                SetHeadTile(headTile);
+                const bool gather = headTile == 0 || !t_.gatherOnce;
                 if ASCEND_IS_AIV {
-                    if (tile + 1 < t_.numTiles) {
-                        GatherTile(tile + 1);
-                        CrossCoreSetFlag<SYNC_MODE, Planted(PLANT_CROSS_FLAG_WRONG_PIPE) ? PIPE_S : PIPE_MTE3>(FLAG_KV);
-                        if constexpr (Planted(PLANT_CROSS_FLAG_OVERFLOW)) {
-                            CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_KV);
+                    BeginItemVec();
+                    if (gather) {
+                        keptTotal_ = 0;
+                    }
+                }
+                // K / V^T hand-over: the vector cores gather tile i + 1 while the cube core computes the
+                // scores of tile i. Slot i % kvSlots is written again (ping-pong of two slots) only for
+                // tile i + 2, after FLAG_O of tile i, when the cube core has finished reading it. FLAG_KV
+                // also hands over Q: a head tile that gathers nothing still sets it once.
+                if ASCEND_IS_AIV {
+                    if (tileEnd_ > tileBegin_) {
+                        if (gather) {
+                            GatherTile(tileBegin_);
                         }
+                        CrossCoreSetFlag<SYNC_MODE, Planted(PLANT_CROSS_FLAG_WRONG_PIPE) ? PIPE_S : PIPE_MTE3>(FLAG_KV);
+                    }
+                }
+                for (uint64_t tile = tileBegin_; tile < tileEnd_; ++tile) {
+                    if ASCEND_IS_AIV {
+                        if (gather && tile + 1 < tileEnd_) {
+                            GatherTile(tile + 1);
+                            CrossCoreSetFlag<SYNC_MODE, Planted(PLANT_CROSS_FLAG_WRONG_PIPE) ? PIPE_S : PIPE_MTE3>(FLAG_KV);
+                            if constexpr (Planted(PLANT_CROSS_FLAG_OVERFLOW)) {
+                                // a flag nobody waits for: an extra set of FLAG_KV would instead let the
+                                // cube's preload read a tile before it is gathered (caught as a race first)
+                                CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_UNWAITED);
+                            }
+                        }
+                    }
+                    if ASCEND_IS_AIC {
+                        // preload (as Huawei's kernel does): the cube computes the scores of tile i + 1 into
+                        // the other S buffer while the vector cores run the softmax of tile i, so FLAG_S has
+                        // up to two sets pending. S buffer i % 2 is written again for tile i + 2 only after
+                        // FLAG_P of tile i, when the vector cores have read it.
+                        if (tile == tileBegin_) {
+                            CrossCoreWaitFlag(FLAG_KV);
+                            ScoreTile(tile);
+                            CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_S);
+                        }
+                        if (tile + 1 < tileEnd_) {
+                            if (gather) {
+                                CrossCoreWaitFlag(FLAG_KV);
+                            }
+                            ScoreTile(tile + 1);
+                            CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_S);
+                        }
+                    }
+                    if ASCEND_IS_AIV {
+                        CrossCoreWaitFlag(FLAG_S);
+                        SoftmaxTile(tile);
+                        CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_P);
+                    }
+                    if ASCEND_IS_AIC {
+                        CrossCoreWaitFlag(FLAG_P);
+                        ValueTile(tile);
+                        CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_O);
+                    }
+                    if ASCEND_IS_AIV {
+                        CrossCoreWaitFlag(FLAG_O);
+                        AccumulateTile();
                     }
                 }
                 if ASCEND_IS_AIC {
-                    CrossCoreWaitFlag(FLAG_KV);
-                    ScoreTile(tile);
-                    CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_S);
+                    if (tileEnd_ > tileBegin_) {
+                        qA1_.FreeTensor(qL1_);
+                    }
                 }
                 if ASCEND_IS_AIV {
-                    CrossCoreWaitFlag(FLAG_S);
-                    SoftmaxTile(tile);
-                    CrossCoreSetFlag<SYNC_MODE, PIPE_MTE3>(FLAG_P);
+                    if (t_.numSplits > 1) {
+                        WritePartial();
+                    } else {
+                        FinishItem();
+                    }
                 }
-                if ASCEND_IS_AIC {
-                    CrossCoreWaitFlag(FLAG_P);
-                    ValueTile(tile);
-                    CrossCoreSetFlag<SYNC_MODE, PIPE_FIX>(FLAG_O);
-                }
-                if ASCEND_IS_AIV {
-                    CrossCoreWaitFlag(FLAG_O);
-                    AccumulateTile();
-                }
-            }
-            if ASCEND_IS_AIC {
-                if (t_.numTiles > 0) {
-                    qA1_.FreeTensor(qL1_);
-                }
-            }
-            if ASCEND_IS_AIV {
-                FinishItem();
             }
         }
     }
@@ -247,6 +313,13 @@ private:
         }
         return static_cast<uint32_t>(GetBlockIdx());
     }
+    // S hand-over buffer of a tile of the current split (two: the cube scores tile i + 1 during softmax i)
+    __aicore__ inline uint64_t SOffset(uint64_t tile) const
+    {
+        return ((tile - tileBegin_) & 1) * static_cast<uint64_t>(t_.mTile) * t_.nTile;
+    }
+    // hand-over slot of a tile of the current split
+    __aicore__ inline uint32_t Slot(uint64_t tile) const { return static_cast<uint32_t>((tile - tileBegin_) % t_.kvSlots); }
     // 16-row chunks are dealt round-robin to the vector cores of the block
     __aicore__ inline bool MyChunk(uint32_t row0) const { return (row0 / GATHER_ROWS) % t_.vecSubBlocks == sub_; }
 
@@ -270,13 +343,15 @@ private:
     // ---------------------------------------------------------------- work item
     __aicore__ inline void Decode(uint64_t item)
     {
-        headTile_ = static_cast<uint32_t>(item % t_.headTiles);
-        const uint64_t tg = item / t_.headTiles;
+        split_ = static_cast<uint32_t>(item % t_.numSplits);
+        const uint64_t tg = item / t_.numSplits;
         kvHead_ = static_cast<uint32_t>(tg % t_.numKvHeads);
         token_ = static_cast<uint32_t>(tg / t_.numKvHeads);
-        head0_ = kvHead_ * t_.headsPerKv + headTile_ * t_.mTile;
-        mCount_ = Min32(t_.mTile, t_.headsPerKv - headTile_ * t_.mTile);
-        ownCount_ = mCount_ > rowBegin_ ? Min32(rowsPer_, mCount_ - rowBegin_) : 0;
+        // split s owns tiles [s * base + min(s, rem), ...): sizes differ by at most one tile, and no product
+        // of two 64-bit counts is formed
+        const uint64_t base = t_.numTiles / t_.numSplits, rem = t_.numTiles % t_.numSplits;
+        tileBegin_ = split_ * base + (split_ < rem ? split_ : rem);
+        tileEnd_ = tileBegin_ + base + (split_ < rem ? 1 : 0);
         idxRow_ = (static_cast<uint64_t>(token_) * t_.indexHeads + (t_.indexHeads == 1 ? 0 : kvHead_)) * t_.topk;
         // sequence of the token: the largest b with cu_seqlens_q[b] <= t (empty sequences are skipped over)
         uint32_t lo = 0, hi = t_.numSeqs;
@@ -299,6 +374,14 @@ private:
             seqLen_ = cuKGm_.GetValue(seq_ + 1) - kvStart_;
         }
         qPos_ = seqLen_ - qLen + (static_cast<int64_t>(token_) - qStart);  // bottom-right aligned
+    }
+
+    __aicore__ inline void SetHeadTile(uint32_t headTile)
+    {
+        headTile_ = headTile;
+        head0_ = kvHead_ * t_.headsPerKv + headTile_ * t_.mTile;
+        mCount_ = Min32(t_.mTile, t_.headsPerKv - headTile_ * t_.mTile);
+        ownCount_ = mCount_ > rowBegin_ ? Min32(rowsPer_, mCount_ - rowBegin_) : 0;
     }
 
     // cache row of logical position pos of the current sequence (pos already checked < seqLen_)
@@ -334,7 +417,44 @@ private:
                 off.SetValue(d * GATHER_ROWS + s, static_cast<uint32_t>((s * stride + d) * sizeof(T)));
             }
         }
+        if (t_.quantPad > 0) {
+            // column c of a quantized row takes the scale of its tile: byte offset (c / scaleBlock) * 4
+            LocalTensor<uint32_t> soff = scaleOffBuf_.Get<uint32_t>();
+            for (uint32_t c = 0; c < t_.quantPad; ++c) {
+                soff.SetValue(c, (c / t_.scaleBlock) * static_cast<uint32_t>(sizeof(float)));
+            }
+        }
         Sync<HardEvent::S_V>();
+    }
+
+    // One int8 row of `width` columns from GM, dequantized into `dst` (compute dtype T): value of column c
+    // = float(stored[c]) * scales[c / scaleBlock], formed in fp32 and rounded once to T (the contract's
+    // float64 value up to that rounding). int8 -> half -> float are exact (A2/A3 Cast has no int8 -> float);
+    // the per-column scales come from one Gather of the row's tile scales, so any scaleBlock works without
+    // 32-byte-aligned tile starts. Columns past `width` of dst are left as they are (zero in the gather).
+    __aicore__ inline void DequantRowIn(const LocalTensor<T>& dst, const GlobalTensor<int8_t>& src,
+                                        const GlobalTensor<float>& scales, uint32_t width, uint32_t tiles)
+    {
+        LocalTensor<int8_t> raw = q8Buf_.Get<int8_t>();
+        LocalTensor<float> f = deqBuf_.Get<float>();
+        LocalTensor<float> aux = deqAuxBuf_.Get<float>();
+        LocalTensor<float> sc = scaleRowBuf_.Get<float>();
+        LocalTensor<uint32_t> soff = scaleOffBuf_.Get<uint32_t>();
+        Sync<HardEvent::V_MTE2>();  // the previous row's vector reads of raw / sc are done
+        DataCopyPad(raw, src, DataCopyExtParams(1, width, 0, 0, 0), DataCopyPadExtParams<int8_t>(false, 0, 0, 0));
+        DataCopyPad(sc, scales, DataCopyExtParams(1, tiles * sizeof(float), 0, 0, 0),
+                    DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
+        Sync<HardEvent::MTE2_V>();
+        LocalTensor<half> h = aux.template ReinterpretCast<half>();
+        Cast(h, raw, RoundMode::CAST_NONE, width);
+        Cast(f, h, RoundMode::CAST_NONE, width);
+        Gather(aux.template ReinterpretCast<uint32_t>(), sc.template ReinterpretCast<uint32_t>(), soff, 0, width);
+        if constexpr (IsSameType<T, float>::value) {
+            Mul(dst, f, aux, static_cast<int32_t>(width));
+        } else {
+            Mul(f, f, aux, static_cast<int32_t>(width));
+            Cast(dst, f, RoundMode::CAST_RINT, width);
+        }
     }
 
     __aicore__ inline void BeginItemVec()
@@ -345,8 +465,7 @@ private:
         Duplicate(acc, 0.0f, static_cast<int32_t>(rp * t_.dvPad));
         Duplicate(st[0 * rp], NEG_BIG, static_cast<int32_t>(rp));  // m (running max of scaled scores)
         Duplicate(st[2 * rp], 0.0f, static_cast<int32_t>(rp));     // l (running sum)
-        keptTotal_ = 0;
-        if (t_.numTiles == 0) {
+        if (tileEnd_ == tileBegin_) {
             return;  // K = 0: every row is empty, Q is never needed
         }
         // Q of the packed heads, [mTile, dkPad]: q at columns [0, Dqk), q_rope at [dqkPad, dqkPad + Dr),
@@ -399,11 +518,11 @@ private:
             rows.SetValue(kept, static_cast<int32_t>(RowOf(pos)));
             ++kept;
         }
-        nValid_[tile & 1] = kept;
+        nValid_[Slot(tile)] = kept;
         keptTotal_ += kept;
         const uint32_t nValid = kept;
-        const uint64_t kBase = (tile & 1) * static_cast<uint64_t>(t_.nTile) * t_.dkPad;
-        const uint64_t vBase = (tile & 1) * static_cast<uint64_t>(t_.dvPad) * t_.nTile;
+        const uint64_t kBase = Slot(tile) * static_cast<uint64_t>(t_.nTile) * t_.dkPad;
+        const uint64_t vBase = Slot(tile) * static_cast<uint64_t>(t_.dvPad) * t_.nTile;
 
         // 2. gather kept rows 16 at a time into K [nTile, dkPad] and V^T [dvPad, nTile]; slots past
         //    nValid are written as zeros so no stale or uninitialised workspace reaches the cube
@@ -426,11 +545,20 @@ private:
             }
             for (uint32_t s = 0; s < GATHER_ROWS && s0 + s < nValid; ++s) {
                 const uint64_t row = static_cast<uint64_t>(rows.GetValue(s0 + s)) * Hkv + kvHead_;
-                CopyRowIn(kb[s * t_.dkPad + (Planted(PLANT_MISALIGNED_COPY) ? 1 : 0)], kvGm_[row * t_.headDim], t_.headDim);
+                if (t_.kvInt8) {
+                    DequantRowIn(kb[s * t_.dkPad], kvI8Gm_[row * t_.headDim], kvScaleGm_[row * t_.kvScaleTiles],
+                                 t_.headDim, t_.kvScaleTiles);
+                } else {
+                    CopyRowIn(kb[s * t_.dkPad + (Planted(PLANT_MISALIGNED_COPY) ? 1 : 0)], kvGm_[row * t_.headDim],
+                              t_.headDim);
+                }
                 if (t_.ropeDim > 0) {
                     CopyRowIn(kb[s * t_.dkPad + t_.dqkPad], kvRopeGm_[row * t_.ropeDim], t_.ropeDim);
                 }
-                if (t_.separateV) {
+                if (t_.separateV && t_.vInt8) {
+                    DequantRowIn(vrows[s * t_.dvPad], vI8Gm_[row * t_.valueDim], vScaleGm_[row * t_.vScaleTiles],
+                                 t_.valueDim, t_.vScaleTiles);
+                } else if (t_.separateV) {
                     CopyRowIn(vrows[s * t_.dvPad], vGm_[row * t_.valueDim], t_.valueDim);
                 }
             }
@@ -444,6 +572,9 @@ private:
             Gather(vt.template ReinterpretCast<Bits>(), vsrc.template ReinterpretCast<Bits>(), off, 0,
                    t_.dvPad * GATHER_ROWS);
             Sync<HardEvent::MTE2_MTE3>();
+            if (t_.kvInt8) {
+                Sync<HardEvent::V_MTE3>();  // the dequantized K rows were written by the vector unit
+            }
             DataCopyPad(kWs_[kBase + s0 * t_.dkPad], kb, DataCopyExtParams(1, GATHER_ROWS * t_.dkPad * sizeof(T), 0, 0, 0));
             Sync<HardEvent::V_MTE3>();
             DataCopyPad(vtWs_[vBase + s0], vt,
@@ -469,11 +600,11 @@ private:
         LocalTensor<T> pLo = s.template ReinterpretCast<T>();
 
         // this core's rows of S; P rows it does not compute (padded heads) are written as zeros
-        DataCopyPad(s, sWs_[rowBegin_ * nT], DataCopyExtParams(1, rp * nT * sizeof(float), 0, 0, 0),
+        DataCopyPad(s, sWs_[SOffset(tile) + rowBegin_ * nT], DataCopyExtParams(1, rp * nT * sizeof(float), 0, 0, 0),
                     DataCopyPadExtParams<float>(false, 0, 0, 0.0f));
         Duplicate(p, static_cast<T>(0.0f), static_cast<int32_t>(rp * nT));
         Sync<HardEvent::MTE2_V>();
-        const int32_t nv = static_cast<int32_t>(nValid_[tile & 1]);
+        const int32_t nv = static_cast<int32_t>(nValid_[Slot(tile)]);
         if (nv > 0 && ownCount_ > 0) {
             // pass 1: scaled scores and row maxima (padded head rows keep NEG_BIG)
             Duplicate(rowMax, NEG_BIG, static_cast<int32_t>(rp));
@@ -615,19 +746,44 @@ private:
         Sync<HardEvent::MTE3_V>();
     }
 
+    // a split's part of the result (numSplits > 1): unnormalised O = sum exp(s - m) v, the running max m
+    // and sum l of its heads, and whether the split kept any candidate at all (from the indices, never
+    // from the scores, so that NaN propagates through the combine as it would in float64)
+    __aicore__ inline void WritePartial()
+    {
+        if (ownCount_ == 0) {
+            return;
+        }
+        const uint32_t rp = rowsPer_;
+        const uint64_t H = t_.numHeads, h0 = head0_ + rowBegin_, ts = uint64_t(token_) * t_.numSplits + split_;
+        LocalTensor<float> acc = accBuf_.Get<float>();
+        LocalTensor<float> st = statBuf_.Get<float>();
+        LocalTensor<float> mOld = st[0 * rp], l = st[2 * rp], kept = st[9 * rp];
+        Duplicate(kept, keptTotal_ > 0 ? 1.0f : 0.0f, static_cast<int32_t>(rp));
+        Sync<HardEvent::V_MTE3>();
+        // this core's heads are consecutive rows of the [T, numSplits, H, dvPad] and [T, numSplits, 3, H] layouts
+        DataCopyPad(partOGm_[(ts * H + h0) * t_.dvPad], acc,
+                    DataCopyExtParams(1, ownCount_ * t_.dvPad * sizeof(float), 0, 0, 0));
+        const DataCopyExtParams row(1, ownCount_ * sizeof(float), 0, 0, 0);
+        DataCopyPad(partStatGm_[ts * 3 * H + h0], mOld, row);
+        DataCopyPad(partStatGm_[ts * 3 * H + H + h0], l, row);
+        DataCopyPad(partStatGm_[ts * 3 * H + 2 * H + h0], kept, row);
+        Sync<HardEvent::MTE3_V>();
+    }
+
     // ---------------------------------------------------------------- cube side
     __aicore__ inline void ScoreTile(uint64_t tile)
     {
         const uint32_t mT = t_.mTile, nT = t_.nTile, Mf = mT / 16, Nf = nT / 16;
-        if (tile == 0) {
-            // Q stays in L1 for all tiles of the item
+        if (tile == tileBegin_) {
+            // Q stays in L1 for all tiles of the split
             qL1_ = qA1_.AllocTensor<T>();
             DataCopy(qL1_, qWs_, NdToNz(mT, t_.dkPad));
             qA1_.EnQue(qL1_);
             qL1_ = qA1_.DeQue<T>();
         }
         LocalTensor<T> kL1 = kB1_.AllocTensor<T>();
-        DataCopy(kL1, kWs_[(tile & 1) * nT * t_.dkPad], NdToNz(nT, t_.dkPad));
+        DataCopy(kL1, kWs_[Slot(tile) * static_cast<uint64_t>(nT) * t_.dkPad], NdToNz(nT, t_.dkPad));
         kB1_.EnQue(kL1);
         kL1 = kB1_.DeQue<T>();
 
@@ -664,7 +820,7 @@ private:
         kB1_.FreeTensor(kL1);
         c1_.EnQue(c);
         c = c1_.DeQue<float>();
-        Fixpipe<float, float, CFG_ROW_MAJOR>(sWs_, c,
+        Fixpipe<float, float, CFG_ROW_MAJOR>(sWs_[SOffset(tile)], c,
                                              FixpipeParamsV220(static_cast<uint16_t>(nT), static_cast<uint16_t>(mT),
                                                                static_cast<uint16_t>(mT), nT, false));
         c1_.FreeTensor(c);
@@ -677,7 +833,7 @@ private:
         LocalTensor<T> pL1 = pA1_.AllocTensor<T>();
         LocalTensor<T> vL1 = vB1_.AllocTensor<T>();
         DataCopy(pL1, pWs_, NdToNz(P_PARTS * mT, nT));
-        DataCopy(vL1, vtWs_[(tile & 1) * t_.dvPad * nT], NdToNz(t_.dvPad, nT));
+        DataCopy(vL1, vtWs_[Slot(tile) * static_cast<uint64_t>(t_.dvPad) * nT], NdToNz(t_.dvPad, nT));
         pA1_.EnQue(pL1);
         vB1_.EnQue(vL1);
         pL1 = pA1_.DeQue<T>();
@@ -757,21 +913,176 @@ private:
     TQue<TPosition::VECIN, 2> gatherQue_;
     TBuf<TPosition::VECCALC> vRowsBuf_, vtBuf_, offBuf_, rowBuf_, sBuf_, pBuf_, accBuf_, statBuf_, oRowBuf_,
         outRowBuf_, workBuf_;
+    TBuf<TPosition::VECCALC> q8Buf_, deqBuf_, deqAuxBuf_, scaleRowBuf_, scaleOffBuf_;  // int8 dequantization
 
     GlobalTensor<T> qGm_, qRopeGm_, kvGm_, kvRopeGm_, vGm_, outGm_;
     GlobalTensor<int32_t> idxGm_, cuQGm_, cuKGm_, tableGm_, seqKGm_;
     GlobalTensor<float> sinkGm_, lseGm_;
+    GlobalTensor<int8_t> kvI8Gm_, vI8Gm_;        // an int8 kv / v (then kvGm_ / vGm_ are unused)
+    GlobalTensor<float> kvScaleGm_, vScaleGm_;   // their tile scales [rows, Hkv, tiles]
     GlobalTensor<T> qWs_, kWs_, vtWs_, pWs_;
     GlobalTensor<float> sWs_, oWs_;
+    GlobalTensor<float> partOGm_, partStatGm_;  // partial results of the splits (numSplits > 1)
 
     // current work item
-    uint32_t token_ = 0, kvHead_ = 0, headTile_ = 0, head0_ = 0, mCount_ = 0, seq_ = 0;
-    uint32_t nValid_[2] = {0, 0};  // kept candidates of the tiles in the two hand-over buffers
+    uint32_t token_ = 0, kvHead_ = 0, headTile_ = 0, head0_ = 0, mCount_ = 0, seq_ = 0, split_ = 0;
+    uint64_t tileBegin_ = 0, tileEnd_ = 0;  // the split's candidate tiles
+    uint32_t nValid_[MAX_KV_SLOTS] = {};    // kept candidates of the tiles in the hand-over slots
     // this vector core's share of the packed heads: rows [rowBegin_, rowBegin_ + ownCount_) of the tile
     uint32_t sub_ = 0, rowsPer_ = 0, rowBegin_ = 0, ownCount_ = 0;
     uint64_t idxRow_ = 0;
     uint64_t keptTotal_ = 0;  // kept candidates of the current item over all its tiles (vector cores)
     int64_t seqLen_ = 0, kvStart_ = 0, qPos_ = 0;
+};
+
+// The combine launch (numSplits > 1): vector cores only, one step per (token, group of combineHeads
+// consecutive heads). SPEC.md section 6 over the splits, in split order whatever core ran them, so the
+// result is deterministic: M = max_s m_s, w_s = exp(m_s - M), L = sum_s w_s l_s, out = sum_s w_s O_s /
+// (L + exp(sink - M)), lse = M + ln L. A split that kept nothing holds m = NEG_BIG, l = 0, O = 0 and adds
+// nothing; a head whose splits all kept nothing gets out = 0 and lse = -inf (decided by the kept flags).
+template <typename T>
+class SelectiveAttentionCombine {
+public:
+    __aicore__ inline void Init(GM_ADDR attnSink, GM_ADDR out, GM_ADDR lse, GM_ADDR workspace,
+                                const SelectiveAttentionTiling& tiling)
+    {
+        t_ = tiling;
+        const uint64_t T_ = t_.numTokens, H = t_.numHeads, rowsSplit = T_ * t_.numSplits * H;
+        outGm_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(out), T_ * H * t_.valueDim);
+        lseGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(lse), T_ * H);
+        if (t_.hasSink) {
+            sinkGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(attnSink), H);
+        }
+        partOGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(workspace + t_.partialO), rowsSplit * t_.dvPad);
+        partStatGm_.SetGlobalBuffer(reinterpret_cast<__gm__ float*>(workspace + t_.partialStat), rowsSplit * 3);
+        // host/tiling.cpp (CombineUbBytes) charges exactly these sizes
+        const uint32_t g = t_.combineHeads;
+        pipe_.InitBuffer(mBuf_, t_.numSplits * g * sizeof(float));
+        pipe_.InitBuffer(lBuf_, t_.numSplits * g * sizeof(float));
+        pipe_.InitBuffer(keptBuf_, t_.numSplits * g * sizeof(float));
+        pipe_.InitBuffer(wBuf_, t_.numSplits * g * sizeof(float));
+        pipe_.InitBuffer(vecBuf_, COMBINE_VEC_SLOTS * g * sizeof(float));
+        pipe_.InitBuffer(accBuf_, g * t_.dvPad * sizeof(float));
+        pipe_.InitBuffer(oBuf_, g * t_.dvPad * sizeof(float));
+        pipe_.InitBuffer(outRowBuf_, t_.dvPad * sizeof(T));
+    }
+
+    __aicore__ inline void Process()
+    {
+        const uint64_t groupsPerToken = (t_.numHeads + t_.combineHeads - 1) / t_.combineHeads;
+        for (uint64_t grp = GetBlockIdx(); grp < t_.combineGroups; grp += GetBlockNum()) {
+            const uint32_t h0 = static_cast<uint32_t>(grp % groupsPerToken) * t_.combineHeads;
+            CombineGroup(static_cast<uint32_t>(grp / groupsPerToken), h0,
+                         t_.numHeads - h0 < t_.combineHeads ? t_.numHeads - h0 : t_.combineHeads);
+        }
+    }
+
+private:
+    template <HardEvent evt>
+    __aicore__ inline void Sync()
+    {
+        const int32_t id = static_cast<int32_t>(pipe_.template FetchEventID<evt>());
+        SetFlag<evt>(id);
+        WaitFlag<evt>(id);
+    }
+
+    __aicore__ inline void CombineGroup(uint32_t token, uint32_t h0, uint32_t gc)
+    {
+        const uint32_t g = t_.combineHeads, S = t_.numSplits, dv = t_.dvPad;
+        const uint64_t H = t_.numHeads;
+        const int32_t n = static_cast<int32_t>(gc);
+        LocalTensor<float> mS = mBuf_.Get<float>(), lS = lBuf_.Get<float>(), kS = keptBuf_.Get<float>();
+        LocalTensor<float> w = wBuf_.Get<float>(), vec = vecBuf_.Get<float>();
+        LocalTensor<float> M = vec[0 * g], L = vec[1 * g], any = vec[2 * g], lnL = vec[3 * g], denom = vec[4 * g];
+        LocalTensor<float> sinkT = vec[5 * g], tmp = vec[6 * g], lseRow = vec[7 * g];
+        LocalTensor<float> acc = accBuf_.Get<float>(), o = oBuf_.Get<float>();
+        LocalTensor<T> outRow = outRowBuf_.Get<T>();
+
+        // m, l and kept of these heads in every split: S blocks of gc floats, 3H floats apart in GM, one
+        // g-float (32-byte) row per split in UB
+        const uint32_t ubRow = (gc * sizeof(float) + 31) / 32 * 32;
+        const DataCopyExtParams cp(static_cast<uint16_t>(S), gc * sizeof(float),
+                                   static_cast<uint32_t>((3 * H - gc) * sizeof(float)), (g * sizeof(float) - ubRow) / 32, 0);
+        const DataCopyPadExtParams<float> noPad(false, 0, 0, 0.0f);
+        const uint64_t st0 = uint64_t(token) * S * 3 * H + h0;
+        DataCopyPad(mS, partStatGm_[st0], cp, noPad);
+        DataCopyPad(lS, partStatGm_[st0 + H], cp, noPad);
+        DataCopyPad(kS, partStatGm_[st0 + 2 * H], cp, noPad);
+        Sync<HardEvent::MTE2_V>();
+        Adds(M, mS, 0.0f, n);
+        Adds(any, kS, 0.0f, n);
+        for (uint32_t s = 1; s < S; ++s) {
+            Max(M, M, mS[s * g], n);
+            Add(any, any, kS[s * g], n);
+        }
+        Duplicate(L, 0.0f, n);
+        for (uint32_t s = 0; s < S; ++s) {
+            Sub(w[s * g], mS[s * g], M, n);
+            Exp(w[s * g], w[s * g], n);  // <= 1: M is the largest m (an empty split's NEG_BIG gives 0)
+            Mul(tmp, w[s * g], lS[s * g], n);
+            Add(L, L, tmp, n);
+        }
+        Ln(lnL, L, n);
+        Add(lseRow, M, lnL, n);
+        if (t_.hasSink) {
+            // the sink joins the denominator only
+            Sync<HardEvent::V_S>();
+            for (uint32_t i = 0; i < gc; ++i) {
+                sinkT.SetValue(i, sinkGm_.GetValue(h0 + i));
+            }
+            Sync<HardEvent::S_V>();
+            Sub(sinkT, sinkT, M, n);
+            Exp(sinkT, sinkT, n);
+            Add(denom, L, sinkT, n);
+        } else {
+            Adds(denom, L, 0.0f, n);
+        }
+        Duplicate(acc, 0.0f, static_cast<int32_t>(g * dv));
+        Sync<HardEvent::V_S>();  // the scalar unit reads w, any, denom and lse below
+        // O rows of the group, split by split in order: acc += w_s * O_s
+        for (uint32_t s = 0; s < S; ++s) {
+            DataCopyPad(o, partOGm_[((uint64_t(token) * S + s) * H + h0) * dv],
+                        DataCopyExtParams(1, gc * dv * sizeof(float), 0, 0, 0), noPad);
+            Sync<HardEvent::MTE2_V>();
+            for (uint32_t i = 0; i < gc; ++i) {
+                Muls(o[i * dv], o[i * dv], w.GetValue(s * g + i), static_cast<int32_t>(dv));
+            }
+            Add(acc, acc, o, static_cast<int32_t>(gc * dv));
+            Sync<HardEvent::V_MTE2>();
+        }
+        LocalTensor<uint32_t> lseBits = lseRow.template ReinterpretCast<uint32_t>();
+        for (uint32_t i = 0; i < gc; ++i) {
+            LocalTensor<float> a = acc[i * dv];
+            if (any.GetValue(i) > 0.0f) {
+                const float inv = 1.0f / denom.GetValue(i);
+                Muls(a, a, inv, static_cast<int32_t>(dv));
+            } else {
+                lseBits.SetValue(i, NEG_INF_BITS);  // no kept candidate in any split: out = 0, lse = -inf
+                Duplicate(a, 0.0f, static_cast<int32_t>(dv));
+            }
+            const uint64_t outOff = (uint64_t(token) * H + h0 + i) * t_.valueDim;
+            if constexpr (IsSameType<T, float>::value) {
+                Sync<HardEvent::V_MTE3>();
+                DataCopyPad(outGm_[outOff], a, DataCopyExtParams(1, t_.valueDim * sizeof(T), 0, 0, 0));
+            } else {
+                Cast(outRow, a, RoundMode::CAST_RINT, dv);
+                Sync<HardEvent::V_MTE3>();
+                DataCopyPad(outGm_[outOff], outRow, DataCopyExtParams(1, t_.valueDim * sizeof(T), 0, 0, 0));
+            }
+            Sync<HardEvent::MTE3_V>();
+        }
+        Sync<HardEvent::S_MTE3>();
+        DataCopyPad(lseGm_[uint64_t(token) * H + h0], lseRow, DataCopyExtParams(1, gc * sizeof(float), 0, 0, 0));
+        // the next group rewrites what the scalar unit and MTE3 read here
+        Sync<HardEvent::MTE3_V>();
+        Sync<HardEvent::S_V>();
+    }
+
+    SelectiveAttentionTiling t_;
+    TPipe pipe_;
+    TBuf<TPosition::VECCALC> mBuf_, lBuf_, keptBuf_, wBuf_, vecBuf_, accBuf_, oBuf_, outRowBuf_;
+    GlobalTensor<T> outGm_;
+    GlobalTensor<float> lseGm_, sinkGm_, partOGm_, partStatGm_;
 };
 
 }  // namespace selattn

@@ -6,6 +6,11 @@
 
 namespace selattn {
 
+// Bounds of the decode split, shared by the host planner and the kernel.
+constexpr uint32_t MAX_SPLITS = 64;     // splits per (token, kv head): the combine reads all their statistics at once
+constexpr uint32_t MAX_KV_SLOTS = 8;    // hand-over slots a split may keep (workspace; the kernel's kept counts)
+constexpr uint32_t COMBINE_HEADS = 8;   // heads per combine step: one 32-byte row of fp32 statistics per split
+
 // Parts P is handed to the cube in: 1 for float32; 2 for float16 / bfloat16, where P = P_hi + P_lo, both in
 // the input dtype, and the cube accumulates P_hi.V + P_lo.V in fp32 in L0C. One 16-bit rounding of P costs
 // a relative 2^-9 (bf16) per weight, which put 4-10% of bf16 outputs outside CANN's check_result tolerance
@@ -35,6 +40,15 @@ struct SelectiveAttentionTiling {
     uint32_t causal;
     uint32_t hasSink;
     float smScale;
+    // quantized caches (docs/contract.md "Quantized caches"): an int8 kv / v with float32 scales of shape
+    // [rows, Hkv, tiles], value of column c = stored[c] * scale[c / scaleBlock]; dequantized on the vector
+    // cores after the gather (only kept rows are read), rounded once to the compute dtype for the cube
+    uint32_t kvInt8;         // 1: kv is int8 (kv_rope stays in the compute dtype)
+    uint32_t vInt8;          // 1: the separate v is int8
+    uint32_t scaleBlock;     // columns per scale
+    uint32_t kvScaleTiles;   // ceil(Dqk / scaleBlock): kv_scale's last dimension
+    uint32_t vScaleTiles;    // ceil(Dv / scaleBlock): v_scale's last dimension
+    uint32_t quantPad;       // widest quantized row rounded up to 16 (UB staging of one row; 0 = none)
     // ---- tiling (host/tiling.cpp: chosen per SoC from its on-chip capacities) ----
     uint32_t mTile;          // query heads per cube tile (multiple of 16)
     uint32_t nTile;          // candidate positions per tile (multiple of 16)
@@ -49,11 +63,26 @@ struct SelectiveAttentionTiling {
     uint32_t vecSubBlocks;   // vector cores per cube core (2 on A2/A3): they split the heads of a tile
     uint32_t headTiles;      // ceil(headsPerKv / mTile)
     uint32_t blockDim;       // blocks launched (cube cores used)
+    // ---- decode split (issue 14 item 8; docs/ascendc.md "Work per core") ----
+    // A work item is (token, kv head, split): split s owns a contiguous range of the candidate tiles and
+    // loops over the head tiles itself, so its kv rows are gathered once for all query heads of the kv
+    // head. With numSplits > 1 each item writes a partial result (unnormalised O, running max m and sum
+    // l, kept flag) to the partial region, and a second, vector-only launch combines the splits in order.
+    uint32_t numSplits;      // splits of every (token, kv head): 1 .. MAX_SPLITS (1 = no combine launch)
+    uint32_t kvSlots;        // K / V^T hand-over slots per block (a split's tiles, or 2 for a ping-pong)
+    uint32_t gatherOnce;     // 1: the slots hold a whole split, gathered once and reused by every head tile
+    uint32_t combineBlockDim;  // vector cores of the combine launch (0 when numSplits == 1)
+    uint32_t combineHeads;   // query heads one combine step handles (a group of one token's heads)
+    uint32_t combineGroups;  // T * ceil(H / combineHeads): the combine launch's work items
     // 64-bit: topk * blockSpan reaches 2^55 and T * Hkv * headTiles 2^62 on legal inputs
     uint64_t numTiles;       // ceil(topk * blockSpan / nTile)
-    uint64_t numItems;       // T * Hkv * headTiles work items, spread over the blocks
+    uint64_t numItems;       // T * Hkv * numSplits work items, spread over the blocks
     uint64_t workspacePerBlock;  // bytes of global scratch each block owns (cube <-> vector hand-over)
     uint64_t wsQ, wsK, wsVt, wsS, wsP, wsO;  // byte offsets of the hand-over buffers inside one block's part
+    // partial results, after every block's part of the workspace (numSplits > 1 only):
+    // O [T, numSplits, H, dvPad] fp32 at partialO, statistics [T, numSplits, 3, H] fp32 (m, l, kept) at
+    // partialStat, both byte offsets from the workspace's start
+    uint64_t partialO, partialStat, partialBytes;
 };
 
 }  // namespace selattn

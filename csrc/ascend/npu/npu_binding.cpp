@@ -28,8 +28,9 @@
 #include "binding_common.h"
 #include "tiling.h"
 
-extern "C" int selattn_launch(uint32_t blockDim, void* stream, int dtypeCode, uint8_t* q, uint8_t* qRope, uint8_t* kv,
-                              uint8_t* kvRope, uint8_t* v, uint8_t* indices, uint8_t* cuSeqlensQ, uint8_t* cuSeqlensK,
+extern "C" int selattn_launch(uint32_t blockDim, uint32_t combineBlockDim, void* stream, int dtypeCode, uint8_t* q,
+                              uint8_t* qRope, uint8_t* kv, uint8_t* kvRope, uint8_t* v, uint8_t* kvScale, uint8_t* vScale,
+                              uint8_t* indices, uint8_t* cuSeqlensQ, uint8_t* cuSeqlensK,
                               uint8_t* blockTable, uint8_t* seqlensK, uint8_t* attnSink, uint8_t* out, uint8_t* lse,
                               uint8_t* workspace, uint8_t* tiling);
 
@@ -108,13 +109,14 @@ const Tensor& DeviceTilingFor(const selattn::SelectiveAttentionTiling& tiling, c
 void Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, const OptTensor& kvRope, const OptTensor& v,
              const Tensor& indices, const Tensor& cuSeqlensQ, const OptTensor& cuSeqlensK, const OptTensor& blockTable,
              const OptTensor& seqlensK, const OptTensor& attnSink, Tensor& out, Tensor& lse, double smScale, int64_t dV,
-             int64_t blockSize, bool causal)
+             int64_t blockSize, bool causal, const OptTensor& kvScale, const OptTensor& vScale, int64_t scaleBlock)
 {
     if (q.device().type() != c10::DeviceType::PrivateUse1) Bad("q must be an NPU tensor");
     c10_npu::NPUGuard guard(q.device());  // q on npu:1 while npu:0 is current: q's device and stream
     const selattn::ArgChecker check("ascendc npu", OnDeviceOf(q));
-    const selattn::ProblemShape sh = check.Check({q, qRope, kv, kvRope, v, indices, cuSeqlensQ, cuSeqlensK, blockTable,
-                                                  seqlensK, attnSink, out, lse, smScale, dV, blockSize, causal});
+    const selattn::ProblemShape sh = check.Check({q, qRope, kv, kvRope, v, kvScale, vScale, indices, cuSeqlensQ,
+                                                  cuSeqlensK, blockTable, seqlensK, attnSink, out, lse, smScale, dV,
+                                                  blockSize, scaleBlock, causal});
     const auto dt = q.scalar_type();
     const int dtypeCode = dt == at::kFloat ? 0 : dt == at::kHalf ? 1 : 2;
 
@@ -132,12 +134,13 @@ void Forward(const Tensor& q, const OptTensor& qRope, const Tensor& kv, const Op
     if (sh.T == 0 || sh.H == 0) return;  // nothing to launch
 
     const Tensor& tilingDev = DeviceTilingFor(tiling, q.device());
-    // from torch_npu's caching allocator, on the current stream: freed memory is reused without a sync
-    Tensor workspace = at::empty({static_cast<int64_t>(tiling.workspacePerBlock * tiling.blockDim)},
+    // from torch_npu's caching allocator, on the current stream: freed memory is reused without a sync.
+    // Every block's hand-over part, then the partial results of a decode split (read by the combine launch)
+    Tensor workspace = at::empty({static_cast<int64_t>(tiling.workspacePerBlock * tiling.blockDim + tiling.partialBytes)},
                                  q.options().dtype(at::kByte));
     void* stream = c10_npu::getCurrentNPUStream().stream(false);
-    const int rc = selattn_launch(tiling.blockDim, stream, dtypeCode, static_cast<uint8_t*>(q.data_ptr()), Addr(qRope),
-                                  static_cast<uint8_t*>(kv.data_ptr()), Addr(kvRope), Addr(v),
+    const int rc = selattn_launch(tiling.blockDim, tiling.combineBlockDim, stream, dtypeCode, static_cast<uint8_t*>(q.data_ptr()), Addr(qRope),
+                                  static_cast<uint8_t*>(kv.data_ptr()), Addr(kvRope), Addr(v), Addr(kvScale), Addr(vScale),
                                   static_cast<uint8_t*>(indices.data_ptr()), static_cast<uint8_t*>(cuSeqlensQ.data_ptr()),
                                   Addr(cuSeqlensK), Addr(blockTable), Addr(seqlensK), Addr(attnSink),
                                   static_cast<uint8_t*>(out.data_ptr()), static_cast<uint8_t*>(lse.data_ptr()),
@@ -170,6 +173,7 @@ PYBIND11_MODULE(_ascendc_npu, m)
     m.def("forward", &Forward, py::arg("q"), py::arg("q_rope"), py::arg("kv"), py::arg("kv_rope"), py::arg("v"),
           py::arg("indices"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("block_table"),
           py::arg("seqlens_k"), py::arg("attn_sink"), py::arg("out"), py::arg("lse"), py::arg("sm_scale"),
-          py::arg("d_v"), py::arg("block_size"), py::arg("causal"));
+          py::arg("d_v"), py::arg("block_size"), py::arg("causal"), py::arg("kv_scale") = py::none(),
+          py::arg("v_scale") = py::none(), py::arg("scale_block") = 128);
     m.def("device_soc", &DeviceReport, "The SoC capacities this device reports (what the NPU tiling uses).");
 }

@@ -1329,3 +1329,4 @@ __aicore__ inline void Gather(const LocalTensor<T>& dst, const LocalTensor<T>& s
 // mirrors KERNEL_TASK_TYPE_DEFAULT(value) (a compile-time attribute on the chip; nothing to do on the CPU)
 #define KERNEL_TASK_TYPE_DEFAULT(value)
 #define KERNEL_TYPE_MIX_AIC_1_2 0
+#define KERNEL_TYPE_AIV_ONLY 1

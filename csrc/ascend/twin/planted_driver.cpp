@@ -17,11 +17,18 @@
 #define PLANT_IDS X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14)
 #define X(N)                                                                                                     \
     extern "C" void plant_entry_##N(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR,      \
-                                    GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR);
+                                    GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR,      \
+                                    GM_ADDR);                                                                    \
+    extern "C" void plant_combine_##N(GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR,    \
+                                      GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR, GM_ADDR,    \
+                                      GM_ADDR);
 PLANT_IDS
 #undef X
 #define X(N) plant_entry_##N,
 static const selattn::TwinKernel VARIANTS[] = {PLANT_IDS};
+#undef X
+#define X(N) plant_combine_##N,
+static const selattn::TwinKernel COMBINES[] = {PLANT_IDS};
 #undef X
 static_assert(sizeof(VARIANTS) / sizeof(VARIANTS[0]) == selattn::PLANT_COUNT, "one entry per PlantedBug value");
 
@@ -115,10 +122,12 @@ int main(int argc, char** argv)
     selattn::ProblemShape sh;
     sh.T = T, sh.H = H, sh.Hkv = 1, sh.Dqk = Dqk, sh.Dr = Dr, sh.Dv = Dv, sh.K = K, sh.blockSize = 1;
     sh.dtypeBytes = 2, sh.kvRows = S, sh.maxSeqLen = S, sh.hasSink = true, sh.numSeqs = 1;
-    // small tiles: 17 candidate tiles (the flag counter), two 16-row gather chunks per tile (both vector
-    // cores gather), four accumulating QK^T Mmads of (16/16)*(32/16) = 2 < 10 fractals
+    // small tiles: 17 candidate tiles in one item (the flag counter: no decode split), two 16-row gather
+    // chunks per tile (both vector cores gather), four accumulating QK^T Mmads of (16/16)*(32/16) = 2 < 10
+    // fractals
     selattn::TileChoice tc;
     tc.mTile = 16, tc.nTile = 32, tc.dkChunk = 16, tc.dvChunk = 16, tc.vecBufNum = 2, tc.kvBufNum = 2, tc.l0BufNum = 2;
+    tc.numSplits = 1;
     const std::string fit = selattn::FitProblems(sh, tc, *soc);
     if (!fit.empty()) {
         std::fprintf(stderr, "driver tiling does not fit %s: %s\n", argv[1], fit.c_str());
@@ -127,7 +136,7 @@ int main(int argc, char** argv)
     Problem p0 = Make();
     sh.smScale = p0.scale;
     const selattn::SelectiveAttentionTiling tiling = selattn::MakeTiling(sh, tc, *soc);
-    for (int n = 0; n < selattn::PLANT_COUNT; ++n) {
+    auto run = [&](int n, const selattn::SelectiveAttentionTiling& tl) {
         Problem p = p0;
         selattn::KernelArgs a;
         a.q = reinterpret_cast<uint8_t*>(p.q.data());
@@ -142,7 +151,7 @@ int main(int argc, char** argv)
         a.lse = reinterpret_cast<uint8_t*>(p.lse.data());
         std::string line;
         try {
-            selattn::LaunchTwin(VARIANTS[n], a, tiling, *soc);
+            selattn::LaunchTwin(VARIANTS[n], a, tl, *soc, COMBINES[n]);
             const std::string bad = Compare(p);
             line = bad.empty() ? "clean" : "wrong: " + bad;
         } catch (const std::exception& e) {
@@ -150,8 +159,21 @@ int main(int argc, char** argv)
         }
         for (char& c : line)
             if (c == '\n') c = ' ';
-        std::printf("%d %s\n", n, line.c_str());
+        return line;
+    };
+    for (int n = 0; n < selattn::PLANT_COUNT; ++n) {
+        std::printf("%d %s\n", n, run(n, tiling).c_str());
         std::fflush(stdout);
     }
+    // the real kernel once more with the planner's decode split: items of a few tiles each on many cores,
+    // partial results and the combine launch (issue 14 item 8)
+    selattn::TileChoice split = tc;
+    split.numSplits = 0;
+    const selattn::SelectiveAttentionTiling splitTiling = selattn::MakeTiling(sh, split, *soc);
+    if (splitTiling.numSplits < 2) {
+        std::fprintf(stderr, "the planner did not split the driver problem on %s\n", argv[1]);
+        return 2;
+    }
+    std::printf("split %s\n", run(0, splitTiling).c_str());
     return 0;
 }
