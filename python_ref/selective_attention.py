@@ -589,7 +589,8 @@ def _one_token(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, causal, attn_s
     H = q.shape[1]
     scale = Dk ** -0.5 if sm_scale is None else float(sm_scale)
     o, lse = _FLASH_CPU(qx.reshape(1, Hkv, H // Hkv, Dk), keys, vals, 0.0, False, scale=scale)
-    o, lse = o.reshape(1, H, Dk), lse.reshape(1, H)  # (a copy when Hkv > 1: the kernel returns [B, L, heads] strides)
+    # (reshape: a copy when Hkv > 1, since the kernel returns its outputs with [B, L, heads] strides)
+    o, lse = o.reshape(1, H, Dk), lse.reshape(1, H)
     if attn_sink is not None:  # exp(s) / (exp(lse) + exp(sink)) = softmax * sigmoid(lse - sink)
         o = o * torch.sigmoid(lse - attn_sink.to(cd))[..., None]
     Dv = Dk if v is not None else (Dqk if d_v is None else int(d_v))

@@ -658,3 +658,16 @@ def test_select_with_inputs_requiring_grad_keeps_no_graph():
     q = a.pop("q_idx").requires_grad_()
     got = attention.select(q, a.pop("k_idx"), a.pop("weights"), 5, **a)
     assert not got.requires_grad and got.grad_fn is None
+
+
+def test_quantized_selection_is_declined_by_triton_on_npu():
+    """Triton's quantized indexer road (fp8/int8 -> bfloat16 dot) was never compiled with triton-ascend,
+    and 910B has no float8: on npu the registry must fall back (to the reference), with the reason."""
+    from types import SimpleNamespace
+
+    from attention.backends.triton import selection
+
+    inp = SimpleNamespace(op="lightning_indexer", block_size=1, k=0, device=SimpleNamespace(type="npu"), quantized=True)
+    assert any("quantized" in r and "npu" in r for r in selection.limit_reasons(inp))
+    inp.quantized = False
+    assert selection.limit_reasons(inp) == []
