@@ -84,7 +84,7 @@ def _candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, 
                          CAUSAL: tl.constexpr):
     """(kept mask, position) of candidates ``offs_c``, from the indices, the length and causality
     alone (a paged cache's table may still drop a kept one): candidate c is position
-    indices[c // b] * b + c % b (SPEC.md section 1). A dropped candidate's position is 0."""
+    indices[c // b] * b + c % b (SPEC.md section 1). A dropped candidate's position is below b."""
     c_mask = offs_c < c_end
     if BLOCK_SIZE == 1:
         j = offs_c
@@ -99,7 +99,7 @@ def _candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, 
     valid = valid & (pos < L)
     if CAUSAL:
         valid = valid & (pos <= q_pos)
-    return valid, tl.where(valid, pos, 0)
+    return valid, pos
 
 
 @triton.jit
