@@ -36,12 +36,13 @@ __aicore__ inline void RunSelectiveAttentionCombine(GM_ADDR attnSink, GM_ADDR ou
 }  // namespace
 
 // kv (and v) hold the compute dtype, or int8 with kvScale (vScale) when the tiling says so (kvInt8, vInt8)
+// Both launches (attention, then the split combine) take the same arguments, so the host launches either the same way.
+#define SELATTN_ENTRY_PARAMS                                                                                        \
+    GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v, GM_ADDR kvScale, GM_ADDR vScale,               \
+        GM_ADDR indices, GM_ADDR cuSeqlensQ, GM_ADDR cuSeqlensK, GM_ADDR blockTable, GM_ADDR seqlensK,              \
+        GM_ADDR attnSink, GM_ADDR out, GM_ADDR lse, GM_ADDR workspace, GM_ADDR tiling
 #define SELATTN_ENTRY(NAME, TYPE)                                                                                   \
-    extern "C" __global__ __aicore__ void NAME(GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v,    \
-                                               GM_ADDR kvScale, GM_ADDR vScale, GM_ADDR indices,                   \
-                                               GM_ADDR cuSeqlensQ, GM_ADDR cuSeqlensK, GM_ADDR blockTable,         \
-                                               GM_ADDR seqlensK, GM_ADDR attnSink, GM_ADDR out, GM_ADDR lse,       \
-                                               GM_ADDR workspace, GM_ADDR tiling)                                  \
+    extern "C" __global__ __aicore__ void NAME(SELATTN_ENTRY_PARAMS)                                                \
     {                                                                                                               \
         KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_MIX_AIC_1_2);                                                          \
         RunSelectiveAttention<TYPE>(q, qRope, kv, kvRope, v, kvScale, vScale, indices, cuSeqlensQ, cuSeqlensK,     \
@@ -49,11 +50,7 @@ __aicore__ inline void RunSelectiveAttentionCombine(GM_ADDR attnSink, GM_ADDR ou
     }
 
 #define SELATTN_COMBINE_ENTRY(NAME, TYPE)                                                                           \
-    extern "C" __global__ __aicore__ void NAME(GM_ADDR q, GM_ADDR qRope, GM_ADDR kv, GM_ADDR kvRope, GM_ADDR v,    \
-                                               GM_ADDR kvScale, GM_ADDR vScale, GM_ADDR indices,                   \
-                                               GM_ADDR cuSeqlensQ, GM_ADDR cuSeqlensK, GM_ADDR blockTable,         \
-                                               GM_ADDR seqlensK, GM_ADDR attnSink, GM_ADDR out, GM_ADDR lse,       \
-                                               GM_ADDR workspace, GM_ADDR tiling)                                  \
+    extern "C" __global__ __aicore__ void NAME(SELATTN_ENTRY_PARAMS)                                                \
     {                                                                                                               \
         KERNEL_TASK_TYPE_DEFAULT(KERNEL_TYPE_AIV_ONLY);                                                             \
         RunSelectiveAttentionCombine<TYPE>(attnSink, out, lse, workspace, tiling);                                 \
