@@ -43,10 +43,18 @@ PRESETS: Dict[str, Case] = {p.family: p for p in [
             description="DeepSeek-V3.2 sparse decode: 64 x 1 token, 32K paged latent cache, top-2048"),
     Problem("deepseek-decode-8k", batch=32, q_per_seq=1, context=8192, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
             page_size=64, causal=True, description="decode at 8K context"),
+    # The same decode over quantized caches (issue 16): FlashMLA's V3.2 record as the op's views, 512
+    # latent values in fp8 / int8 with a float32 scale per 128, the 64 rope values apart in bfloat16.
+    *[Problem(f"deepseek-decode-{qt}", batch=64, q_per_seq=1, context=32768, H=128, Hkv=1, Dqk=512, Dr=64,
+              Dv=512, K=2048, page_size=64, causal=True, kv_quant=qt,
+              description=f"DeepSeek-V3.2 sparse decode over a {qt} latent cache (512 {qt} + 64 bf16 rope)")
+      for qt in ("fp8", "int8")],
     Problem("tiny", batch=2, q_per_seq=2, context=96, H=16, Hkv=1, Dqk=64, Dv=32, K=48, page_size=16,
             causal=True, dtype="float32", description="interpreter-sized (CPU, TRITON_INTERPRET=1)"),
 ]}
 GPU_PRESETS = ("deepseek-prefill", "deepseek-decode")
+#: what bench/gpu_triton_check.py times on a GPU: the tuned presets, then the quantized decodes (untuned)
+GPU_BENCH_PRESETS = GPU_PRESETS + ("deepseek-decode-fp8", "deepseek-decode-int8")
 CPU_PRESETS = ("tiny",)
 
 
@@ -62,7 +70,8 @@ def make_inputs(preset: Case, device: str, seed: int = 0, dtype: Optional[torch.
 def flops(args: Dict) -> float:
     """Useful FLOPs: 2 x heads x kept candidates x (Dqk + Dv) (host read: outside any timing)."""
     q, idx = args["q"], args["indices"]
-    H, Dqk, Hkv = q.shape[1], q.shape[2], args["kv"].shape[-2]
+    H, Hkv = q.shape[1], args["kv"].shape[-2]
+    Dqk = q.shape[2] + (args["q_rope"].shape[-1] if args.get("q_rope") is not None else 0)
     # a shared index row ([T, 1, K]) serves every kv head
     kept = int((idx >= 0).sum().item()) * (Hkv // idx.shape[1]) * (H // Hkv)
     return 2.0 * kept * (Dqk + args.get("d_v", Dqk))

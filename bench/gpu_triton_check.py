@@ -37,6 +37,7 @@ import attention  # noqa: E402
 from attention import testing, tune  # noqa: E402
 from attention.backends.triton import launch  # noqa: E402
 from bench.timing import Timing, nan_fill, time_fn  # noqa: E402
+from python_ref.quantize import dequantize  # noqa: E402
 
 TARGETS = {"deepseek-prefill": 450.0, "deepseek-decode": 300.0}  # TFLOP/s (issue 3, bf16 on an H200)
 SPEEDUP_TARGET = 5.0  # vs dense flash SDPA at 32K context
@@ -211,6 +212,10 @@ def step_tune(device: str, presets, save=_noop) -> dict:
 def _dense_inputs(args: dict, preset: tune.Problem):
     """Dense q/k/v [B, heads, L, D] holding the same data as the sparse call."""
     q, kv = args["q"], args["kv"]
+    if args.get("kv_scale") is not None:  # a quantized cache: dense SDPA reads its values in q's dtype
+        kv = dequantize(kv, args["kv_scale"], args.get("scale_block", 128), q.dtype)
+    if args.get("q_rope") is not None:  # the rope part joins the key (and the query) as in a 576-wide row
+        q, kv = torch.cat([q, args["q_rope"]], -1), torch.cat([kv, args["kv_rope"].to(kv.dtype)], -1)
     B, lq, L = preset.batch, preset.q_per_seq, preset.context
     if "block_table" in args:
         kvd = kv[args["block_table"].long()].reshape(B, -1, kv.shape[-2], kv.shape[-1])[:, :L]
@@ -279,6 +284,7 @@ def flops_all_candidates(args: dict) -> float:
     convention (its sparse prefill figures count all top-k entries). ``tune.flops`` counts kept ones."""
     q, idx = args["q"], args["indices"]
     T, H, Dqk = q.shape
+    Dqk += args["q_rope"].shape[-1] if args.get("q_rope") is not None else 0
     return 2.0 * T * H * idx.shape[-1] * args.get("block_size", 1) * (Dqk + args.get("d_v", Dqk))
 
 
@@ -323,7 +329,7 @@ def step_bench(device: str, presets, save=_noop) -> dict:
                 t_dense = _bench(fn, device).median_ms * 1e-3
                 L, lq, B = p.context, p.q_per_seq, p.batch
                 pairs = B * (lq * L - (lq * (lq - 1)) // 2 if p.causal and lq > 1 else lq * L)
-                dense_fl = 2.0 * pairs * p.H * (p.Dqk + p.Dv)
+                dense_fl = 2.0 * pairs * p.H * (p.Dqk + p.Dr + p.Dv)
                 row.update(dense_backend=be, us_dense=t_dense * 1e6, dense_tflops=dense_fl / t_dense / 1e12,
                            speedup_vs_dense=t_dense / t_kernel)
             del qd, k, v
@@ -426,6 +432,7 @@ def main(argv=None) -> int:
     by_name = {v: k for k, v in testing.DTYPE_NAMES.items()}
     dtypes = [by_name[d] for d in (a.dtype or list(testing.DTYPE_NAMES.values()))]
     presets = a.preset or (list(tune.GPU_PRESETS) if device == "cuda" else ["tiny"])
+    bench_presets = a.preset or (list(tune.GPU_BENCH_PRESETS) if device == "cuda" else ["tiny"])
     rc = 0
     if a.step in ("matrix", "all"):
         # The dry run covers a slice of the matrix: tests/test_equivalence.py runs all of it on the CPU.
@@ -443,7 +450,7 @@ def main(argv=None) -> int:
         _write(out, "tune", r)
         rc |= int(any("error" in x for x in r["rows"]))
     if a.step in ("bench", "all"):
-        r = step_bench(device, presets, save=lambda part: _write(out, "bench", part))
+        r = step_bench(device, bench_presets, save=lambda part: _write(out, "bench", part))
         _write(out, "bench", r)
         rc |= int(any("error" in x or x.get("correct") is False for x in r["rows"]))
     if a.step in ("bench", "report", "all"):
