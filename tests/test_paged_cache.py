@@ -13,6 +13,13 @@ from attention.testing import oracle
 CPU_BACKENDS = [b.name for b in attention.backends() if "cpu" in b.test_devices()]
 
 
+def _two_sequence_indices(K, gen):
+    """[3, 1, K] int32: two query tokens of a 9-row sequence, then one of a 5-row sequence padded with -1."""
+    idx = torch.stack([torch.randperm(9, generator=gen)[:K] for _ in range(2)] +
+                      [torch.cat([torch.randperm(5, generator=gen)[:K - 1], torch.tensor([-1])])])
+    return idx.to(torch.int32).unsqueeze(1)
+
+
 def _fill(cache, steps, R, Dr, gen):
     """Append `steps` (a list of per-sequence row counts); return the rows each sequence got."""
     rows = [([], []) for _ in range(cache.batch_size)]
@@ -87,9 +94,7 @@ def test_attention_over_paged_cache_equals_contiguous(backend):
     q = torch.randn(T, H, R, generator=gen)
     q_rope = torch.randn(T, H, Dr, generator=gen)
     # two queries of sequence 0 (9 rows), one of sequence 1 (5 rows, padded with -1)
-    idx = torch.stack([torch.randperm(9, generator=gen)[:K] for _ in range(2)] +
-                      [torch.cat([torch.randperm(5, generator=gen)[:K - 1], torch.tensor([-1])])])
-    idx = idx.to(torch.int32).unsqueeze(1)
+    idx = _two_sequence_indices(K, gen)
     cu_q = torch.tensor([0, 2, 3], dtype=torch.int32)
     scale = 0.3
     out = attention.selective_attention(q, indices=idx, q_rope=q_rope, sm_scale=scale, cu_seqlens_q=cu_q,
@@ -120,9 +125,7 @@ def test_quantized_cache_quantizes_on_append(backend, dtype):
     T = 3
     q = torch.randn(T, H, R, generator=gen)
     q_rope = torch.randn(T, H, Dr, generator=gen)
-    idx = torch.stack([torch.randperm(9, generator=gen)[:K] for _ in range(2)] +
-                      [torch.cat([torch.randperm(5, generator=gen)[:K - 1], torch.tensor([-1])])])
-    idx = idx.to(torch.int32).unsqueeze(1)
+    idx = _two_sequence_indices(K, gen)
     cu_q = torch.tensor([0, 2, 3], dtype=torch.int32)
     out = _skip_if_declined(backend, lambda: attention.selective_attention(
         q, indices=idx, q_rope=q_rope, sm_scale=0.3, cu_seqlens_q=cu_q, causal=True, backend=backend, **kw))
