@@ -76,6 +76,24 @@ def _bwd_key_tiles(k_row, kr_row, valid, q_k, q_tail, q_rope, offs_dk, dk_mask, 
 
 
 @triton.jit
+def _bwd_dscores(p, keep, vt, do, delta, p_share, dlse, sm_scale, HAS_DO: tl.constexpr, HAS_DLSE: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
+    """(dS * scale [BLOCK_H, BLOCK_N], P'^T dO [BLOCK_N, DV]) of one tile from its P and values:
+    dS = P' * (dO V^T - delta) + dlse * P. A dropped candidate's dS is exactly 0 (where, not a
+    product: its score may be NaN). Without dO the second is returned as dS, never read."""
+    ds = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+    dvals = ds
+    if HAS_DO:
+        pp = p * p_share[:, None]
+        dp = dot(do, tl.trans(vt), F32_DOT)
+        ds = pp * (dp - delta[:, None])
+        dvals = dot(tl.trans(pp).to(do.dtype), do, F32_DOT)
+    if HAS_DLSE:
+        ds += dlse[:, None] * p
+    return tl.where(keep, ds * sm_scale, 0.0), dvals
+
+
+@triton.jit
 def _bwd_scatter(GK, GV, GKR, g64, page, row, valid, dk_k, dk_tail, dvals, dk_rope, offs_dk, dk_mask, offs_dv,
                  dv_mask, stride_gkp, stride_gkr, stride_gkh, stride_gkd, stride_gvp, stride_gvr, stride_gvh,
                  stride_gvd, stride_gkrp, stride_gkrr, stride_gkrh, stride_gkrd, DQK: tl.constexpr, DV: tl.constexpr,
@@ -206,22 +224,12 @@ def selective_attention_bwd_kernel(
             keep = h_mask[:, None] & valid[None, :]
             # where, not a product: a dropped candidate's weight is exactly 0 even if its score is NaN.
             p = tl.where(keep, tl.exp2(s * sm_scale_log2 - lse2[:, None]), 0.0)
-            ds = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-            if HAS_DO:
-                if LATENT:
-                    vt = k_k
-                else:
-                    vt = load_rows(V + g64 * stride_vh + page * stride_vp + row * stride_vr, offs_dv, valid, dv_mask,
-                                   stride_vd)
-                pp = p * p_share[:, None]
-                dp = dot(do, tl.trans(vt), F32_DOT)
-                ds = pp * (dp - delta[:, None])
-                dvals = dot(tl.trans(pp).to(do.dtype), do, F32_DOT)  # [BLOCK_N, BLOCK_DV]
-            else:
-                dvals = ds  # no value gradient without dO; never read
-            if HAS_DLSE:
-                ds += dlse[:, None] * p
-            ds = tl.where(keep, ds * sm_scale, 0.0)
+            vt = k_k  # latent: the value is the key's first DV columns
+            if HAS_DO and not LATENT:
+                vt = load_rows(V + g64 * stride_vh + page * stride_vp + row * stride_vr, offs_dv, valid, dv_mask,
+                               stride_vd)
+            ds, dvals = _bwd_dscores(p, keep, vt, do, delta, p_share, dlse, sm_scale, HAS_DO, HAS_DLSE, BLOCK_H,
+                                     BLOCK_N, F32_DOT)
             dq_k += dot(ds.to(k_k.dtype), k_k, F32_DOT)
             dsT = tl.trans(ds)
             dk_k = dot(dsT.to(q_k.dtype), q_k, F32_DOT)
