@@ -165,8 +165,33 @@ SelectiveAttentionInputs.__module__ = __name__  # (make_dataclass's module= need
 SelectiveAttentionInputs.__doc__ = "Arguments of ``selective_attention`` after validation, plus derived sizes."
 
 
+def env_value(name: str) -> str:
+    """``os.environ.get(name, "")``, without its cost when the variable is absent.
+
+    The op reads its switches (``ATTENTION_BACKEND``, ``ATTENTION_NAN_FILL``, ``ATTENTION_DEBUG``) on
+    every call, so that a change made while the process runs takes effect. ``os.environ.get`` raises and
+    catches two KeyErrors for an absent name: ~2 us alone and ~7 us of a tiny decode call measured in
+    place (docs/architecture.md). CPython's ``os.environ`` keeps its contents in a dict (``_data``, keys
+    encoded by its ``encodekey``) that every write through ``os.environ`` updates (``putenv`` too), so
+    that dict is read directly; anything else standing in for ``os.environ`` (a test's plain dict,
+    another Python) is read with ``get``. tests/test_op.py checks both against ``os.environ.get``.
+    """
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if type(data) is not dict:
+        return env.get(name, "")
+    key = _env_keys.get(name)
+    if key is None:
+        key = _env_keys[name] = env.encodekey(name)
+    value = data.get(key)
+    return "" if value is None else env.decodevalue(value)
+
+
+_env_keys: dict = {}
+
+
 def debug_checks_enabled() -> bool:
-    return os.environ.get("ATTENTION_DEBUG", "0") not in ("", "0", "false", "False")
+    return env_value("ATTENTION_DEBUG") not in ("", "0", "false", "False")
 
 
 def dtype_name(x) -> str:
@@ -198,7 +223,7 @@ def next_power_of_2(n: int) -> int:
 
 
 def nan_fill_enabled() -> bool:
-    return os.environ.get("ATTENTION_NAN_FILL", "0") not in ("", "0")
+    return env_value("ATTENTION_NAN_FILL") not in ("", "0")
 
 
 def new_empty(*shape, device, dtype) -> Tensor:
