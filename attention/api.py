@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -13,7 +14,7 @@ from .arguments import ARG_INDEX, ARG_NAMES, DIFFERENTIABLE
 from .inputs import FLOAT_DTYPES, QUANT_DTYPES, dtype_name, need_int, need_tensor, validate
 from .ops import run_backend, selective_attention_op
 
-_DIFFERENTIABLE_AT = tuple(ARG_INDEX[n] for n in DIFFERENTIABLE)
+_differentiable = operator.itemgetter(*(ARG_INDEX[n] for n in DIFFERENTIABLE))
 
 
 def selective_attention(
@@ -52,7 +53,7 @@ def selective_attention(
     """
     # The op's arguments in the schema's order, read off this signature by the argument table's names
     # (tests/test_op.py checks that the signature and the table agree).
-    args = tuple(map(locals().__getitem__, ARG_NAMES))
+    args = tuple(map(locals().__getitem__, ARG_NAMES))  # (dynamo traces this; not an itemgetter)
     if _plain_eager_call(args):
         # Same kernel, without the dispatcher + autograd wrapper round trip (~25 us on our CPUs):
         # nothing needs a gradient and nothing traces or intercepts the call.
@@ -68,13 +69,9 @@ def _plain_eager_call(args: tuple) -> bool:
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     grad = torch.is_grad_enabled()
-    for i in _DIFFERENTIABLE_AT:
-        t = args[i]
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            continue  # not a tensor at all: the validator raises a TypeError naming it
-        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+    for t in _differentiable(args):
+        # None and non-tensors pass here (the validator raises a TypeError naming a non-tensor)
+        if isinstance(t, Tensor) and (type(t) is not Tensor or (grad and t.requires_grad)):
             return False
     return True
 
