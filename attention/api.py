@@ -14,6 +14,7 @@ from .arguments import ARG_INDEX, ARG_NAMES, DIFFERENTIABLE
 from .inputs import FLOAT_DTYPES, QUANT_DTYPES, dtype_name, need_int, need_tensor, validate
 from .ops import run_backend, selective_attention_op
 
+_schema_order = operator.itemgetter(*ARG_NAMES)  # locals() -> the arguments in the schema's order
 _differentiable = operator.itemgetter(*(ARG_INDEX[n] for n in DIFFERENTIABLE))
 
 
@@ -53,19 +54,22 @@ def selective_attention(
     """
     # The op's arguments in the schema's order, read off this signature by the argument table's names
     # (tests/test_op.py checks that the signature and the table agree).
-    args = tuple(map(locals().__getitem__, ARG_NAMES))  # (dynamo traces this; not an itemgetter)
-    if _plain_eager_call(args):
-        # Same kernel, without the dispatcher + autograd wrapper round trip (~25 us on our CPUs):
-        # nothing needs a gradient and nothing traces or intercepts the call.
-        out, lse = run_backend(validate(*args))
+    if torch.compiler.is_compiling():  # dynamo folds this to a constant, and traces the op
+        out, lse = selective_attention_op(*map(locals().__getitem__, ARG_NAMES))  # (no itemgetter in dynamo)
     else:
-        out, lse = selective_attention_op(*args)
+        args = _schema_order(locals())
+        if _plain_eager_call(args):
+            # Same kernel, without the dispatcher + autograd wrapper round trip (~25 us on our CPUs):
+            # nothing needs a gradient and nothing intercepts the call.
+            out, lse = run_backend(validate(*args))
+        else:
+            out, lse = selective_attention_op(*args)
     return (out, lse) if return_lse else out
 
 
 def _plain_eager_call(args: tuple) -> bool:
-    if torch.compiler.is_compiling():  # first: dynamo folds it to a constant
-        return False
+    """Outside torch.compile: no tensor subclass or mode intercepts the call, and no argument needs a
+    gradient."""
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     grad = torch.is_grad_enabled()
