@@ -296,8 +296,8 @@ def validate(*args, check_contents: Optional[bool] = None, **kwargs) -> Selectiv
     """
     inp = SelectiveAttentionInputs(*bind(args, kwargs))
     _check_tensor_types(inp)
-    Dr = _check_shapes(inp)
-    _check_scalars(inp, Dr)
+    key_width = _check_shapes(inp)
+    _check_scalars(inp, key_width)
     _check_quantization(inp)
     layout = inp.layout = KVLayout.check(inp.kv.dim() == 4, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table,
                                          inp.seqlens_k)
@@ -360,7 +360,8 @@ def _need_dtype_of_q(name: str, x, dtype: torch.dtype, quantizable: bool) -> Non
 
 
 def _check_shapes(inp) -> int:
-    """Shapes of q, kv, v (or the latent d_v), the rope pair and indices. Sets ``inp.d_v``; returns Dr."""
+    """Shapes of q, kv, v (or the latent d_v), the rope pair and indices. Sets ``inp.d_v``; returns the key
+    width Dqk + Dr (the default sm_scale's)."""
     q, kv, v, d_v, indices = inp.q, inp.kv, inp.v, inp.d_v, inp.indices
     # (each .shape read builds a torch.Size: read once per tensor, since a decode call is this cheap)
     need_rank("q", q, (3,), "[T, H, Dqk]")
@@ -418,17 +419,17 @@ def _check_shapes(inp) -> int:
         raise ValueError(f"indices must have T={T} rows (one per query token), got shape {tuple(index_shape)}")
     if index_shape[1] != Hkv and index_shape[1] != 1:
         raise ValueError(f"indices' middle dimension must be Hkv={Hkv} or 1, got shape {tuple(index_shape)}")
-    return Dr
+    return Dqk + Dr
 
 
-def _check_scalars(inp, Dr: int) -> None:
+def _check_scalars(inp, key_width: int) -> None:
     """block_size, sm_scale (default filled in), causal, backend, attn_sink (made float32)."""
     block_size = inp.block_size
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    inp.sm_scale = (inp.q.shape[2] + Dr) ** -0.5 if inp.sm_scale is None else finite_float("sm_scale", inp.sm_scale)
+    inp.sm_scale = key_width ** -0.5 if inp.sm_scale is None else finite_float("sm_scale", inp.sm_scale)
     if not isinstance(inp.causal, bool):
         raise TypeError(f"causal must be a bool, got {type(inp.causal).__name__}")
     need_backend_name(inp.backend)
