@@ -10,12 +10,11 @@ from torch import Tensor
 
 import python_ref
 
-from .arguments import ARG_INDEX, ARG_NAMES, DIFFERENTIABLE
+from .arguments import ARG_NAMES
 from .inputs import FLOAT_DTYPES, QUANT_DTYPES, dtype_name, need_int, need_tensor, validate
-from .ops import run_backend, selective_attention_op
+from .ops import plain_eager_call, run_backend, selective_attention_op
 
 _schema_order = operator.itemgetter(*ARG_NAMES)  # locals() -> the arguments in the schema's order
-_differentiable = operator.itemgetter(*(ARG_INDEX[n] for n in DIFFERENTIABLE))
 
 
 def selective_attention(
@@ -58,26 +57,13 @@ def selective_attention(
         out, lse = selective_attention_op(*map(locals().__getitem__, ARG_NAMES))  # (no itemgetter in dynamo)
     else:
         args = _schema_order(locals())
-        if _plain_eager_call(args):
+        if plain_eager_call(args):
             # Same kernel, without the dispatcher + autograd wrapper round trip (~25 us on our CPUs):
             # nothing needs a gradient and nothing intercepts the call.
             out, lse = run_backend(validate(*args))
         else:
             out, lse = selective_attention_op(*args)
     return (out, lse) if return_lse else out
-
-
-def _plain_eager_call(args: tuple) -> bool:
-    """Outside torch.compile: no tensor subclass or mode intercepts the call, and no argument needs a
-    gradient."""
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in _differentiable(args):
-        # None and non-tensors pass here (the validator raises a TypeError naming a non-tensor)
-        if isinstance(t, Tensor) and (type(t) is not Tensor or (grad and t.requires_grad)):
-            return False
-    return True
 
 
 def quantize_kv(kv: Tensor, dtype: torch.dtype, scale_block: int = 128) -> Tuple[Tensor, Tensor]:
