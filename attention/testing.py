@@ -108,6 +108,9 @@ class Case:
         return DTYPES_BY_NAME[self.dtype]
 
     def describe(self) -> str:
+        if self.op != "attention":  # the indexer's names for H, Dqk, K
+            return (f"T={self.T}, L={self.context}, Hi={self.H}, Di={self.Dqk}, k={self.K}, "
+                    f"{'causal, ' if self.causal else ''}{self.dtype}")
         mode = "latent" if self.latent else "separate v"
         cache = f"paged({self.page_size})" if self.page_size else "contiguous"
         sel = f"K={self.K}" + (f" blocks of {self.block_size}" if self.block_size > 1 else "")

@@ -28,7 +28,7 @@ from attention._cli import (device_type, device_unavailable, dir_problem, file_p
 
 from . import report
 from .baselines import BackendImpl, Impl, Unavailable, all_baselines, sdpa_mode, split_result
-from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
+from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS
 from .problems import DTYPES, Case, byte_count, check_tokens, expected_float64, flop_count, make_inputs
 from .selection import (check_selection, expected_selection, make_selection_inputs, selection_bytes,
                         selection_flops, selection_impls)
@@ -44,6 +44,11 @@ def default_device() -> str:
     if npu is not None and npu.is_available():
         return "npu"
     return "cpu"
+
+
+def _is_selection(p: Case) -> bool:
+    """An indexer + top-k problem (bench/selection.py) rather than an attention one."""
+    return p.op != "attention"
 
 
 def backend_impls(device: str, names: Optional[Sequence[str]]) -> List[Impl]:
@@ -206,16 +211,16 @@ def _derive(rows: List[Dict], flops: float, nbytes: float, limits: Dict) -> None
             r["dense_impl"] = dense["impl"]
 
 
-def run(problems: List[object], *, preset: str, device: str, backend_names: Optional[Sequence[str]],
+def run(problems: List[Case], *, preset: str, device: str, backend_names: Optional[Sequence[str]],
         warmup: int, repeats: int, min_sample_s: float, include_baselines: bool = True,
         quick_limits: bool = False, seed: int = 0, command: Optional[str] = None) -> Dict:
     dev = torch.device(device)
     machine = machine_info(dev)
-    dtype0 = next((DTYPES[getattr(p, "dtype", "bfloat16")] for p in problems), torch.bfloat16)
+    dtype0 = next((p.torch_dtype for p in problems), torch.bfloat16)
     limits = measure_limits(dev, dtype0, quick=quick_limits)
     plan: List = []
     for prob in problems:
-        if isinstance(prob, SelectionProblem):
+        if _is_selection(prob):
             impls = [i for i in selection_impls() if include_baselines or i.kind == "backend"]
         else:
             impls = backend_impls(device, backend_names)
@@ -230,7 +235,7 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
     try:
         for prob, impls in plan:
             progress.describe(f"{prob.name}: inputs + float64 check values")
-            if isinstance(prob, SelectionProblem):
+            if _is_selection(prob):
                 inp = make_selection_inputs(prob, device, seed)
                 expected = expected_selection(inp)
                 flops, nbytes = selection_flops(inp), selection_bytes(inp)
@@ -301,7 +306,7 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
                            "whole context (float32 on the CPU, upcast untimed; input dtype on a GPU); the "
                            "contiguous copy of the paged cache is untimed; query heads per kv head: "
                            + ", ".join(sorted({f"{getattr(p, 'name', '')}: {sdpa_mode(dev.type, p.H // p.Hkv)}"
-                                               for p in problems if isinstance(p, Case)})),
+                                               for p in problems if not _is_selection(p)})),
         ),
         results=results,
     )
@@ -394,7 +399,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def shape_problem(p) -> Optional[str]:
     """What makes a problem (after the flags' overrides) impossible to build, or None. The single-value
     rules are the flags' types; these are the ones that relate two fields."""
-    if isinstance(p, SelectionProblem):
+    if _is_selection(p):
         return None if p.T <= p.context else f"{p.T} query tokens do not fit in a context of {p.context}"
     if p.H % p.Hkv:
         return f"--heads {p.H} is not a multiple of --kv-heads {p.Hkv}"
@@ -405,11 +410,12 @@ def shape_problem(p) -> Optional[str]:
     return None
 
 
+SELECTION_KEYS = ("q_per_seq", "K")
 SHAPE_KEYS = ("batch", "q_per_seq", "H", "Hkv", "Dqk", "Dv", "Dr", "K", "block_size", "page_size", "causal",
               "latent", "shared_indices", "kv_quant")
 
 
-def problems_from_args(a: argparse.Namespace) -> List[object]:
+def problems_from_args(a: argparse.Namespace) -> List[Case]:
     from .presets import dsv32
 
     if a.preset == "custom":
@@ -417,22 +423,12 @@ def problems_from_args(a: argparse.Namespace) -> List[object]:
     else:
         base = list(PRESETS[a.preset])
     over = {k: getattr(a, k) for k in SHAPE_KEYS if getattr(a, k, None) is not None}
-    out: List[object] = []
+    out: List[Case] = []
     for p in base:
-        if isinstance(p, SelectionProblem):
-            from dataclasses import replace
-
-            kw = {}
-            if a.dtype:
-                kw["dtype"] = a.dtype
-            if a.K:
-                kw["k"] = a.K
-            if a.q_per_seq:
-                kw["T"] = a.q_per_seq
-            ctxs = a.context or [p.context]
-            out += [replace(p, context=c, **kw) for c in ctxs]
-            continue
-        q = p.with_overrides(dtype=a.dtype, **over)
+        # The indexer + top-k problems take the flags that mean something to them (their H, Dqk are
+        # the indexer's, not the attention's): tokens, top-k and dtype.
+        q = p.with_overrides(dtype=a.dtype, **({k: over[k] for k in SELECTION_KEYS if k in over}
+                                               if _is_selection(p) else over))
         ctxs = a.context or [q.context]
         for c in ctxs:
             out.append(q.with_overrides(context=c))

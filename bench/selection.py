@@ -14,25 +14,27 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .baselines import Impl, Unavailable
-from .presets import SelectionProblem
-from .problems import DTYPES
+from .problems import DTYPES, Case
 
 
 @dataclass
 class SelectionInputs:
-    problem: SelectionProblem
+    """One sequence's indexer inputs for a Case of op "select" (``H``, ``Dqk``, ``K`` are ``Hi``, ``Di``,
+    ``k``; bench/presets.py ``dsv32_selection``)."""
+
+    problem: Case
     q_idx: torch.Tensor    # [T, Hi, Di]
     k_idx: torch.Tensor    # [L, Di]
     weights: torch.Tensor  # [T, Hi] float32
     pairs: int = 0         # visible (query, key) pairs
 
 
-def make_selection_inputs(p: SelectionProblem, device: str, seed: int = 0) -> SelectionInputs:
+def make_selection_inputs(p: Case, device: str, seed: int = 0) -> SelectionInputs:
     g = torch.Generator().manual_seed(seed)
     dt = DTYPES[p.dtype]
-    q = torch.randn(p.T, p.Hi, p.Di, generator=g).to(dt).to(device)
-    k = torch.randn(p.context, p.Di, generator=g).to(dt).to(device)
-    w = (torch.randn(p.T, p.Hi, generator=g) * p.Hi ** -0.5).to(device)
+    q = torch.randn(p.T, p.H, p.Dqk, generator=g).to(dt).to(device)
+    k = torch.randn(p.context, p.Dqk, generator=g).to(dt).to(device)
+    w = (torch.randn(p.T, p.H, generator=g) * p.H ** -0.5).to(device)
     q_pos = p.context - p.T + torch.arange(p.T)
     return SelectionInputs(p, q, k, w, pairs=int((q_pos + 1).clamp(max=p.context).sum()))
 
@@ -40,13 +42,13 @@ def make_selection_inputs(p: SelectionProblem, device: str, seed: int = 0) -> Se
 def selection_flops(inp: SelectionInputs) -> float:
     """2*Hi*Di per visible (query, key) pair for the dot products, + 2*Hi for relu-and-weight."""
     p = inp.problem
-    return float(inp.pairs) * (2.0 * p.Hi * p.Di + 2.0 * p.Hi)
+    return float(inp.pairs) * (2.0 * p.H * p.Dqk + 2.0 * p.H)
 
 
 def selection_bytes(inp: SelectionInputs) -> float:
     p = inp.problem
     es = inp.q_idx.element_size()
-    return float(p.context * p.Di * es + p.T * p.Hi * p.Di * es + p.T * p.Hi * 4 + p.T * p.k * 4)
+    return float(p.context * p.Dqk * es + p.T * p.H * p.Dqk * es + p.T * p.H * 4 + p.T * p.K * 4)
 
 
 def _dense_scores(q, k, w, scale, causal_offset: int, dtype) -> torch.Tensor:
@@ -64,13 +66,13 @@ def _dense_scores(q, k, w, scale, causal_offset: int, dtype) -> torch.Tensor:
 def expected_selection(inp: SelectionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
     """(float64 scores [T, L], reference indices [T, k] with -1 padding) on the CPU."""
     p = inp.problem
-    scores = _dense_scores(inp.q_idx.cpu(), inp.k_idx.cpu(), inp.weights.cpu(), p.Di ** -0.5,
+    scores = _dense_scores(inp.q_idx.cpu(), inp.k_idx.cpu(), inp.weights.cpu(), p.Dqk ** -0.5,
                            p.context - p.T, torch.float64)
-    k = min(p.k, p.context)
+    k = min(p.K, p.context)
     val, idx = torch.topk(scores, k, dim=-1)
     idx = torch.where(torch.isinf(val), torch.full_like(idx, -1), idx)
-    if k < p.k:
-        idx = torch.cat([idx, idx.new_full((p.T, p.k - k), -1)], dim=-1)
+    if k < p.K:
+        idx = torch.cat([idx, idx.new_full((p.T, p.K - k), -1)], dim=-1)
     return scores, idx
 
 
@@ -117,7 +119,7 @@ class SelectFused(Impl):
         if fn is None:
             raise Unavailable("not available: attention.select is not in this build")
         p = inp.problem
-        return lambda: fn(inp.q_idx, inp.k_idx, inp.weights, p.k, causal=True)
+        return lambda: fn(inp.q_idx, inp.k_idx, inp.weights, p.K, causal=True)
 
 
 class IndexerTopk(Impl):
@@ -132,7 +134,7 @@ class IndexerTopk(Impl):
         if ind is None or topk is None:
             raise Unavailable("not available: attention.lightning_indexer / topk_indices are not in this build")
         p = inp.problem
-        return lambda: topk(ind(inp.q_idx, inp.k_idx, inp.weights, causal=True), p.k)
+        return lambda: topk(ind(inp.q_idx, inp.k_idx, inp.weights, causal=True), p.K)
 
 
 class DenseTopk(Impl):
@@ -145,14 +147,14 @@ class DenseTopk(Impl):
         p = inp.problem
         dev = inp.q_idx.device
         cdt = torch.float32 if dev.type == "cpu" else inp.q_idx.dtype
-        k = min(p.k, p.context)
+        k = min(p.K, p.context)
 
         def run():
-            s = _dense_scores(inp.q_idx, inp.k_idx, inp.weights, p.Di ** -0.5, p.context - p.T, cdt).float()
+            s = _dense_scores(inp.q_idx, inp.k_idx, inp.weights, p.Dqk ** -0.5, p.context - p.T, cdt).float()
             val, idx = torch.topk(s, k, dim=-1)
             idx = torch.where(torch.isinf(val), -1, idx)
-            if k < p.k:
-                idx = torch.cat([idx, idx.new_full((p.T, p.k - k), -1)], dim=-1)
+            if k < p.K:
+                idx = torch.cat([idx, idx.new_full((p.T, p.K - k), -1)], dim=-1)
             return idx
 
         return run
