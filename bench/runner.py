@@ -218,58 +218,14 @@ def run(problems: List[Case], *, preset: str, device: str, backend_names: Option
     machine = machine_info(dev)
     dtype0 = next((p.torch_dtype for p in problems), torch.bfloat16)
     limits = measure_limits(dev, dtype0, quick=quick_limits)
-    plan: List = []
-    for prob in problems:
-        if _is_selection(prob):
-            impls = [i for i in selection_impls() if include_baselines or i.kind == "backend"]
-        else:
-            impls = backend_impls(device, backend_names)
-            # The baselines read a float cache: for a quantized one they would time a float attention
-            # over the dequantized values, not a quantized decode (the bfloat16 row has them).
-            if include_baselines and not prob.kv_quant:
-                impls += all_baselines()
-        plan.append((prob, impls))
+    plan = [(prob, _impls(prob, device, backend_names, include_baselines)) for prob in problems]
     progress = _Progress(sum(len(i) for _, i in plan))
     results: List[Dict] = []
     t_start = time.perf_counter()
     try:
         for prob, impls in plan:
-            progress.describe(f"{prob.name}: inputs + float64 check values")
-            if _is_selection(prob):
-                inp = make_selection_inputs(prob, device, seed)
-                expected = expected_selection(inp)
-                flops, nbytes = selection_flops(inp), selection_bytes(inp)
-
-                def check(res, inp=inp, expected=expected):
-                    idx = res if isinstance(res, torch.Tensor) else res[0]
-                    ok, err, msg = check_selection(idx, inp, expected)
-                    return dict(ok=ok, max_out_err=err, max_lse_err=None, tol_out=None,
-                                checked_tokens=inp.problem.T, reason=msg)
-
-                check_for = lambda impl, c=check: c  # noqa: E731
-            else:
-                inp = make_inputs(prob, device, seed)
-                tokens = check_tokens(prob)
-                expected = expected_float64(inp, tokens)
-                flops, nbytes = flop_count(prob, inp.kept), byte_count(prob, inp.kept)
-                check_for = lambda impl, inp=inp, e=expected, t=tokens: (  # noqa: E731
-                    lambda res: _check_attention(res, inp, e, t, impl))
-            rows, timed = [], []
-            for impl in impls:
-                row = _row_base(preset, prob, prob.describe(), prob.dtype, device, impl, machine)
-                progress.describe(f"{prob.name}: checking {impl.name}")
-                fn = check_impl(impl, inp, check_for(impl), dev, row)
-                rows.append(row)
-                if fn is not None:
-                    row["status"] = "checked"
-                    timed.append((fn, row))
-                progress.step(f"{prob.name}: {impl.name} {row['status']}")
-            time_interleaved(timed, dev, warmup, repeats, min_sample_s, progress, prob.name)
-            del timed
-            for r in rows:
-                r["flops"], r["bytes"] = flops, nbytes
-            results.extend(rows)
-            del inp, expected, check_for
+            results.extend(_problem_rows(prob, impls, preset, device, machine, seed, warmup, repeats, min_sample_s,
+                                         progress))
             gc.collect()
     finally:
         progress.close()
@@ -277,13 +233,7 @@ def run(problems: List[Case], *, preset: str, device: str, backend_names: Option
         machine["loadavg_end"] = list(os.getloadavg())
     except OSError:
         pass
-    # Limits again at the end: on a shared machine the load changes during a run. Fractions use the
-    # better of the two measurements (the device can do at least that), so they are not inflated by a
-    # limit measured during a burst of load.
-    limits_end = measure_limits(dev, dtype0, quick=quick_limits)
-    limits = dict(limits, start=dict(limits), end=limits_end)
-    for k in ("matmul_peak_gflops", "copy_gbps"):
-        limits[k] = max(limits["start"][k], limits_end[k])
+    limits = _limits_at_both_ends(limits, measure_limits(dev, dtype0, quick=quick_limits))
     by_problem: Dict[str, List[Dict]] = {}
     for r in results:
         by_problem.setdefault(r["problem"], []).append(r)
@@ -296,19 +246,87 @@ def run(problems: List[Case], *, preset: str, device: str, backend_names: Option
         timing=dict(warmup=warmup, repeats=repeats, min_sample_s=min_sample_s,
                     timer="cuda_events" if dev.type == "cuda" else "perf_counter",
                     statistic="median and min over repeats of the mean of `inner` back-to-back calls"),
-        model=dict(
-            flops="2*H*(Dqk+Dr)*K_eff + 2*H*Dv*K_eff per query token, K_eff = selected positions kept "
-                  "(K*block_size, less any cut by causality or the sequence end); selection: "
-                  "(2*Hi*Di + 2*Hi) per visible (query, key) pair",
-            bytes="gathered kv rows (K_eff * Hkv * (Dqk+Dr[+Dv]) * elem) + q + out + indices (int32); "
-                  "selection: k_idx + q_idx + weights + output indices",
-            dense_baseline="mask built from the indices (timed) + F.scaled_dot_product_attention over the "
-                           "whole context (float32 on the CPU, upcast untimed; input dtype on a GPU); the "
-                           "contiguous copy of the paged cache is untimed; query heads per kv head: "
-                           + ", ".join(sorted({f"{getattr(p, 'name', '')}: {sdpa_mode(dev.type, p.H // p.Hkv)}"
-                                               for p in problems if not _is_selection(p)})),
-        ),
+        model=_model(problems, dev),
         results=results,
+    )
+
+
+def _impls(prob: Case, device: str, backend_names: Optional[Sequence[str]], include_baselines: bool) -> List[Impl]:
+    """What is checked and timed on ``prob``."""
+    if _is_selection(prob):
+        return [i for i in selection_impls() if include_baselines or i.kind == "backend"]
+    impls = backend_impls(device, backend_names)
+    # The baselines read a float cache: for a quantized one they would time a float attention
+    # over the dequantized values, not a quantized decode (the bfloat16 row has them).
+    if include_baselines and not prob.kv_quant:
+        impls += all_baselines()
+    return impls
+
+
+def _problem_rows(prob: Case, impls: List[Impl], preset: str, device: str, machine: Dict, seed: int,
+                  warmup: int, repeats: int, min_sample_s: float, progress: "_Progress") -> List[Dict]:
+    """One problem: build its inputs and float64 check values once, check every implementation on
+    them, time (interleaved) those that passed. One report row per implementation."""
+    dev = torch.device(device)
+    progress.describe(f"{prob.name}: inputs + float64 check values")
+    if _is_selection(prob):
+        inp = make_selection_inputs(prob, device, seed)
+        expected = expected_selection(inp)
+        flops, nbytes = selection_flops(inp), selection_bytes(inp)
+
+        def check(res, inp=inp, expected=expected):
+            idx = res if isinstance(res, torch.Tensor) else res[0]
+            ok, err, msg = check_selection(idx, inp, expected)
+            return dict(ok=ok, max_out_err=err, max_lse_err=None, tol_out=None,
+                        checked_tokens=inp.problem.T, reason=msg)
+
+        check_for = lambda impl, c=check: c  # noqa: E731
+    else:
+        inp = make_inputs(prob, device, seed)
+        tokens = check_tokens(prob)
+        expected = expected_float64(inp, tokens)
+        flops, nbytes = flop_count(prob, inp.kept), byte_count(prob, inp.kept)
+        check_for = lambda impl, inp=inp, e=expected, t=tokens: (  # noqa: E731
+            lambda res: _check_attention(res, inp, e, t, impl))
+    rows, timed = [], []
+    for impl in impls:
+        row = _row_base(preset, prob, prob.describe(), prob.dtype, device, impl, machine)
+        progress.describe(f"{prob.name}: checking {impl.name}")
+        fn = check_impl(impl, inp, check_for(impl), dev, row)
+        rows.append(row)
+        if fn is not None:
+            row["status"] = "checked"
+            timed.append((fn, row))
+        progress.step(f"{prob.name}: {impl.name} {row['status']}")
+    time_interleaved(timed, dev, warmup, repeats, min_sample_s, progress, prob.name)
+    for r in rows:
+        r["flops"], r["bytes"] = flops, nbytes
+    return rows
+
+
+def _limits_at_both_ends(start: Dict, end: Dict) -> Dict:
+    """The device's limits measured before and after the run. On a shared machine the load changes
+    during a run: fractions use the better of the two measurements (the device can do at least that),
+    so they are not inflated by a limit measured during a burst of load."""
+    limits = dict(start, start=dict(start), end=end)
+    for k in ("matmul_peak_gflops", "copy_gbps"):
+        limits[k] = max(start[k], end[k])
+    return limits
+
+
+def _model(problems: List[Case], dev: torch.device) -> Dict[str, str]:
+    """The report's statement of what the FLOP / byte figures and the dense baseline count."""
+    return dict(
+        flops="2*H*(Dqk+Dr)*K_eff + 2*H*Dv*K_eff per query token, K_eff = selected positions kept "
+              "(K*block_size, less any cut by causality or the sequence end); selection: "
+              "(2*Hi*Di + 2*Hi) per visible (query, key) pair",
+        bytes="gathered kv rows (K_eff * Hkv * (Dqk+Dr[+Dv]) * elem) + q + out + indices (int32); "
+              "selection: k_idx + q_idx + weights + output indices",
+        dense_baseline="mask built from the indices (timed) + F.scaled_dot_product_attention over the "
+                       "whole context (float32 on the CPU, upcast untimed; input dtype on a GPU); the "
+                       "contiguous copy of the paged cache is untimed; query heads per kv head: "
+                       + ", ".join(sorted({f"{getattr(p, 'name', '')}: {sdpa_mode(dev.type, p.H // p.Hkv)}"
+                                           for p in problems if not _is_selection(p)})),
     )
 
 
