@@ -41,7 +41,7 @@ PRESETS: Dict[str, List[Case]] = {
     + [nsa("smoke-nsa-prefill", batch=1, q_per_seq=512, context=512, H=16, Hkv=1, Dqk=64, Dv=64, K=8,
            block_size=16)],
     # Four sequences decoding one token each against a 32K-token cache: bfloat16, and the quantized
-    # caches (issue 16) laid out as FlashMLA's V3.2 record: 512 latent values in fp8 / int8 with a
+    # caches laid out as FlashMLA's V3.2 record: 512 latent values in fp8 / int8 with a
     # float32 scale per 128, the 64 rope values in bfloat16 (kv_rope), 656 bytes a row against 1152.
     "dsv32-decode": [dsv32("dsv32-decode", batch=4, q_per_seq=1, context=32768)]
     + [dsv32(f"dsv32-decode-{qt}", batch=4, q_per_seq=1, context=32768, Dqk=512, Dr=64, kv_quant=qt)

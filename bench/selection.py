@@ -1,9 +1,8 @@
 """The ``selection`` preset: DeepSeek-V3.2 lightning indexer + top-k (SPEC.md section 2).
 
-Implementations: ``attention.select`` (fused) and ``attention.lightning_indexer`` +
-``attention.topk_indices`` when this build has them (reported "not available" otherwise, never
-faked), and the dense baseline a user would write: the full score matrix with matmuls, then
-``torch.topk``. All are checked against top-k of float64 scores before they are timed.
+Implementations: ``attention.select`` (fused), ``attention.lightning_indexer`` +
+``attention.topk_indices``, and the dense baseline a user would write: the full score matrix with
+matmuls, then ``torch.topk``. All are checked against top-k of float64 scores before they are timed.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .baselines import Impl, Unavailable
+from .baselines import Impl
 from .problems import DTYPES, Case
 
 
@@ -68,12 +67,17 @@ def expected_selection(inp: SelectionInputs) -> Tuple[torch.Tensor, torch.Tensor
     p = inp.problem
     scores = _dense_scores(inp.q_idx.cpu(), inp.k_idx.cpu(), inp.weights.cpu(), p.Dqk ** -0.5,
                            p.context - p.T, torch.float64)
-    k = min(p.K, p.context)
+    return scores, _top_k(scores, p.K)
+
+
+def _top_k(scores: torch.Tensor, K: int) -> torch.Tensor:
+    """[T, K] positions of the K largest scores per row, -1 for a masked one (-inf) and past the row."""
+    k = min(K, scores.shape[-1])
     val, idx = torch.topk(scores, k, dim=-1)
-    idx = torch.where(torch.isinf(val), torch.full_like(idx, -1), idx)
-    if k < p.K:
-        idx = torch.cat([idx, idx.new_full((p.T, p.K - k), -1)], dim=-1)
-    return scores, idx
+    idx = torch.where(torch.isinf(val), -1, idx)
+    if k < K:
+        idx = torch.cat([idx, idx.new_full((scores.shape[0], K - k), -1)], dim=-1)
+    return idx
 
 
 def check_selection(got: torch.Tensor, inp: SelectionInputs, expected) -> Tuple[bool, float, str]:
@@ -115,11 +119,8 @@ class SelectFused(Impl):
     def prepare(self, inp: SelectionInputs):
         import attention
 
-        fn = getattr(attention, "select", None)
-        if fn is None:
-            raise Unavailable("not available: attention.select is not in this build")
         p = inp.problem
-        return lambda: fn(inp.q_idx, inp.k_idx, inp.weights, p.K, causal=True)
+        return lambda: attention.select(inp.q_idx, inp.k_idx, inp.weights, p.K, causal=True)
 
 
 class IndexerTopk(Impl):
@@ -129,12 +130,9 @@ class IndexerTopk(Impl):
     def prepare(self, inp: SelectionInputs):
         import attention
 
-        ind = getattr(attention, "lightning_indexer", None)
-        topk = getattr(attention, "topk_indices", None)
-        if ind is None or topk is None:
-            raise Unavailable("not available: attention.lightning_indexer / topk_indices are not in this build")
         p = inp.problem
-        return lambda: topk(ind(inp.q_idx, inp.k_idx, inp.weights, causal=True), p.K)
+        return lambda: attention.topk_indices(attention.lightning_indexer(inp.q_idx, inp.k_idx, inp.weights,
+                                                                          causal=True), p.K)
 
 
 class DenseTopk(Impl):
@@ -147,17 +145,8 @@ class DenseTopk(Impl):
         p = inp.problem
         dev = inp.q_idx.device
         cdt = torch.float32 if dev.type == "cpu" else inp.q_idx.dtype
-        k = min(p.K, p.context)
-
-        def run():
-            s = _dense_scores(inp.q_idx, inp.k_idx, inp.weights, p.Dqk ** -0.5, p.context - p.T, cdt).float()
-            val, idx = torch.topk(s, k, dim=-1)
-            idx = torch.where(torch.isinf(val), -1, idx)
-            if k < p.K:
-                idx = torch.cat([idx, idx.new_full((p.T, p.K - k), -1)], dim=-1)
-            return idx
-
-        return run
+        return lambda: _top_k(_dense_scores(inp.q_idx, inp.k_idx, inp.weights, p.Dqk ** -0.5, p.context - p.T,
+                                            cdt).float(), p.K)
 
 
 def selection_impls() -> List[Impl]:

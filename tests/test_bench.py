@@ -171,17 +171,13 @@ def test_dense_baselines_pass_the_gate_with_gqa_blocks():
     assert rows["flashmla-sparse"]["status"] == "n/a"
 
 
-def test_selection_is_checked_or_reported_unavailable():
+def test_selection_is_checked_then_timed():
     sp = dsv32_selection("sel", T=3, context=300, Hi=4, Di=16, k=32, dtype="float32")
     doc = _run([sp], None, baselines=True)
     rows = {r["impl"]: r for r in doc["results"]}
-    assert rows["dense-scores+torch.topk"]["status"] == "ok"
-    if hasattr(attention, "select"):
-        assert rows["attention.select"]["status"] == "ok", rows["attention.select"]["reason"]
-    else:
-        assert rows["attention.select"]["status"] == "n/a"
-        assert "not available" in rows["attention.select"]["reason"]
-        assert rows["attention.select"]["median_ms"] is None
+    for name in ("attention.select", "attention.lightning_indexer+topk_indices", "dense-scores+torch.topk"):
+        assert rows[name]["status"] == "ok", rows[name]["reason"]
+        assert rows[name]["checked_tokens"] == 3 and rows[name]["median_ms"] > 0
 
 
 @pytest.mark.slow
