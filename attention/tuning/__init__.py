@@ -66,6 +66,12 @@ CONFIG_FIELDS: Dict[str, Tuple[Tuple[int, int], bool]] = {
     # Indices per step of the latent kernel's kept-end pass (default launch.KEPT_CHUNK): int64 vectors
     # of this length sit in Ascend's UB beside the tile (docs/triton.md "Ascend").
     "KEPT_CHUNK": ((16, 4096), True),
+    # The fused select's merge (1: (score, position) pairs through our own bitonic network, for
+    # triton-ascend, whose tl.sort cannot sort int64 keys; 0: tl.sort of packed int64 keys, NVIDIA).
+    "SELECT_PAIR_SORT": ((0, 1), False),
+    # The fused select's score tile (positions per tile, default 64): Ascend's UB holds 32 beside the
+    # pair network at k = 2048.
+    "SELECT_BLOCK_N": ((16, 1024), True),
 }
 
 _warned: set = set()

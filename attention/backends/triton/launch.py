@@ -246,8 +246,11 @@ def plan(inp, cfg: Dict) -> Dict:
     else:
         bdv = max(16, min(_p2(cfg["BLOCK_DV"]), _p2(inp.d_v)))
     bdt = max(16, _p2(inp.head_dim - inp.d_v)) if latent and inp.head_dim > inp.d_v else 16
-    # Grid axis 1 holds at most 65535 programs: widen head/value blocks for extreme head counts.
-    while Hkv * triton.cdiv(hg, bh) * triton.cdiv(inp.d_v, bdv) > limits.MAX_GRID_Y and (bh < 128 or bdv < 512):
+    # Grid axis 1 holds at most 65535 programs (and a launch on npu as many in all): widen head/value
+    # blocks for extreme head counts.
+    cap = limits.max_programs(inp.device.type)
+    max_y = min(limits.MAX_GRID_Y, cap or limits.MAX_GRID_Y)
+    while Hkv * triton.cdiv(hg, bh) * triton.cdiv(inp.d_v, bdv) > max_y and (bh < 128 or bdv < 512):
         if bh < min(128, _p2(hg)):
             bh *= 2
         elif bdv < min(512, _p2(inp.d_v)):
@@ -260,6 +263,8 @@ def plan(inp, cfg: Dict) -> Dict:
     if splits <= 0:
         splits = choose_splits(programs, n, bn, sm_count(inp.device), cfg)
     splits = max(1, min(splits, MAX_SPLITS, max(1, math.ceil(n / bn))))
+    if cap is not None:  # one token's programs (all its splits) must fit one launch: token_chunks
+        splits = max(1, min(splits, cap // (Hkv * num_hb * num_dvb)))
     per_split = math.ceil(max(n, 1) / splits / bn) * bn
     splits = max(1, math.ceil(n / per_split)) if n else 1
     return dict(kernel="latent" if latent else "general", BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DR=bdr,
@@ -267,6 +272,17 @@ def plan(inp, cfg: Dict) -> Dict:
                 cand_per_split=per_split, num_warps=int(cfg.get("num_warps", 4)),
                 num_stages=int(cfg.get("num_stages", 1)), GATHER_ROWS=bool(cfg.get("GATHER_ROWS", 0)),
                 KEPT_CHUNK=int(cfg.get("KEPT_CHUNK", KEPT_CHUNK)))
+
+
+def token_chunks(T: int, per_token: int, device: torch.device):
+    """[(t_start, tokens)] launches of a grid (T, ...) with ``per_token`` programs per token, each within
+    the device's program limit (limits.max_programs; one launch where there is none). Chunks are
+    multiples of 16 tokens, so every t_start gets the same integer specialization (one compile)."""
+    cap = limits.max_programs(device.type)
+    n = T if cap is None else max(1, cap // max(per_token, 1))
+    if n < T and n >= 16:
+        n -= n % 16
+    return [(t0, min(n, T - t0)) for t0 in range(0, T, n)]
 
 
 def padded_strides(x: Optional[torch.Tensor], paged: bool, n: int):
@@ -353,13 +369,15 @@ def _combine(inp, args: Dict, num_splits: int) -> None:
     on_cpu = inp.device.type == "cpu"
     bh = _p2(H) if on_cpu else min(16, _p2(H))
     bdv = _p2(inp.d_v) if on_cpu else min(_p2(inp.d_v), 128)
-    cgrid = (T, triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv))
-    selective_attention_combine_kernel[cgrid](
-        OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=num_splits,
-        **named_strides("stride_op", "sthd", opart.stride()), **named_strides("stride_lp", "sth", lpart.stride()),
-        **named_strides("stride_o", "thd", out.stride()), **named_strides("stride_l", "th", lse.stride()),
-        DV=inp.d_v, HAS_SINK=inp.attn_sink is not None, BLOCK_H=bh, BLOCK_DV=bdv, RTNE_BF16=args["RTNE_BF16"],
-    )
+    cy, cz = triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv)
+    for t_start, tokens in token_chunks(T, cy * cz, inp.device):
+        selective_attention_combine_kernel[(tokens, cy, cz)](
+            OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=num_splits,
+            t_start=t_start, **named_strides("stride_op", "sthd", opart.stride()),
+            **named_strides("stride_lp", "sth", lpart.stride()), **named_strides("stride_o", "thd", out.stride()),
+            **named_strides("stride_l", "th", lse.stride()), DV=inp.d_v, HAS_SINK=inp.attn_sink is not None,
+            BLOCK_H=bh, BLOCK_DV=bdv, RTNE_BF16=args["RTNE_BF16"],
+        )
 
 
 def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = None):
@@ -382,18 +400,22 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
     else:
         opart, lpart = inp.q, inp.q  # not read
     args = _kernel_args(inp, p, out, lse, opart, lpart)
-    grid = (T, inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"], p["num_splits"])
-    if p["kernel"] == "latent":
-        # The loop's own pipelining (tl.range num_stages) is the ring of candidate tiles.
-        selective_attention_latent_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_DT=p["BLOCK_DT"],
-                                                NUM_STAGES=p["num_stages"], KEPT_CHUNK=p["KEPT_CHUNK"],
-                                                num_warps=p["num_warps"])
-    elif autotune:
-        _autotuned_kernel()[grid](**args, **_general_value_args(inp, p))
-    else:
-        selective_attention_fwd_kernel[grid](**args, **_general_value_args(inp, p), BLOCK_N=p["BLOCK_N"],
-                                             BLOCK_D=p["BLOCK_D"], num_warps=p["num_warps"],
-                                             num_stages=p["num_stages"])
+    if p["kernel"] != "latent":
+        args.update(_general_value_args(inp, p))
+    y = inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"]
+    for t_start, tokens in token_chunks(T, y * p["num_splits"], inp.device):
+        grid = (tokens, y, p["num_splits"])
+        if p["kernel"] == "latent":
+            # The loop's own pipelining (tl.range num_stages) is the ring of candidate tiles.
+            selective_attention_latent_kernel[grid](**args, t_start=t_start, BLOCK_N=p["BLOCK_N"],
+                                                    BLOCK_DT=p["BLOCK_DT"], NUM_STAGES=p["num_stages"],
+                                                    KEPT_CHUNK=p["KEPT_CHUNK"], num_warps=p["num_warps"])
+        elif autotune:
+            _autotuned_kernel()[grid](**args, t_start=t_start)
+        else:
+            selective_attention_fwd_kernel[grid](**args, t_start=t_start, BLOCK_N=p["BLOCK_N"],
+                                                 BLOCK_D=p["BLOCK_D"], num_warps=p["num_warps"],
+                                                 num_stages=p["num_stages"])
     if split:
         _combine(inp, args, p["num_splits"])
     return out, lse
