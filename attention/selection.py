@@ -207,10 +207,36 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
                        block_reduce="max", q_idx_scale=None, k_idx_scale=None, cu_seqlen_ks=None,
                        cu_seqlen_ke=None, backend=None, check_contents: Optional[bool] = None) -> SelectionInputs:
     """Every shape, dtype, device and range rule of SPEC.md section 2 (and section 1's for kv)."""
+    sequence = (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table),
+                ("seqlens_k", seqlens_k))
+    T, Hi = _check_indexer_tensors(q_idx, k_idx, weights, sequence)
+    if op != "lightning_indexer":
+        need_int("k", k)
+    scale = _check_options(scale, causal, block_size, block_reduce, max_seqlen_k, backend)
+    q_idx_scale, k_idx_scale = _check_quantized(q_idx, k_idx, q_idx_scale, k_idx_scale, T, Hi)
+    _check_windows(cu_seqlen_ks, cu_seqlen_ke, T, q_idx.device)
+    layout = KVLayout.check(k_idx.dim() == 3, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_k,
+                            cache="k_idx", paged_shape="[P, page, Di]", contiguous_shape="[S, Di]")
+    inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale, layout=layout,
+                          causal=causal, block_size=block_size, block_reduce=block_reduce, backend=backend,
+                          q_idx_scale=q_idx_scale, k_idx_scale=k_idx_scale, cu_seqlen_ks=cu_seqlen_ks,
+                          cu_seqlen_ke=cu_seqlen_ke)
+    if check_contents is None:
+        check_contents = q_idx.device.type == "cpu" or debug_checks_enabled()
+    if check_contents and not is_fake(q_idx):
+        # host reads of the small metadata tensors: free on the CPU, a sync elsewhere
+        layout.check_values(T, k_idx, cache="k_idx")
+        if cu_seqlen_ks is not None and T:
+            _check_window_values(cu_seqlen_ks, cu_seqlen_ke)
+    return inp
+
+
+def _check_indexer_tensors(q_idx, k_idx, weights, sequence) -> tuple:
+    """Types, dtypes, devices and shapes of q_idx [T, Hi, Di], k_idx [S, Di] or [P, page, Di], weights
+    [T, Hi] and the (optional) sequence tensors ``sequence`` ((name, tensor) pairs). Returns (T, Hi)."""
     for name, x in (("q_idx", q_idx), ("k_idx", k_idx), ("weights", weights)):
         need_tensor(name, x)
-    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
-                    ("block_table", block_table), ("seqlens_k", seqlens_k)):
+    for name, x in sequence:
         need_tensor(name, x, optional=True)
     if q_idx.dtype not in FLOAT_DTYPES and q_idx.dtype not in INDEXER_QUANT_DTYPES:
         raise TypeError(f"q_idx must be float32, float16 or bfloat16, or float8_e4m3fn / int8 with scales, "
@@ -220,8 +246,7 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
     if not weights.is_floating_point():
         raise TypeError(f"weights must be a float tensor, got {dtype_name(weights.dtype)}")
     dev = q_idx.device
-    for name, x in (("k_idx", k_idx), ("weights", weights), ("cu_seqlens_q", cu_seqlens_q),
-                    ("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table), ("seqlens_k", seqlens_k)):
+    for name, x in (("k_idx", k_idx), ("weights", weights)) + sequence:
         if x is not None and x.device != dev:
             raise ValueError(f"{name} must be on q_idx's device {dev}, got {x.device}")
     need_rank("q_idx", q_idx, (3,), "[T, Hi, Di]")
@@ -231,13 +256,15 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
     need_rank("k_idx", k_idx, (2, 3), "[S, Di] or paged [P, page, Di]")
     if k_idx.shape[-1] != Di:
         raise ValueError(f"k_idx's last dimension must equal q_idx's width Di={Di}, got {k_idx.shape[-1]}")
-    paged = k_idx.dim() == 3
-    if paged and k_idx.shape[1] < 1:
+    if k_idx.dim() == 3 and k_idx.shape[1] < 1:
         raise ValueError(f"k_idx's page size must be >= 1, got shape {tuple(k_idx.shape)}")
     if weights.dim() != 2 or tuple(weights.shape) != (T, Hi):
         raise ValueError(f"weights must have shape [T, Hi]=({T}, {Hi}), got {tuple(weights.shape)}")
-    if op != "lightning_indexer":
-        need_int("k", k)
+    return T, Hi
+
+
+def _check_options(scale, causal, block_size, block_reduce, max_seqlen_k, backend) -> Optional[float]:
+    """The scalar arguments; returns ``scale`` as a finite float (or None)."""
     if scale is not None:
         scale = finite_float("scale", scale)
     if not isinstance(causal, bool):
@@ -249,44 +276,41 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
         if max_seqlen_k > MAX_POSITIONS:
             raise ValueError(f"max_seqlen_k must be at most {MAX_POSITIONS} (positions are int32), got {max_seqlen_k}")
     need_backend_name(backend)
+    return scale
 
-    # Quantized inputs (DeepGEMM fp8_mqa_logits: q_idx and k_idx float8_e4m3fn, k_idx with one float32
-    # scale per row; q's own scale, when it has one, is usually folded into weights, hence optional).
+
+def _check_quantized(q_idx, k_idx, q_idx_scale, k_idx_scale, T: int, Hi: int) -> tuple:
+    """Quantized inputs (DeepGEMM fp8_mqa_logits: q_idx and k_idx float8_e4m3fn, k_idx with one float32
+    scale per row; q's own scale, when it has one, is usually folded into weights, hence optional).
+    Returns (q_idx_scale, k_idx_scale) as per-row views."""
     if k_idx_scale is None and k_idx.dtype in INDEXER_QUANT_DTYPES:
         raise ValueError(f"k_idx_scale is required with a quantized k_idx ({dtype_name(k_idx.dtype)}): "
                          f"float32 of shape {list(k_idx.shape[:-1])}, the value of row r is k_idx[r] * k_idx_scale[r]")
-    q_idx_scale = _check_scale("q_idx_scale", q_idx_scale, "q_idx", q_idx, (T, Hi))
-    k_idx_scale = _check_scale("k_idx_scale", k_idx_scale, "k_idx", k_idx, tuple(k_idx.shape[:-1]))
+    return (_check_scale("q_idx_scale", q_idx_scale, "q_idx", q_idx, (T, Hi)),
+            _check_scale("k_idx_scale", k_idx_scale, "k_idx", k_idx, tuple(k_idx.shape[:-1])))
+
+
+def _check_windows(cu_seqlen_ks, cu_seqlen_ke, T: int, device) -> None:
+    """Per-token key windows [ks, ke): both or neither, [T] integer tensors on q_idx's device."""
     for name, x in (("cu_seqlen_ks", cu_seqlen_ks), ("cu_seqlen_ke", cu_seqlen_ke)):
         if x is not None:
-            _need_per_token(name, x, T, dev, "q_idx")
+            _need_per_token(name, x, T, device, "q_idx")
     if (cu_seqlen_ks is None) != (cu_seqlen_ke is None):
         given, missing = ("cu_seqlen_ks", "cu_seqlen_ke") if cu_seqlen_ke is None else ("cu_seqlen_ke", "cu_seqlen_ks")
         raise ValueError(f"{missing} is required with {given}: a key window [ks, ke) needs both ends")
 
-    layout = KVLayout.check(paged, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k, max_seqlen_k, cache="k_idx",
-                            paged_shape="[P, page, Di]", contiguous_shape="[S, Di]")
-    inp = SelectionInputs(op=op, q_idx=q_idx, k_idx=k_idx, weights=weights, k=int(k), scale=scale, layout=layout,
-                          causal=causal, block_size=block_size, block_reduce=block_reduce, backend=backend,
-                          q_idx_scale=q_idx_scale, k_idx_scale=k_idx_scale, cu_seqlen_ks=cu_seqlen_ks,
-                          cu_seqlen_ke=cu_seqlen_ke)
-    if check_contents is None:
-        check_contents = dev.type == "cpu" or debug_checks_enabled()
-    if check_contents and not is_fake(q_idx):
-        # host reads of the small metadata tensors: free on the CPU, a sync elsewhere
-        layout.check_values(T, k_idx, cache="k_idx")
-        if cu_seqlen_ks is not None and T:
-            # Windows are masks (a bad one selects nothing, never reads out of bounds), but a window
-            # that starts below 0 or ends before it starts is a caller's bug (swapped arguments).
-            ks, ke = cu_seqlen_ks.detach().cpu().to(torch.int64), cu_seqlen_ke.detach().cpu().to(torch.int64)
-            if bool((ks < 0).any()):
-                raise ValueError(f"cu_seqlen_ks must be >= 0, got min {int(ks.min())}")
-            bad = (ke < ks).nonzero()
-            if bad.numel():
-                t = int(bad[0, 0])
-                raise ValueError(f"cu_seqlen_ke must be >= cu_seqlen_ks: token {t} has the window "
-                                 f"[{int(ks[t])}, {int(ke[t])})")
-    return inp
+
+def _check_window_values(cu_seqlen_ks, cu_seqlen_ke) -> None:
+    """Windows are masks (a bad one selects nothing, never reads out of bounds), but a window that
+    starts below 0 or ends before it starts is a caller's bug (swapped arguments). Reads on the host."""
+    ks, ke = cu_seqlen_ks.detach().cpu().to(torch.int64), cu_seqlen_ke.detach().cpu().to(torch.int64)
+    if bool((ks < 0).any()):
+        raise ValueError(f"cu_seqlen_ks must be >= 0, got min {int(ks.min())}")
+    bad = (ke < ks).nonzero()
+    if bad.numel():
+        t = int(bad[0, 0])
+        raise ValueError(f"cu_seqlen_ke must be >= cu_seqlen_ks: token {t} has the window "
+                         f"[{int(ks[t])}, {int(ke[t])})")
 
 
 # ----------------------------------------------------------------------------- backends

@@ -108,6 +108,9 @@ class Case:
         return DTYPES_BY_NAME[self.dtype]
 
     def describe(self) -> str:
+        if self.op != "attention":  # the indexer's names for H, Dqk, K
+            return (f"T={self.T}, L={self.context}, Hi={self.H}, Di={self.Dqk}, k={self.K}, "
+                    f"{'causal, ' if self.causal else ''}{self.dtype}")
         mode = "latent" if self.latent else "separate v"
         cache = f"paged({self.page_size})" if self.page_size else "contiguous"
         sel = f"K={self.K}" + (f" blocks of {self.block_size}" if self.block_size > 1 else "")
@@ -402,7 +405,7 @@ CASES: List[Case] = [
     replace(_BASE, name="strided_inputs", strided=True, Dr=8, H=4, Hkv=2, latent=False, Dv=16),
     replace(_BASE, name="single_token", seqs=((1, 40),), varlen_api=True),
     replace(_BASE, name="empty_cache", seqs=((2, 0),)),
-    # issue 11 regressions (reference)
+    # NaN / inf garbage kept by some tokens only (docs/contract.md: NaN propagates where it is kept)
     # A NaN/inf row kept by some tokens only: theirs is NaN (as in float64), every other token (the
     # other sequence, same-sequence tokens that did not select it or dropped it by causality) is exact.
     replace(_BASE, name="poison_nan_other_sequence", seqs=((4, 16), (4, 16)), K=16, index_mode="valid",
@@ -415,7 +418,7 @@ CASES: List[Case] = [
             index_mode="valid", poison=((0, 1, float("nan")),)),
     replace(_BASE, name="indices_k_outer", H=8, Hkv=2, indices_k_outer=True),
     replace(_BASE, name="paged_table_without_columns", page_size=4, seqs=((2, 0), (1, 0)), table_pad=0, Dr=8),
-    # issue 16: quantized caches (kv_fp8 / kv_int8); scale_block below Dqk so rows hold several tiles,
+    # Quantized caches (kv_fp8 / kv_int8); scale_block below Dqk so rows hold several tiles,
     # and one not dividing it (a shorter last tile). NaN garbage rows carry NaN scales.
     replace(_BASE, name="fp8_paged_latent_rope_sink_causal", page_size=8, Dr=8, sink=True, causal=True,
             seqs=((2, 19), (3, 33)), H=8, kv_quant="fp8", scale_block=16),

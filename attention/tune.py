@@ -43,7 +43,7 @@ PRESETS: Dict[str, Case] = {p.family: p for p in [
             description="DeepSeek-V3.2 sparse decode: 64 x 1 token, 32K paged latent cache, top-2048"),
     Problem("deepseek-decode-8k", batch=32, q_per_seq=1, context=8192, H=128, Hkv=1, Dqk=576, Dv=512, K=2048,
             page_size=64, causal=True, description="decode at 8K context"),
-    # The same decode over quantized caches (issue 16): FlashMLA's V3.2 record as the op's views, 512
+    # The same decode over quantized caches: FlashMLA's V3.2 record as the op's views, 512
     # latent values in fp8 / int8 with a float32 scale per 128, the 64 rope values apart in bfloat16.
     *[Problem(f"deepseek-decode-{qt}", batch=64, q_per_seq=1, context=32768, H=128, Hkv=1, Dqk=512, Dr=64,
               Dv=512, K=2048, page_size=64, causal=True, kv_quant=qt,

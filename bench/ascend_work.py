@@ -15,7 +15,7 @@ dsv32-prefill: the same rows and selection, causal, over one 4096-token sequence
 its last queries (the per-token figures are those of the full prefill, whose 4096 tokens would take the
 CPU twin hours).
 
-A second table puts the kv-row bytes of an int8 cache (issue 16: 576 int8 values + 5 float32 tile scales
+A second table puts the kv-row bytes of an int8 cache (576 int8 values + 5 float32 tile scales
 per row, dequantized on the vector cores) next to the same decode with the 16-bit cache.
 
 Nothing here ran on an NPU: these are counts of what the kernel asks the hardware to do, not timings.
@@ -139,7 +139,7 @@ def main(argv: List[str] = None) -> int:
               f"{r['compulsory'] / mib:.2f} | {r['ratio']:.2f}x | {r['row_ratio']:.2f}x | "
               f"{r['workspace_bytes'] / mib:.2f} | {r['combine_busy']} / {r['aiv']} | {r['combine_bytes'] / mib:.2f} |")
 
-    # int8 cache (issue 16): the same decode with the cache quantized per row and tile of 128 columns
+    # int8 cache: the same decode with the cache quantized per row and tile of 128 columns
     from attention import quantize_kv
 
     print("\n| problem | SoC | T | kv-row MiB, 16-bit cache | kv-row MiB, int8 cache | int8 / 16-bit |")

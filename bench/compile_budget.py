@@ -1,4 +1,4 @@
-"""Compile budgets of the Triton kernels for NVIDIA GPUs, without a GPU (issue 15 item 4).
+"""Compile budgets of the Triton kernels for NVIDIA GPUs, without a GPU (docs/triton.md).
 
     python bench/compile_budget.py [--family "NVIDIA H200"]... [--problem NAME]...   # prints a table
     python bench/compile_budget.py --jsonl                                          # one JSON line per kernel
@@ -14,7 +14,7 @@ on ``meta`` tensors, with the plan of a shipped GPU family (``ATTENTION_TRITON_T
 as the JIT would compile it on that GPU: the JIT's own binder specializes the recorded arguments
 (integers equal to 1, e.g. unit strides, become constants; pointers and integers divisible by 16 get
 ``tt.divisibility=16``), for the family's architecture. A compile check with plain i32 arguments
-builds a different kernel (TRAPS.md). Reported per kernel: registers and stack bytes (spills) from
+builds a different kernel (docs/traps.md). Reported per kernel: registers and stack bytes (spills) from
 ``cuobjdump -res-usage``, shared memory from the compile metadata, and for the kernel that
 ``triton.autotune`` prunes by shared memory (selective_attention_fwd_kernel) the launcher's estimate
 (``launch.smem_estimate``), which must not undercount.
@@ -72,13 +72,13 @@ PROBLEMS = {p.family: p for p in [
     Problem("dsv32-select-prefill", "select", batch=1, q_per_seq=512, context=131072, H=64, Dqk=128, page_size=0),
     # The largest k the Triton select takes (MAX_K): a 4096-key sort network per program.
     Problem("select-k4096", "select", batch=1, q_per_seq=4, context=131072, H=64, Dqk=128, K=4096, page_size=0),
-    # Quantized caches (issue 16): FlashMLA's FP8 decode (the latent kernel, 576 e4m3 columns), the
+    # Quantized caches: FlashMLA's FP8 decode (the latent kernel, 576 e4m3 columns), the
     # INT8 ("C8") split decode, and an FP8 separate-v decode (the general kernel dequantizing k and v).
     Problem("dsv32-decode-64-fp8", "attention", batch=64, q_per_seq=1, sink=True, kv_quant="fp8"),
     Problem("dsv32-decode-4-int8", "attention", batch=4, q_per_seq=1, kv_quant="int8"),
     Problem("separate-v-decode-fp8", "attention", batch=64, q_per_seq=1, Dqk=256, Dv=256, latent=False,
             kv_quant="fp8"),
-    # The serving engines' indexer (issue 13): DeepGEMM-style fp8 / int8 inputs with scales and windows.
+    # The serving engines' indexer: DeepGEMM-style fp8 / int8 inputs with scales and windows.
     Problem("dsv32-indexer-fp8", "indexer", batch=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
             kv_quant="fp8"),
     Problem("dsv32-select-decode-fp8", "select", batch=1, q_per_seq=4, context=131072, H=64, Dqk=128, page_size=0,
@@ -100,16 +100,11 @@ def _sm_count(family: str) -> int:
 def _launches(problem: Problem, family: str, override: Optional[Dict] = None) -> List[tuple]:
     """[(jit function, args, kwargs)] that the launcher starts for ``problem`` planned for ``family``
     (with ``override`` replacing config keys of an attention problem)."""
-    import torch
     from triton.runtime.jit import JITFunction
 
     import attention
     from attention.backends.triton import launch
-    from attention.testing import QUANT_DTYPES_BY_NAME
 
-    dt = getattr(torch, problem.dtype)
-    m = "meta"
-    T = problem.T
     recorded = []
 
     def record(self, *args, grid, warmup, **kwargs):
@@ -124,65 +119,9 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
         launch.device_name = lambda device: family
     try:
         if problem.op == "attention":
-            q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=dt)
-            args = dict(q=q, indices=torch.empty(T, problem.Hkv, problem.K, device=m, dtype=torch.int32),
-                        causal=problem.causal, block_size=problem.block_size)
-            seqs = torch.empty(problem.batch + 1, device=m, dtype=torch.int32)
-            if problem.page_size:
-                pages = -(-problem.context // problem.page_size) * problem.batch
-                kv = torch.empty(pages, problem.page_size, problem.Hkv, problem.Dqk, device=m, dtype=dt)
-                args.update(kv=kv, block_table=torch.empty(problem.batch, pages // problem.batch, device=m,
-                                                           dtype=torch.int32),
-                            seqlens_k=torch.empty(problem.batch, device=m, dtype=torch.int32), cu_seqlens_q=seqs)
-                if not problem.latent:
-                    args["v"] = torch.empty(pages, problem.page_size, problem.Hkv, problem.Dv, device=m, dtype=dt)
-            else:
-                kv = torch.empty(problem.batch * problem.context, problem.Hkv, problem.Dqk, device=m, dtype=dt)
-                args["kv"] = kv
-                if not problem.latent:
-                    args["v"] = torch.empty(kv.shape[0], problem.Hkv, problem.Dv, device=m, dtype=dt)
-                if problem.batch > 1:
-                    args.update(cu_seqlens_q=seqs, cu_seqlens_k=seqs.clone())
-            if problem.kv_quant:  # stored values and float32 tile scales
-                qdt, sb = QUANT_DTYPES_BY_NAME[problem.kv_quant], problem.scale_block
-                for name in ("kv",) if problem.latent else ("kv", "v"):
-                    x = args[name]
-                    args[name] = torch.empty(x.shape, device=m, dtype=qdt)
-                    args[name + "_scale"] = torch.empty(
-                        x.shape[:-1] + (-(-x.shape[-1] // sb),), device=m, dtype=torch.float32)
-                args["scale_block"] = sb
-            if problem.latent:
-                args["d_v"] = problem.Dv
-            if problem.Dr:  # the split rope part (q_rope / kv_rope), shaped like q and the cache
-                args["q_rope"] = torch.empty(T, problem.H, problem.Dr, device=m, dtype=dt)
-                args["kv_rope"] = torch.empty(*kv.shape[:-1], problem.Dr, device=m, dtype=dt)
-            if problem.sink:
-                args["attn_sink"] = torch.empty(problem.H, device=m, dtype=torch.float32)
-            launch.forward(attention.validate(**args), override=override)
+            launch.forward(attention.validate(**_attention_meta_args(problem)), override=override)
         else:
-            from attention.backends.triton.selection import LAUNCHER as SELECTION_LAUNCHER
-            from attention.selection import validate_selection
-
-            sdt = QUANT_DTYPES_BY_NAME[problem.kv_quant] if problem.kv_quant else dt
-            q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=sdt)
-            k = torch.empty(problem.context, problem.Dqk, device=m, dtype=sdt)
-            w = torch.empty(T, problem.H, device=m, dtype=torch.float32)
-            extra = {}
-            if problem.kv_quant:
-                extra = dict(q_idx_scale=torch.empty(T, problem.H, device=m), k_idx_scale=torch.empty(problem.context, device=m),
-                             cu_seqlen_ks=torch.empty(T, device=m, dtype=torch.int32),
-                             cu_seqlen_ke=torch.empty(T, device=m, dtype=torch.int32))
-            op = "lightning_indexer" if problem.op == "indexer" else "select"
-            inp = validate_selection(op, q, k, w, problem.K if op == "select" else 0, max_seqlen_k=problem.context,
-                                     **extra)
-            # The split count the backend picks on a GPU of this family (meta tensors have no SMs).
-            chunks = -(-problem.context // (1 << max(0, problem.K - 1).bit_length()))
-            saved_splits = SELECTION_LAUNCHER.splits_override
-            SELECTION_LAUNCHER.splits_override = max(1, min(-(-2 * _sm_count(family) // T), chunks // 2))
-            try:
-                SELECTION_LAUNCHER.run(inp)
-            finally:
-                SELECTION_LAUNCHER.splits_override = saved_splits
+            _run_selection(problem, family)
     finally:
         JITFunction.run = saved_run
         launch.device_name = saved_name
@@ -191,6 +130,82 @@ def _launches(problem: Problem, family: str, override: Optional[Dict] = None) ->
         else:
             os.environ["ATTENTION_TRITON_TARGET"] = saved_env
     return recorded
+
+
+def _attention_meta_args(problem: Problem) -> Dict:
+    """``selective_attention``'s arguments for an attention problem, as meta tensors (shapes only)."""
+    import torch
+
+    from attention.testing import QUANT_DTYPES_BY_NAME
+
+    dt, m, T = problem.torch_dtype, "meta", problem.T
+    q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=dt)
+    args = dict(q=q, indices=torch.empty(T, problem.Hkv, problem.K, device=m, dtype=torch.int32),
+                causal=problem.causal, block_size=problem.block_size)
+    seqs = torch.empty(problem.batch + 1, device=m, dtype=torch.int32)
+    if problem.page_size:
+        pages = -(-problem.context // problem.page_size) * problem.batch
+        kv = torch.empty(pages, problem.page_size, problem.Hkv, problem.Dqk, device=m, dtype=dt)
+        args.update(kv=kv, block_table=torch.empty(problem.batch, pages // problem.batch, device=m,
+                                                   dtype=torch.int32),
+                    seqlens_k=torch.empty(problem.batch, device=m, dtype=torch.int32), cu_seqlens_q=seqs)
+        if not problem.latent:
+            args["v"] = torch.empty(pages, problem.page_size, problem.Hkv, problem.Dv, device=m, dtype=dt)
+    else:
+        kv = torch.empty(problem.batch * problem.context, problem.Hkv, problem.Dqk, device=m, dtype=dt)
+        args["kv"] = kv
+        if not problem.latent:
+            args["v"] = torch.empty(kv.shape[0], problem.Hkv, problem.Dv, device=m, dtype=dt)
+        if problem.batch > 1:
+            args.update(cu_seqlens_q=seqs, cu_seqlens_k=seqs.clone())
+    if problem.kv_quant:  # stored values and float32 tile scales
+        qdt, sb = QUANT_DTYPES_BY_NAME[problem.kv_quant], problem.scale_block
+        for name in ("kv",) if problem.latent else ("kv", "v"):
+            x = args[name]
+            args[name] = torch.empty(x.shape, device=m, dtype=qdt)
+            args[name + "_scale"] = torch.empty(
+                x.shape[:-1] + (-(-x.shape[-1] // sb),), device=m, dtype=torch.float32)
+        args["scale_block"] = sb
+    if problem.latent:
+        args["d_v"] = problem.Dv
+    if problem.Dr:  # the split rope part (q_rope / kv_rope), shaped like q and the cache
+        args["q_rope"] = torch.empty(T, problem.H, problem.Dr, device=m, dtype=dt)
+        args["kv_rope"] = torch.empty(*kv.shape[:-1], problem.Dr, device=m, dtype=dt)
+    if problem.sink:
+        args["attn_sink"] = torch.empty(problem.H, device=m, dtype=torch.float32)
+    return args
+
+
+def _run_selection(problem: Problem, family: str) -> None:
+    """Launch a selection problem ("select" / "indexer") on meta tensors with the split count the
+    backend picks on a GPU of ``family``."""
+    import torch
+
+    from attention.backends.triton.selection import LAUNCHER as SELECTION_LAUNCHER
+    from attention.selection import validate_selection
+    from attention.testing import QUANT_DTYPES_BY_NAME
+
+    m, T = "meta", problem.T
+    sdt = QUANT_DTYPES_BY_NAME[problem.kv_quant] if problem.kv_quant else problem.torch_dtype
+    q = torch.empty(T, problem.H, problem.Dqk, device=m, dtype=sdt)
+    k = torch.empty(problem.context, problem.Dqk, device=m, dtype=sdt)
+    w = torch.empty(T, problem.H, device=m, dtype=torch.float32)
+    extra = {}
+    if problem.kv_quant:
+        extra = dict(q_idx_scale=torch.empty(T, problem.H, device=m), k_idx_scale=torch.empty(problem.context, device=m),
+                     cu_seqlen_ks=torch.empty(T, device=m, dtype=torch.int32),
+                     cu_seqlen_ke=torch.empty(T, device=m, dtype=torch.int32))
+    op = "lightning_indexer" if problem.op == "indexer" else "select"
+    inp = validate_selection(op, q, k, w, problem.K if op == "select" else 0, max_seqlen_k=problem.context,
+                             **extra)
+    # The split count the backend picks on a GPU of this family (meta tensors have no SMs).
+    chunks = -(-problem.context // (1 << max(0, problem.K - 1).bit_length()))
+    saved_splits = SELECTION_LAUNCHER.splits_override
+    SELECTION_LAUNCHER.splits_override = max(1, min(-(-2 * _sm_count(family) // T), chunks // 2))
+    try:
+        SELECTION_LAUNCHER.run(inp)
+    finally:
+        SELECTION_LAUNCHER.splits_override = saved_splits
 
 
 def _resources(cubin: bytes) -> Dict[str, Optional[int]]:

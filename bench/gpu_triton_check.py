@@ -39,7 +39,7 @@ from attention.backends.triton import launch  # noqa: E402
 from bench.timing import Timing, nan_fill, time_fn  # noqa: E402
 from python_ref.quantize import dequantize  # noqa: E402
 
-TARGETS = {"deepseek-prefill": 450.0, "deepseek-decode": 300.0}  # TFLOP/s (issue 3, bf16 on an H200)
+TARGETS = {"deepseek-prefill": 450.0, "deepseek-decode": 300.0}  # TFLOP/s, bf16 on an H200 (docs/triton.md)
 SPEEDUP_TARGET = 5.0  # vs dense flash SDPA at 32K context
 
 

@@ -113,7 +113,7 @@ def cache_bytes(cache):
     return main, used, idx
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
@@ -133,23 +133,33 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--backend", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from attention.integrations.transformers import absorb_mla, unabsorb_mla
-    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Attention
-
     model = build(args)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.context), generator=g)
     tokens = torch.randint(0, args.vocab, (args.batch, args.steps), generator=g)
-    R, dr = args.kv_lora_rank, args.rope
-    print(f"config: hidden {args.hidden}, heads {args.heads}, kv_lora_rank {R}, rope {dr}, nope {args.nope}, "
-          f"v {args.v_head}, layers {args.layers}, batch {args.batch}, context {args.context}, top-k {args.topk}, "
-          f"threads {torch.get_num_threads()}", file=sys.stderr)
+    print(f"config: hidden {args.hidden}, heads {args.heads}, kv_lora_rank {args.kv_lora_rank}, rope {args.rope}, "
+          f"nope {args.nope}, v {args.v_head}, layers {args.layers}, batch {args.batch}, context {args.context}, "
+          f"top-k {args.topk}, threads {torch.get_num_threads()}", file=sys.stderr)
+    results = run_both(model, ids, tokens, args)
+    ok = report_correctness(results, args.steps)
+    print_table(results, args)
+    return 0 if ok else 1
 
-    # Per-step expanded K/V that HF eager materialises (measured on the tensors expand_kv returns).
+
+def run_both(model, ids, tokens, args):
+    """Prefill and decode with HF eager attention, then with absorb_mla(), on the same model; per path
+    the logits after prefill and after the last step, step and attention times, cache bytes, and the
+    per-head K/V HF eager materialises per layer-step (measured on the tensors expand_kv returns)."""
+    from attention.integrations.transformers import absorb_mla, unabsorb_mla
+    from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Attention
+
     expanded = {"max": 0}
     orig_expand = DeepseekV32Attention.expand_kv
 
@@ -175,19 +185,27 @@ def main(argv=None):
                                   expanded=expanded["max"])
             print(f"  {label}: decode step {statistics.median(steps) * 1e3:.1f} ms", file=sys.stderr)
     unabsorb_mla(model)
+    return results
 
+
+def report_correctness(results, steps: int) -> bool:
+    """Do both paths' next-token logits agree (after prefill and after the decode steps)? Printed."""
     e, a = results["hf_eager"], results["absorb_mla"]
     err_first = (e["first"] - a["first"]).abs().max().item()
     err_last = (e["last"] - a["last"]).abs().max().item()
     scale = e["last"].abs().max().item()
     ok = err_first <= 1e-3 * max(1.0, scale) and err_last <= 1e-3 * max(1.0, scale)
-    print(f"\ncorrectness: max |logits eager - absorbed| after prefill {err_first:.2e}, after {args.steps} "
+    print(f"\ncorrectness: max |logits eager - absorbed| after prefill {err_first:.2e}, after {steps} "
           f"decode steps {err_last:.2e} (|logits| max {scale:.2f}): {'OK' if ok else 'MISMATCH'}")
+    return ok
 
+
+def print_table(results, args) -> None:
+    """Times and memory of both paths side by side, with their ratio."""
+    e, a = results["hf_eager"], results["absorb_mla"]
     med = {k: (statistics.median(r["steps"]), statistics.median(r["attn"])) for k, r in results.items()}
-    L = args.context + args.steps
-    per_token_eager = args.heads * (args.nope + dr + args.v_head)
-    per_token_latent = R + dr
+    per_token_eager = args.heads * (args.nope + args.rope + args.v_head)
+    per_token_latent = args.kv_lora_rank + args.rope
     rows = [
         ("decode step, whole model (ms)", med["hf_eager"][0] * 1e3, med["absorb_mla"][0] * 1e3),
         ("decode step, attention modules (ms)", med["hf_eager"][1] * 1e3, med["absorb_mla"][1] * 1e3),
@@ -204,8 +222,7 @@ def main(argv=None):
     for name, x, y in rows:
         ratio = f"{x / y:7.2f}x" if y else "      -"
         print(f"{name:<{w}}  {x:10.2f}  {y:10.2f}  {ratio}")
-    print(f"(context {L} tokens at the last step, median of {args.steps} steps, float32)")
-    return 0 if ok else 1
+    print(f"(context {args.context + args.steps} tokens at the last step, median of {args.steps} steps, float32)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ token selection shared by all heads, a paged bfloat16 cache (page 64)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List
 
 from .problems import Case, Problem
@@ -26,41 +25,23 @@ def nsa(family: str, **kw) -> Case:
     return Problem(family, **base)
 
 
-@dataclass(frozen=True)
-class SelectionProblem:
-    """DeepSeek-V3.2 lightning indexer + top-k over one sequence (queries = its last T positions)."""
-
-    family: str
-    T: int
-    context: int
-    Hi: int = 64
-    Di: int = 128
-    k: int = 2048
-    dtype: str = "bfloat16"
-
-    @property
-    def name(self) -> str:
-        return f"{self.family}/L={self.context}"
-
-    def describe(self) -> str:
-        return f"T={self.T}, L={self.context}, Hi={self.Hi}, Di={self.Di}, k={self.k}, causal, {self.dtype}"
-
-    def as_dict(self):
-        from dataclasses import asdict
-
-        d = asdict(self)
-        d["name"] = self.name
-        return d
+def dsv32_selection(family: str, T: int, context: int, *, Hi: int = 64, Di: int = 128, k: int = 2048,
+                    dtype: str = "bfloat16") -> Case:
+    """DeepSeek-V3.2 lightning indexer + top-k over one sequence (queries = its last ``T`` positions),
+    causal: a Case of op "select", which reads ``H``, ``Dqk``, ``K`` as the indexer's ``Hi``, ``Di``, ``k``
+    (as bench/compile_budget.py's selection problems do)."""
+    return Problem(family, batch=1, q_per_seq=T, context=context, H=Hi, Dqk=Di, K=k, page_size=0, causal=True,
+                   dtype=dtype, op="select")
 
 
-PRESETS: Dict[str, List[object]] = {
+PRESETS: Dict[str, List[Case]] = {
     # Seconds on 2 CPU cores: a DeepSeek-shaped (narrow: 16 heads, K=128) paged decode at three
     # context lengths, and a small NSA block-selection prefill.
     "smoke": [dsv32("smoke-mla-decode", batch=1, q_per_seq=1, context=c, H=16, K=128) for c in (256, 512, 1024)]
     + [nsa("smoke-nsa-prefill", batch=1, q_per_seq=512, context=512, H=16, Hkv=1, Dqk=64, Dv=64, K=8,
            block_size=16)],
     # Four sequences decoding one token each against a 32K-token cache: bfloat16, and the quantized
-    # caches (issue 16) laid out as FlashMLA's V3.2 record: 512 latent values in fp8 / int8 with a
+    # caches laid out as FlashMLA's V3.2 record: 512 latent values in fp8 / int8 with a
     # float32 scale per 128, the 64 rope values in bfloat16 (kv_rope), 656 bytes a row against 1152.
     "dsv32-decode": [dsv32("dsv32-decode", batch=4, q_per_seq=1, context=32768)]
     + [dsv32(f"dsv32-decode-{qt}", batch=4, q_per_seq=1, context=32768, Dqk=512, Dr=64, kv_quant=qt)
@@ -72,8 +53,8 @@ PRESETS: Dict[str, List[object]] = {
     "context-sweep": [dsv32("context-sweep", batch=1, q_per_seq=1, context=c)
                       for c in (4096, 8192, 16384, 32768, 65536, 131072)],
     # Indexer + top-k: 4 decode queries over 32K, and a 128-token causal chunk over 8K.
-    "selection": [SelectionProblem("selection-decode", T=4, context=32768),
-                  SelectionProblem("selection-prefill", T=128, context=8192)],
+    "selection": [dsv32_selection("selection-decode", T=4, context=32768),
+                  dsv32_selection("selection-prefill", T=128, context=8192)],
 }
 
 DEFAULT_PRESET = "smoke"

@@ -28,7 +28,7 @@ from attention._cli import (device_type, device_unavailable, dir_problem, file_p
 
 from . import report
 from .baselines import BackendImpl, Impl, Unavailable, all_baselines, sdpa_mode, split_result
-from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS, SelectionProblem
+from .presets import DEFAULT_PRESET, PRESET_TIMING, PRESETS
 from .problems import DTYPES, Case, byte_count, check_tokens, expected_float64, flop_count, make_inputs
 from .selection import (check_selection, expected_selection, make_selection_inputs, selection_bytes,
                         selection_flops, selection_impls)
@@ -44,6 +44,11 @@ def default_device() -> str:
     if npu is not None and npu.is_available():
         return "npu"
     return "cpu"
+
+
+def _is_selection(p: Case) -> bool:
+    """An indexer + top-k problem (bench/selection.py) rather than an attention one."""
+    return p.op != "attention"
 
 
 def backend_impls(device: str, names: Optional[Sequence[str]]) -> List[Impl]:
@@ -206,65 +211,21 @@ def _derive(rows: List[Dict], flops: float, nbytes: float, limits: Dict) -> None
             r["dense_impl"] = dense["impl"]
 
 
-def run(problems: List[object], *, preset: str, device: str, backend_names: Optional[Sequence[str]],
+def run(problems: List[Case], *, preset: str, device: str, backend_names: Optional[Sequence[str]],
         warmup: int, repeats: int, min_sample_s: float, include_baselines: bool = True,
         quick_limits: bool = False, seed: int = 0, command: Optional[str] = None) -> Dict:
     dev = torch.device(device)
     machine = machine_info(dev)
-    dtype0 = next((DTYPES[getattr(p, "dtype", "bfloat16")] for p in problems), torch.bfloat16)
+    dtype0 = next((p.torch_dtype for p in problems), torch.bfloat16)
     limits = measure_limits(dev, dtype0, quick=quick_limits)
-    plan: List = []
-    for prob in problems:
-        if isinstance(prob, SelectionProblem):
-            impls = [i for i in selection_impls() if include_baselines or i.kind == "backend"]
-        else:
-            impls = backend_impls(device, backend_names)
-            # The baselines read a float cache: for a quantized one they would time a float attention
-            # over the dequantized values, not a quantized decode (the bfloat16 row has them).
-            if include_baselines and not prob.kv_quant:
-                impls += all_baselines()
-        plan.append((prob, impls))
+    plan = [(prob, _impls(prob, device, backend_names, include_baselines)) for prob in problems]
     progress = _Progress(sum(len(i) for _, i in plan))
     results: List[Dict] = []
     t_start = time.perf_counter()
     try:
         for prob, impls in plan:
-            progress.describe(f"{prob.name}: inputs + float64 check values")
-            if isinstance(prob, SelectionProblem):
-                inp = make_selection_inputs(prob, device, seed)
-                expected = expected_selection(inp)
-                flops, nbytes = selection_flops(inp), selection_bytes(inp)
-
-                def check(res, inp=inp, expected=expected):
-                    idx = res if isinstance(res, torch.Tensor) else res[0]
-                    ok, err, msg = check_selection(idx, inp, expected)
-                    return dict(ok=ok, max_out_err=err, max_lse_err=None, tol_out=None,
-                                checked_tokens=inp.problem.T, reason=msg)
-
-                check_for = lambda impl, c=check: c  # noqa: E731
-            else:
-                inp = make_inputs(prob, device, seed)
-                tokens = check_tokens(prob)
-                expected = expected_float64(inp, tokens)
-                flops, nbytes = flop_count(prob, inp.kept), byte_count(prob, inp.kept)
-                check_for = lambda impl, inp=inp, e=expected, t=tokens: (  # noqa: E731
-                    lambda res: _check_attention(res, inp, e, t, impl))
-            rows, timed = [], []
-            for impl in impls:
-                row = _row_base(preset, prob, prob.describe(), prob.dtype, device, impl, machine)
-                progress.describe(f"{prob.name}: checking {impl.name}")
-                fn = check_impl(impl, inp, check_for(impl), dev, row)
-                rows.append(row)
-                if fn is not None:
-                    row["status"] = "checked"
-                    timed.append((fn, row))
-                progress.step(f"{prob.name}: {impl.name} {row['status']}")
-            time_interleaved(timed, dev, warmup, repeats, min_sample_s, progress, prob.name)
-            del timed
-            for r in rows:
-                r["flops"], r["bytes"] = flops, nbytes
-            results.extend(rows)
-            del inp, expected, check_for
+            results.extend(_problem_rows(prob, impls, preset, device, machine, seed, warmup, repeats, min_sample_s,
+                                         progress))
             gc.collect()
     finally:
         progress.close()
@@ -272,13 +233,7 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
         machine["loadavg_end"] = list(os.getloadavg())
     except OSError:
         pass
-    # Limits again at the end: on a shared machine the load changes during a run. Fractions use the
-    # better of the two measurements (the device can do at least that), so they are not inflated by a
-    # limit measured during a burst of load.
-    limits_end = measure_limits(dev, dtype0, quick=quick_limits)
-    limits = dict(limits, start=dict(limits), end=limits_end)
-    for k in ("matmul_peak_gflops", "copy_gbps"):
-        limits[k] = max(limits["start"][k], limits_end[k])
+    limits = _limits_at_both_ends(limits, measure_limits(dev, dtype0, quick=quick_limits))
     by_problem: Dict[str, List[Dict]] = {}
     for r in results:
         by_problem.setdefault(r["problem"], []).append(r)
@@ -291,19 +246,87 @@ def run(problems: List[object], *, preset: str, device: str, backend_names: Opti
         timing=dict(warmup=warmup, repeats=repeats, min_sample_s=min_sample_s,
                     timer="cuda_events" if dev.type == "cuda" else "perf_counter",
                     statistic="median and min over repeats of the mean of `inner` back-to-back calls"),
-        model=dict(
-            flops="2*H*(Dqk+Dr)*K_eff + 2*H*Dv*K_eff per query token, K_eff = selected positions kept "
-                  "(K*block_size, less any cut by causality or the sequence end); selection: "
-                  "(2*Hi*Di + 2*Hi) per visible (query, key) pair",
-            bytes="gathered kv rows (K_eff * Hkv * (Dqk+Dr[+Dv]) * elem) + q + out + indices (int32); "
-                  "selection: k_idx + q_idx + weights + output indices",
-            dense_baseline="mask built from the indices (timed) + F.scaled_dot_product_attention over the "
-                           "whole context (float32 on the CPU, upcast untimed; input dtype on a GPU); the "
-                           "contiguous copy of the paged cache is untimed; query heads per kv head: "
-                           + ", ".join(sorted({f"{getattr(p, 'name', '')}: {sdpa_mode(dev.type, p.H // p.Hkv)}"
-                                               for p in problems if isinstance(p, Case)})),
-        ),
+        model=_model(problems, dev),
         results=results,
+    )
+
+
+def _impls(prob: Case, device: str, backend_names: Optional[Sequence[str]], include_baselines: bool) -> List[Impl]:
+    """What is checked and timed on ``prob``."""
+    if _is_selection(prob):
+        return [i for i in selection_impls() if include_baselines or i.kind == "backend"]
+    impls = backend_impls(device, backend_names)
+    # The baselines read a float cache: for a quantized one they would time a float attention
+    # over the dequantized values, not a quantized decode (the bfloat16 row has them).
+    if include_baselines and not prob.kv_quant:
+        impls += all_baselines()
+    return impls
+
+
+def _problem_rows(prob: Case, impls: List[Impl], preset: str, device: str, machine: Dict, seed: int,
+                  warmup: int, repeats: int, min_sample_s: float, progress: "_Progress") -> List[Dict]:
+    """One problem: build its inputs and float64 check values once, check every implementation on
+    them, time (interleaved) those that passed. One report row per implementation."""
+    dev = torch.device(device)
+    progress.describe(f"{prob.name}: inputs + float64 check values")
+    if _is_selection(prob):
+        inp = make_selection_inputs(prob, device, seed)
+        expected = expected_selection(inp)
+        flops, nbytes = selection_flops(inp), selection_bytes(inp)
+
+        def check(res, inp=inp, expected=expected):
+            idx = res if isinstance(res, torch.Tensor) else res[0]
+            ok, err, msg = check_selection(idx, inp, expected)
+            return dict(ok=ok, max_out_err=err, max_lse_err=None, tol_out=None,
+                        checked_tokens=inp.problem.T, reason=msg)
+
+        check_for = lambda impl, c=check: c  # noqa: E731
+    else:
+        inp = make_inputs(prob, device, seed)
+        tokens = check_tokens(prob)
+        expected = expected_float64(inp, tokens)
+        flops, nbytes = flop_count(prob, inp.kept), byte_count(prob, inp.kept)
+        check_for = lambda impl, inp=inp, e=expected, t=tokens: (  # noqa: E731
+            lambda res: _check_attention(res, inp, e, t, impl))
+    rows, timed = [], []
+    for impl in impls:
+        row = _row_base(preset, prob, prob.describe(), prob.dtype, device, impl, machine)
+        progress.describe(f"{prob.name}: checking {impl.name}")
+        fn = check_impl(impl, inp, check_for(impl), dev, row)
+        rows.append(row)
+        if fn is not None:
+            row["status"] = "checked"
+            timed.append((fn, row))
+        progress.step(f"{prob.name}: {impl.name} {row['status']}")
+    time_interleaved(timed, dev, warmup, repeats, min_sample_s, progress, prob.name)
+    for r in rows:
+        r["flops"], r["bytes"] = flops, nbytes
+    return rows
+
+
+def _limits_at_both_ends(start: Dict, end: Dict) -> Dict:
+    """The device's limits measured before and after the run. On a shared machine the load changes
+    during a run: fractions use the better of the two measurements (the device can do at least that),
+    so they are not inflated by a limit measured during a burst of load."""
+    limits = dict(start, start=dict(start), end=end)
+    for k in ("matmul_peak_gflops", "copy_gbps"):
+        limits[k] = max(start[k], end[k])
+    return limits
+
+
+def _model(problems: List[Case], dev: torch.device) -> Dict[str, str]:
+    """The report's statement of what the FLOP / byte figures and the dense baseline count."""
+    return dict(
+        flops="2*H*(Dqk+Dr)*K_eff + 2*H*Dv*K_eff per query token, K_eff = selected positions kept "
+              "(K*block_size, less any cut by causality or the sequence end); selection: "
+              "(2*Hi*Di + 2*Hi) per visible (query, key) pair",
+        bytes="gathered kv rows (K_eff * Hkv * (Dqk+Dr[+Dv]) * elem) + q + out + indices (int32); "
+              "selection: k_idx + q_idx + weights + output indices",
+        dense_baseline="mask built from the indices (timed) + F.scaled_dot_product_attention over the "
+                       "whole context (float32 on the CPU, upcast untimed; input dtype on a GPU); the "
+                       "contiguous copy of the paged cache is untimed; query heads per kv head: "
+                       + ", ".join(sorted({f"{getattr(p, 'name', '')}: {sdpa_mode(dev.type, p.H // p.Hkv)}"
+                                           for p in problems if not _is_selection(p)})),
     )
 
 
@@ -394,7 +417,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def shape_problem(p) -> Optional[str]:
     """What makes a problem (after the flags' overrides) impossible to build, or None. The single-value
     rules are the flags' types; these are the ones that relate two fields."""
-    if isinstance(p, SelectionProblem):
+    if _is_selection(p):
         return None if p.T <= p.context else f"{p.T} query tokens do not fit in a context of {p.context}"
     if p.H % p.Hkv:
         return f"--heads {p.H} is not a multiple of --kv-heads {p.Hkv}"
@@ -405,11 +428,12 @@ def shape_problem(p) -> Optional[str]:
     return None
 
 
+SELECTION_KEYS = ("q_per_seq", "K")
 SHAPE_KEYS = ("batch", "q_per_seq", "H", "Hkv", "Dqk", "Dv", "Dr", "K", "block_size", "page_size", "causal",
               "latent", "shared_indices", "kv_quant")
 
 
-def problems_from_args(a: argparse.Namespace) -> List[object]:
+def problems_from_args(a: argparse.Namespace) -> List[Case]:
     from .presets import dsv32
 
     if a.preset == "custom":
@@ -417,22 +441,12 @@ def problems_from_args(a: argparse.Namespace) -> List[object]:
     else:
         base = list(PRESETS[a.preset])
     over = {k: getattr(a, k) for k in SHAPE_KEYS if getattr(a, k, None) is not None}
-    out: List[object] = []
+    out: List[Case] = []
     for p in base:
-        if isinstance(p, SelectionProblem):
-            from dataclasses import replace
-
-            kw = {}
-            if a.dtype:
-                kw["dtype"] = a.dtype
-            if a.K:
-                kw["k"] = a.K
-            if a.q_per_seq:
-                kw["T"] = a.q_per_seq
-            ctxs = a.context or [p.context]
-            out += [replace(p, context=c, **kw) for c in ctxs]
-            continue
-        q = p.with_overrides(dtype=a.dtype, **over)
+        # The indexer + top-k problems take the flags that mean something to them (their H, Dqk are
+        # the indexer's, not the attention's): tokens, top-k and dtype.
+        q = p.with_overrides(dtype=a.dtype, **({k: over[k] for k in SELECTION_KEYS if k in over}
+                                               if _is_selection(p) else over))
         ctxs = a.context or [q.context]
         for c in ctxs:
             out.append(q.with_overrides(context=c))

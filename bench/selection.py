@@ -1,9 +1,8 @@
 """The ``selection`` preset: DeepSeek-V3.2 lightning indexer + top-k (SPEC.md section 2).
 
-Implementations: ``attention.select`` (fused) and ``attention.lightning_indexer`` +
-``attention.topk_indices`` when this build has them (reported "not available" otherwise, never
-faked), and the dense baseline a user would write: the full score matrix with matmuls, then
-``torch.topk``. All are checked against top-k of float64 scores before they are timed.
+Implementations: ``attention.select`` (fused), ``attention.lightning_indexer`` +
+``attention.topk_indices``, and the dense baseline a user would write: the full score matrix with
+matmuls, then ``torch.topk``. All are checked against top-k of float64 scores before they are timed.
 """
 
 from __future__ import annotations
@@ -13,26 +12,28 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .baselines import Impl, Unavailable
-from .presets import SelectionProblem
-from .problems import DTYPES
+from .baselines import Impl
+from .problems import DTYPES, Case
 
 
 @dataclass
 class SelectionInputs:
-    problem: SelectionProblem
+    """One sequence's indexer inputs for a Case of op "select" (``H``, ``Dqk``, ``K`` are ``Hi``, ``Di``,
+    ``k``; bench/presets.py ``dsv32_selection``)."""
+
+    problem: Case
     q_idx: torch.Tensor    # [T, Hi, Di]
     k_idx: torch.Tensor    # [L, Di]
     weights: torch.Tensor  # [T, Hi] float32
     pairs: int = 0         # visible (query, key) pairs
 
 
-def make_selection_inputs(p: SelectionProblem, device: str, seed: int = 0) -> SelectionInputs:
+def make_selection_inputs(p: Case, device: str, seed: int = 0) -> SelectionInputs:
     g = torch.Generator().manual_seed(seed)
     dt = DTYPES[p.dtype]
-    q = torch.randn(p.T, p.Hi, p.Di, generator=g).to(dt).to(device)
-    k = torch.randn(p.context, p.Di, generator=g).to(dt).to(device)
-    w = (torch.randn(p.T, p.Hi, generator=g) * p.Hi ** -0.5).to(device)
+    q = torch.randn(p.T, p.H, p.Dqk, generator=g).to(dt).to(device)
+    k = torch.randn(p.context, p.Dqk, generator=g).to(dt).to(device)
+    w = (torch.randn(p.T, p.H, generator=g) * p.H ** -0.5).to(device)
     q_pos = p.context - p.T + torch.arange(p.T)
     return SelectionInputs(p, q, k, w, pairs=int((q_pos + 1).clamp(max=p.context).sum()))
 
@@ -40,13 +41,13 @@ def make_selection_inputs(p: SelectionProblem, device: str, seed: int = 0) -> Se
 def selection_flops(inp: SelectionInputs) -> float:
     """2*Hi*Di per visible (query, key) pair for the dot products, + 2*Hi for relu-and-weight."""
     p = inp.problem
-    return float(inp.pairs) * (2.0 * p.Hi * p.Di + 2.0 * p.Hi)
+    return float(inp.pairs) * (2.0 * p.H * p.Dqk + 2.0 * p.H)
 
 
 def selection_bytes(inp: SelectionInputs) -> float:
     p = inp.problem
     es = inp.q_idx.element_size()
-    return float(p.context * p.Di * es + p.T * p.Hi * p.Di * es + p.T * p.Hi * 4 + p.T * p.k * 4)
+    return float(p.context * p.Dqk * es + p.T * p.H * p.Dqk * es + p.T * p.H * 4 + p.T * p.K * 4)
 
 
 def _dense_scores(q, k, w, scale, causal_offset: int, dtype) -> torch.Tensor:
@@ -64,14 +65,19 @@ def _dense_scores(q, k, w, scale, causal_offset: int, dtype) -> torch.Tensor:
 def expected_selection(inp: SelectionInputs) -> Tuple[torch.Tensor, torch.Tensor]:
     """(float64 scores [T, L], reference indices [T, k] with -1 padding) on the CPU."""
     p = inp.problem
-    scores = _dense_scores(inp.q_idx.cpu(), inp.k_idx.cpu(), inp.weights.cpu(), p.Di ** -0.5,
+    scores = _dense_scores(inp.q_idx.cpu(), inp.k_idx.cpu(), inp.weights.cpu(), p.Dqk ** -0.5,
                            p.context - p.T, torch.float64)
-    k = min(p.k, p.context)
+    return scores, _top_k(scores, p.K)
+
+
+def _top_k(scores: torch.Tensor, K: int) -> torch.Tensor:
+    """[T, K] positions of the K largest scores per row, -1 for a masked one (-inf) and past the row."""
+    k = min(K, scores.shape[-1])
     val, idx = torch.topk(scores, k, dim=-1)
-    idx = torch.where(torch.isinf(val), torch.full_like(idx, -1), idx)
-    if k < p.k:
-        idx = torch.cat([idx, idx.new_full((p.T, p.k - k), -1)], dim=-1)
-    return scores, idx
+    idx = torch.where(torch.isinf(val), -1, idx)
+    if k < K:
+        idx = torch.cat([idx, idx.new_full((scores.shape[0], K - k), -1)], dim=-1)
+    return idx
 
 
 def check_selection(got: torch.Tensor, inp: SelectionInputs, expected) -> Tuple[bool, float, str]:
@@ -113,11 +119,8 @@ class SelectFused(Impl):
     def prepare(self, inp: SelectionInputs):
         import attention
 
-        fn = getattr(attention, "select", None)
-        if fn is None:
-            raise Unavailable("not available: attention.select is not in this build")
         p = inp.problem
-        return lambda: fn(inp.q_idx, inp.k_idx, inp.weights, p.k, causal=True)
+        return lambda: attention.select(inp.q_idx, inp.k_idx, inp.weights, p.K, causal=True)
 
 
 class IndexerTopk(Impl):
@@ -127,12 +130,9 @@ class IndexerTopk(Impl):
     def prepare(self, inp: SelectionInputs):
         import attention
 
-        ind = getattr(attention, "lightning_indexer", None)
-        topk = getattr(attention, "topk_indices", None)
-        if ind is None or topk is None:
-            raise Unavailable("not available: attention.lightning_indexer / topk_indices are not in this build")
         p = inp.problem
-        return lambda: topk(ind(inp.q_idx, inp.k_idx, inp.weights, causal=True), p.k)
+        return lambda: attention.topk_indices(attention.lightning_indexer(inp.q_idx, inp.k_idx, inp.weights,
+                                                                          causal=True), p.K)
 
 
 class DenseTopk(Impl):
@@ -145,17 +145,8 @@ class DenseTopk(Impl):
         p = inp.problem
         dev = inp.q_idx.device
         cdt = torch.float32 if dev.type == "cpu" else inp.q_idx.dtype
-        k = min(p.k, p.context)
-
-        def run():
-            s = _dense_scores(inp.q_idx, inp.k_idx, inp.weights, p.Di ** -0.5, p.context - p.T, cdt).float()
-            val, idx = torch.topk(s, k, dim=-1)
-            idx = torch.where(torch.isinf(val), -1, idx)
-            if k < p.k:
-                idx = torch.cat([idx, idx.new_full((p.T, p.k - k), -1)], dim=-1)
-            return idx
-
-        return run
+        return lambda: _top_k(_dense_scores(inp.q_idx, inp.k_idx, inp.weights, p.Dqk ** -0.5, p.context - p.T,
+                                            cdt).float(), p.K)
 
 
 def selection_impls() -> List[Impl]:

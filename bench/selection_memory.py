@@ -1,4 +1,4 @@
-"""CPU target of issue 4: fused select over 2048 queries x 65536 keys (8 indexer heads of width 64)
+"""CPU memory target of select (docs/selection.md): fused select over 2048 queries x 65536 keys (8 indexer heads of width 64)
 within 256 MB of extra peak memory, where the [T, W] float32 score matrix alone is 512 MB.
 
 Each measurement runs in a fresh process (docs/traps.md): the inputs are built, the peak is reset by

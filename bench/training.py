@@ -3,7 +3,7 @@
 
 Forward + backward of the op (loss = sum(out * dO) + sum(lse * dlse), gradients of q, kv, v) per
 backend that has a backward on the device: the reference on the CPU, and on a GPU the Triton kernel
-(issue 17) beside the reference. Checked before timed: each backend's gradients against the reference
+beside the reference. Checked before timed: each backend's gradients against the reference
 backend's analytical backward (itself tested against float64 autograd in tests/test_op.py); the
 reference is the yardstick and is not checked against itself. Times are medians over repeats of one
 whole step, forward alone beside it, in one run.

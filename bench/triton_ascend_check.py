@@ -1,4 +1,4 @@
-"""Our Triton kernels compiled for Ascend by triton-ascend, checked through memory planning (issue 19).
+"""Our Triton kernels compiled for Ascend by triton-ascend, checked through memory planning (docs/ascendc.md).
 
     python bench/triton_ascend_check.py [--soc Ascend910B2]... [--problem NAME]... [--out DIR] [--jobs N] [--jsonl]
 
@@ -20,7 +20,7 @@ saved HIVM IR (module.hivm.opt.mlir) holds planned buffers that fit the chip's U
 Reported per kernel and SoC: planned UB and L1 bytes (the highest ``offset + size`` over the planned
 buffers, ``hivm.hir.pointer_cast``) against the chip's sizes (read from the same IR's target spec),
 the core type (aiv / aic / mix), and for the gathering kernels whether a scalar loop over the
-feature dimension sits inside the candidate loop (issue 19 item 3). Any compile error, overflow or
+feature dimension sits inside the candidate loop. Any compile error, overflow or
 scalar feature loop in a gather fails the check.
 """
 

@@ -425,7 +425,8 @@ def _kept_rows(keep: Optional[Tensor], shape) -> Optional[Tensor]:
 
 
 def _softmax(call: _Call, s: Tensor, kept: Optional[Tensor]):
-    """Online-softmax pieces of masked scores s [c, Hkv, heads_per_kv, n] (consumed in place).
+    """Online-softmax pieces of masked scores s [c*Hkv, heads_per_kv, n] or [c, Hkv, heads_per_kv, n] (consumed
+    in place).
 
     Returns (lse, e, l, denom): lse [.., 1] natural log (-inf for an empty row); e = exp(s - m) with
     m the row max (0 for an empty row, so e = 0 there, never NaN); l = sum(e); and the output
@@ -720,64 +721,15 @@ def selective_attention_backward(
     """
     call = _Call(q, kv, indices, v, d_v, q_rope, kv_rope, sm_scale, block_size, cu_seqlens_q, cu_seqlens_k,
                  block_table, seqlens_k, causal, attn_sink, 0, None, kv_scale, v_scale, scale_block)
-    cd = call.compute_dtype
-    Tc, H, Hkv, heads_per_kv, Dv = call.Tc, call.H, call.Hkv, call.heads_per_kv, call.Dv
-    dq = torch.zeros(q.shape, device=q.device, dtype=cd)
-    dkv = None if kv_scale is not None else torch.zeros(call.kv_flat.shape, device=q.device, dtype=cd)
-    dv = None if v is None or v_scale is not None else torch.zeros(call.v_flat.shape, device=q.device, dtype=cd)
-    dqr = None if q_rope is None else torch.zeros(q_rope.shape, device=q.device, dtype=cd)
-    dkvr = None if kv_rope is None else torch.zeros(call.kvr_flat.shape, device=q.device, dtype=cd)
-    dsink = None if attn_sink is None else torch.zeros(1, Hkv, heads_per_kv, 1, device=q.device, dtype=cd)
-    heads = torch.arange(Hkv, device=q.device)[None, :, None]
-    chunk = tokens_per_chunk(H, Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else Dv), chunk_bytes)
-
-    def scatter(dst, rows, val):  # val [c*Hkv, n, D] -> dst [S, Hkv, D] at (rows, head)
-        if dst is None or dst.shape[0] == 0 or rows.numel() == 0:  # None: a quantized kv / v
-            return  # a cache with no rows (every candidate dropped) or nothing selected
-        val = val.view(rows.shape[0], Hkv, rows.shape[2], val.shape[-1])
-        r = rows.expand(rows.shape[0], Hkv, rows.shape[2])
-        dst.index_put_((r, heads.expand_as(r)), val, accumulate=True)
-
-    for c0 in range(0, Tc, chunk):
-        c1 = min(Tc, c0 + chunk)
-        c = c1 - c0
+    grads = _Grads(call, q, v, q_rope, kv_scale, v_scale)
+    chunk = tokens_per_chunk(call.H, call.Hkv, call.n, call.Dqk + call.Dr + (0 if v is None else call.Dv),
+                             chunk_bytes)
+    for c0 in range(0, call.Tc, chunk):
+        c1 = min(call.Tc, c0 + chunk)
         x = _chunk_scores(call, q, q_rope, indices, c0, c1)
-        if lse is None:
-            _, e, l, denom = _softmax(call, x["s"], x["kept"])
-            pp = e / denom  # P' = the weights that produced out (sink included)
-            p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
-            sink_share = None if dsink is None else 1 - l / denom  # exp(sink) / (exp(lse) + exp(sink))
-        else:
-            row_lse = lse[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, 1)
-            # An empty row (lse = -inf, every s = -inf) subtracts 0 instead: P = 0 there, never NaN.
-            p = torch.exp(x["s"] - (row_lse if x["kept"] is None else torch.where(x["kept"], row_lse, 0.0)))
-            if dsink is None:
-                pp = p
-            else:
-                sink_share = torch.sigmoid(call.sink.view(1, Hkv, heads_per_kv, 1)
-                                           - row_lse.view(c, Hkv, heads_per_kv, 1))
-                sink_share = sink_share.view(c * Hkv, heads_per_kv, 1)
-                pp = p * (1 - sink_share)
-        vals = x["vals"]
-        if grad_out is not None:
-            do = grad_out[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, Dv)
-            o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, Dv)
-            delta = (do * o).sum(-1, keepdim=True)
-            ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
-            dvals = None if (dkv if v is None else dv) is None else torch.matmul(pp.transpose(-1, -2), do)
-            if dsink is not None:
-                # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
-                dsink -= (delta * sink_share).view(c, Hkv, heads_per_kv, 1).sum(0, keepdim=True)
-        else:
-            ds = torch.zeros_like(p)
-            dvals = None
-        if grad_lse is not None:
-            gl = grad_lse[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, 1)
-            if x["kept"] is not None:  # an empty row's lse is the constant -inf
-                gl = torch.where(x["kept"], gl, 0.0)
-            ds = ds + gl * p
-        ds = ds * call.scale
-        kept_h = None if x["keep"] is None else _per_head(x["keep"], Hkv)[:, :, None]  # [c*Hkv, n, 1]
+        p, pp, sink_share = _backward_weights(call, x, lse, c0, c1)
+        ds, dvals = _score_grads(call, x, p, pp, sink_share, grad_out, grad_lse, out, c0, c1, grads)
+        kept_h = None if x["keep"] is None else _per_head(x["keep"], call.Hkv)[:, :, None]  # [c*Hkv, n, 1]
         if kept_h is not None:
             # A dropped candidate contributes exactly nothing: mask its terms rather than trust a zero
             # weight, since 0 * NaN (a NaN query, grad_out or kept value elsewhere in the row) is NaN
@@ -785,28 +737,111 @@ def selective_attention_backward(
             ds = ds.masked_fill(~kept_h.transpose(1, 2), 0.0)
             if dvals is not None:
                 dvals = dvals.masked_fill(~kept_h, 0.0)
-        dq[c0:c1] = torch.matmul(ds, x["keys"]).reshape(c, H, call.Dqk)
-        if dkv is not None:
-            dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c*Hkv, n, Dqk]
-            if kept_h is not None:
-                dkeys = dkeys.masked_fill_(~kept_h, 0.0)
-            if dvals is not None and v is None:
-                dkeys[..., :Dv] += dvals
-            scatter(dkv, x["rows"], dkeys)
-        if dvals is not None and v is not None:
-            scatter(dv, x["rows"], dvals)
-        if q_rope is not None:
-            dqr[c0:c1] = torch.matmul(ds, x["kr"]).reshape(c, H, call.Dr)
-            dkr = torch.matmul(ds.transpose(-1, -2), x["qr"])
-            scatter(dkvr, x["rows"], dkr if kept_h is None else dkr.masked_fill_(~kept_h, 0.0))
-    return (
-        dq.to(q.dtype),
-        None if dkv is None else dkv.reshape(kv.shape).to(kv.dtype),
-        None if dv is None else dv.reshape(v.shape).to(v.dtype),
-        None if q_rope is None else dqr.to(q_rope.dtype),
-        None if kv_rope is None else dkvr.reshape(kv_rope.shape).to(kv_rope.dtype),
-        None if attn_sink is None else dsink.reshape(H).to(attn_sink.dtype),
-    )
+        _input_grads(call, x, ds, dvals, kept_h, c0, c1, grads)
+    return grads.result(q, kv, v, q_rope, kv_rope, attn_sink)
+
+
+class _Grads:
+    """The backward's accumulators, in the compute dtype and shaped like the (flattened) inputs. None for
+    an absent input, and for a quantized kv / v: storage, not a parameter (docs/contract.md)."""
+
+    def __init__(self, call: _Call, q, v, q_rope, kv_scale, v_scale):
+        zeros = lambda shape: torch.zeros(shape, device=q.device, dtype=call.compute_dtype)  # noqa: E731
+        self.dq = zeros(q.shape)
+        self.dkv = None if kv_scale is not None else zeros(call.kv_flat.shape)
+        self.dv = None if v is None or v_scale is not None else zeros(call.v_flat.shape)
+        self.dqr = None if q_rope is None else zeros(q_rope.shape)
+        self.dkvr = None if call.kvr_flat is None else zeros(call.kvr_flat.shape)
+        self.dsink = None if call.sink is None else zeros((1, call.Hkv, call.heads_per_kv, 1))
+        # The values' gradient lands in dkv's first Dv columns (latent) or in dv (separate v).
+        self.dvalues = self.dkv if v is None else self.dv
+        self.Hkv = call.Hkv
+        self.heads = torch.arange(call.Hkv, device=q.device)[None, :, None]
+
+    def scatter(self, dst, rows, val):
+        """Add val [c*Hkv, n, D] into dst [S, Hkv, D] at (rows, kv head); duplicates accumulate."""
+        if dst is None or dst.shape[0] == 0 or rows.numel() == 0:  # None: a quantized kv / v
+            return  # a cache with no rows (every candidate dropped) or nothing selected
+        val = val.view(rows.shape[0], self.Hkv, rows.shape[2], val.shape[-1])
+        r = rows.expand(rows.shape[0], self.Hkv, rows.shape[2])
+        dst.index_put_((r, self.heads.expand_as(r)), val, accumulate=True)
+
+    def result(self, q, kv, v, q_rope, kv_rope, attn_sink):
+        """``(dq, dkv, dv, dq_rope, dkv_rope, dattn_sink)`` in the inputs' shapes and dtypes."""
+        return (
+            self.dq.to(q.dtype),
+            None if self.dkv is None else self.dkv.reshape(kv.shape).to(kv.dtype),
+            None if self.dv is None else self.dv.reshape(v.shape).to(v.dtype),
+            None if q_rope is None else self.dqr.to(q_rope.dtype),
+            None if kv_rope is None else self.dkvr.reshape(kv_rope.shape).to(kv_rope.dtype),
+            None if attn_sink is None else self.dsink.reshape(attn_sink.shape).to(attn_sink.dtype),
+        )
+
+
+def _backward_weights(call: _Call, x, lse: Optional[Tensor], c0: int, c1: int):
+    """(P, P', sink_share) of tokens [c0, c1), each [c*Hkv, heads_per_kv, n | 1]: P = softmax over the kept
+    candidates (d lse / d s), P' the weights that produced out, sink_share = exp(sink) / (exp(lse) +
+    exp(sink)) (None without a sink). From the forward's ``lse`` when given, else from the scores."""
+    Hkv, heads_per_kv, c = call.Hkv, call.heads_per_kv, c1 - c0
+    if lse is None:
+        _, e, l, denom = _softmax(call, x["s"], x["kept"])
+        pp = e / denom  # P' = the weights that produced out (sink included)
+        p = e / l.clamp_min(1.0)  # P = softmax over the kept candidates alone (d lse / d s)
+        sink_share = None if call.sink is None else 1 - l / denom  # exp(sink) / (exp(lse) + exp(sink))
+        return p, pp, sink_share
+    row_lse = lse[c0:c1].to(call.compute_dtype).reshape(c * Hkv, heads_per_kv, 1)
+    # An empty row (lse = -inf, every s = -inf) subtracts 0 instead: P = 0 there, never NaN.
+    p = torch.exp(x["s"] - (row_lse if x["kept"] is None else torch.where(x["kept"], row_lse, 0.0)))
+    if call.sink is None:
+        return p, p, None
+    sink_share = torch.sigmoid(call.sink.view(1, Hkv, heads_per_kv, 1) - row_lse.view(c, Hkv, heads_per_kv, 1))
+    sink_share = sink_share.view(c * Hkv, heads_per_kv, 1)
+    return p, p * (1 - sink_share), sink_share
+
+
+def _score_grads(call: _Call, x, p, pp, sink_share, grad_out, grad_lse, out, c0: int, c1: int, grads: _Grads):
+    """(dS * scale, dV) of tokens [c0, c1): dS = P' * (dO @ V^T - rowsum(dO * out)) + dlse * P, dV = P'^T @ dO
+    (None when the values take no gradient). Adds the sink's share to ``grads.dsink``."""
+    Hkv, heads_per_kv, Dv, c, cd = call.Hkv, call.heads_per_kv, call.Dv, c1 - c0, call.compute_dtype
+    vals = x["vals"]
+    if grad_out is not None:
+        do = grad_out[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, Dv)
+        o = torch.matmul(pp, vals) if out is None else out[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, Dv)
+        delta = (do * o).sum(-1, keepdim=True)
+        ds = pp * (torch.matmul(do, vals.transpose(-1, -2)) - delta)
+        dvals = None if grads.dvalues is None else torch.matmul(pp.transpose(-1, -2), do)
+        if grads.dsink is not None:
+            # d out / d sink = -out * exp(sink) / (exp(lse) + exp(sink))
+            grads.dsink -= (delta * sink_share).view(c, Hkv, heads_per_kv, 1).sum(0, keepdim=True)
+    else:
+        ds = torch.zeros_like(p)
+        dvals = None
+    if grad_lse is not None:
+        gl = grad_lse[c0:c1].to(cd).reshape(c * Hkv, heads_per_kv, 1)
+        if x["kept"] is not None:  # an empty row's lse is the constant -inf
+            gl = torch.where(x["kept"], gl, 0.0)
+        ds = ds + gl * p
+    return ds * call.scale, dvals
+
+
+def _input_grads(call: _Call, x, ds, dvals, kept_h, c0: int, c1: int, grads: _Grads) -> None:
+    """dq = dS @ K, dK = dS^T @ q (+ dV in a latent row's first Dv columns), the rope parts alike, for
+    tokens [c0, c1); key/value gradients scattered into the cache rows the tokens selected."""
+    c, H, Dv = c1 - c0, call.H, call.Dv
+    grads.dq[c0:c1] = torch.matmul(ds, x["keys"]).reshape(c, H, call.Dqk)
+    if grads.dkv is not None:
+        dkeys = torch.matmul(ds.transpose(-1, -2), x["qc"])  # [c*Hkv, n, Dqk]
+        if kept_h is not None:
+            dkeys = dkeys.masked_fill_(~kept_h, 0.0)
+        if dvals is not None and call.v_flat is None:
+            dkeys[..., :Dv] += dvals
+        grads.scatter(grads.dkv, x["rows"], dkeys)
+    if dvals is not None and call.v_flat is not None:
+        grads.scatter(grads.dv, x["rows"], dvals)
+    if grads.dqr is not None:
+        grads.dqr[c0:c1] = torch.matmul(ds, x["kr"]).reshape(c, H, call.Dr)
+        dkr = torch.matmul(ds.transpose(-1, -2), x["qr"])
+        grads.scatter(grads.dkvr, x["rows"], dkr if kept_h is None else dkr.masked_fill_(~kept_h, 0.0))
 
 
 def selective_attention_dense(
@@ -842,69 +877,78 @@ def selective_attention_dense(
     """
     cpu = torch.device("cpu")
     f = lambda x: None if x is None else x.to(cpu, dtype)  # noqa: E731  (autograd flows: grads can be checked)
-    i64 = lambda x: None if x is None else x.detach().to(cpu, torch.int64)  # noqa: E731
 
     def values(x, scale):  # a quantized tensor's values: float(stored) * scale of its tile, in dtype
         return f(x) if scale is None else dequantize(x.detach().to(cpu), scale.detach().to(cpu), scale_block, dtype)
 
     qd, kvd, vd, qr, kvr = f(q), values(kv, kv_scale), None if v is None else values(v, v_scale), f(q_rope), f(kv_rope)
-    idx = i64(indices)
+    idx = indices.detach().to(cpu, torch.int64)
     T, H, Dqk = qd.shape
     Hkv = kvd.shape[-2]
     heads_per_kv = H // Hkv
     Dr = 0 if qr is None else qr.shape[-1]
     scale = (Dqk + Dr) ** -0.5 if sm_scale is None else float(sm_scale)
     Dv = vd.shape[-1] if vd is not None else (Dqk if d_v is None else int(d_v))
-    paged = kvd.dim() == 4
-
-    cq = [0, T] if cu_seqlens_q is None else i64(cu_seqlens_q).tolist()
-    B = len(cq) - 1
-    if paged:
-        lens = i64(seqlens_k).tolist()
-        table = i64(block_table)
-        page = kvd.shape[1]
-    else:
-        ck = [0, kvd.shape[0]] if cu_seqlens_k is None else i64(cu_seqlens_k).tolist()
-        lens = [ck[b + 1] - ck[b] for b in range(B)]
-
-    def seq_rows(b: int, x: Tensor) -> Tensor:  # logical positions 0..L_b-1 of sequence b
-        Lb = lens[b]
-        if paged:
-            p = torch.arange(Lb)
-            return x[table[b, p // page], p % page]
-        return x[ck[b]:ck[b] + Lb]
+    sink = None if attn_sink is None else f(attn_sink)
 
     out = torch.zeros(T, H, Dv, dtype=dtype)
     lse = torch.full((T, H), float("-inf"), dtype=dtype)
-    sink = None if attn_sink is None else f(attn_sink)
-    for b in range(B):
-        Lb = lens[b]
-        keys = seq_rows(b, kvd)  # [Lb, Hkv, Dqk]
-        vals = keys[..., :Dv] if vd is None else seq_rows(b, vd)
-        kr = None if kvr is None else seq_rows(b, kvr)
-        for t in range(cq[b], cq[b + 1]):
-            q_pos = Lb - (cq[b + 1] - cq[b]) + (t - cq[b])
+    for tokens, Lb, seq_rows in _dense_sequences(T, kvd, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k):
+        keys = seq_rows(kvd)  # [Lb, Hkv, Dqk]: logical positions 0..Lb-1
+        vals = keys[..., :Dv] if vd is None else seq_rows(vd)
+        kr = None if kvr is None else seq_rows(kvr)
+        for t in tokens:
+            q_pos = Lb - len(tokens) + (t - tokens.start)  # a sequence's queries are its last positions
             for g in range(Hkv):
-                gi = g if idx.shape[1] == Hkv else 0
-                j = idx[t, gi]
-                j = j[(j >= 0) & (j <= Lb // block_size)]  # beyond that, every position is >= Lb
-                # offsets past L_b are never kept: expand at most L_b of them (block_size may be huge)
-                p = (j[:, None] * block_size + torch.arange(min(block_size, Lb))).flatten()
-                p = p[(p < Lb) & ((p <= q_pos) if causal else True)]
-                count = torch.bincount(p, minlength=Lb).to(dtype)
-                for hh in range(heads_per_kv):
-                    h = g * heads_per_kv + hh
-                    sel = count > 0
-                    if not bool(sel.any()):
-                        continue  # out 0, lse -inf
+                j = idx[t, g if idx.shape[1] == Hkv else 0]  # shared indices: one row for every kv head
+                count = _multiplicity(j, Lb, block_size, q_pos if causal else None).to(dtype)
+                sel = count > 0
+                if not bool(sel.any()):
+                    continue  # out 0, lse -inf
+                for h in range(g * heads_per_kv, (g + 1) * heads_per_kv):
                     s = scale * (keys[sel, g] @ qd[t, h])
                     if kr is not None:
                         s = s + scale * (kr[sel, g] @ qr[t, h])
-                    w = count[sel]
-                    m = s.max()
-                    e = w * torch.exp(s - m)
-                    z = e.sum()
-                    lse[t, h] = m + torch.log(z)
-                    denom = z + (torch.exp(sink[h] - m) if sink is not None else 0.0)
-                    out[t, h] = (e @ vals[sel, g]) / denom
+                    out[t, h], lse[t, h] = _weighted_softmax(s, count[sel], vals[sel, g],
+                                                             None if sink is None else sink[h])
     return out, lse
+
+
+def _dense_sequences(T: int, kvd: Tensor, cu_seqlens_q, cu_seqlens_k, block_table, seqlens_k):
+    """The oracle's sequences: per sequence, ``(range of its query tokens, L_b, rows)`` where ``rows(x)``
+    reads logical positions 0..L_b-1 of a storage laid out like ``kvd`` (contiguous or paged)."""
+    i64 = lambda x: x.detach().to("cpu", torch.int64)  # noqa: E731
+    cq = [0, T] if cu_seqlens_q is None else i64(cu_seqlens_q).tolist()
+    B = len(cq) - 1
+    seqs = []
+    if kvd.dim() == 4:  # paged: position p of sequence b is row p % page of page table[b, p // page]
+        lens, table, page = i64(seqlens_k).tolist(), i64(block_table), kvd.shape[1]
+        for b in range(B):
+            p = torch.arange(lens[b])
+            seqs.append((range(cq[b], cq[b + 1]), lens[b], lambda x, b=b, p=p: x[table[b, p // page], p % page]))
+    else:
+        ck = [0, kvd.shape[0]] if cu_seqlens_k is None else i64(cu_seqlens_k).tolist()
+        for b in range(B):
+            seqs.append((range(cq[b], cq[b + 1]), ck[b + 1] - ck[b], lambda x, b=b: x[ck[b]:ck[b + 1]]))
+    return seqs
+
+
+def _multiplicity(j: Tensor, Lb: int, block_size: int, q_pos: Optional[int]) -> Tensor:
+    """C[p], p < Lb: how many times position p is a kept candidate of the index row ``j`` (int64):
+    index i covers positions [i*block_size, (i+1)*block_size); kept when 0 <= p < Lb (and p <= q_pos
+    with causality, ``q_pos`` None without)."""
+    j = j[(j >= 0) & (j <= Lb // block_size)]  # beyond that, every position is >= Lb
+    # offsets past L_b are never kept: expand at most L_b of them (block_size may be huge)
+    p = (j[:, None] * block_size + torch.arange(min(block_size, Lb))).flatten()
+    p = p[(p < Lb) & ((p <= q_pos) if q_pos is not None else True)]
+    return torch.bincount(p, minlength=Lb)
+
+
+def _weighted_softmax(s: Tensor, w: Tensor, vals: Tensor, sink: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(out, lse) of one query head: lse = log sum_p w_p exp(s_p), out = sum_p w_p exp(s_p) v_p / (exp(lse)
+    [+ exp(sink)]), shifted by the max score for range."""
+    m = s.max()
+    e = w * torch.exp(s - m)
+    z = e.sum()
+    denom = z + (torch.exp(sink - m) if sink is not None else 0.0)
+    return (e @ vals) / denom, m + torch.log(z)

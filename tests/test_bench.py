@@ -15,7 +15,7 @@ from attention.inputs import FLOAT_DTYPES
 from attention.registry import ATTENTION_FEATURES, Backend
 
 from bench import report, runner, summarize
-from bench.presets import SelectionProblem, dsv32, nsa
+from bench.presets import dsv32, dsv32_selection, nsa
 from bench.problems import byte_count, flop_count, make_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,17 +171,13 @@ def test_dense_baselines_pass_the_gate_with_gqa_blocks():
     assert rows["flashmla-sparse"]["status"] == "n/a"
 
 
-def test_selection_is_checked_or_reported_unavailable():
-    sp = SelectionProblem("sel", T=3, context=300, Hi=4, Di=16, k=32, dtype="float32")
+def test_selection_is_checked_then_timed():
+    sp = dsv32_selection("sel", T=3, context=300, Hi=4, Di=16, k=32, dtype="float32")
     doc = _run([sp], None, baselines=True)
     rows = {r["impl"]: r for r in doc["results"]}
-    assert rows["dense-scores+torch.topk"]["status"] == "ok"
-    if hasattr(attention, "select"):
-        assert rows["attention.select"]["status"] == "ok", rows["attention.select"]["reason"]
-    else:
-        assert rows["attention.select"]["status"] == "n/a"
-        assert "not available" in rows["attention.select"]["reason"]
-        assert rows["attention.select"]["median_ms"] is None
+    for name in ("attention.select", "attention.lightning_indexer+topk_indices", "dense-scores+torch.topk"):
+        assert rows[name]["status"] == "ok", rows[name]["reason"]
+        assert rows[name]["checked_tokens"] == 3 and rows[name]["median_ms"] > 0
 
 
 @pytest.mark.slow
@@ -240,14 +236,17 @@ def test_quantized_problem_is_checked_timed_and_counted_as_656_byte_rows(tmp_pat
 
 
 def test_one_problem_description():
-    # The matrix, the tune presets, bench's presets and compile_budget's problems are all Cases: a
-    # uniform problem is a Case made by testing.Problem, rebuilt from its own fields.
+    # The matrix, the tune presets, bench's presets (the indexer + top-k ones included) and
+    # compile_budget's problems are all Cases: a uniform problem is a Case made by testing.Problem,
+    # rebuilt from its own fields.
     from attention import tune
     from attention.testing import CASES, Case, Problem
     from bench import compile_budget
     from bench.presets import PRESETS
+    from bench.runner import parse_args, problems_from_args
+    from bench.selection import make_selection_inputs
 
-    problems = (list(tune.PRESETS.values()) + [p for ps in PRESETS.values() for p in ps if not isinstance(p, SelectionProblem)]
+    problems = (list(tune.PRESETS.values()) + [p for ps in PRESETS.values() for p in ps]
                 + list(compile_budget.PROBLEMS.values()))
     assert all(type(p) is Case for p in problems + CASES)
     for p in problems:
@@ -258,3 +257,15 @@ def test_one_problem_description():
         assert q.T == p.T and q.seqs == ((p.q_per_seq, p.context + 64),) * p.batch
     assert compile_budget.PROBLEMS["nsa-prefill"].op == "attention" and not compile_budget.PROBLEMS["nsa-prefill"].latent
     assert compile_budget.PROBLEMS["dsv32-select-decode"].op == "select"
+    # A selection problem is the same Case whichever table declares it: H, Dqk, K are Hi, Di, k.
+    assert dsv32_selection("dsv32-select-decode", T=4, context=131072) == compile_budget.PROBLEMS["dsv32-select-decode"]
+    sel = PRESETS["selection"]
+    assert [(p.op, p.batch, p.causal) for p in sel] == [("select", 1, True)] * 2
+    assert sel[0].describe() == "T=4, L=32768, Hi=64, Di=128, k=2048, causal, bfloat16"
+    # bench's flags: a selection problem takes tokens, top-k, dtype and context, not the attention's widths.
+    (p,) = problems_from_args(parse_args(["--preset", "selection", "--context", "300", "--tokens", "3",
+                                          "--topk", "16", "--heads", "8", "--dqk", "32", "--dtype", "float32"]))[:1]
+    assert (p.q_per_seq, p.context, p.K, p.H, p.Dqk, p.dtype) == (3, 300, 16, 64, 128, "float32")
+    inp = make_selection_inputs(p, "cpu")
+    assert (tuple(inp.q_idx.shape), tuple(inp.k_idx.shape), tuple(inp.weights.shape)) == ((3, 64, 128), (300, 128), (3, 64))
+    assert inp.q_idx.dtype == torch.float32 and inp.pairs == 298 + 299 + 300

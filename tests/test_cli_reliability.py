@@ -1,4 +1,4 @@
-"""issue #11 item 14: every CLI of the package (attention.verify, attention.tune, attention.info,
+"""Every CLI of the package (attention.verify, attention.tune, attention.info,
 python -m bench and its presets) answers a bad flag or an unwritable output with argparse's error
 (exit 2, no traceback) *before* it measures anything, and prints what it measured before writing it.
 

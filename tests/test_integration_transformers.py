@@ -1,4 +1,4 @@
-"""transformers drop-in (issue 7): a tiny random DeepseekV32ForCausalLM, built in code (no download),
+"""transformers drop-in (docs/transformers.md): a tiny random DeepseekV32ForCausalLM, built in code (no download),
 run through register() and absorb_mla() on every CPU-testable backend, against HF's own eager path.
 
 The model is deliberately tiny (2 layers, hidden 64, 4 heads, kv_lora_rank 32, rope 16, vocab 128) so

@@ -109,7 +109,7 @@ def test_attention_over_paged_cache_equals_contiguous(backend):
     assert out.abs().max().item() > 0.1  # the rows read real data, not an empty selection
 
 
-# ---- quantized caches (issue 16) ----
+# ---- quantized caches ----
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_quantized_cache_quantizes_on_append(backend, dtype):

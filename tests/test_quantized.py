@@ -1,4 +1,4 @@
-"""Quantized kv caches (issue 16): the quantizer, the reference's dequantize-after-gather, gradients,
+"""Quantized kv caches (docs/contract.md "Quantized caches"): the quantizer, the reference's dequantize-after-gather, gradients,
 registry features. The equivalence matrix (tests/test_equivalence.py) runs the quantized cases of
 attention.testing against the float64 oracle on every backend that declares kv_fp8 / kv_int8."""
 

@@ -1,7 +1,7 @@
-"""Issue 11 regressions for the reference (python_ref) and the selection reference.
+"""Regressions for the reference (python_ref) and the selection reference.
 
 Cases every backend can run live in the equivalence matrix (attention/testing.py, the block
-"issue 11 regressions (reference)"); this file holds what only the reference or the Python core
+"NaN / inf garbage kept by some tokens only"); this file holds what only the reference or the Python core
 can be asked: the chunk-union strategy against the gather one, the backward, memory/work bounds,
 argument validation and the selection functions. Every expectation is computed by the float64
 oracle (python_ref.selective_attention_dense / *_dense) or follows from SPEC.md's rules.

@@ -154,7 +154,7 @@ CASES = [
     SelCase("block8_k_exceeds_blocks", block_size=8, seqs=((2, 20),), k=6),
     SelCase("block64_max_nsa", block_size=64, k=3, seqs=((2, 300),)),  # NSA's block size: one block per tile
     SelCase("block128_mean_paged", block_size=128, block_reduce="mean", k=2, page_size=32, seqs=((1, 400), (1, 130))),
-    # The indexer serving engines call (issue 13): DeepGEMM's fp8_mqa_logits inputs, int8, vLLM's windows.
+    # The indexer serving engines call: DeepGEMM's fp8_mqa_logits inputs, int8, vLLM's windows.
     SelCase("fp8_deepgemm_flat_windows", quant="fp8", q_scale=False, window=True, causal=False, seqs=((6, 50),),
             Di=32, k=7),
     SelCase("fp8_scaled_varlen", quant="fp8", seqs=((3, 20), (2, 33)), k=6),
@@ -432,7 +432,7 @@ def test_select_memory_does_not_build_score_matrix():
 
 
 # ----------------------------------------------------------------------------- serving engines' indexer
-# issue 13: DeepGEMM's fp8_mqa_logits (fp8 q_idx / k_idx, per-row k scales, windows [ks, ke)) and vLLM's
+# DeepGEMM's fp8_mqa_logits (fp8 q_idx / k_idx, per-row k scales, windows [ks, ke)) and vLLM's
 # top_k_per_row with per-row lengths, checked with the vendors' own pass rules (reimplemented).
 
 def _prefill_windows(seqs):

@@ -11,7 +11,7 @@ Layout (SPEC.md section 1, paged kv): ``kv [P, page_size, 1, kv_lora_rank]``,
 ``seqlens_k [B] int32``. Pages come from one pool per cache; a sequence takes a new page only when
 its last one is full, so a batch of ragged sequences wastes at most ``page_size - 1`` rows each.
 
-A quantized cache (issue 16): ``dtype=torch.float8_e4m3fn`` or ``torch.int8`` stores the latent
+A quantized cache (docs/contract.md "Quantized caches"): ``dtype=torch.float8_e4m3fn`` or ``torch.int8`` stores the latent
 quantized on ``append`` (``attention.quantize_kv``: per token, tiles of ``scale_block`` values, amax
 scaling) with ``kv_scale [P, page_size, 1, ceil(kv_lora_rank / scale_block)]`` float32 beside it; the
 rope part stays floating point in ``rope_dtype`` (it must be the queries' dtype; default bfloat16).

@@ -165,90 +165,92 @@ def _layer_base():
     return DynamicIndexedLayer
 
 
-def _make_layer_class():
-    base = _layer_base()
+# The methods of PagedLatentCacheLayer, declared without its transformers base class (a mixin placed
+# before it in the MRO by _make_layer_class), so that importing this module needs no transformers.
+class _PagedLatentLayer:
+    """HF cache layer for the absorbed path: the latent lives in a ``PagedLatentCache`` (real tokens
+    only); the indexer's keys stay in HF's own storage (inherited), since HF's indexer reads them.
 
-    class _PagedLatentCacheLayer(base):
-        """HF cache layer for the absorbed path: the latent lives in a ``PagedLatentCache`` (real tokens
-        only); the indexer's keys stay in HF's own storage (inherited), since HF's indexer reads them.
+    HF positions are padded (every sequence of the batch has ``padded_length`` slots); ``k_pos``
+    maps each padded slot to its row in the paged sequence, or -1 for padding.
+    """
 
-        HF positions are padded (every sequence of the batch has ``padded_length`` slots); ``k_pos``
-        maps each padded slot to its row in the paged sequence, or -1 for padding.
-        """
+    def __init__(self, page_size: int = 64, cache_dtype: Optional[torch.dtype] = None, scale_block: int = 128,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.page_size = page_size
+        self.cache_dtype = cache_dtype  # None: the model's dtype; float8_e4m3fn / int8: quantized latent
+        self.scale_block = scale_block
+        self.paged: Optional[PagedLatentCache] = None
+        self.padded_length = 0
+        self.k_pos: Optional[Tensor] = None
 
-        def __init__(self, page_size: int = 64, cache_dtype: Optional[torch.dtype] = None, scale_block: int = 128,
-                     **kwargs):
-            super().__init__(**kwargs)
-            self.page_size = page_size
-            self.cache_dtype = cache_dtype  # None: the model's dtype; float8_e4m3fn / int8: quantized latent
-            self.scale_block = scale_block
-            self.paged: Optional[PagedLatentCache] = None
-            self.padded_length = 0
-            self.k_pos: Optional[Tensor] = None
+    def lazy_initialization(self, key_states, value_states):  # HF's abstract hook; unused here
+        self.device = key_states.device
+        self.is_initialized = True
 
-        def lazy_initialization(self, key_states, value_states):  # HF's abstract hook; unused here
-            self.device = key_states.device
+    def update(self, *args, **kwargs):
+        raise RuntimeError("PagedLatentCacheLayer is written by the absorbed MLA forward only "
+                           "(absorb_mla); the HF eager path cannot use it")
+
+    def append(self, latent: Tensor, rope: Tensor, new_real: Tensor) -> None:
+        """latent [B, S, R], rope [B, S, Dr], new_real [B, S] bool: store the real rows."""
+        B, S, R = latent.shape
+        if self.paged is None:
+            # The rope part stays in the model's dtype (the queries'): the op computes in q's dtype.
+            self.paged = PagedLatentCache(B, R, rope.shape[-1], page_size=self.page_size,
+                                          dtype=self.cache_dtype or latent.dtype, device=latent.device,
+                                          scale_block=self.scale_block, rope_dtype=rope.dtype)
+            self.k_pos = torch.empty(B, 0, dtype=torch.int32, device=latent.device)
+            self.device = latent.device
             self.is_initialized = True
+        old = self.paged.seqlens_k.to(latent.device)
+        counts = new_real.sum(1)
+        self.paged.append(latent[new_real], rope[new_real], lengths=counts.tolist())
+        pos = old[:, None] + new_real.cumsum(1, dtype=torch.int32) - 1
+        pos = torch.where(new_real, pos, torch.full_like(pos, -1)).to(torch.int32)
+        self.k_pos = torch.cat([self.k_pos, pos], dim=1)
+        self.padded_length += S
 
-        def update(self, *args, **kwargs):
-            raise RuntimeError("PagedLatentCacheLayer is written by the absorbed MLA forward only "
-                               "(absorb_mla); the HF eager path cannot use it")
+    def get_seq_length(self) -> int:
+        return self.padded_length
 
-        def append(self, latent: Tensor, rope: Tensor, new_real: Tensor) -> None:
-            """latent [B, S, R], rope [B, S, Dr], new_real [B, S] bool: store the real rows."""
-            B, S, R = latent.shape
-            if self.paged is None:
-                # The rope part stays in the model's dtype (the queries'): the op computes in q's dtype.
-                self.paged = PagedLatentCache(B, R, rope.shape[-1], page_size=self.page_size,
-                                              dtype=self.cache_dtype or latent.dtype, device=latent.device,
-                                              scale_block=self.scale_block, rope_dtype=rope.dtype)
-                self.k_pos = torch.empty(B, 0, dtype=torch.int32, device=latent.device)
-                self.device = latent.device
-                self.is_initialized = True
-            old = self.paged.seqlens_k.to(latent.device)
-            counts = new_real.sum(1)
-            self.paged.append(latent[new_real], rope[new_real], lengths=counts.tolist())
-            pos = old[:, None] + new_real.cumsum(1, dtype=torch.int32) - 1
-            pos = torch.where(new_real, pos, torch.full_like(pos, -1)).to(torch.int32)
-            self.k_pos = torch.cat([self.k_pos, pos], dim=1)
-            self.padded_length += S
+    def get_mask_sizes(self, query_length: int) -> tuple:
+        return self.padded_length + query_length, 0
 
-        def get_seq_length(self) -> int:
-            return self.padded_length
+    def get_max_length(self) -> int:
+        return -1
 
-        def get_mask_sizes(self, query_length: int) -> tuple:
-            return self.padded_length + query_length, 0
+    def memory_bytes(self) -> int:
+        """Latent pages + block table + position map (the indexer keys are HF's, counted apart)."""
+        if self.paged is None:
+            return 0
+        return self.paged.memory_bytes() + self.k_pos.numel() * self.k_pos.element_size()
 
-        def get_max_length(self) -> int:
-            return -1
+    def reset(self) -> None:
+        super().reset()
+        self.paged = None
+        self.padded_length = 0
+        self.k_pos = None
+        self.is_initialized = False
 
-        def memory_bytes(self) -> int:
-            """Latent pages + block table + position map (the indexer keys are HF's, counted apart)."""
-            if self.paged is None:
-                return 0
-            return self.paged.memory_bytes() + self.k_pos.numel() * self.k_pos.element_size()
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("PagedLatentCacheLayer: beam search / cache cropping are not supported")
 
-        def reset(self) -> None:
-            super().reset()
-            self.paged = None
-            self.padded_length = 0
-            self.k_pos = None
-            self.is_initialized = False
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
 
-        def _unsupported(self, *args, **kwargs):
-            raise NotImplementedError("PagedLatentCacheLayer: beam search / cache cropping are not supported")
+    def offload(self):  # keep the pages where they are
+        pass
 
-        reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
+    def prefetch(self):
+        pass
 
-        def offload(self):  # keep the pages where they are
-            pass
 
-        def prefetch(self):
-            pass
-
-    _PagedLatentCacheLayer.__name__ = "PagedLatentCacheLayer"
-    _PagedLatentCacheLayer.__qualname__ = "PagedLatentCacheLayer"
-    return _PagedLatentCacheLayer
+def _make_layer_class():
+    """``PagedLatentCacheLayer``: the methods above over transformers' indexed cache layer."""
+    return type("PagedLatentCacheLayer", (_PagedLatentLayer, _layer_base()),
+                {"__doc__": _PagedLatentLayer.__doc__, "__module__": __name__,
+                 "__qualname__": "PagedLatentCacheLayer"})
 
 
 _LAYER_CLASS = None

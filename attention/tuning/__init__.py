@@ -55,6 +55,9 @@ CONFIG_FIELDS: Dict[str, Tuple[Tuple[int, int], bool]] = {
     # The latent kernel's candidate tile when it differs from the general kernel's BLOCK_N (its
     # 64 x 512 float32 accumulator leaves fewer registers for the tile; docs/triton.md).
     "LATENT_BLOCK_N": ((16, 1024), True),
+    # The latent kernel's tile over a quantized cache (fp8 / int8): the dequantized tile sits in registers
+    # beside that accumulator, and 32-row tiles spill on sm_90 where 16-row ones do not (docs/triton.md).
+    "QUANT_LATENT_BLOCK_N": ((16, 1024), True),
     "num_splits": ((0, 1024), False), "target_programs": ((0, 1 << 20), False),
     "min_per_split": ((0, 1 << 24), False),
     # The general kernel's rope chunk (default: BLOCK_D) and its key-gather shape (1: rows, transposed

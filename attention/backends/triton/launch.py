@@ -120,8 +120,12 @@ def shape_bucket(inp) -> str:
     n = inp.topk * inp.block_size
     phase = (f"decode-t{_p2(max(inp.num_tokens, 1))}" if inp.num_tokens * inp.num_kv_heads <= 128 else "prefill")
     dt = str(inp.dtype).replace("torch.", "")
+    # A quantized cache compiles another kernel with other register needs: its own bucket, so a config
+    # tuned on a bfloat16 cache is not applied to it (and the reverse).
+    quant = "".join(f"-{name}{str(x.dtype).replace('torch.', '')}" for name, x, s in
+                    (("kv", inp.kv, inp.kv_scale), ("v", inp.v, inp.v_scale)) if s is not None)
     return (f"hg{_p2(hg)}-dqk{inp.head_dim}-dv{inp.d_v}-dr{inp.rope_dim}-n{_p2(max(n, 1))}-"
-            f"{'paged' if inp.paged else 'contig'}-{phase}-{dt}")
+            f"{'paged' if inp.paged else 'contig'}-{phase}-{dt}{quant}")
 
 
 def autotune_configs():
@@ -172,9 +176,12 @@ def resolve_config(inp, override: Optional[Dict] = None) -> Tuple[Dict, str]:
     cfg, source = found if found is not None else (dict(tuning.FALLBACK_CONFIG), "built-in fallback")
     cfg = dict(tuning.FALLBACK_CONFIG, **cfg)
     if override:
+        # An override names one candidate tile for whichever kernel runs (tests, the tune CLI): a
+        # BLOCK_N drops the latent tiles it does not name, a LATENT_BLOCK_N the quantized one.
         if "BLOCK_N" in override and "LATENT_BLOCK_N" not in override:
-            # An override names one candidate tile for whichever kernel runs (tests, the tune CLI).
             cfg.pop("LATENT_BLOCK_N", None)
+        if ("BLOCK_N" in override or "LATENT_BLOCK_N" in override) and "QUANT_LATENT_BLOCK_N" not in override:
+            cfg.pop("QUANT_LATENT_BLOCK_N", None)
         cfg.update(override)
         source = "override"
     return cfg, source
@@ -186,6 +193,17 @@ def use_latent_kernel(inp, cfg: Dict) -> bool:
     ``LATENT: 0`` in a config forces the general kernel (tests, comparisons)."""
     return (inp.v is None and _p2(inp.d_v) <= MAX_LATENT_DV and inp.head_dim - inp.d_v <= MAX_LATENT_TAIL
             and bool(int(cfg.get("LATENT", 1))))
+
+
+def candidate_tile(inp, cfg: Dict, latent: bool) -> int:
+    """The config's candidate tile for the kernel that runs: BLOCK_N (general kernel), else
+    LATENT_BLOCK_N where given, and over a quantized cache QUANT_LATENT_BLOCK_N where given (its
+    dequantized tile needs registers beside the latent kernel's accumulator: docs/triton.md)."""
+    if not latent:
+        return cfg["BLOCK_N"]
+    if inp.kv_quantized and "QUANT_LATENT_BLOCK_N" in cfg:
+        return cfg["QUANT_LATENT_BLOCK_N"]
+    return cfg.get("LATENT_BLOCK_N", cfg["BLOCK_N"])
 
 
 def choose_splits(programs: int, n: int, bn: int, sms: Optional[int], cfg: Dict) -> int:
@@ -216,7 +234,7 @@ def plan(inp, cfg: Dict) -> Dict:
     n = inp.topk * inp.block_size
     latent = use_latent_kernel(inp, cfg)
     bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))  # tl.dot needs M >= 16: small groups pad to 16
-    bn = max(16, _p2(cfg["LATENT_BLOCK_N"] if latent and "LATENT_BLOCK_N" in cfg else cfg["BLOCK_N"]))
+    bn = max(16, _p2(candidate_tile(inp, cfg, latent)))
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
     # The rope chunk has its own size where a config gives one (BLOCK_DR: Ascend's UB holds a 64-wide
     # rope chunk of the general kernel only at small tiles, issue 19); else it follows BLOCK_D.
