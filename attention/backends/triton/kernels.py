@@ -133,7 +133,7 @@ def _dequantize(x, s_rows, c0, offs_c, valid, c_mask, stride_sd, n_scales, LIKE,
             y = x.to(tl.float32) * sc[:, None]
         else:
             y = x.to(tl.float32) * sc[None, :]
-    elif ALIGNED and BLOCK_C % SCALE_BLOCK == 0 and BLOCK_C // SCALE_BLOCK <= 8:
+    elif ALIGNED and (BLOCK_C % SCALE_BLOCK == 0 and BLOCK_C // SCALE_BLOCK <= 8):  # triton-ascend 3.2: no A and B and C
         # Whole tiles (DeepSeek: 512 = 4 x 128): one [rows] scale load per tile, selected per column
         # elementwise (a reshape to [rows, tiles, SCALE_BLOCK] spilled 448-1840 B on sm_90: docs/triton.md).
         tile = (offs_c - c0) // SCALE_BLOCK
