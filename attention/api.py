@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -9,11 +10,11 @@ from torch import Tensor
 
 import python_ref
 
-from .arguments import ARG_INDEX, ARG_NAMES, DIFFERENTIABLE
+from .arguments import ARG_NAMES
 from .inputs import FLOAT_DTYPES, QUANT_DTYPES, dtype_name, need_int, need_tensor, validate
-from .ops import run_backend, selective_attention_op
+from .ops import plain_eager_call, run_backend, selective_attention_op
 
-_DIFFERENTIABLE_AT = tuple(ARG_INDEX[n] for n in DIFFERENTIABLE)
+_schema_order = operator.itemgetter(*ARG_NAMES)  # locals() -> the arguments in the schema's order
 
 
 def selective_attention(
@@ -52,31 +53,17 @@ def selective_attention(
     """
     # The op's arguments in the schema's order, read off this signature by the argument table's names
     # (tests/test_op.py checks that the signature and the table agree).
-    args = tuple(map(locals().__getitem__, ARG_NAMES))
-    if _plain_eager_call(args):
-        # Same kernel, without the dispatcher + autograd wrapper round trip (~25 us on our CPUs):
-        # nothing needs a gradient and nothing traces or intercepts the call.
-        out, lse = run_backend(validate(*args))
+    if torch.compiler.is_compiling():  # dynamo folds this to a constant, and traces the op
+        out, lse = selective_attention_op(*map(locals().__getitem__, ARG_NAMES))  # (no itemgetter in dynamo)
     else:
-        out, lse = selective_attention_op(*args)
+        args = _schema_order(locals())
+        if plain_eager_call(args):
+            # Same kernel, without the dispatcher + autograd wrapper round trip (~25 us on our CPUs):
+            # nothing needs a gradient and nothing intercepts the call.
+            out, lse = run_backend(validate(*args))
+        else:
+            out, lse = selective_attention_op(*args)
     return (out, lse) if return_lse else out
-
-
-def _plain_eager_call(args: tuple) -> bool:
-    if torch.compiler.is_compiling():  # first: dynamo folds it to a constant
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    grad = torch.is_grad_enabled()
-    for i in _DIFFERENTIABLE_AT:
-        t = args[i]
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            continue  # not a tensor at all: the validator raises a TypeError naming it
-        if type(t) is not torch.Tensor or (grad and t.requires_grad):
-            return False
-    return True
 
 
 def quantize_kv(kv: Tensor, dtype: torch.dtype, scale_block: int = 128) -> Tuple[Tensor, Tensor]:

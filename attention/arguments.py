@@ -92,11 +92,13 @@ def annotation(a: Arg):
 def bind(args: tuple, kwargs: Optional[dict]) -> tuple:
     """Positional and keyword arguments of one call -> every argument in table order.
 
-    The hot path (the dispatcher or the API handing all of them positionally) returns ``args`` as is.
+    The hot path (the API or the dispatcher handing them positionally) is one tuple concatenation.
     """
     n = len(args)
-    if n == len(ARGS) and not kwargs:
-        return args
+    if not kwargs and NUM_REQUIRED <= n <= len(ARGS):
+        # every argument positional (the API), or the leading ones (the dispatcher leaves out trailing
+        # defaults): the table's defaults complete them
+        return args + DEFAULTS[n - NUM_REQUIRED:]
     if n < NUM_REQUIRED and not kwargs:
         raise TypeError(f"selective_attention needs {', '.join(ARG_NAMES[:NUM_REQUIRED])}; got {n} arguments")
     if n > len(ARGS):

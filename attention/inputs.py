@@ -126,12 +126,16 @@ class _Derived:
                 self.indices.shape[2], self.block_size)
 
     def choice_key(self) -> tuple:
-        """What the registry's cached choice depends on: device type, dtype, features, sizes."""
-        return (self.q.device.type, self.q.dtype, self._feature_flags(), self.sizes)
+        """What the registry's cached choice depends on: device, dtype, features, sizes. The device
+        itself rather than its type (which builds a string on every read): a key finer than the choice
+        needs only costs one entry per device."""
+        return (self.q.device, self.q.dtype, self._feature_flags(), self.sizes)
 
     def reference_kwargs(self) -> dict:
-        """Keyword arguments for ``python_ref.selective_attention`` (every math argument after indices)."""
-        return dict(zip(REFERENCE_KWARGS, _reference_values(self)))
+        """Keyword arguments for ``python_ref.selective_attention`` and its backward: the math arguments
+        after indices that are set. One left out is None here, and None is the reference's default too;
+        leaving it out makes the decode call's hand-off a few keywords rather than sixteen."""
+        return {k: x for k, x in zip(REFERENCE_KWARGS, _reference_values(self)) if x is not None}
 
     def describe(self) -> str:
         return (f"T={self.num_tokens} H={self.num_heads} Hkv={self.num_kv_heads} Dqk={self.head_dim} "
@@ -161,8 +165,33 @@ SelectiveAttentionInputs.__module__ = __name__  # (make_dataclass's module= need
 SelectiveAttentionInputs.__doc__ = "Arguments of ``selective_attention`` after validation, plus derived sizes."
 
 
+def env_value(name: str) -> str:
+    """``os.environ.get(name, "")``, without its cost when the variable is absent.
+
+    The op reads its switches (``ATTENTION_BACKEND``, ``ATTENTION_NAN_FILL``, ``ATTENTION_DEBUG``) on
+    every call, so that a change made while the process runs takes effect. ``os.environ.get`` raises and
+    catches two KeyErrors for an absent name: ~2 us alone and ~7 us of a tiny decode call measured in
+    place (docs/architecture.md). CPython's ``os.environ`` keeps its contents in a dict (``_data``, keys
+    encoded by its ``encodekey``) that every write through ``os.environ`` updates (``putenv`` too), so
+    that dict is read directly; anything else standing in for ``os.environ`` (a test's plain dict,
+    another Python) is read with ``get``. tests/test_op.py checks both against ``os.environ.get``.
+    """
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if type(data) is not dict:
+        return env.get(name, "")
+    key = _env_keys.get(name)
+    if key is None:
+        key = _env_keys[name] = env.encodekey(name)
+    value = data.get(key)
+    return "" if value is None else env.decodevalue(value)
+
+
+_env_keys: dict = {}
+
+
 def debug_checks_enabled() -> bool:
-    return os.environ.get("ATTENTION_DEBUG", "0") not in ("", "0", "false", "False")
+    return env_value("ATTENTION_DEBUG") not in ("", "0", "false", "False")
 
 
 def dtype_name(x) -> str:
@@ -194,7 +223,7 @@ def next_power_of_2(n: int) -> int:
 
 
 def nan_fill_enabled() -> bool:
-    return os.environ.get("ATTENTION_NAN_FILL", "0") not in ("", "0")
+    return env_value("ATTENTION_NAN_FILL") not in ("", "0")
 
 
 def new_empty(*shape, device, dtype) -> Tensor:
@@ -267,14 +296,16 @@ def validate(*args, check_contents: Optional[bool] = None, **kwargs) -> Selectiv
     """
     inp = SelectiveAttentionInputs(*bind(args, kwargs))
     _check_tensor_types(inp)
-    Dr = _check_shapes(inp)
-    _check_scalars(inp, Dr)
+    key_width = _check_shapes(inp)
+    _check_scalars(inp, key_width)
     _check_quantization(inp)
-    inp.layout = KVLayout.check(inp.paged, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table, inp.seqlens_k)
-    if check_contents is None:
-        check_contents = inp.q.is_cpu or debug_checks_enabled()
-    if check_contents and not is_fake(inp.q):
-        check_sequence_contents(inp)
+    layout = inp.layout = KVLayout.check(inp.kv.dim() == 4, inp.cu_seqlens_q, inp.cu_seqlens_k, inp.block_table,
+                                         inp.seqlens_k)
+    if not layout.trivial:  # one contiguous sequence has no contents to check
+        if check_contents is None:
+            check_contents = inp.q.is_cpu or debug_checks_enabled()
+        if check_contents and not is_fake(inp.q):
+            check_sequence_contents(inp)
     return inp
 
 
@@ -287,51 +318,70 @@ validate.__signature__ = inspect.Signature(
 
 def _check_tensor_types(inp) -> None:
     """Tensors are tensors, on q's device, with the dtypes SPEC.md section 1 allows."""
-    q = inp.q
+    q, kv, indices = inp.q, inp.kv, inp.indices
     need_tensor("q", q)
-    need_tensor("kv", inp.kv)
-    need_tensor("indices", inp.indices)
+    need_tensor("kv", kv)
+    need_tensor("indices", indices)
+    # The optional tensors in one C-level read: a decode call usually has none, and then the loop (type,
+    # then device, of each one given) and the dtype rules of v and the rope pair are skipped whole.
+    optional = _optional_tensors(inp)
+    given = optional.count(None) != len(optional)
     dev = q.device
-    # One pass over the optional tensors: type, then device (the common decode call has none).
-    for name in OPTIONAL_TENSORS:
-        x = getattr(inp, name)
-        if x is not None:
-            need_tensor(name, x)
-            if x.device != dev:
-                raise ValueError(f"{name} must be on q's device {dev}, got {x.device}")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {dtype_name(q.dtype)}")
-    for name, x in (("kv", inp.kv), ("v", inp.v), ("q_rope", inp.q_rope), ("kv_rope", inp.kv_rope)):
-        # kv and v may also be stored quantized (their scales are checked by _check_quantization)
-        if x is not None and x.dtype != q.dtype and not (name in ("kv", "v") and x.dtype in QUANT_DTYPES):
-            also = " (or float8_e4m3fn / int8 with a scale)" if name in ("kv", "v") else ""
-            raise TypeError(f"{name} must have q's dtype {dtype_name(q.dtype)}{also}, got {dtype_name(x.dtype)}")
-    if inp.indices.dtype not in INDEX_DTYPES:
-        raise TypeError(f"indices must be int32 or int64, got {dtype_name(inp.indices.dtype)}")
-    for name, x in (("kv", inp.kv), ("indices", inp.indices)):
-        if x.device != dev:
-            raise ValueError(f"{name} must be on q's device {dev}, got {x.device}")
+    if given:
+        for name, x in zip(OPTIONAL_TENSORS, optional):
+            if x is not None:
+                need_tensor(name, x)
+                if x.device != dev:
+                    raise ValueError(f"{name} must be on q's device {dev}, got {x.device}")
+    dtype = q.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {dtype_name(dtype)}")
+    _need_dtype_of_q("kv", kv, dtype, quantizable=True)
+    if given:
+        _need_dtype_of_q("v", inp.v, dtype, quantizable=True)
+        _need_dtype_of_q("q_rope", inp.q_rope, dtype, quantizable=False)
+        _need_dtype_of_q("kv_rope", inp.kv_rope, dtype, quantizable=False)
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be int32 or int64, got {dtype_name(indices.dtype)}")
+    if kv.device != dev:
+        raise ValueError(f"kv must be on q's device {dev}, got {kv.device}")
+    if indices.device != dev:
+        raise ValueError(f"indices must be on q's device {dev}, got {indices.device}")
+
+
+_optional_tensors = operator.attrgetter(*OPTIONAL_TENSORS)
+
+
+def _need_dtype_of_q(name: str, x, dtype: torch.dtype, quantizable: bool) -> None:
+    """x (if given) has q's dtype; kv and v may also be stored quantized (scales: _check_quantization)."""
+    if x is not None and x.dtype != dtype and not (quantizable and x.dtype in QUANT_DTYPES):
+        also = " (or float8_e4m3fn / int8 with a scale)" if quantizable else ""
+        raise TypeError(f"{name} must have q's dtype {dtype_name(dtype)}{also}, got {dtype_name(x.dtype)}")
 
 
 def _check_shapes(inp) -> int:
-    """Shapes of q, kv, v (or the latent d_v), the rope pair and indices. Sets ``inp.d_v``; returns Dr."""
+    """Shapes of q, kv, v (or the latent d_v), the rope pair and indices. Sets ``inp.d_v``; returns the key
+    width Dqk + Dr (the default sm_scale's)."""
     q, kv, v, d_v, indices = inp.q, inp.kv, inp.v, inp.d_v, inp.indices
+    # (each .shape read builds a torch.Size: read once per tensor, since a decode call is this cheap)
     need_rank("q", q, (3,), "[T, H, Dqk]")
-    T, H, Dqk = q.shape
+    T, H, Dqk = q_shape = q.shape
     need_rank("kv", kv, (3, 4), "[S, Hkv, Dqk] or paged [P, page, Hkv, Dqk]")
-    lead = tuple(kv.shape[:-1])  # (S, Hkv) or (P, page, Hkv)
-    Hkv = kv.shape[-2]
+    kv_shape = kv.shape
+    Hkv = kv_shape[-2]
     if Hkv < 1:
-        raise ValueError(f"kv must have at least one kv head, got shape {tuple(kv.shape)}")
+        raise ValueError(f"kv must have at least one kv head, got shape {tuple(kv_shape)}")
     if H < 1 or Dqk < 1:
-        raise ValueError(f"q must have H >= 1 and Dqk >= 1, got shape {tuple(q.shape)}")
+        raise ValueError(f"q must have H >= 1 and Dqk >= 1, got shape {tuple(q_shape)}")
     if H % Hkv != 0:
         raise ValueError(f"q's head count H={H} must be a multiple of kv's head count Hkv={Hkv}")
-    if kv.shape[-1] != Dqk:
-        raise ValueError(f"kv's last dimension must equal q's head width Dqk={Dqk}, got {kv.shape[-1]}")
-    if kv.dim() == 4 and kv.shape[1] < 1:
-        raise ValueError(f"kv's page size must be >= 1, got shape {tuple(kv.shape)}")
+    if kv_shape[-1] != Dqk:
+        raise ValueError(f"kv's last dimension must equal q's head width Dqk={Dqk}, got {kv_shape[-1]}")
+    if len(kv_shape) == 4 and kv_shape[1] < 1:
+        raise ValueError(f"kv's page size must be >= 1, got shape {tuple(kv_shape)}")
 
+    # kv's leading shape (S, Hkv) or (P, page, Hkv): built only when v or the rope pair must match it
+    lead = tuple(kv_shape[:-1]) if v is not None or inp.kv_rope is not None else None
     if v is not None:
         if v.dim() != kv.dim() or tuple(v.shape[:-1]) != lead:
             raise ValueError(f"v must have kv's leading shape {lead + ('Dv',)}, got {tuple(v.shape)}")
@@ -364,21 +414,22 @@ def _check_shapes(inp) -> int:
                              f"got {tuple(kv_rope.shape)}")
 
     need_rank("indices", indices, (3,), "[T, Hkv, K] (or [T, 1, K])")
-    if indices.shape[0] != T:
-        raise ValueError(f"indices must have T={T} rows (one per query token), got shape {tuple(indices.shape)}")
-    if indices.shape[1] not in (1, Hkv):
-        raise ValueError(f"indices' middle dimension must be Hkv={Hkv} or 1, got shape {tuple(indices.shape)}")
-    return Dr
+    index_shape = indices.shape
+    if index_shape[0] != T:
+        raise ValueError(f"indices must have T={T} rows (one per query token), got shape {tuple(index_shape)}")
+    if index_shape[1] != Hkv and index_shape[1] != 1:
+        raise ValueError(f"indices' middle dimension must be Hkv={Hkv} or 1, got shape {tuple(index_shape)}")
+    return Dqk + Dr
 
 
-def _check_scalars(inp, Dr: int) -> None:
+def _check_scalars(inp, key_width: int) -> None:
     """block_size, sm_scale (default filled in), causal, backend, attn_sink (made float32)."""
     block_size = inp.block_size
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    inp.sm_scale = (inp.q.shape[2] + Dr) ** -0.5 if inp.sm_scale is None else finite_float("sm_scale", inp.sm_scale)
+    inp.sm_scale = key_width ** -0.5 if inp.sm_scale is None else finite_float("sm_scale", inp.sm_scale)
     if not isinstance(inp.causal, bool):
         raise TypeError(f"causal must be a bool, got {type(inp.causal).__name__}")
     need_backend_name(inp.backend)
@@ -404,7 +455,10 @@ def _check_quantization(inp) -> None:
         raise TypeError(f"scale_block must be an int, got {type(sb).__name__}")
     if sb < 1:
         raise ValueError(f"scale_block must be >= 1, got {sb}")
-    for name, x, scale_name, scale in (("kv", inp.kv, "kv_scale", inp.kv_scale), ("v", inp.v, "v_scale", inp.v_scale)):
+    kv, v, kv_scale, v_scale = inp.kv, inp.v, inp.kv_scale, inp.v_scale
+    if kv_scale is None and v_scale is None and kv.dtype not in QUANT_DTYPES and (v is None or v.dtype not in QUANT_DTYPES):
+        return  # a float cache without scales: nothing below applies
+    for name, x, scale_name, scale in (("kv", kv, "kv_scale", kv_scale), ("v", v, "v_scale", v_scale)):
         if x is None:
             if scale is not None:
                 raise ValueError(f"{scale_name} is the scale of a quantized {name}, but {name} is None")

@@ -23,13 +23,12 @@ forward backend that has no backward of its own leaves the backward to the autom
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 import torch
 
-from .inputs import dtype_name, new_outputs
+from .inputs import dtype_name, env_value, new_outputs
 
 #: Every op the registry chooses a backend for.
 OPS = ("attention", "attention_backward", "lightning_indexer", "topk_indices", "select", "merge")
@@ -203,7 +202,7 @@ def forced_backend_name(inp) -> Optional[str]:
         return inp.backend
     if inp.force_env is None:  # an op no environment variable forces (merge)
         return None
-    return os.environ.get(inp.force_env, "").strip() or None
+    return env_value(inp.force_env).strip() or None
 
 
 # The automatic choice is made on every decode step of every layer, so it is cached on the inputs'

@@ -1,6 +1,6 @@
 """The CPU reference's performance targets (issue: foundation), measured in one run.
 
-    python -m bench.reference_targets [--out DIR] [--repeats N] [--prefill-only]
+    python -m bench.reference_targets [--out DIR] [--repeats N] [--prefill-only | --dispatch-only]
 
 Figures, each a ratio measured in this same process so that a slow or busy machine moves both sides:
 1. DeepSeek-V3.2 decode (T=4, H=128, Hkv=1, Dqk=576, Dv=512, K=2048, 32K context), float32:
@@ -11,8 +11,8 @@ Figures, each a ratio measured in this same process so that a slow or busy machi
 4. 4096-token causal prefill (4096 context, Dqk=576, Dv=512, top-2048 per token, bfloat16), H=16 and
    H=128: extra peak memory beyond the output (VmHWM after clear_refs, fresh process)
                                                             target <= 0.5 GB
-5. dispatch overhead of a tiny decode call / the same math as five eager torch ops
-                                                            target < 4
+5. dispatch overhead of a tiny decode call / the same math as five eager torch ops (interleaved
+   rounds, process CPU time, one torch thread, medians)      target <= 2
 FLOP model: 2*T*H*K*(Dqk + Dv) (scores + weighted values), as in docs/bench.md.
 Correctness is checked before anything is timed.
 """
@@ -141,7 +141,15 @@ def _print_table(rows) -> None:
         print(f"{name.ljust(w0)}  {meas.ljust(w1)}  {target.ljust(9)}  {res}")
 
 
-def dispatch_overhead(repeats: int = 3000) -> dict:
+def dispatch_overhead(repeats: int = 3000, rounds: int = 30) -> dict:
+    """Per-call time of a tiny decode call (T=1, H=4, Dqk=16, K=8 of 64 positions) three ways: five eager
+    torch ops doing the same math, ``attention.selective_attention``, ``torch.ops.attention...``.
+
+    The three run in interleaved rounds (each round: ``repeats // rounds`` calls of each), timed in
+    process CPU time with one torch thread, so that a busy machine slows all three alike (with two
+    threads the eager softmax's OpenMP wake-ups alone swing the baseline from 40 us to 2 ms). Reported:
+    the median over rounds of each (``*_us``, the ratios) and the best round (``*_best_us``).
+    """
     import attention
 
     q = torch.randn(1, 4, 16)
@@ -159,18 +167,31 @@ def dispatch_overhead(repeats: int = 3000) -> dict:
     got = attention.selective_attention(q, kv, idx)[0]
     assert (ref - got).abs().max() < 1e-5, "tiny decode: op and eager disagree"
 
-    def per_call(f):
-        best = float("inf")
-        for _ in range(5):  # best of 5 batches: the machine is shared
-            best = min(best, _median_time(lambda: [f() for _ in range(repeats // 10)], 1, warmup=1) / (repeats // 10))
-        return best
-
-    t_eager = per_call(eager)
-    t_api = per_call(lambda: attention.selective_attention(q, kv, idx))
     op = torch.ops.attention.selective_attention.default
-    t_op = per_call(lambda: op(q, kv, idx))
-    return dict(eager_us=t_eager * 1e6, api_us=t_api * 1e6, torch_ops_us=t_op * 1e6,
-                api_ratio=t_api / t_eager, torch_ops_ratio=t_op / t_eager)
+    ways = {"eager": eager, "api": lambda: attention.selective_attention(q, kv, idx),
+            "torch_ops": lambda: op(q, kv, idx)}
+    per_round = max(1, repeats // rounds)
+    times = {name: [] for name in ways}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for f in ways.values():  # warm up
+            for _ in range(per_round):
+                f()
+        for _ in range(rounds):
+            for name, f in ways.items():
+                t = time.process_time()
+                for _ in range(per_round):
+                    f()
+                times[name].append((time.process_time() - t) / per_round)
+    finally:
+        torch.set_num_threads(threads)
+    med = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    res = {f"{name}_us": med[name] * 1e6 for name in ways}
+    res.update({f"{name}_best_us": min(times[name]) * 1e6 for name in ways})
+    res.update(api_ratio=med["api"] / med["eager"], torch_ops_ratio=med["torch_ops"] / med["eager"],
+               rounds=rounds, calls_per_round=per_round)
+    return res
 
 
 def main(argv=None) -> int:
@@ -178,9 +199,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="directory for reference_targets.json")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--prefill-only", action="store_true", help="only the prefill memory figures (no timings)")
+    ap.add_argument("--dispatch-only", action="store_true", help="only the tiny-call dispatch overhead (figure 5)")
     args = ap.parse_args(argv)
 
     import attention
+
+    if args.dispatch_only:
+        _progress("dispatch overhead")
+        ovh = dispatch_overhead()
+        print(json.dumps({k: round(v, 3) for k, v in ovh.items()}))
+        return 0 if ovh["api_ratio"] <= 2 else 2
 
     if args.prefill_only:
         mems = []
@@ -235,10 +263,10 @@ def main(argv=None) -> int:
                  tsd / t32 >= 10))
     rows.extend(_prefill_rows(mems))
     rows.append(("tiny decode: attention.selective_attention / 5 eager ops",
-                 f"{ovh['api_us']:.0f} / {ovh['eager_us']:.0f} us = {ovh['api_ratio']:.1f}x", "< 4x",
-                 ovh["api_ratio"] < 4))
+                 f"{ovh['api_us']:.0f} / {ovh['eager_us']:.0f} us = {ovh['api_ratio']:.2f}x", "<= 2x",
+                 ovh["api_ratio"] <= 2))
     rows.append(("tiny decode: torch.ops.attention... / 5 eager ops",
-                 f"{ovh['torch_ops_us']:.0f} / {ovh['eager_us']:.0f} us = {ovh['torch_ops_ratio']:.1f}x", "(info)",
+                 f"{ovh['torch_ops_us']:.0f} / {ovh['eager_us']:.0f} us = {ovh['torch_ops_ratio']:.2f}x", "(info)",
                  None))
 
     _print_table(rows)

@@ -143,6 +143,9 @@ CASES = [
     SelCase("wide_heads", Hi=8, Di=64, seqs=((3, 50),), k=12),
     SelCase("ties_integer", integer=True, scale=1.0, seqs=((5, 60),), k=20),
     SelCase("ties_integer_varlen_paged", integer=True, scale=1.0, page_size=8, seqs=((3, 30), (2, 19)), k=12),
+    # Scores from {-2..2}-valued inputs: hundreds of exact ties per row, k = 100 (K_PAD 128: a 7-stage
+    # network) over 3 key chunks, so ties are broken inside a chunk and across chunks.
+    SelCase("ties_integer_wide_k", integer=True, scale=1.0, Hi=2, Di=4, seqs=((3, 300),), k=100),
     SelCase("block2_max", block_size=2, k=6, seqs=((4, 41),)),
     SelCase("block4_mean", block_size=4, block_reduce="mean", k=5, seqs=((5, 37),)),
     SelCase("block4_max_varlen_paged", block_size=4, page_size=6, seqs=((3, 22), (2, 9)), k=4),
@@ -242,9 +245,27 @@ def test_topk_of_indexer_matches_oracle(backend, case):
     assert torch.equal(got, _expected_select(case, a))
 
 
-@pytest.mark.parametrize("backend", _cpu_backends("select"))
+def _select_variants():
+    """(backend, pair_sort) of the select tests: each backend as it runs here, plus the Triton kernel's
+    Ascend variant (pair network instead of tl.sort, TritonSelection.pair_sort) forced on the CPU."""
+    out = [pytest.param(b, None, id=b) for b in _cpu_backends("select")]
+    if "triton" in _cpu_backends("select"):
+        out.append(pytest.param("triton", True, id="triton-pair_sort"))
+    return out
+
+
+@pytest.fixture
+def pair_sort(request, monkeypatch):
+    """Forces TritonSelection.pair_sort for the test (None: the device's own choice)."""
+    from attention.backends.triton.selection import LAUNCHER
+
+    monkeypatch.setattr(LAUNCHER, "pair_sort_override", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("backend,pair_sort", _select_variants(), indirect=["pair_sort"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_select_matches_oracle(backend, case):
+def test_select_matches_oracle(backend, pair_sort, case):
     a = case.make()
     _skip_unless_supported(backend, "select", case, a)
     got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
@@ -284,12 +305,14 @@ def test_reference_indexer_both_varlen_strategies(case, per_sequence):
 
 
 @pytest.mark.skipif("triton" not in _cpu_backends("select"), reason="triton not runnable here")
+@pytest.mark.parametrize("pair_sort", [None, True], ids=["tl_sort", "pair_sort"], indirect=True)
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in (
     "single_causal", "decode_one_token", "varlen_causal", "paged_varlen", "ties_integer", "block2_max",
     "block4_max_varlen_paged", "k_exceeds_valid", "max_seqlen_wider", "fp8_deepgemm_flat_windows",
-    "int8_paged_windows_causal", "fp8_window_block4_max")], ids=lambda c: c.name)
-def test_triton_select_split_keys(case, monkeypatch):
-    """The key-range split (decode path on a GPU) merges exactly: force 3 splits under the interpreter."""
+    "int8_paged_windows_causal", "fp8_window_block4_max", "ties_integer_wide_k")], ids=lambda c: c.name)
+def test_triton_select_split_keys(case, pair_sort, monkeypatch):
+    """The key-range split (decode path on a GPU) merges exactly: force 3 splits under the interpreter.
+    pair_sort: the Ascend variant's splits write packed keys made from its pairs."""
     from attention.backends.triton.selection import LAUNCHER
 
     monkeypatch.setattr(LAUNCHER, "splits_override", 3)
@@ -297,6 +320,27 @@ def test_triton_select_split_keys(case, monkeypatch):
     _skip_unless_supported("triton", "select", case, a)
     got = attention.select(**a, k=case.k, block_size=case.block_size, block_reduce=case.block_reduce,
                            backend="triton")
+    assert torch.equal(got, _expected_select(case, a))
+
+
+@pytest.mark.skipif("triton" not in _cpu_backends("select"), reason="triton not runnable here")
+def test_triton_selection_split_under_a_program_limit(monkeypatch):
+    """triton-ascend starts at most 65535 programs per launch (limits.MAX_PROGRAMS): with a limit of 3
+    programs on the CPU, the indexer (2 key tiles per token: one token per launch) and the select (2
+    key splits: one token per launch) run in several launches across sequence boundaries, exactly."""
+    from attention.backends.triton import limits
+    from attention.backends.triton.selection import LAUNCHER
+
+    case = SelCase("program_limit", seqs=((2, 70), (3, 90)), k=9, page_size=8)
+    a = case.make()
+    monkeypatch.setitem(limits.MAX_PROGRAMS, "cpu", 3)
+    monkeypatch.setattr(LAUNCHER, "splits_override", 2)
+    scores = attention.lightning_indexer(**a, backend="triton")
+    ref = _oracle_scores(a)
+    assert torch.equal(torch.isinf(scores), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    assert (scores.double() - ref)[fin].abs().max() <= 1e-4 * (1 + ref[fin].abs().max())
+    got = attention.select(**a, k=case.k, backend="triton")
     assert torch.equal(got, _expected_select(case, a))
 
 

@@ -117,10 +117,12 @@ def test_verdicts():
     assert tac.classify(LOG_HIVMC, _ir(big), [512])["status"] == "overflow"
 
 
-def test_known_failure_is_strict():
+def test_known_failure_is_strict(monkeypatch):
     """A listed kernel failing with its listed diagnostic is "known-fail" (does not fail the check); passing,
-    or failing another way, is "unexpected" (fails it)."""
-    why = tac.KNOWN_FAILURES["_select_kernel"]
+    or failing another way, is "unexpected" (fails it). (The list is empty today: the select kernel's
+    entry, hivm vsort's f16/f32-only operands, went with the Ascend variant's pair network.)"""
+    why = "'hivm.hir.vsort' op failed to verify that operand at idx 0 and 1 should have element type"
+    monkeypatch.setitem(tac.KNOWN_FAILURES, "_select_kernel", why)
     row = dict(soc="Ascend910B2", kernel="_select_kernel", status="error", log="loc(...): error: " + why)
     assert tac.apply_known_failures(row)["status"] == "known-fail"
     assert tac.apply_known_failures(dict(row, status="ok", log=None))["status"] == "unexpected"
@@ -129,15 +131,45 @@ def test_known_failure_is_strict():
     assert tac.apply_known_failures(other) == other
 
 
-def test_select_is_declined_on_npu_for_the_known_failure():
+def test_select_is_offered_on_npu_within_the_pair_network_limits():
+    """The Ascend variant compiles (make triton-ascend-check), so select is offered on npu again: at
+    DeepSeek's k = 2048 over 128K keys, contiguous or paged; declined past k = 2048 (264 KiB of UB at
+    4096) and past 2**24 key slots (float32 positions), with the reason."""
     from types import SimpleNamespace
 
     from attention.backends.triton import selection
 
-    inp = SimpleNamespace(op="select", block_size=1, k=2048, quantized=False, device=torch.device("cpu"))
+    npu = SimpleNamespace(type="npu")
+    keys = torch.empty(131072, 128, device="meta")
+    inp = SimpleNamespace(op="select", block_size=1, k=2048, quantized=False, device=npu, k_idx=keys,
+                          block_table=None)
     assert selection.limit_reasons(inp) == []
-    inp.device = SimpleNamespace(type="npu")
-    assert any("npu" in r and "vsort" in r for r in selection.limit_reasons(inp))
+    assert selection.limit_reasons(SimpleNamespace(**{**vars(inp), "device": torch.device("cpu"), "k": 4096})) == []
+    assert any("k=4096 > 2048 on npu" in r for r in selection.limit_reasons(SimpleNamespace(**{**vars(inp), "k": 4096})))
+    paged = SimpleNamespace(**{**vars(inp), "k_idx": torch.empty(8, 64, 128, device="meta"),
+                               "block_table": torch.empty(2, (1 << 24) // 64, device="meta")})
+    assert selection.limit_reasons(paged) == []  # exactly 2**24 slots: positions up to 2**24 - 1
+    paged.block_table = torch.empty(2, (1 << 24) // 64 + 1, device="meta")
+    assert any("key slots > 16777216" in r for r in selection.limit_reasons(paged))
+    paged.block_size = 2  # slots are blocks: half as many
+    assert selection.limit_reasons(paged) == []
+
+
+@pytest.mark.parametrize("soc", tac.SOCS)
+def test_pair_sort_is_chosen_for_ascend_only(soc, monkeypatch):
+    """The select's Ascend variant runs on npu and wherever an Ascend SoC is planned for (its record's
+    SELECT_PAIR_SORT, what the check compiles); NVIDIA targets and the interpreter keep tl.sort."""
+    from types import SimpleNamespace
+
+    from attention.backends.triton import launch
+    from attention.backends.triton.selection import LAUNCHER
+
+    cpu = torch.device("cpu")
+    assert LAUNCHER.pair_sort(SimpleNamespace(type="npu")) and not LAUNCHER.pair_sort(cpu)
+    monkeypatch.setenv(launch.TARGET_ENV, soc)
+    assert LAUNCHER.pair_sort(cpu) and LAUNCHER.device_config(cpu)["SELECT_BLOCK_N"] == 32
+    monkeypatch.setenv(launch.TARGET_ENV, "NVIDIA H200")
+    assert not LAUNCHER.pair_sort(cpu)
 
 
 def test_feature_widths_are_the_launch_d_tiles():
@@ -156,7 +188,7 @@ def test_shipped_ascend_record_is_marked_compile_checked_and_plans(soc, monkeypa
     assert rec is not None and rec["name"] == soc
     assert rec["measured"] is False and rec["status"] == "compile-checked, never ran"
     assert "never ran" in rec["note"] and tuning.config_problems(rec["config"]) == []
-    assert rec["config"]["GATHER_ROWS"] == 1
+    assert rec["config"]["GATHER_ROWS"] == 1 and rec["config"]["SELECT_PAIR_SORT"] == 1
     # Planned for the SoC (what the check compiles): its record, its AI-core count for the split choice.
     monkeypatch.setenv(launch.TARGET_ENV, soc)
     inp = attention.validate(**CASES_BY_NAME["deepseek_split_rope"].make(torch.float32, "cpu"))
@@ -239,6 +271,56 @@ def test_latent_kernel_with_a_short_kept_chunk_matches_oracle(case_name):
     ref_out, ref_lse = oracle(args)
     tol_out, tol_lse = TOLERANCES[torch.float32]
     assert _max_err(out, ref_out) <= tol_out and _max_err(lse, ref_lse) <= tol_lse
+
+
+# ---------------------------------------------------------------- triton-ascend's 65535-program limit
+
+
+def test_token_chunks_fit_the_npu_program_limit():
+    """A DeepSeek prefill over 8191 tokens (8 head blocks of 16 per token on Ascend) is launched in
+    pieces of at most 65535 programs, chunks of a multiple of 16 tokens (one t_start specialization)."""
+    from types import SimpleNamespace
+
+    from attention.backends.triton import limits
+
+    assert limits.max_programs("npu") == 65535 and limits.max_programs("cuda") is None
+    npu = SimpleNamespace(type="npu")
+    chunks = launch.token_chunks(8200, 8, npu)
+    assert chunks == [(0, 8176), (8176, 24)] and all(n * 8 <= 65535 for _, n in chunks)
+    assert launch.token_chunks(8200, 8, torch.device("cpu")) == [(0, 8200)]
+    # Not refused: the limit is per launch; only one token's programs must fit one launch.
+    inp = SimpleNamespace(num_tokens=8200, num_heads=128, num_kv_heads=1, d_v=512, topk=2048, block_size=1,
+                          device=npu)
+    assert limits.reasons(inp) == []
+    inp.num_kv_heads, inp.num_heads = 2 ** 16, 2 ** 16  # 65536 programs for one token
+    assert any("programs per launch on npu" in r for r in limits.reasons(inp))
+
+
+@pytest.mark.skipif(not BACKEND.test_devices(), reason="triton backend cannot run here")
+@pytest.mark.parametrize("case_name,override", [
+    # 8 tokens of 3 causal sequences, 20 candidates in 2 splits (+ the combine): latent and general kernel
+    ("block_causal_varlen", dict(num_splits=2, BLOCK_N=16)),
+    ("block_causal_varlen", dict(LATENT=0, num_splits=2, BLOCK_H=16, BLOCK_N=16)),
+], ids=["latent", "general"])
+def test_forward_split_under_a_program_limit_is_exact(case_name, override, monkeypatch):
+    """A program limit on the CPU (as triton-ascend's on npu, lowered to a few tokens per launch): the
+    launches' boundaries cut sequences, and the result is bit for bit the one-launch result."""
+    from attention.backends.triton import limits
+
+    args = CASES_BY_NAME[case_name].make(torch.float32, DEVICE)
+    inp = attention.validate(**args)
+    whole = launch.forward(inp, override=override, autotune=False)
+    calls = []
+    real = launch.token_chunks
+    monkeypatch.setattr(launch, "token_chunks", lambda *a: calls.append(real(*a)) or calls[-1])
+    p = launch.plan(inp, launch.resolve_config(inp, override)[0])
+    per_token = inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"] * p["num_splits"]
+    monkeypatch.setitem(limits.MAX_PROGRAMS, DEVICE, 2 * per_token)  # two tokens per launch
+    out, lse = launch.forward(inp, override=override, autotune=False)
+    assert p["num_splits"] == 2 and len(calls[0]) == -(-inp.num_tokens // 2) and len(calls) == 2  # + combine
+    assert torch.equal(out, whole[0]) and torch.equal(lse, whole[1])
+    ref_out, ref_lse = oracle(args)
+    assert _max_err(out, ref_out) <= TOLERANCES[torch.float32][0] and _max_err(lse, ref_lse) <= TOLERANCES[torch.float32][1]
 
 
 # ---------------------------------------------------------------- registry and info

@@ -91,6 +91,25 @@ def test_decode_bucket_holds_the_number_of_tokens():
     assert b64 != b4 and b64.endswith("decode-t64-bfloat16") and b4.endswith("decode-t4-bfloat16")
 
 
+@pytest.mark.parametrize("kv_quant", ["fp8", "int8"])
+def test_quantized_cache_has_its_own_bucket_and_tile(kv_quant, monkeypatch):
+    """A quantized cache compiles another kernel: a config tuned on a bfloat16 cache is not looked up for
+    it (its own store bucket), and the H200 plan gives it 16-row latent tiles (32 spill on sm_90), while
+    an override naming a tile names it for whichever kernel runs."""
+    import attention
+    from bench.problems import make_inputs
+
+    monkeypatch.setenv(launch.TARGET_ENV, "NVIDIA H200")
+    kw = make_inputs(work.WORK_PRESETS["dsv32-decode"][0], "cpu").kwargs
+    plain = attention.validate(**kw)
+    kw["kv"], kw["kv_scale"] = attention.quantize_kv(kw["kv"], work.KV_QUANT[kv_quant], work.SCALE_BLOCK)
+    quant = attention.validate(**kw, scale_block=work.SCALE_BLOCK)
+    assert launch.shape_bucket(quant) == launch.shape_bucket(plain) + "-kv" + str(kw["kv"].dtype)[len("torch."):]
+    tiles = [launch.plan(x, launch.resolve_config(x, o)[0])["BLOCK_N"] for x in (plain, quant)
+             for o in (None, {"BLOCK_N": 64}, {"LATENT_BLOCK_N": 64})]
+    assert tiles == [32, 64, 64, 16, 64, 64]
+
+
 @pytest.mark.parametrize("programs,n,expected", [(128, 2048, 1), (8, 2048, 16), (2, 2048, 16), (64, 2048, 2),
                                                  (8, 200, 1)])
 def test_splits_fill_whole_waves(programs, n, expected):
@@ -128,11 +147,14 @@ def test_bench_work_counts_a_quantized_cache_by_hand(kv_quant):
     """The 'tiny' preset with its cache quantized (issue 16): each kept row is read once as 32 one-byte
     values; its one float32 tile scale (32 columns < 128) is read twice, for the 16 value columns and
     for the 16-column tail, which share the tile (DeepSeek's 512 + 64 columns do not: tiles 0-3 and 4):
-    40 B a row against 64 B in bfloat16. The dots are the three of the unquantized count."""
+    40 B a row against 64 B in bfloat16. The H200 plan runs a quantized cache in 16-row tiles
+    (QUANT_LATENT_BLOCK_N: 32-row ones spill on sm_90), so the three dots are those of one 16-row
+    tile, every slot kept."""
     p = work.WORK_PRESETS["tiny"][0]
     row = work.measure(p, "NVIDIA H200", kv_quant)
     assert row["problem"] == f"{p.name}+{kv_quant}" and row["plan"]["kernel"] == "latent"
-    assert row["flops_executed"] == 3 * (2 * 16 * 32 * 16)
+    assert row["plan"]["BLOCK_N"] == 16
+    assert row["flops_executed"] == 3 * (2 * 16 * 16 * 16) == row["flops_useful"]
     assert row["bytes_loaded"]["kv"] == 16 * 32 and row["bytes_loaded"]["kv_scale"] == 2 * 16 * 4
     assert row["kv_bytes_per_row"] == 40.0 and work.measure(p, "NVIDIA H200")["kv_bytes_per_row"] == 64.0
     assert row["bytes_ratio"]["kv"] == 1.0 and row["bytes_ratio"]["kv_scale"] == 2.0 and row["finite"]

@@ -55,6 +55,9 @@ CONFIG_FIELDS: Dict[str, Tuple[Tuple[int, int], bool]] = {
     # The latent kernel's candidate tile when it differs from the general kernel's BLOCK_N (its
     # 64 x 512 float32 accumulator leaves fewer registers for the tile; docs/triton.md).
     "LATENT_BLOCK_N": ((16, 1024), True),
+    # The latent kernel's tile over a quantized cache (fp8 / int8): the dequantized tile sits in registers
+    # beside that accumulator, and 32-row tiles spill on sm_90 where 16-row ones do not (docs/triton.md).
+    "QUANT_LATENT_BLOCK_N": ((16, 1024), True),
     "num_splits": ((0, 1024), False), "target_programs": ((0, 1 << 20), False),
     "min_per_split": ((0, 1 << 24), False),
     # The general kernel's rope chunk (default: BLOCK_D) and its key-gather shape (1: rows, transposed
@@ -63,6 +66,12 @@ CONFIG_FIELDS: Dict[str, Tuple[Tuple[int, int], bool]] = {
     # Indices per step of the latent kernel's kept-end pass (default launch.KEPT_CHUNK): int64 vectors
     # of this length sit in Ascend's UB beside the tile (docs/triton.md "Ascend").
     "KEPT_CHUNK": ((16, 4096), True),
+    # The fused select's merge (1: (score, position) pairs through our own bitonic network, for
+    # triton-ascend, whose tl.sort cannot sort int64 keys; 0: tl.sort of packed int64 keys, NVIDIA).
+    "SELECT_PAIR_SORT": ((0, 1), False),
+    # The fused select's score tile (positions per tile, default 64): Ascend's UB holds 32 beside the
+    # pair network at k = 2048.
+    "SELECT_BLOCK_N": ((16, 1024), True),
 }
 
 _warned: set = set()

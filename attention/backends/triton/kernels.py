@@ -289,7 +289,7 @@ def _gather_t(head, rows, offs_d, stride_d, valid, d_mask, GATHER_ROWS: tl.const
 def selective_attention_fwd_kernel(
     Q, KV, V, QR, KVR, IDX, SINK, BT, CUQ, CUK, SEQK,
     OUT, LSE, OPART, LPART, KS, VS,
-    sm_scale_log2, T, B, S_total, num_pages, max_pages, n_cand, cand_per_split, n_kscales, n_vscales,
+    sm_scale_log2, T, t_start, B, S_total, num_pages, max_pages, n_cand, cand_per_split, n_kscales, n_vscales,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_kr, stride_kh, stride_kd,
     stride_vp, stride_vr, stride_vh, stride_vd,
@@ -315,7 +315,7 @@ def selective_attention_fwd_kernel(
     """The general kernel: any widths, separate V, value blocks (docs/triton.md). KV_QUANT / V_QUANT:
     kv / v stored as float8_e4m3fn or int8 with tile scales KS / VS (kv's / v's leading shape +
     [n_kscales / n_vscales]), dequantized in registers after the masked gather (_dequantize)."""
-    t = tl.program_id(0)
+    t = t_start + tl.program_id(0)  # t_start: the launcher splits grids over a device's program limit
     pid1 = tl.program_id(1)
     pid_s = tl.program_id(2)
     g = pid1 // (NUM_HB * NUM_DVB)
@@ -397,7 +397,7 @@ def selective_attention_fwd_kernel(
 @triton.jit
 def selective_attention_latent_kernel(
     Q, KV, QR, KVR, IDX, SINK, BT, CUQ, CUK, SEQK, OUT, LSE, OPART, LPART, KS,
-    sm_scale_log2, T, B, S_total, num_pages, max_pages, n_cand, cand_per_split, n_kscales,
+    sm_scale_log2, T, t_start, B, S_total, num_pages, max_pages, n_cand, cand_per_split, n_kscales,
     stride_qt, stride_qh, stride_qd, stride_kp, stride_kr, stride_kh, stride_kd,
     stride_ksp, stride_ksr, stride_ksh, stride_ksd,
     stride_qrt, stride_qrh, stride_qrd, stride_krp, stride_krr, stride_krh, stride_krd,
@@ -426,7 +426,7 @@ def selective_attention_latent_kernel(
     tile scales KS; each gathered tile is dequantized once in registers (_dequantize) and serves both
     products, as the unquantized tile does.
     """
-    t = tl.program_id(0)
+    t = t_start + tl.program_id(0)  # t_start: the launcher splits grids over a device's program limit
     pid1 = tl.program_id(1)
     pid_s = tl.program_id(2)
     g = pid1 // NUM_HB
@@ -513,7 +513,7 @@ def selective_attention_latent_kernel(
 
 @triton.jit
 def selective_attention_combine_kernel(
-    OPART, LPART, SINK, OUT, LSE, H, num_splits,
+    OPART, LPART, SINK, OUT, LSE, H, num_splits, t_start,
     stride_ops, stride_opt, stride_oph, stride_opd,
     stride_lps, stride_lpt, stride_lph,
     stride_ot, stride_oh, stride_od,
@@ -524,7 +524,7 @@ def selective_attention_combine_kernel(
     """Flash-decoding combine of the splits' partial (out, base-2 lse): SPEC.md section 6, computed by
     merge.py's ``merge_states_tile`` (the one merge of partial states, shared with
     ``merge_attention_states``), in a fixed split order (deterministic). The sink is contiguous [H]."""
-    t = tl.program_id(0)
+    t = t_start + tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)

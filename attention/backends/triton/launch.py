@@ -120,8 +120,12 @@ def shape_bucket(inp) -> str:
     n = inp.topk * inp.block_size
     phase = (f"decode-t{_p2(max(inp.num_tokens, 1))}" if inp.num_tokens * inp.num_kv_heads <= 128 else "prefill")
     dt = str(inp.dtype).replace("torch.", "")
+    # A quantized cache compiles another kernel with other register needs: its own bucket, so a config
+    # tuned on a bfloat16 cache is not applied to it (and the reverse).
+    quant = "".join(f"-{name}{str(x.dtype).replace('torch.', '')}" for name, x, s in
+                    (("kv", inp.kv, inp.kv_scale), ("v", inp.v, inp.v_scale)) if s is not None)
     return (f"hg{_p2(hg)}-dqk{inp.head_dim}-dv{inp.d_v}-dr{inp.rope_dim}-n{_p2(max(n, 1))}-"
-            f"{'paged' if inp.paged else 'contig'}-{phase}-{dt}")
+            f"{'paged' if inp.paged else 'contig'}-{phase}-{dt}{quant}")
 
 
 def autotune_configs():
@@ -172,9 +176,12 @@ def resolve_config(inp, override: Optional[Dict] = None) -> Tuple[Dict, str]:
     cfg, source = found if found is not None else (dict(tuning.FALLBACK_CONFIG), "built-in fallback")
     cfg = dict(tuning.FALLBACK_CONFIG, **cfg)
     if override:
+        # An override names one candidate tile for whichever kernel runs (tests, the tune CLI): a
+        # BLOCK_N drops the latent tiles it does not name, a LATENT_BLOCK_N the quantized one.
         if "BLOCK_N" in override and "LATENT_BLOCK_N" not in override:
-            # An override names one candidate tile for whichever kernel runs (tests, the tune CLI).
             cfg.pop("LATENT_BLOCK_N", None)
+        if ("BLOCK_N" in override or "LATENT_BLOCK_N" in override) and "QUANT_LATENT_BLOCK_N" not in override:
+            cfg.pop("QUANT_LATENT_BLOCK_N", None)
         cfg.update(override)
         source = "override"
     return cfg, source
@@ -186,6 +193,17 @@ def use_latent_kernel(inp, cfg: Dict) -> bool:
     ``LATENT: 0`` in a config forces the general kernel (tests, comparisons)."""
     return (inp.v is None and _p2(inp.d_v) <= MAX_LATENT_DV and inp.head_dim - inp.d_v <= MAX_LATENT_TAIL
             and bool(int(cfg.get("LATENT", 1))))
+
+
+def candidate_tile(inp, cfg: Dict, latent: bool) -> int:
+    """The config's candidate tile for the kernel that runs: BLOCK_N (general kernel), else
+    LATENT_BLOCK_N where given, and over a quantized cache QUANT_LATENT_BLOCK_N where given (its
+    dequantized tile needs registers beside the latent kernel's accumulator: docs/triton.md)."""
+    if not latent:
+        return cfg["BLOCK_N"]
+    if inp.kv_quantized and "QUANT_LATENT_BLOCK_N" in cfg:
+        return cfg["QUANT_LATENT_BLOCK_N"]
+    return cfg.get("LATENT_BLOCK_N", cfg["BLOCK_N"])
 
 
 def choose_splits(programs: int, n: int, bn: int, sms: Optional[int], cfg: Dict) -> int:
@@ -216,7 +234,7 @@ def plan(inp, cfg: Dict) -> Dict:
     n = inp.topk * inp.block_size
     latent = use_latent_kernel(inp, cfg)
     bh = max(16, min(_p2(cfg["BLOCK_H"]), _p2(hg)))  # tl.dot needs M >= 16: small groups pad to 16
-    bn = max(16, _p2(cfg["LATENT_BLOCK_N"] if latent and "LATENT_BLOCK_N" in cfg else cfg["BLOCK_N"]))
+    bn = max(16, _p2(candidate_tile(inp, cfg, latent)))
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
     # The rope chunk has its own size where a config gives one (BLOCK_DR: Ascend's UB holds a 64-wide
     # rope chunk of the general kernel only at small tiles, issue 19); else it follows BLOCK_D.
@@ -227,8 +245,11 @@ def plan(inp, cfg: Dict) -> Dict:
     else:
         bdv = max(16, min(_p2(cfg["BLOCK_DV"]), _p2(inp.d_v)))
     bdt = max(16, _p2(inp.head_dim - inp.d_v)) if latent and inp.head_dim > inp.d_v else 16
-    # Grid axis 1 holds at most 65535 programs: widen head/value blocks for extreme head counts.
-    while Hkv * triton.cdiv(hg, bh) * triton.cdiv(inp.d_v, bdv) > limits.MAX_GRID_Y and (bh < 128 or bdv < 512):
+    # Grid axis 1 holds at most 65535 programs (and a launch on npu as many in all): widen head/value
+    # blocks for extreme head counts.
+    cap = limits.max_programs(inp.device.type)
+    max_y = min(limits.MAX_GRID_Y, cap or limits.MAX_GRID_Y)
+    while Hkv * triton.cdiv(hg, bh) * triton.cdiv(inp.d_v, bdv) > max_y and (bh < 128 or bdv < 512):
         if bh < min(128, _p2(hg)):
             bh *= 2
         elif bdv < min(512, _p2(inp.d_v)):
@@ -241,6 +262,8 @@ def plan(inp, cfg: Dict) -> Dict:
     if splits <= 0:
         splits = choose_splits(programs, n, bn, sm_count(inp.device), cfg)
     splits = max(1, min(splits, MAX_SPLITS, max(1, math.ceil(n / bn))))
+    if cap is not None:  # one token's programs (all its splits) must fit one launch: token_chunks
+        splits = max(1, min(splits, cap // (Hkv * num_hb * num_dvb)))
     per_split = math.ceil(max(n, 1) / splits / bn) * bn
     splits = max(1, math.ceil(n / per_split)) if n else 1
     return dict(kernel="latent" if latent else "general", BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DR=bdr,
@@ -248,6 +271,17 @@ def plan(inp, cfg: Dict) -> Dict:
                 cand_per_split=per_split, num_warps=int(cfg.get("num_warps", 4)),
                 num_stages=int(cfg.get("num_stages", 1)), GATHER_ROWS=bool(cfg.get("GATHER_ROWS", 0)),
                 KEPT_CHUNK=int(cfg.get("KEPT_CHUNK", KEPT_CHUNK)))
+
+
+def token_chunks(T: int, per_token: int, device: torch.device):
+    """[(t_start, tokens)] launches of a grid (T, ...) with ``per_token`` programs per token, each within
+    the device's program limit (limits.max_programs; one launch where there is none). Chunks are
+    multiples of 16 tokens, so every t_start gets the same integer specialization (one compile)."""
+    cap = limits.max_programs(device.type)
+    n = T if cap is None else max(1, cap // max(per_token, 1))
+    if n < T and n >= 16:
+        n -= n % 16
+    return [(t0, min(n, T - t0)) for t0 in range(0, T, n)]
 
 
 def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
@@ -333,32 +367,37 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
         NUM_HB=p["NUM_HB"], BLOCK_H=p["BLOCK_H"], BLOCK_DV=p["BLOCK_DV"], BLOCK_DR=p["BLOCK_DR"],
         KV_QUANT=ks is not None, SCALE_BLOCK=scale_block,
     )
-    grid = (T, inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"], p["num_splits"])
-    if p["kernel"] == "latent":
-        # The loop's own pipelining (tl.range num_stages) is the ring of candidate tiles.
-        selective_attention_latent_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_DT=p["BLOCK_DT"],
-                                                NUM_STAGES=p["num_stages"], KEPT_CHUNK=p["KEPT_CHUNK"],
-                                                num_warps=p["num_warps"])
-    else:
+    y = inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"]
+    if p["kernel"] != "latent":
         args.update(V=v, **_named("stride_v", "prhd", _strides(v, paged, 4)), NUM_DVB=p["NUM_DVB"],
                     GATHER_ROWS=p["GATHER_ROWS"], VS=vs if vs is not None else dummy,
                     n_vscales=vs.shape[-1] if vs is not None else 0,
                     **_named("stride_vs", "prhd", _strides(vs, paged, 4)), V_QUANT=vs is not None)
-        if autotune:
-            _autotuned_kernel()[grid](**args)
+    for t_start, tokens in token_chunks(T, y * p["num_splits"], q.device):
+        grid = (tokens, y, p["num_splits"])
+        if p["kernel"] == "latent":
+            # The loop's own pipelining (tl.range num_stages) is the ring of candidate tiles.
+            selective_attention_latent_kernel[grid](**args, t_start=t_start, BLOCK_N=p["BLOCK_N"],
+                                                    BLOCK_DT=p["BLOCK_DT"], NUM_STAGES=p["num_stages"],
+                                                    KEPT_CHUNK=p["KEPT_CHUNK"], num_warps=p["num_warps"])
+        elif autotune:
+            _autotuned_kernel()[grid](**args, t_start=t_start)
         else:
-            selective_attention_fwd_kernel[grid](**args, BLOCK_N=p["BLOCK_N"], BLOCK_D=p["BLOCK_D"],
-                                                 num_warps=p["num_warps"], num_stages=p["num_stages"])
+            selective_attention_fwd_kernel[grid](**args, t_start=t_start, BLOCK_N=p["BLOCK_N"],
+                                                 BLOCK_D=p["BLOCK_D"], num_warps=p["num_warps"],
+                                                 num_stages=p["num_stages"])
     if split:
         # Under the interpreter one program per token (fewer interpreted programs); on a GPU small
         # tiles, many programs.
         bh = _p2(H) if on_cpu else min(16, _p2(H))
         bdv = _p2(inp.d_v) if on_cpu else min(_p2(inp.d_v), 128)
-        cgrid = (T, triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv))
-        selective_attention_combine_kernel[cgrid](
-            OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=p["num_splits"],
-            **_named("stride_op", "sthd", opart.stride()), **_named("stride_lp", "sth", lpart.stride()),
-            **_named("stride_o", "thd", out.stride()), **_named("stride_l", "th", lse.stride()),
-            DV=inp.d_v, HAS_SINK=inp.attn_sink is not None, BLOCK_H=bh, BLOCK_DV=bdv, RTNE_BF16=rtne_bf16,
-        )
+        cy, cz = triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv)
+        for t_start, tokens in token_chunks(T, cy * cz, q.device):
+            selective_attention_combine_kernel[(tokens, cy, cz)](
+                OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=p["num_splits"],
+                t_start=t_start, **_named("stride_op", "sthd", opart.stride()),
+                **_named("stride_lp", "sth", lpart.stride()), **_named("stride_o", "thd", out.stride()),
+                **_named("stride_l", "th", lse.stride()), DV=inp.d_v, HAS_SINK=inp.attn_sink is not None,
+                BLOCK_H=bh, BLOCK_DV=bdv, RTNE_BF16=rtne_bf16,
+            )
     return out, lse

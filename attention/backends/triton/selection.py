@@ -57,8 +57,13 @@ def _cdiv(a: int, b: int) -> int:
 
 
 MAX_K = 4096
+# On Ascend the pair network's [K_PAD] vectors sit in the 192 KiB UB beside the score tile: k = 2048
+# plans 182 KiB, k = 4096 264 KiB (make triton-ascend-check, docs/triton.md "Ascend").
+MAX_K_NPU = 2048
 MAX_BLOCK = 128  # block selection: power-of-two blocks up to this size
 _SENTINEL = -(1 << 63)  # smaller than every packed key: an empty slot of the running top-k
+# The pair network (selection_kernels._pair_network) carries positions as float32: exact below 2**24.
+PAIR_MAX_SLOTS = 1 << 24
 
 
 def limit_reasons(inp) -> List[str]:
@@ -73,11 +78,21 @@ def limit_reasons(inp) -> List[str]:
             reasons.append(f"block_size={b}: triton needs a power of two <= {MAX_BLOCK}")
         if inp.k > MAX_K:
             reasons.append(f"k={inp.k} > {MAX_K}")
-        if inp.device.type == "npu":
-            # bench/triton_ascend_check.py KNOWN_FAILURES: tl.sort of the packed int64 keys becomes
-            # hivm.hir.vsort, which takes f16/f32 only, so triton-ascend cannot compile this kernel.
-            reasons.append("select on npu: triton-ascend cannot compile the int64 key sort (hivm vsort: f16/f32 only)")
+        elif inp.device.type == "npu" and inp.k > MAX_K_NPU:
+            reasons.append(f"k={inp.k} > {MAX_K_NPU} on npu (the pair network's [k] vectors overflow the UB)")
+        if inp.device.type == "npu" and _max_slots(inp) > PAIR_MAX_SLOTS:
+            # npu runs the pair network (TritonSelection.pair_sort), whose positions are float32.
+            reasons.append(f"select on npu: {_max_slots(inp)} key slots > {PAIR_MAX_SLOTS} (float32 positions "
+                           "of the pair network)")
     return reasons
+
+
+def _max_slots(inp) -> int:
+    """Slots (positions, or blocks of them) a valid candidate can have, from shapes alone: a paged
+    sequence lives in its table's pages, a contiguous one inside k_idx."""
+    kx = inp.k_idx
+    width = inp.block_table.shape[1] * kx.shape[1] if kx.dim() == 3 else kx.shape[0]
+    return -(-width // inp.block_size)
 
 
 def _p2(n: int, lo: int = 16) -> int:
@@ -130,6 +145,8 @@ class TritonSelection:
         return args, meta
 
     def run(self, inp):
+        from .launch import token_chunks
+
         a, meta = self._common(inp)
         T, W = a["T"], a["W"]
         if inp.op == "lightning_indexer":
@@ -137,12 +154,13 @@ class TritonSelection:
             if T == 0 or W == 0:
                 return out
             BLOCK_N = 64
-            _kernels()._indexer_kernel[(T, _cdiv(W, BLOCK_N))](
-                a["q"], a["k"], a["w"], out, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
-                a["qs"], a["ks"], a["wlo"], a["whi"],
-                a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), out.stride(0), a["stride_tb"],
-                *a["strides"], W, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
-                BLOCK_N=BLOCK_N, **meta)
+            for t_start, tokens in token_chunks(T, _cdiv(W, BLOCK_N), a["q"].device):
+                _kernels()._indexer_kernel[(tokens, _cdiv(W, BLOCK_N))](
+                    a["q"], a["k"], a["w"], out, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
+                    a["qs"], a["ks"], a["wlo"], a["whi"],
+                    a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), out.stride(0),
+                    a["stride_tb"], *a["strides"], W, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"],
+                    a["max_pages"], t_start, BLOCK_N=BLOCK_N, **meta)
             return out
         k = inp.k
         out = _new(T, 1, k, device=a["q"].device, dtype=torch.int32)
@@ -150,7 +168,10 @@ class TritonSelection:
             return out
         K_PAD = _p2(k)
         bs = inp.block_size
-        BLOCK_N = max(min(K_PAD * bs, 64), bs)  # positions per score tile: whole blocks
+        dev = self.device_config(a["q"].device)
+        # positions per score tile: whole blocks (Ascend's records take 32: with 64 the tile and the
+        # pair network's [K_PAD] vectors plan 193 KiB of the 192 KiB UB at k = 2048)
+        BLOCK_N = max(min(K_PAD * bs, int(dev.get("SELECT_BLOCK_N", 64))), bs)
         slots = -(-W // bs)
         chunks = max(1, -(-slots // K_PAD))
         splits = self.num_splits(T, chunks, a["q"].device)
@@ -158,13 +179,15 @@ class TritonSelection:
         splits = max(1, -(-slots // span))  # no empty split
         scratch = torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.float32)
         dst = out if splits == 1 else torch.empty(T, splits, K_PAD, device=a["q"].device, dtype=torch.int64)
-        _kernels()._select_kernel[(T, splits)](
-            a["q"], a["k"], a["w"], dst, scratch, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
-            a["qs"], a["ks"], a["wlo"], a["whi"],
-            a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"], *a["strides"],
-            W, k, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
-            INVALID_KEY_MAX, _SENTINEL, span, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs, MEAN=inp.block_reduce == "mean",
-            SPLITS=splits, num_warps=8 if K_PAD >= 1024 else 4, **meta)
+        for t_start, tokens in token_chunks(T, splits, a["q"].device):
+            _kernels()._select_kernel[(tokens, splits)](
+                a["q"], a["k"], a["w"], dst, scratch, a["L"], a["q_pos"], a["base"], a["seq"], a["table"],
+                a["qs"], a["ks"], a["wlo"], a["whi"],
+                a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"],
+                *a["strides"], W, k, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
+                INVALID_KEY_MAX, _SENTINEL, span, t_start, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs,
+                MEAN=inp.block_reduce == "mean", SPLITS=splits, PAIRS=self.pair_sort(a["q"].device, dev),
+                LOG_K=K_PAD.bit_length() - 1, num_warps=8 if K_PAD >= 1024 else 4, **meta)
         if splits > 1:
             # Packed keys are unique and ordered, so one int64 top-k merges the splits exactly.
             return best_positions(dst.view(T, splits * K_PAD), k)
@@ -172,14 +195,45 @@ class TritonSelection:
 
     #: tests set this to force a split count (the interpreter has no SMs to fill)
     splits_override = None
+    #: tests set this to force the merge variant (True: the Ascend pair network) on any device
+    pair_sort_override = None
+
+    @staticmethod
+    def device_config(device) -> dict:
+        """The shipped record's config of the device planned for (ATTENTION_TRITON_TARGET or the
+        tensors' device): the selection kernels' fields SELECT_*. Not the user's tuning store, whose
+        entries tune the attention kernels."""
+        from ... import tuning
+        from .launch import device_name
+
+        rec = tuning.shipped_entry("triton", device_name(device))
+        return dict((rec or {}).get("config") or {})
+
+    def pair_sort(self, device, config=None) -> bool:
+        """Merge the running top-k as (score, position) pairs with our own bitonic network instead of
+        tl.sort of packed int64 keys: always on npu (triton-ascend lowers tl.sort to hivm vsort, f16/f32
+        only), and where the shipped record of the device planned for says ``SELECT_PAIR_SORT`` (the
+        Ascend SoCs' records, for ATTENTION_TRITON_TARGET planning); NVIDIA keeps tl.sort."""
+        if self.pair_sort_override is not None:
+            return bool(self.pair_sort_override)
+        if device.type == "npu":
+            return True
+        return bool((self.device_config(device) if config is None else config).get("SELECT_PAIR_SORT", 0))
 
     def num_splits(self, T: int, chunks: int, device) -> int:
         """Key-range splits per token: enough programs for ~2 waves over the SMs, each at least 2 chunks."""
         if self.splits_override is not None:
             return max(1, min(int(self.splits_override), chunks))
-        if device.type != "cuda":
+        if device.type == "npu":  # AI cores (launch.SM_COUNTS); an Ascend part it does not know: none
+            from .launch import sm_count
+
+            sms = sm_count(device)
+            if not sms:
+                return 1
+        elif device.type != "cuda":
             return 1
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
         return max(1, min(-(-2 * sms // max(T, 1)), chunks // 2))
 
 

@@ -96,10 +96,10 @@ def _indexer_kernel(q_ptr, k_ptr, w_ptr, out_ptr, L_ptr, qpos_ptr, base_ptr, seq
                     qs_ptr, ks_ptr, wlo_ptr, whi_ptr,
                     stride_qt, stride_qh, stride_k, stride_wt, stride_ot, stride_tb, stride_qst, stride_qsh,
                     stride_ks0, stride_ks1, W, Hi, Di, scale,
-                    num_pages, page_size, max_pages, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
+                    num_pages, page_size, max_pages, t_start, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
                     UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr, QSCALE: tl.constexpr,
                     WINDOW: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+    t = t_start + tl.program_id(0).to(tl.int64)  # t_start: grids split under a program limit
     p0 = tl.program_id(1).to(tl.int64) * BLOCK_N
     L = tl.load(L_ptr + t)
     q_pos = tl.load(qpos_ptr + t)
@@ -126,21 +126,52 @@ def _pack(s, pos):
     return k32.to(tl.int64) * 4294967296 + (4294967295 - pos)
 
 @triton.jit
+def _pair_network(s, p, LOG_N: tl.constexpr, LOG_FIRST: tl.constexpr, DESC: tl.constexpr):
+    """Bitonic network on (score, position) pairs [2**LOG_N], the Ascend variant's tl.sort:
+    triton-ascend lowers tl.sort to hivm vsort, which sorts f16/f32 values only, neither packed int64
+    keys nor values with their positions.
+
+    Order: higher score first, then lower position, the order of _pack (scores must already count NaN
+    as -inf and -0.0 as +0.0). LOG_FIRST = 1 sorts any input; LOG_FIRST = LOG_N runs only the last
+    merge phase, which sorts a bitonic input. DESC: best first. Each element meets its partner
+    i ^ stride through tl.gather (a UB gather on Ascend; reshaping to [n, 2, stride] instead pads the
+    stride-1 views' last dimension to 32 bytes there and took minutes to lower), so the loops are
+    runtime loops over one [2**LOG_N] shape. Positions travel as float32 (tl.gather on Ascend takes
+    float or int8 data): exact below 2**24 (selection.PAIR_MAX_SLOTS).
+    """
+    i = tl.arange(0, 1 << LOG_N)
+    for lb in range(LOG_FIRST, LOG_N + 1):  # phase lb: sorted runs of 2**lb
+        for st in range(lb):
+            stride = 1 << (lb - 1 - st)
+            partner = i ^ stride
+            ps = tl.gather(s, partner, 0)
+            pp = tl.gather(p, partner, 0)
+            better = (s > ps) | ((s == ps) & (p < pp))
+            # Runs of 2**lb alternate direction (two neighbours form a bitonic run of the next phase);
+            # the last phase (2**lb == 2**LOG_N) runs in DESC's direction. The lower element of a pair
+            # keeps the better one in a descending run, the upper element the worse one.
+            desc = ((i & (1 << lb)) == 0) == DESC
+            keep = better == (((i & stride) == 0) == desc)
+            s = tl.where(keep, s, ps)
+            p = tl.where(keep, p, pp)
+    return s, p
+
+@triton.jit
 def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
                    qs_ptr, ks_ptr, wlo_ptr, whi_ptr,
                    stride_qt, stride_qh, stride_k, stride_wt, stride_tb, stride_qst, stride_qsh,
                    stride_ks0, stride_ks1, W, k, Hi, Di, scale,
-                   num_pages, page_size, max_pages, invalid_max, sentinel, span, CAUSAL: tl.constexpr,
+                   num_pages, page_size, max_pages, invalid_max, sentinel, span, t_start, CAUSAL: tl.constexpr,
                    PAGED: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
                    QSCALE: tl.constexpr, WINDOW: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, BS: tl.constexpr,
-                   MEAN: tl.constexpr, SPLITS: tl.constexpr):
+                   MEAN: tl.constexpr, SPLITS: tl.constexpr, PAIRS: tl.constexpr, LOG_K: tl.constexpr):
     # Units: a "slot" is a position (BS == 1) or a block of BS positions (NSA block selection).
     # Program (t, sp) handles slots [sp * span, sp * span + span) of token t (span: a multiple of
     # K_PAD). With SPLITS > 1 it writes its packed top-K_PAD to out_ptr[t, sp, :] (int64) and the
     # host merges the splits with one torch.topk; a decode step (few tokens, 128K keys) then
     # fills the GPU instead of running one long program per token.
-    t = tl.program_id(0).to(tl.int64)
+    t = t_start + tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1).to(tl.int64)
     L = tl.minimum(tl.load(L_ptr + t), W)  # positions >= W are outside the score row
     q_pos = tl.load(qpos_ptr + t)
@@ -162,7 +193,11 @@ def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, b
                            Di, scale, UPCAST, QUANT, QSCALE, BLOCK_H, BLOCK_D)
     j = tl.arange(0, K_PAD)
     SUB: tl.constexpr = BLOCK_N // BS  # slots per score tile
-    best = tl.zeros([K_PAD], dtype=tl.int64) + sentinel
+    if PAIRS:  # the running top-K_PAD as (score, position) pairs; an empty slot ranks below all
+        best_s = tl.zeros([K_PAD], dtype=tl.float32) + float("-inf")
+        best_p = tl.zeros([K_PAD], dtype=tl.float32) + 16777216.0  # past every position (< 2**24)
+    else:
+        best = tl.zeros([K_PAD], dtype=tl.int64) + sentinel
     row = scratch_ptr + (t * SPLITS + sp) * K_PAD
     # Computed here, after q's loads: computing it before them costs 30 registers on sm_90 (176 vs 146).
     start = sp * span
@@ -186,12 +221,32 @@ def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, b
                     s = tl.max(s2, axis=1)
             tl.store(row + sub + tl.arange(0, SUB), s)
         tl.debug_barrier()  # the chunk's scores, written by every thread, are read back below
-        keys = _pack(tl.load(row + j), c0 + j.to(tl.int64))
-        tl.debug_barrier()  # before the next chunk overwrites the scratch row
-        if tl.max(keys, axis=0) > tl.min(best, axis=0):  # else nothing of this chunk enters the top-k
-            srt = tl.sort(keys, descending=True)
-            best = tl.sort(tl.maximum(best, tl.flip(srt, 0)), descending=True)
-    if SPLITS == 1:
+        if PAIRS:
+            cs = tl.load(row + j)
+            cs = tl.where(cs != cs, float("-inf"), cs) + 0.0  # as _pack: NaN is -inf, -0.0 is +0.0
+            # exact: slots < 2**24 on this path; no [K_PAD] int64 vector (8 KiB more of Ascend's UB)
+            cp = j.to(tl.float32) + c0
+            tl.debug_barrier()  # before the next chunk overwrites the scratch row
+            # A chunk's positions are above every position already kept, so an equal score cannot enter.
+            if tl.max(cs, axis=0) > tl.min(best_s, axis=0):
+                cs, cp = _pair_network(cs, cp, LOG_K, 1, False)  # ascending: best[i] vs chunk's i-th worst
+                take = (best_s > cs) | ((best_s == cs) & (best_p < cp))
+                # the better of each pair: the top K_PAD of both, as one bitonic sequence
+                best_s = tl.where(take, best_s, cs)
+                best_p = tl.where(take, best_p, cp)
+                best_s, best_p = _pair_network(best_s, best_p, LOG_K, LOG_K, True)
+        else:
+            keys = _pack(tl.load(row + j), c0 + j.to(tl.int64))
+            tl.debug_barrier()  # before the next chunk overwrites the scratch row
+            if tl.max(keys, axis=0) > tl.min(best, axis=0):  # else nothing of this chunk enters the top-k
+                srt = tl.sort(keys, descending=True)
+                best = tl.sort(tl.maximum(best, tl.flip(srt, 0)), descending=True)
+    if PAIRS:
+        if SPLITS == 1:
+            tl.store(out_ptr + t * k + j, tl.where(best_s > float("-inf"), best_p.to(tl.int32), -1), mask=j < k)
+        else:  # the host merges packed keys (an empty slot packs to an invalid key)
+            tl.store(out_ptr + (t * SPLITS + sp) * K_PAD + j, _pack(best_s, best_p.to(tl.int64)))
+    elif SPLITS == 1:
         pos = 4294967295 - (best & 4294967295)
         res = tl.where(best > invalid_max, pos, -1).to(tl.int32)
         tl.store(out_ptr + t * k + j, res, mask=j < k)
