@@ -304,6 +304,27 @@ def test_token_chunks_fit_the_npu_program_limit():
     assert any("programs per launch on npu" in r for r in limits.reasons(inp))
 
 
+def test_backward_over_the_npu_program_limit_is_declined():
+    """The backward's launch is not split: on npu a DeepSeek prefill backward of 8192 tokens (8 head
+    blocks of 16) is declined with the limit named (the registry runs the reference's backward); 8191
+    tokens and cuda are not."""
+    from types import SimpleNamespace
+
+    args = CASES_BY_NAME["deepseek_widths"].make(torch.float32, "cpu")
+    real = attention.validate(**args)
+    fields = {n: getattr(real, n) for n in ("v", "d_v", "head_dim", "rope_dim", "num_kv_heads", "block_size",
+                                            "topk", "features", "kv_quantized")}
+    inp = SimpleNamespace(**fields, op="attention_backward", num_tokens=8192, num_heads=128,
+                          device=SimpleNamespace(type="npu"))
+    from attention.backends.triton.backward import plan as backward_plan
+
+    assert backward_plan(inp)["NUM_HB"] == 8
+    assert any("65536 programs > 65535 per launch on npu" in r for r in BACKEND.limit_reasons(inp))
+    assert not any("per launch" in r for r in BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "num_tokens": 8191})))
+    assert not any("per launch" in r for r in BACKEND.limit_reasons(
+        SimpleNamespace(**{**vars(inp), "device": SimpleNamespace(type="cuda")})))
+
+
 @pytest.mark.skipif(not BACKEND.test_devices(), reason="triton backend cannot run here")
 @pytest.mark.parametrize("case_name,override", [
     # 8 tokens of 3 causal sequences, 20 candidates in 2 splits (+ the combine): latent and general kernel
