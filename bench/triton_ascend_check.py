@@ -362,11 +362,11 @@ PROBLEMS = [
     AscendProblem("dsv32-decode-4-int8", "forward", "dsv32-decode-4-int8"),  # the same, split + combine
     AscendProblem("separate-v-decode-int8", "forward", "separate-v-decode-int8"),  # general kernel, int8 k, v
     AscendProblem("dsv32-indexer-int8", "forward", "dsv32-indexer-int8"),
-    AscendProblem("dsv32-select-prefill-int8", "forward", "dsv32-select-prefill-int8"),
     AscendProblem("dsv32-indexer", "forward", "dsv32-indexer"),
     # The fused select's Ascend variant (pair network, k = 2048): decode splits the keys over the AI
     # cores (packed keys out, SPLITS > 1), prefill runs one program per token (positions out).
-    # select-k4096 is not compiled: it needs 264 KiB of UB, and k > 2048 is declined on npu.
+    # Not compiled, declined on npu instead (selection.limit_reasons): select-k4096 (264 KiB of UB) and
+    # dsv32-select-prefill-int8 (209.6 KiB with the records' 32-position tiles, 190.2 KiB with 16).
     AscendProblem("dsv32-select-decode", "forward", "dsv32-select-decode"),
     AscendProblem("dsv32-select-prefill", "forward", "dsv32-select-prefill"),
     AscendProblem("merge-states", "merge"),

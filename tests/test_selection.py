@@ -704,14 +704,21 @@ def test_select_with_inputs_requiring_grad_keeps_no_graph():
     assert not got.requires_grad and got.grad_fn is None
 
 
-def test_quantized_selection_is_declined_by_triton_on_npu():
-    """Triton's quantized indexer road (fp8/int8 -> bfloat16 dot) was never compiled with triton-ascend,
-    and 910B has no float8: on npu the registry must fall back (to the reference), with the reason."""
+def test_quantized_selection_on_npu():
+    """On npu the int8 indexer is offered (compiled for Ascend by make triton-ascend-check), the quantized
+    select is declined (its int8 score tile beside the pair network overflows the UB) and float8 is
+    declined by the backend (A2/A3 have no FP8 type), each with its reason; the registry falls back."""
     from types import SimpleNamespace
 
-    from attention.backends.triton import selection
+    from attention.backends.triton import BACKEND, selection
 
-    inp = SimpleNamespace(op="lightning_indexer", block_size=1, k=0, device=SimpleNamespace(type="npu"), quantized=True)
-    assert any("quantized" in r and "npu" in r for r in selection.limit_reasons(inp))
-    inp.quantized = False
-    assert selection.limit_reasons(inp) == []
+    npu = SimpleNamespace(type="npu")
+    inp = SimpleNamespace(op="lightning_indexer", block_size=1, k=0, device=npu, quantized=True,
+                          features=frozenset({"contiguous", "int8"}))
+    assert BACKEND.limit_reasons(inp) == []
+    fp8 = SimpleNamespace(**{**vars(inp), "features": frozenset({"contiguous", "fp8"})})
+    assert any("no FP8 type" in r for r in BACKEND.limit_reasons(fp8))
+    sel = SimpleNamespace(**{**vars(inp), "op": "select", "k": 2048})
+    assert any("quantized select on npu" in r and "UB" in r for r in BACKEND.limit_reasons(sel))
+    assert selection.limit_reasons(SimpleNamespace(**{**vars(sel), "quantized": False})) == []
+    assert selection.limit_reasons(SimpleNamespace(**{**vars(sel), "device": SimpleNamespace(type="cuda")})) == []

@@ -304,6 +304,27 @@ def test_token_chunks_fit_the_npu_program_limit():
     assert any("programs per launch on npu" in r for r in limits.reasons(inp))
 
 
+def test_backward_over_the_npu_program_limit_is_declined():
+    """The backward's launch is not split: on npu a DeepSeek prefill backward of 8192 tokens (8 head
+    blocks of 16) is declined with the limit named (the registry runs the reference's backward); 8191
+    tokens and cuda are not."""
+    from types import SimpleNamespace
+
+    args = CASES_BY_NAME["deepseek_widths"].make(torch.float32, "cpu")
+    real = attention.validate(**args)
+    fields = {n: getattr(real, n) for n in ("v", "d_v", "head_dim", "rope_dim", "num_kv_heads", "block_size",
+                                            "topk", "features", "kv_quantized")}
+    inp = SimpleNamespace(**fields, op="attention_backward", num_tokens=8192, num_heads=128,
+                          device=SimpleNamespace(type="npu"))
+    from attention.backends.triton.backward import plan as backward_plan
+
+    assert backward_plan(inp)["NUM_HB"] == 8
+    assert any("65536 programs > 65535 per launch on npu" in r for r in BACKEND.limit_reasons(inp))
+    assert not any("per launch" in r for r in BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "num_tokens": 8191})))
+    assert not any("per launch" in r for r in BACKEND.limit_reasons(
+        SimpleNamespace(**{**vars(inp), "device": SimpleNamespace(type="cuda")})))
+
+
 @pytest.mark.skipif(not BACKEND.test_devices(), reason="triton backend cannot run here")
 @pytest.mark.parametrize("case_name,override", [
     # 8 tokens of 3 causal sequences, 20 candidates in 2 splits (+ the combine): latent and general kernel
@@ -364,8 +385,8 @@ def test_fp8_is_declined_on_npu_with_the_reason(op, feature):
                           num_kv_heads=1, d_v=512, topk=2048, block_size=1, k=2048, quantized=True)
     assert any("no FP8 type" in r for r in BACKEND.limit_reasons(inp))
     assert BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "device": SimpleNamespace(type="cuda")})) == []
-    int8 = feature.replace("fp8", "int8")
-    assert BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "features": frozenset({int8})})) == []
+    int8 = SimpleNamespace(**{**vars(inp), "features": frozenset({feature.replace("fp8", "int8")})})
+    assert not any("FP8" in r for r in BACKEND.limit_reasons(int8))  # (the int8 select: its own UB reason)
 
 
 # ---------------------------------------------------------------- make triton-ascend-check without PyPI

@@ -109,9 +109,16 @@ class TritonBackend(Backend):
 
             reasons = declined + limits.reasons(inp)
             if inp.op == "attention_backward":
-                from .backward import limit_reasons
+                from .backward import limit_reasons, plan
 
                 reasons += limit_reasons(inp)
+                cap = limits.max_programs(inp.device.type)
+                if cap is not None and not reasons:
+                    # The backward's grid is not split (launch.token_chunks splits the forward's only).
+                    n = inp.num_tokens * inp.num_kv_heads * plan(inp)["NUM_HB"]
+                    if n > cap:
+                        reasons.append(f"backward: T x kv heads x head blocks = {n} programs > {cap} per launch on "
+                                       f"{inp.device.type} (its launch is not split)")
             return reasons
         from . import selection
 

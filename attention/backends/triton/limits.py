@@ -12,8 +12,10 @@ MAX_CANDIDATES = 2**31 - 1 - 4096  # candidate offsets (K * block_size) are int3
 # triton-ascend 3.2.0 refuses more than 65535 on an NPU: triton/runtime/jit.py, JITFunction.run,
 # `if grid_all_size > 65535: raise RuntimeError("grid should be less than 65536! ...")` with
 # grid_all_size = grid[0] * grid[1] * grid[2] (lifted only by TRITON_ALL_BLOCKS_PARALLEL=1, which
-# makes every program run in one parallel round). The forward launcher splits its token axis into
-# launches under it (launch.token_chunks); the other kernels decline inputs over it (reasons).
+# makes every program run in one parallel round: its docs say so, not measured). The forward and
+# selection launchers split their token axis into launches under it (launch.token_chunks); the
+# backward is declined over it (backend.limit_reasons), and so are inputs whose one token needs more
+# programs than that (reasons).
 MAX_PROGRAMS = {"npu": 65535}
 
 
