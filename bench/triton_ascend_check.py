@@ -242,8 +242,12 @@ def lower_launch(fn, args, kwargs, soc: str):
 
 
 def feature_widths(config: Dict) -> List[int]:
-    """The feature-dimension tile widths of a launch (BLOCK_D, BLOCK_DV, BLOCK_DR, BLOCK_DT, BLOCK_DK)."""
-    return sorted({int(v) for k, v in config.items() if k.startswith("BLOCK_D") and isinstance(v, int)})
+    """The feature-dimension tile widths of a launch (BLOCK_D, BLOCK_DV, BLOCK_DR, BLOCK_DT, BLOCK_DK).
+    The rope chunk BLOCK_DR only when the launch has a rope part (DR > 0): otherwise no loop walks it,
+    and a loop of that trip count is another one (e.g. the per-row scale loads of a quantized tile
+    when BLOCK_N equals it)."""
+    return sorted({int(v) for k, v in config.items() if k.startswith("BLOCK_D") and isinstance(v, int)
+                   and not (k == "BLOCK_DR" and config.get("DR", 1) == 0)})
 
 
 def classify(log: str, hivm: Optional[str], widths: Iterable[int]) -> Dict:
@@ -337,6 +341,14 @@ def _extra_problems():
         # The general kernel at DeepSeek widths with the split rope part (the issue's overflowing case:
         # separate V, Dqk 512 + rope 64, Dv 512): its rope chunk loop is sized by BLOCK_DR.
         Problem("rope-general-decode", "attention", batch=64, q_per_seq=1, Dqk=512, Dr=64, Dv=512, latent=False),
+        # Quantized caches (issue 16) as Ascend runs them: the latent kernel over an int8 576-wide cache
+        # (tile scales of 128 columns) and the general kernel dequantizing int8 k and v.
+        Problem("dsv32-decode-64-int8", "attention", batch=64, q_per_seq=1, sink=True, kv_quant="int8"),
+        Problem("separate-v-decode-int8", "attention", batch=64, q_per_seq=1, Dqk=256, Dv=256, latent=False,
+                kv_quant="int8"),
+        # The serving engines' int8 indexer inputs (issue 13) with scales and key windows.
+        Problem("dsv32-indexer-int8", "indexer", batch=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
+                kv_quant="int8"),
     ]}
 
 
@@ -346,6 +358,11 @@ PROBLEMS = [
     AscendProblem("dsv32-prefill", "forward", "dsv32-prefill"),  # latent, contiguous, causal
     AscendProblem("rope-general-decode", "forward", "rope-general-decode"),  # general kernel + rope loop
     AscendProblem("nsa-prefill", "forward", "nsa-prefill"),  # general kernel, blocks of 64, GQA
+    AscendProblem("dsv32-decode-64-int8", "forward", "dsv32-decode-64-int8"),  # latent kernel, int8 cache
+    AscendProblem("dsv32-decode-4-int8", "forward", "dsv32-decode-4-int8"),  # the same, split + combine
+    AscendProblem("separate-v-decode-int8", "forward", "separate-v-decode-int8"),  # general kernel, int8 k, v
+    AscendProblem("dsv32-indexer-int8", "forward", "dsv32-indexer-int8"),
+    AscendProblem("dsv32-select-prefill-int8", "forward", "dsv32-select-prefill-int8"),
     AscendProblem("dsv32-indexer", "forward", "dsv32-indexer"),
     # The fused select's Ascend variant (pair network, k = 2048): decode splits the keys over the AI
     # cores (packed keys out, SPLITS > 1), prefill runs one program per token (positions out).
@@ -500,7 +517,7 @@ def check(socs: List[str], problems: List[str], out: Path, jobs: int, timeout: i
                         continue
                     row.update(core=metadata["mix_mode"],
                                config={k: v for k, v in consts.items()
-                                       if k.startswith("BLOCK") or k in ("K_PAD", "NUM_STAGES", "GATHER_ROWS")})
+                                       if k.startswith("BLOCK") or k in ("K_PAD", "NUM_STAGES", "GATHER_ROWS", "DR")})
                     compiling[ckey] = row
                     futures.append(pool.submit(one, row, linalg, options, out / soc / pname / f"{i}-{fn.__name__}"))
                     if progress:

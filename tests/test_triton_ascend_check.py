@@ -132,27 +132,35 @@ def test_known_failure_is_strict(monkeypatch):
 
 
 def test_select_is_offered_on_npu_within_the_pair_network_limits():
-    """The Ascend variant compiles (make triton-ascend-check), so select is offered on npu again: at
-    DeepSeek's k = 2048 over 128K keys, contiguous or paged; declined past k = 2048 (264 KiB of UB at
-    4096) and past 2**24 key slots (float32 positions), with the reason."""
+    """The Ascend variant compiles (make triton-ascend-check), so select is offered on npu again at
+    DeepSeek's k = 2048; declined past k = 2048 (264 KiB of UB at 4096), with the reason."""
     from types import SimpleNamespace
 
     from attention.backends.triton import selection
 
-    npu = SimpleNamespace(type="npu")
-    keys = torch.empty(131072, 128, device="meta")
-    inp = SimpleNamespace(op="select", block_size=1, k=2048, quantized=False, device=npu, k_idx=keys,
-                          block_table=None)
+    inp = SimpleNamespace(op="select", block_size=1, k=2048, quantized=False, device=SimpleNamespace(type="npu"))
     assert selection.limit_reasons(inp) == []
-    assert selection.limit_reasons(SimpleNamespace(**{**vars(inp), "device": torch.device("cpu"), "k": 4096})) == []
     assert any("k=4096 > 2048 on npu" in r for r in selection.limit_reasons(SimpleNamespace(**{**vars(inp), "k": 4096})))
-    paged = SimpleNamespace(**{**vars(inp), "k_idx": torch.empty(8, 64, 128, device="meta"),
-                               "block_table": torch.empty(2, (1 << 24) // 64, device="meta")})
-    assert selection.limit_reasons(paged) == []  # exactly 2**24 slots: positions up to 2**24 - 1
-    paged.block_table = torch.empty(2, (1 << 24) // 64 + 1, device="meta")
-    assert any("key slots > 16777216" in r for r in selection.limit_reasons(paged))
-    paged.block_size = 2  # slots are blocks: half as many
-    assert selection.limit_reasons(paged) == []
+    assert selection.limit_reasons(SimpleNamespace(**{**vars(inp), "device": torch.device("cpu"), "k": 4096})) == []
+
+
+def test_pair_network_refuses_more_slots_than_float32_positions_hold(monkeypatch):
+    """The pair network carries positions as float32 (exact below 2**24): a paged cache whose table
+    spans more slots is refused with a ValueError naming k_idx, before any kernel runs (CPU tensors,
+    the variant forced). Blocks of 2 positions halve the slots and pass that check."""
+    from attention.backends.triton import selection
+    from attention.selection import validate_selection
+
+    monkeypatch.setattr(selection.LAUNCHER, "pair_sort_override", True)
+    monkeypatch.setattr(selection, "_kernels", lambda: pytest.fail("a kernel was reached"))
+    page = 64
+    table = torch.zeros(1, (1 << 24) // page + 1, dtype=torch.int32)
+    args = dict(q_idx=torch.randn(1, 2, 16), k_idx=torch.randn(1, page, 16), weights=torch.randn(1, 2),
+                block_table=table, seqlens_k=torch.tensor([3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="k_idx: 16777280 key slots per sequence > 16777216"):
+        selection.LAUNCHER.run(validate_selection("select", k=4, **args))
+    inp = validate_selection("select", k=4, block_size=2, **args)
+    assert selection._max_slots(inp) <= selection.PAIR_MAX_SLOTS
 
 
 @pytest.mark.parametrize("soc", tac.SOCS)
@@ -341,6 +349,23 @@ def test_npu_is_offered_only_with_triton_ascend_and_torch_npu(monkeypatch):
     info = BACKEND.info()
     assert "compile-checked on x86, never ran on an NPU" in info["triton-ascend"]
     assert "npu offered" in info["triton-ascend"]
+    assert "declined on npu: fp8 (" in info["triton-ascend"] and "kv_fp8 (" in info["triton-ascend"]
+
+
+@pytest.mark.parametrize("op,feature", [("attention", "kv_fp8"), ("select", "fp8"), ("lightning_indexer", "fp8")])
+def test_fp8_is_declined_on_npu_with_the_reason(op, feature):
+    """A2/A3 have no FP8 type (triton-ascend: "unexpected type fp8"): fp8 caches and indexer inputs are
+    declined on npu (the registry takes the next backend); the same inputs on cuda are not, and int8
+    ones (compile-checked) are not on npu."""
+    from types import SimpleNamespace
+
+    npu = SimpleNamespace(type="npu")
+    inp = SimpleNamespace(op=op, features=frozenset({feature}), device=npu, num_tokens=4, num_heads=128,
+                          num_kv_heads=1, d_v=512, topk=2048, block_size=1, k=2048, quantized=True)
+    assert any("no FP8 type" in r for r in BACKEND.limit_reasons(inp))
+    assert BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "device": SimpleNamespace(type="cuda")})) == []
+    int8 = feature.replace("fp8", "int8")
+    assert BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "features": frozenset({int8})})) == []
 
 
 # ---------------------------------------------------------------- make triton-ascend-check without PyPI

@@ -42,6 +42,15 @@ def npu_offered() -> bool:
 #: What `attention.info` says of the npu path; nothing of it has run on an NPU (docs/ascendc.md).
 NPU_STATUS = "compile-checked on x86, never ran on an NPU"
 
+#: Features the npu path does not offer, with the reason (declined on npu whatever the op; the
+#: registry then takes the next backend). Ascend A2/A3 (910B, 910_93) have no FP8 type: triton-ascend
+#: 3.2 stops at "unexpected type fp8" lowering any kernel with a float8_e4m3fn operand (make
+#: triton-ascend-check, docs/triton.md "Ascend"). int8 caches and indexer inputs compile.
+NPU_DECLINED = {
+    "kv_fp8": "float8_e4m3fn cache on npu: Ascend A2/A3 have no FP8 type (triton-ascend 3.2: 'unexpected type fp8')",
+    "fp8": "float8_e4m3fn q_idx/k_idx on npu: Ascend A2/A3 have no FP8 type (triton-ascend 3.2: 'unexpected type fp8')",
+}
+
 
 def interpreting() -> bool:
     """Triton decides at import time whether @triton.jit functions run in the interpreter."""
@@ -93,10 +102,12 @@ class TritonBackend(Backend):
         # candidate list are int32) and the selection kernels' block/k limits.
         if inp.op == "merge":  # the reference merges there: this kernel is checked on cuda only
             return ["merge not offered on npu"] if inp.device.type == "npu" else []
+        declined = ([why for f, why in sorted(NPU_DECLINED.items()) if f in inp.features]
+                    if inp.device.type == "npu" else [])
         if inp.op in ("attention", "attention_backward"):
             from . import limits
 
-            reasons = limits.reasons(inp)
+            reasons = declined + limits.reasons(inp)
             if inp.op == "attention_backward":
                 from .backward import limit_reasons
 
@@ -104,7 +115,7 @@ class TritonBackend(Backend):
             return reasons
         from . import selection
 
-        return selection.limit_reasons(inp)
+        return declined + selection.limit_reasons(inp)
 
     def forward(self, inp):
         if inp.op == "attention":
@@ -135,7 +146,8 @@ class TritonBackend(Backend):
         if triton_ascend_version():
             lines["triton-ascend"] = (f"{triton_ascend_version()}: npu "
                                       f"{'offered' if npu_offered() else 'not offered (torch_npu is not installed)'}; "
-                                      f"{NPU_STATUS}")
+                                      f"{NPU_STATUS}; declined on npu: "
+                                      + "; ".join(f"{f} ({why})" for f, why in sorted(NPU_DECLINED.items())))
         try:
             lines["tuning store"] = str(store_path())
         except Exception as e:  # pragma: no cover - info must never fail

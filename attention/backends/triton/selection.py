@@ -80,16 +80,13 @@ def limit_reasons(inp) -> List[str]:
             reasons.append(f"k={inp.k} > {MAX_K}")
         elif inp.device.type == "npu" and inp.k > MAX_K_NPU:
             reasons.append(f"k={inp.k} > {MAX_K_NPU} on npu (the pair network's [k] vectors overflow the UB)")
-        if inp.device.type == "npu" and _max_slots(inp) > PAIR_MAX_SLOTS:
-            # npu runs the pair network (TritonSelection.pair_sort), whose positions are float32.
-            reasons.append(f"select on npu: {_max_slots(inp)} key slots > {PAIR_MAX_SLOTS} (float32 positions "
-                           "of the pair network)")
     return reasons
 
 
 def _max_slots(inp) -> int:
     """Slots (positions, or blocks of them) a valid candidate can have, from shapes alone: a paged
-    sequence lives in its table's pages, a contiguous one inside k_idx."""
+    sequence lives in its table's pages, a contiguous one inside k_idx. (Checked at launch, not in
+    limit_reasons: the registry caches its choice on sizes that leave the cache's length out.)"""
     kx = inp.k_idx
     width = inp.block_table.shape[1] * kx.shape[1] if kx.dim() == 3 else kx.shape[0]
     return -(-width // inp.block_size)
@@ -163,12 +160,17 @@ class TritonSelection:
                     a["max_pages"], t_start, BLOCK_N=BLOCK_N, **meta)
             return out
         k = inp.k
+        dev = self.device_config(a["q"].device)
+        pairs = self.pair_sort(a["q"].device, dev)
+        if pairs and _max_slots(inp) > PAIR_MAX_SLOTS:  # from shapes: no sync, before any kernel
+            raise ValueError(f"k_idx: {_max_slots(inp)} key slots per sequence > {PAIR_MAX_SLOTS}, the most the "
+                             f"Triton select takes on {a['q'].device.type} (its pair network's positions are "
+                             "float32); pass block_size > 1 or use another backend")
         out = _new(T, 1, k, device=a["q"].device, dtype=torch.int32)
         if T == 0 or k == 0:
             return out
         K_PAD = _p2(k)
         bs = inp.block_size
-        dev = self.device_config(a["q"].device)
         # positions per score tile: whole blocks (Ascend's records take 32: with 64 the tile and the
         # pair network's [K_PAD] vectors plan 193 KiB of the 192 KiB UB at k = 2048)
         BLOCK_N = max(min(K_PAD * bs, int(dev.get("SELECT_BLOCK_N", 64))), bs)
@@ -186,7 +188,7 @@ class TritonSelection:
                 a["q"].stride(0), a["q"].stride(1), a["k"].stride(0), a["w"].stride(0), a["stride_tb"],
                 *a["strides"], W, k, a["Hi"], a["Di"], a["scale"], a["num_pages"], a["page_size"], a["max_pages"],
                 INVALID_KEY_MAX, _SENTINEL, span, t_start, BLOCK_N=BLOCK_N, K_PAD=K_PAD, BS=bs,
-                MEAN=inp.block_reduce == "mean", SPLITS=splits, PAIRS=self.pair_sort(a["q"].device, dev),
+                MEAN=inp.block_reduce == "mean", SPLITS=splits, PAIRS=pairs,
                 LOG_K=K_PAD.bit_length() - 1, num_warps=8 if K_PAD >= 1024 else 4, **meta)
         if splits > 1:
             # Packed keys are unique and ordered, so one int64 top-k merges the splits exactly.
