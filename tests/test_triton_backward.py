@@ -300,31 +300,51 @@ def _compile_backward():  # runs in a subprocess without TRITON_INTERPRET
         for fn, a, k in recorded:
             kernel, _, options = compile_launch(fn, a, k, 90)
             print(json.dumps(dict(problem=name, kernel=fn.__name__, num_warps=options.num_warps,
+                                  triton=".".join(triton.__version__.split(".")[:2]),
                                   shared=kernel.metadata.shared, **_resources(kernel.asm["cubin"]))), flush=True)
 
 
-def test_backward_kernels_compile_for_sm90():
+# The GPU machine's triton 3.6 (``make triton36``: pip --target .triton36), first on the path of the
+# compiling subprocess; CI's triton is the venv's own.
+TRITON36 = Path(__file__).resolve().parents[1] / ".triton36"
+# (triton, problem, kernel) -> stack bytes known and accepted (docs/triton.md "Backward": no warp count,
+# stage count or reordering of the tile's dots removed it); anything else must not spill, and this
+# one must not grow.
+KNOWN_SPILLS = {("3.6", "dsv32-prefill-atomics", "selective_attention_bwd_kernel"): 8}
+
+
+@pytest.mark.parametrize("which", ["ci", "3.6"])
+def test_backward_kernels_compile_for_sm90(which):
     """The kernels as the launcher starts them (the JIT's own specialization, bench/compile_budget.py)
-    compile for sm_90 within Hopper's shared memory, and the default (atomics) kernel does not spill at
-    the DeepSeek and NSA shapes. The deterministic mode's dkv kernel is reported, not bounded (docs/triton.md)."""
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+    compile for sm_90 within Hopper's shared memory and do not spill, with CI's triton and with the
+    GPU machine's 3.6 (KNOWN_SPILLS aside), at the DeepSeek and NSA shapes, in both modes."""
+    path = [str(Path(__file__).resolve().parents[1])]
+    if which == "3.6":
+        if not (TRITON36 / "triton").is_dir():
+            pytest.skip("no triton 3.6 copy at .triton36 (make triton36)")
+        path.insert(0, str(TRITON36))
+        ptxas = TRITON36 / "triton" / "backends" / "nvidia" / "bin" / "ptxas"
+    else:
+        ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
         pytest.skip("this triton wheel ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(path + [env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as cache:
         env["TRITON_CACHE_DIR"] = cache
         r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
     print("\n".join(json.dumps(x) for x in rows))
+    version = rows[0]["triton"]
+    assert (version == "3.6") == (which == "3.6"), version
     kernels = {(x["problem"], x["kernel"]) for x in rows}
     assert ("dsv32-prefill-deterministic", "selective_attention_bwd_dkv_kernel") in kernels
     assert {x["problem"] for x in rows} == {p[0] for p in COMPILE_PROBLEMS}
     for x in rows:
         assert x["shared"] <= 227 * 1024, x
-        if x["problem"].endswith("-atomics"):
-            assert x["stack"] == 0, x
+        assert x["stack"] <= KNOWN_SPILLS.get((version, x["problem"], x["kernel"]), 0), x
 
 
 if __name__ == "__main__":

@@ -65,11 +65,12 @@ def plan(inp) -> dict:
     bdk = max(16, _p2(dk))
     # 32 heads x 512 float32 accumulator columns is the widest dq a program keeps on chip.
     bh = max(16, min(_p2(hg), 32 if bdk <= 256 else 16))
-    # Warps and BLOCK_N from sm_90 compiles of both kernels (docs/triton.md "Backward"; never run on a
-    # GPU): 16 candidates x 8 warps is the least spilling for 512-wide latent rows, and spill-free
-    # (175 registers) at NSA's 128 widths; the dkv kernel spills at 512 columns below 16 warps.
+    # Warps and BLOCK_N from sm_90 compiles of both kernels with triton 3.6 and 3.9 (docs/triton.md
+    # "Backward"; never run on a GPU): 16 candidates x 8 warps is the least spilling for 512-wide latent
+    # rows, and spill-free at NSA's 128 widths. The dkv kernel at 512 columns: 8 warps (234-255
+    # registers, no spill); 16 warps cap a thread at 128 registers and spilled 40-88 B, 4 spilled 208 B.
     return dict(DK=dk, HAS_TAIL=latent and inp.head_dim > inp.d_v, BLOCK_H=bh, NUM_HB=-(-hg // bh),
-                num_warps=8, dkv_num_warps=16 if bdk >= 256 else 4, BLOCK_N=16, BLOCK_DK=bdk,
+                num_warps=8, dkv_num_warps=8 if bdk >= 256 else 4, BLOCK_N=16, BLOCK_DK=bdk,
                 BLOCK_DV=bdk if latent else max(16, _p2(inp.d_v)),
                 BLOCK_DT=max(16, _p2(inp.head_dim - inp.d_v)) if latent and inp.head_dim > inp.d_v else 16,
                 BLOCK_DR=max(16, _p2(inp.rope_dim)) if inp.rope_dim else 16)
