@@ -307,17 +307,14 @@ def _compile_backward():  # runs in a subprocess without TRITON_INTERPRET
 # The GPU machine's triton 3.6 (``make triton36``: pip --target .triton36), first on the path of the
 # compiling subprocess; CI's triton is the venv's own.
 TRITON36 = Path(__file__).resolve().parents[1] / ".triton36"
-# (triton, problem, kernel) -> stack bytes known and accepted (docs/triton.md "Backward": no warp count,
-# stage count or reordering of the tile's dots removed it); anything else must not spill, and this
-# one must not grow.
-KNOWN_SPILLS = {("3.6", "dsv32-prefill-atomics", "selective_attention_bwd_kernel"): 8}
 
 
 @pytest.mark.parametrize("which", ["ci", "3.6"])
 def test_backward_kernels_compile_for_sm90(which):
     """The kernels as the launcher starts them (the JIT's own specialization, bench/compile_budget.py)
     compile for sm_90 within Hopper's shared memory and do not spill, with CI's triton and with the
-    GPU machine's 3.6 (KNOWN_SPILLS aside), at the DeepSeek and NSA shapes, in both modes."""
+    GPU machine's 3.6, at the DeepSeek and NSA shapes, in both modes (docs/triton.md "Backward": 3.6
+    spilled 8 B in the atomics kernel and 88 B in the dkv kernel until 2026-11-29)."""
     path = [str(Path(__file__).resolve().parents[1])]
     if which == "3.6":
         if not (TRITON36 / "triton").is_dir():
@@ -344,7 +341,7 @@ def test_backward_kernels_compile_for_sm90(which):
     assert {x["problem"] for x in rows} == {p[0] for p in COMPILE_PROBLEMS}
     for x in rows:
         assert x["shared"] <= 227 * 1024, x
-        assert x["stack"] <= KNOWN_SPILLS.get((version, x["problem"], x["kernel"]), 0), x
+        assert x["stack"] == 0, x
 
 
 if __name__ == "__main__":

@@ -78,19 +78,20 @@ def _bwd_key_tiles(k_row, kr_row, valid, q_k, q_tail, q_rope, offs_dk, dk_mask, 
 @triton.jit
 def _bwd_dscores(p, keep, vt, do, delta, p_share, dlse, sm_scale, HAS_DO: tl.constexpr, HAS_DLSE: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
-    """(dS * scale [BLOCK_H, BLOCK_N], P'^T dO [BLOCK_N, DV]) of one tile from its P and values:
-    dS = P' * (dO V^T - delta) + dlse * P. A dropped candidate's dS is exactly 0 (where, not a
-    product: its score may be NaN). Without dO the second is returned as dS, never read."""
+    """(dS * scale, P') [BLOCK_H, BLOCK_N] of one tile from its P and values:
+    dS = P' * (dO V^T - delta) + dlse * P, P' = P * p_share. A dropped candidate's dS is exactly 0
+    (where, not a product: its score may be NaN). Without dO the second is returned as dS, never read.
+    The caller forms dV = P'^T dO only where it adds it: a [BLOCK_N, DV] float32 tile made here would
+    stay live across the dq products (triton 3.6 spilled 8 B at the DeepSeek prefill)."""
     ds = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-    dvals = ds
+    pp = ds
     if HAS_DO:
         pp = p * p_share[:, None]
         dp = dot(do, tl.trans(vt), F32_DOT)
         ds = pp * (dp - delta[:, None])
-        dvals = dot(tl.trans(pp).to(do.dtype), do, F32_DOT)
     if HAS_DLSE:
         ds += dlse[:, None] * p
-    return tl.where(keep, ds * sm_scale, 0.0), dvals
+    return tl.where(keep, ds * sm_scale, 0.0), pp
 
 
 @triton.jit
@@ -228,11 +229,14 @@ def selective_attention_bwd_kernel(
             if HAS_DO and not LATENT:
                 vt = load_rows(V + g64 * stride_vh + page * stride_vp + row * stride_vr, offs_dv, valid, dv_mask,
                                stride_vd)
-            ds, dvals = _bwd_dscores(p, keep, vt, do, delta, p_share, dlse, sm_scale, HAS_DO, HAS_DLSE, BLOCK_H,
+            ds, pp = _bwd_dscores(p, keep, vt, do, delta, p_share, dlse, sm_scale, HAS_DO, HAS_DLSE, BLOCK_H,
                                      BLOCK_N, F32_DOT)
             dq_k += dot(ds.to(k_k.dtype), k_k, F32_DOT)
             dsT = tl.trans(ds)
             dk_k = dot(dsT.to(q_k.dtype), q_k, F32_DOT)
+            dvals = dk_k  # without dO: never read
+            if HAS_DO:
+                dvals = dot(tl.trans(pp).to(do.dtype), do, F32_DOT)
             if HAS_DO and LATENT:
                 dk_k += dvals  # BLOCK_DV == BLOCK_DK: the value is the key's first DV columns
             dk_tail = dk_k
