@@ -456,7 +456,8 @@ def _check_quantization(inp) -> None:
     if sb < 1:
         raise ValueError(f"scale_block must be >= 1, got {sb}")
     kv, v, kv_scale, v_scale = inp.kv, inp.v, inp.kv_scale, inp.v_scale
-    if kv_scale is None and v_scale is None and kv.dtype not in QUANT_DTYPES and (v is None or v.dtype not in QUANT_DTYPES):
+    if (kv_scale is None and v_scale is None and kv.dtype not in QUANT_DTYPES
+            and (v is None or v.dtype not in QUANT_DTYPES)):
         return  # a float cache without scales: nothing below applies
     for name, x, scale_name, scale in (("kv", kv, "kv_scale", kv_scale), ("v", v, "v_scale", v_scale)):
         if x is None:

@@ -208,6 +208,11 @@ def main(argv=None) -> int:
         _progress("dispatch overhead")
         ovh = dispatch_overhead()
         print(json.dumps({k: round(v, 3) for k, v in ovh.items()}))
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "dispatch_overhead.json"), "w") as f:
+                json.dump(dict(machine=platform.platform(), torch=torch.__version__, load_average=os.getloadavg(),
+                               dispatch=ovh), f, indent=2)
         return 0 if ovh["api_ratio"] <= 2 else 2
 
     if args.prefill_only:

@@ -2,7 +2,7 @@
 
     I[t, s] = sum_j weights[t, j] * relu(scale * q_idx[t, j] . k_idx[s]),   scale default Di ** -0.5
 
-Three production functions and their float64 oracles live here:
+The production functions and their float64 oracles live here:
 
 * :func:`lightning_indexer` - the [T, W] float32 score matrix, -inf where the position is not a
   valid key of the query (past its sequence, or after it with ``causal``).

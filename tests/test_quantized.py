@@ -238,12 +238,19 @@ def test_quantized_caches_are_opt_in():
 
 def test_fp8_table_conversion_is_the_float8_conversion_bit_for_bit():
     """python_ref.stored_values reads float8 through a 256-entry table on the CPU (faster than PyTorch's
-    element-wise conversion): every code, NaN included, gives the same float32 bits as ``.to``."""
+    element-wise conversion): every one of the 256 codes, NaN included, gives the same bits as ``.to``,
+    contiguous or a strided view, and across the table's slices (each slice starts where the last ended)."""
+    from python_ref import quantize
     from python_ref.quantize import stored_values
 
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).reshape(4, 8, 8)[:, ::2]  # a view
-    for dt in (torch.float32, torch.bfloat16):
-        got, want = stored_values(codes, dt), codes.to(dt)
-        assert got.shape == want.shape and got.dtype == dt
-        ints = torch.int32 if dt == torch.float32 else torch.int16
-        assert torch.equal(got.view(ints), want.view(ints))
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8)
+    reps = -(-quantize.FP8_TABLE_MIN // 256)
+    tiled = every.repeat(reps)  # read through the table (small tensors take .to)
+    strided = every.repeat(reps, 1).t()  # the same, a non-contiguous view
+    n = quantize.FP8_TABLE_SLICE + 300  # two slices, the second partial, every code in both
+    long = torch.arange(n, dtype=torch.int64).remainder(256).to(torch.uint8).view(FP8)
+    for codes in (every, tiled, strided, long):
+        for dt, ints in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float64, torch.int64)):
+            got, want = stored_values(codes, dt), codes.to(dt)
+            assert got.shape == want.shape and got.dtype == dt
+            assert torch.equal(got.view(ints), want.view(ints))

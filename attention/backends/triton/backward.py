@@ -23,7 +23,9 @@ import torch
 
 from ...arguments import ARG_NAMES, ARGS, DIFFERENTIABLE
 from ...inputs import SelectiveAttentionInputs, new_empty, next_power_of_2
-from .launch import _named, _strides
+# The kernels are looked up on their module at each launch (tests spy on them there).
+from . import backward_kernels
+from .launch import named_strides, padded_strides
 
 _p2 = next_power_of_2
 
@@ -73,89 +75,114 @@ def plan(inp) -> dict:
                 BLOCK_DR=max(16, _p2(inp.rope_dim)) if inp.rope_dim else 16)
 
 
+def _sink_gradient(inp, lse, delta):
+    """d attn_sink = -sum_t delta * sigmoid(sink - lse) (zero without dO; None without a sink)."""
+    if inp.attn_sink is None:
+        return None
+    if delta is None:
+        return torch.zeros_like(inp.attn_sink)
+    share = torch.sigmoid(inp.attn_sink.float()[None, :] - lse)  # exp(sink) / (exp(lse) + exp(sink))
+    return (-(delta * share).sum(0)).to(inp.attn_sink.dtype)
+
+
+def _shared_args(inp, p: dict, lse, delta, grad_out, grad_lse, gk, gv, gkr) -> dict:
+    """The arguments both backward kernels take, by their parameter names (absent tensors replaced
+    by gk, never read)."""
+    q, kv, v, paged = inp.q, inp.kv, inp.v, inp.paged
+    sink = None if inp.attn_sink is None else inp.attn_sink.contiguous().float()
+    opt = lambda x: gk if x is None else x  # noqa: E731
+    return dict(
+        Q=q, KV=kv, V=opt(v), QR=opt(inp.q_rope), KVR=opt(inp.kv_rope), SINK=opt(sink), LSE=lse,
+        DELTA=opt(delta), DO=opt(grad_out), DLSE=opt(grad_lse), GK=gk, GV=opt(gv), GKR=opt(gkr),
+        sm_scale=float(inp.sm_scale), n_cand=inp.topk * inp.block_size,
+        **named_strides("stride_q", "thd", q.stride()),
+        **named_strides("stride_k", "prhd", padded_strides(kv, paged, 4)),
+        **named_strides("stride_v", "prhd", padded_strides(v, paged, 4)),
+        **named_strides("stride_qr", "thd", padded_strides(inp.q_rope, paged, 3)),
+        **named_strides("stride_kr", "prhd", padded_strides(inp.kv_rope, paged, 4)),
+        **named_strides("stride_l", "th", lse.stride()),
+        **named_strides("stride_d", "th", padded_strides(delta, paged, 2)),
+        **named_strides("stride_do", "thd", padded_strides(grad_out, paged, 3)),
+        **named_strides("stride_dl", "th", padded_strides(grad_lse, paged, 2)),
+        **named_strides("stride_gk", "prhd", padded_strides(gk, paged, 4)),
+        **named_strides("stride_gv", "prhd", padded_strides(gv, paged, 4)),
+        **named_strides("stride_gkr", "prhd", padded_strides(gkr, paged, 4)),
+        HG=inp.num_heads // inp.num_kv_heads, DQK=inp.head_dim, DK=p["DK"], DV=inp.d_v, DR=inp.rope_dim,
+        LATENT=v is None, HAS_TAIL=p["HAS_TAIL"], PAGE_SIZE=inp.page_size if paged else 1,
+        HAS_SINK=sink is not None, HAS_DO=grad_out is not None, HAS_DLSE=grad_lse is not None,
+        NUM_HB=p["NUM_HB"], BLOCK_H=p["BLOCK_H"], BLOCK_DK=p["BLOCK_DK"], BLOCK_DT=p["BLOCK_DT"],
+        BLOCK_DR=p["BLOCK_DR"], BLOCK_DV=p["BLOCK_DV"],
+    )
+
+
+def _launch_token_kernel(inp, p: dict, common: dict, dq, dqr, det: bool):
+    """selective_attention_bwd_kernel: dq, dq_rope, and the cache gradients by atomics, or (det) each
+    candidate's flat cache row, returned as [T, G, n] int64 (None with atomics)."""
+    idx, kv, bt, paged = inp.indices, inp.kv, inp.block_table, inp.paged
+    T, G, B = inp.num_tokens, idx.shape[1], inp.num_seqs
+    gk = common["GK"]
+    rows = torch.empty((T, G, inp.topk * inp.block_size), device=kv.device, dtype=torch.int64) if det else None
+    opt = lambda x: gk if x is None else x  # noqa: E731
+    cuq, cuk, seqk = (None if x is None else x.contiguous()
+                      for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqlens_k))
+    backward_kernels.selective_attention_bwd_kernel[(T, inp.num_kv_heads * p["NUM_HB"])](
+        **common, IDX=idx, BT=opt(bt), CUQ=opt(cuq), CUK=opt(cuk), SEQK=opt(seqk), DQ=dq, DQR=opt(dqr),
+        ROWS=opt(rows), T=T, B=B, S_total=0 if paged else kv.shape[0], num_pages=kv.shape[0] if paged else 0,
+        max_pages=bt.shape[1] if bt is not None else 0,
+        stride_it=idx.stride(0), stride_ig=0 if G == 1 else idx.stride(1), stride_ik=idx.stride(2),
+        **named_strides("stride_bt", "bp", bt.stride() if bt is not None else (0, 0)),
+        **named_strides("stride_dq", "thd", dq.stride()),
+        **named_strides("stride_dqr", "thd", padded_strides(dqr, paged, 3)),
+        stride_rt=rows.stride(0) if det else 0, stride_rg=rows.stride(1) if det and G > 1 else 0,
+        VARLEN=inp.cu_seqlens_q is not None, HAS_CUK=inp.cu_seqlens_k is not None, PAGED=paged,
+        BLOCK_SIZE=inp.block_size, CAUSAL=inp.causal, ATOMIC=not det, WRITE_ROWS=det,
+        SEARCH_STEPS=max(1, B.bit_length() + 1), F32_DOT=kv.device.type == "cpu" or inp.dtype == torch.float32,
+        BLOCK_N=p["BLOCK_N"], num_warps=p["num_warps"],
+    )
+    return rows
+
+
+def _launch_row_kernel(inp, p: dict, common: dict, rows) -> None:
+    """selective_attention_bwd_dkv_kernel (deterministic mode): each cache row sums the candidates that
+    name it, in token order."""
+    kv, paged = inp.kv, inp.paged
+    G, n = rows.shape[1], rows.shape[2]
+    n_rows = kv.shape[0] * (kv.shape[1] if paged else 1)
+    if n == 0 or n_rows == 0:
+        return
+    # Candidates grouped by the row they name: stable sort (ties keep token order), then the
+    # stretch of each row by binary search. Dropped candidates (-1) sort first, outside every stretch.
+    flat = rows.permute(1, 0, 2).reshape(G, -1)
+    sorted_rows, perm = torch.sort(flat, dim=-1, stable=True)
+    bounds = torch.arange(n_rows + 1, device=kv.device, dtype=torch.int64).expand(G, n_rows + 1).contiguous()
+    seg = torch.searchsorted(sorted_rows, bounds)
+    backward_kernels.selective_attention_bwd_dkv_kernel[(n_rows, inp.num_kv_heads)](
+        **common, PERM=perm, SEG=seg, n_rows=n_rows, stride_pg=perm.stride(0) if G > 1 else 0,
+        stride_sg=seg.stride(0) if G > 1 else 0, PAGED=paged, num_warps=p["dkv_num_warps"],
+    )
+
+
 def backward(inp, out, lse, grad_out, grad_lse, *, deterministic_mode=None):
     """Gradients (dq, dkv, dv, dq_rope, dkv_rope, dattn_sink) in ``DIFFERENTIABLE`` order."""
     det = deterministic() if deterministic_mode is None else deterministic_mode
-    q, kv, idx, v = inp.q, inp.kv, inp.indices, inp.v
-    T, H, Hkv = inp.num_tokens, inp.num_heads, inp.num_kv_heads
-    paged, latent = inp.paged, v is None
+    q, kv, v = inp.q, inp.kv, inp.v
     dev = q.device
-    n = inp.topk * inp.block_size
     p = plan(inp)
     # dq / dq_rope: every element is written by the kernel (NaN-filled under tests to prove it).
     dq = new_empty(*q.shape, device=dev, dtype=q.dtype)
     dqr = None if inp.q_rope is None else new_empty(*inp.q_rope.shape, device=dev, dtype=inp.q_rope.dtype)
     # Cache gradients accumulate in float32 from zero: rows no candidate names stay exactly 0.
     gk = torch.zeros(kv.shape, device=dev, dtype=torch.float32)
-    gv = None if latent else torch.zeros(v.shape, device=dev, dtype=torch.float32)
+    gv = None if v is None else torch.zeros(v.shape, device=dev, dtype=torch.float32)
     gkr = None if inp.kv_rope is None else torch.zeros(inp.kv_rope.shape, device=dev, dtype=torch.float32)
-    has_do = grad_out is not None
     # delta = rowsum(dO * out): FlashAttention's preprocessing, here one fused torch reduction.
-    delta = (grad_out.float() * out.float()).sum(-1) if has_do else None
-    dsink = None
-    if inp.attn_sink is not None:
-        if has_do:
-            share = torch.sigmoid(inp.attn_sink.float()[None, :] - lse)  # exp(sink) / (exp(lse) + exp(sink))
-            dsink = (-(delta * share).sum(0)).to(inp.attn_sink.dtype)
-        else:
-            dsink = torch.zeros_like(inp.attn_sink)
-
-    if T > 0:
-        dummy = gk
-        cuq, cuk, seqk, sink = (None if x is None else x.contiguous()
-                                for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqlens_k, inp.attn_sink))
-        if sink is not None:
-            sink = sink.float()
-        bt = inp.block_table
-        G = idx.shape[1]
-        rows = torch.empty((T, G, n), device=dev, dtype=torch.int64) if det else dummy
-        opt = lambda x: dummy if x is None else x  # noqa: E731
-        common = dict(
-            Q=q, KV=kv, V=opt(v), QR=opt(inp.q_rope), KVR=opt(inp.kv_rope), SINK=opt(sink), LSE=lse,
-            DELTA=opt(delta), DO=opt(grad_out), DLSE=opt(grad_lse), GK=gk, GV=opt(gv), GKR=opt(gkr),
-            sm_scale=float(inp.sm_scale), n_cand=n,
-            **_named("stride_q", "thd", q.stride()), **_named("stride_k", "prhd", _strides(kv, paged, 4)),
-            **_named("stride_v", "prhd", _strides(v, paged, 4)),
-            **_named("stride_qr", "thd", _strides(inp.q_rope, paged, 3)),
-            **_named("stride_kr", "prhd", _strides(inp.kv_rope, paged, 4)),
-            **_named("stride_l", "th", lse.stride()), **_named("stride_d", "th", _strides(delta, paged, 2)),
-            **_named("stride_do", "thd", _strides(grad_out, paged, 3)),
-            **_named("stride_dl", "th", _strides(grad_lse, paged, 2)),
-            **_named("stride_gk", "prhd", _strides(gk, paged, 4)), **_named("stride_gv", "prhd", _strides(gv, paged, 4)),
-            **_named("stride_gkr", "prhd", _strides(gkr, paged, 4)),
-            HG=H // Hkv, DQK=inp.head_dim, DK=p["DK"], DV=inp.d_v, DR=inp.rope_dim, LATENT=latent,
-            HAS_TAIL=p["HAS_TAIL"], PAGE_SIZE=inp.page_size if paged else 1, HAS_SINK=sink is not None,
-            HAS_DO=has_do, HAS_DLSE=grad_lse is not None, NUM_HB=p["NUM_HB"], BLOCK_H=p["BLOCK_H"],
-            BLOCK_DK=p["BLOCK_DK"], BLOCK_DT=p["BLOCK_DT"], BLOCK_DR=p["BLOCK_DR"], BLOCK_DV=p["BLOCK_DV"],
-        )
-        B = inp.num_seqs
-        from .backward_kernels import selective_attention_bwd_dkv_kernel, selective_attention_bwd_kernel
-
-        selective_attention_bwd_kernel[(T, Hkv * p["NUM_HB"])](
-            **common, IDX=idx, BT=opt(bt), CUQ=opt(cuq), CUK=opt(cuk), SEQK=opt(seqk), DQ=dq, DQR=opt(dqr), ROWS=rows,
-            T=T, B=B, S_total=0 if paged else kv.shape[0], num_pages=kv.shape[0] if paged else 0,
-            max_pages=bt.shape[1] if bt is not None else 0,
-            stride_it=idx.stride(0), stride_ig=0 if G == 1 else idx.stride(1), stride_ik=idx.stride(2),
-            **_named("stride_bt", "bp", bt.stride() if bt is not None else (0, 0)),
-            **_named("stride_dq", "thd", dq.stride()), **_named("stride_dqr", "thd", _strides(dqr, paged, 3)),
-            stride_rt=rows.stride(0) if det else 0, stride_rg=rows.stride(1) if det and G > 1 else 0,
-            VARLEN=inp.cu_seqlens_q is not None, HAS_CUK=inp.cu_seqlens_k is not None, PAGED=paged,
-            BLOCK_SIZE=inp.block_size, CAUSAL=inp.causal, ATOMIC=not det, WRITE_ROWS=det, SEARCH_STEPS=max(1, B.bit_length() + 1),
-            F32_DOT=dev.type == "cpu" or inp.dtype == torch.float32, BLOCK_N=p["BLOCK_N"],
-            num_warps=p["num_warps"],
-        )
-        n_rows = kv.shape[0] * (kv.shape[1] if paged else 1)
-        if det and n > 0 and n_rows > 0:
-            # Candidates grouped by the row they name: stable sort (ties keep token order), then the
-            # stretch of each row by binary search. Dropped candidates (-1) sort first, outside every stretch.
-            flat = rows.permute(1, 0, 2).reshape(G, T * n)
-            sorted_rows, perm = torch.sort(flat, dim=-1, stable=True)
-            bounds = torch.arange(n_rows + 1, device=dev, dtype=torch.int64).expand(G, n_rows + 1).contiguous()
-            seg = torch.searchsorted(sorted_rows, bounds)
-            selective_attention_bwd_dkv_kernel[(n_rows, Hkv)](
-                **common, PERM=perm, SEG=seg, n_rows=n_rows, stride_pg=perm.stride(0) if G > 1 else 0,
-                stride_sg=seg.stride(0) if G > 1 else 0, PAGED=paged, num_warps=p["dkv_num_warps"],
-            )
+    delta = None if grad_out is None else (grad_out.float() * out.float()).sum(-1)
+    dsink = _sink_gradient(inp, lse, delta)
+    if inp.num_tokens > 0:
+        common = _shared_args(inp, p, lse, delta, grad_out, grad_lse, gk, gv, gkr)
+        rows = _launch_token_kernel(inp, p, common, dq, dqr, det)
+        if det:
+            _launch_row_kernel(inp, p, common, rows)
     return (dq, gk.to(kv.dtype), None if gv is None else gv.to(v.dtype), dqr,
             None if gkr is None else gkr.to(inp.kv_rope.dtype), dsink)
 

@@ -14,92 +14,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .jit_common import (JIT_LN2, JIT_LOG2E, candidate_positions, candidate_rows, dot, load_q_parts, load_rows,
+                         sequence_facts)
 from .merge import merge_states_tile
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-# The same constants inside @triton.jit code (a plain global float is not allowed there).
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(LN2)
-
-
-@triton.jit
-def _dot(a, b, F32_DOT: tl.constexpr):
-    # F32_DOT: float32 operands (float32 inputs, or any dtype under the interpreter, whose bfloat16
-    # dot is wrong, docs/traps.md). "ieee" keeps float32 inputs out of TF32 so 1e-4 tolerances hold.
-    if F32_DOT:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
-
-
-@triton.jit
-def _sequence_of_token(t, CUQ, B, SEARCH_STEPS: tl.constexpr):
-    """Sequence b with cu_seqlens_q[b] <= t < cu_seqlens_q[b+1], by a fixed-step binary search on
-    the device (no host sync). Empty sequences are skipped naturally: the first b whose end > t."""
-    lo = t * 0
-    hi = lo + B
-    for _ in tl.static_range(SEARCH_STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        end = tl.load(CUQ + mid + 1, mask=active, other=0)
-        go_right = active & (end <= t)
-        lo = tl.where(go_right, mid + 1, lo)
-        hi = tl.where(active & (end > t), mid, hi)
-    return tl.minimum(lo, B - 1)
-
-
-@triton.jit
-def _sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN: tl.constexpr, HAS_CUK: tl.constexpr,
-                    PAGED: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """(sequence b, first kv row, length L, query position, units holding a position < L) of token t."""
-    if VARLEN:
-        b = _sequence_of_token(t, CUQ, B, SEARCH_STEPS)
-        q_start = tl.load(CUQ + b)
-        lq = tl.load(CUQ + b + 1) - q_start
-    else:
-        b = t * 0
-        q_start = t * 0
-        lq = t * 0 + T
-    if PAGED:
-        L = tl.load(SEQK + b)
-        base = t * 0
-    elif HAS_CUK:
-        base = tl.load(CUK + b)
-        L = tl.load(CUK + b + 1) - base
-    else:
-        base = t * 0
-        L = t * 0 + S_total
-    # Positions, lengths and row numbers in int64: L + BLOCK_SIZE - 1, idx * BLOCK_SIZE and base + pos
-    # overflow int32 for caches near 2**31 rows (issue 11 item 3); pointer offsets are int64 too.
-    L = L.to(tl.int64)
-    q_pos = L - lq + (t - q_start)
-    n_units = (L + BLOCK_SIZE - 1) // BLOCK_SIZE  # blocks (or tokens) that hold any position < L
-    return b, base.to(tl.int64), L, q_pos, n_units
-
-
-@triton.jit
-def _candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE: tl.constexpr,
-                         CAUSAL: tl.constexpr):
-    """(kept mask, position) of candidates ``offs_c``, from the indices, the length and causality
-    alone (a paged cache's table may still drop a kept one): candidate c is position
-    indices[c // b] * b + c % b (SPEC.md section 1). A dropped candidate's position is below b."""
-    c_mask = offs_c < c_end
-    if BLOCK_SIZE == 1:
-        j = offs_c
-        r = offs_c * 0
-    else:
-        j = offs_c // BLOCK_SIZE
-        r = offs_c % BLOCK_SIZE
-    idx = tl.load(idx_base + j.to(tl.int64) * stride_ik, mask=c_mask, other=-1)
-    # Range-check the index in its own dtype before multiplying (int64 indices could overflow).
-    valid = c_mask & (idx >= 0) & (idx < n_units)
-    pos = tl.where(valid, idx, 0).to(tl.int64) * BLOCK_SIZE + r
-    valid = valid & (pos < L)
-    if CAUSAL:
-        valid = valid & (pos <= q_pos)
-    return valid, pos
 
 
 @triton.jit
@@ -113,33 +30,10 @@ def _kept_end(c_start, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE
     end = c_start
     for c0 in range(c_start, c_end, CHUNK):
         offs_c = c0 + tl.arange(0, CHUNK)
-        valid, pos = _candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE,
+        valid, pos = candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE,
                                           CAUSAL)
         end = tl.maximum(end, tl.max(tl.where(valid, offs_c + 1, 0), 0))
     return end
-
-
-@triton.jit
-def _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT, stride_btb, stride_btp,
-                    max_pages, num_pages, BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                    CAUSAL: tl.constexpr, PAGED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Candidates c0 .. c0 + BLOCK_N: (kept mask, page, row) with the row of a kept candidate at
-    ``page * stride_page + row * stride_row`` (contiguous caches: page 0, stride_page 0).
-
-    A dropped candidate's page and row are 0, so no load of it can leave the cache."""
-    valid, pos = _candidate_positions(c0 + tl.arange(0, BLOCK_N), c_end, idx_base, stride_ik, L, q_pos, n_units,
-                                      BLOCK_SIZE, CAUSAL)
-    if PAGED:
-        page_i = pos // PAGE_SIZE
-        valid = valid & (page_i < max_pages)
-        page = tl.load(BT + b.to(tl.int64) * stride_btb + page_i * stride_btp, mask=valid, other=0)
-        valid = valid & (page >= 0) & (page < num_pages)
-        page = tl.where(valid, page, 0).to(tl.int64)
-        row = tl.where(valid, pos % PAGE_SIZE, 0)
-    else:
-        page = pos * 0
-        row = base + tl.where(valid, pos, 0)
-    return valid, page, row
 
 
 @triton.jit
@@ -191,7 +85,7 @@ def _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_ma
         m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
         denom = l_i
         if HAS_SINK:
-            sink2 = tl.load(SINK + heads, mask=h_mask, other=0.0) * _LOG2E
+            sink2 = tl.load(SINK + heads, mask=h_mask, other=0.0) * JIT_LOG2E
             denom = denom + tl.exp2(sink2 - m_fin)
         # A kept row with finite scores has l >= 1 (its max term is exp2(0)); an empty one has acc = 0,
         # divided by 1: out 0. NaN in l or acc (NaN/inf in a kept row) is left to propagate.
@@ -199,7 +93,7 @@ def _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_ma
         o = acc / denom[:, None]
         op = OUT + t.to(tl.int64) * stride_ot + heads[:, None].to(tl.int64) * stride_oh + offs_dv[None, :] * stride_od
         tl.store(op, _to_out(o, OUT, RTNE_BF16), mask=h_mask[:, None] & dv_mask[None, :])
-        lse = tl.where(nonempty, (m_fin + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2, float("-inf"))
+        lse = tl.where(nonempty, (m_fin + tl.log2(tl.where(nonempty, l_i, 1.0))) * JIT_LN2, float("-inf"))
         tl.store(LSE + t.to(tl.int64) * stride_lt + heads * stride_lh, lse, mask=write_lse)
 
 
@@ -286,6 +180,53 @@ def _gather_t(head, rows, offs_d, stride_d, valid, d_mask, GATHER_ROWS: tl.const
 
 
 @triton.jit
+def _program_block(pid1, HG: tl.constexpr, DV: tl.constexpr, NUM_HB: tl.constexpr, NUM_DVB: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What grid axis 1 (kv head x head block x value block) gives a program of either forward kernel:
+    (kv head g, value block, its query heads and their mask, its value columns and their mask). The
+    latent kernel has one value block (NUM_DVB 1)."""
+    g = pid1 // (NUM_HB * NUM_DVB)
+    hb = (pid1 // NUM_DVB) % NUM_HB
+    dvb = pid1 % NUM_DVB
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_dv = dvb * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    return g, dvb, g * HG + offs_h, offs_h < HG, offs_dv, offs_dv < DV
+
+
+@triton.jit
+def _general_scores(q_base, qr_base, k_head, kr_head, k_row, kr_row, ks_rows, valid, h_mask, Q, n_kscales,
+                    stride_qd, stride_qrd, stride_kd, stride_krd, stride_ksd, DQK: tl.constexpr, DR: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DR: tl.constexpr,
+                    GATHER_ROWS: tl.constexpr, KV_QUANT: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                    F32_DOT: tl.constexpr):
+    """The general kernel's scores of one tile, [BLOCK_H, BLOCK_N], unscaled: head widths walked in
+    power-of-two chunks (576 = 9 x 64), then the split rope part in chunks of BLOCK_DR.
+
+    A runtime loop, not static_range: unrolled, the compiler hoists all of q (64 heads x 576,
+    loop-invariant) into registers and spills (measured: 255 regs + 816 B stack on sm_90 for
+    BLOCK_H=64, BLOCK_DV=256, 8 warps; 0 B with this loop). q chunks are re-read from L1/L2."""
+    s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+    for d0 in range(0, DQK, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < DQK
+        qc = tl.load(q_base + offs_d[None, :].to(tl.int64) * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+        kc = _gather_t(k_head, k_row, offs_d, stride_kd, valid, d_mask, GATHER_ROWS)
+        if KV_QUANT:
+            kc = _dequantize(kc, ks_rows, d0, offs_d, valid, d_mask, stride_ksd, n_kscales, Q, SCALE_BLOCK,
+                             BLOCK_D, False, True, F32_DOT)
+        s += dot(qc, kc, F32_DOT)
+    if DR > 0:
+        for d0 in range(0, DR, BLOCK_DR):
+            offs_d = d0 + tl.arange(0, BLOCK_DR)
+            d_mask = offs_d < DR
+            qc = tl.load(qr_base + offs_d[None, :].to(tl.int64) * stride_qrd, mask=h_mask[:, None] & d_mask[None, :],
+                         other=0.0)
+            kc = _gather_t(kr_head, kr_row, offs_d, stride_krd, valid, d_mask, GATHER_ROWS)
+            s += dot(qc, kc, F32_DOT)
+    return s
+
+
+@triton.jit
 def selective_attention_fwd_kernel(
     Q, KV, V, QR, KVR, IDX, SINK, BT, CUQ, CUK, SEQK,
     OUT, LSE, OPART, LPART, KS, VS,
@@ -316,24 +257,16 @@ def selective_attention_fwd_kernel(
     kv / v stored as float8_e4m3fn or int8 with tile scales KS / VS (kv's / v's leading shape +
     [n_kscales / n_vscales]), dequantized in registers after the masked gather (_dequantize)."""
     t = t_start + tl.program_id(0)  # t_start: the launcher splits grids over a device's program limit
-    pid1 = tl.program_id(1)
     pid_s = tl.program_id(2)
-    g = pid1 // (NUM_HB * NUM_DVB)
-    hb = (pid1 // NUM_DVB) % NUM_HB
-    dvb = pid1 % NUM_DVB
-
-    b, base, L, q_pos, n_units = _sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN, HAS_CUK, PAGED,
-                                                 SEARCH_STEPS, BLOCK_SIZE)
-
-    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = offs_h < HG
-    heads = g * HG + offs_h
-    offs_dv = dvb * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dv_mask = offs_dv < DV
-
+    g, dvb, heads, h_mask, offs_dv, dv_mask = _program_block(tl.program_id(1), HG, DV, NUM_HB, NUM_DVB, BLOCK_H,
+                                                             BLOCK_DV)
+    b, base, L, q_pos, n_units = sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN, HAS_CUK, PAGED,
+                                                SEARCH_STEPS, BLOCK_SIZE)
     q_base = Q + t.to(tl.int64) * stride_qt + heads[:, None].to(tl.int64) * stride_qh
     qr_base = QR + t.to(tl.int64) * stride_qrt + heads[:, None].to(tl.int64) * stride_qrh
     idx_base = IDX + t.to(tl.int64) * stride_it + g.to(tl.int64) * stride_ig
+    k_head = KV + g.to(tl.int64) * stride_kh
+    kr_head = KVR + g.to(tl.int64) * stride_krh
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -345,53 +278,62 @@ def selective_attention_fwd_kernel(
     c_start = pid_s * cand_per_split
     c_end = tl.minimum(c_start + cand_per_split, n_cand)
     for c0 in range(c_start, c_end, BLOCK_N):
-        valid, page, row = _candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
-                                           stride_btb, stride_btp, max_pages, num_pages, BLOCK_SIZE, PAGE_SIZE,
-                                           CAUSAL, PAGED, BLOCK_N)
-        k_row = page * stride_kp + row * stride_kr
-        v_row = page * stride_vp + row * stride_vr
-        kr_row = page * stride_krp + row * stride_krr
+        valid, page, row = candidate_rows(c0, c_end, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
+                                          stride_btb, stride_btp, max_pages, num_pages, BLOCK_SIZE, PAGE_SIZE,
+                                          CAUSAL, PAGED, BLOCK_N)
         n_kept += tl.sum(valid.to(tl.int32), 0)
-        ks_rows = KS + g.to(tl.int64) * stride_ksh + page * stride_ksp + row * stride_ksr
-
-        # ---- scores [BLOCK_H, BLOCK_N]: head widths walked in power-of-two chunks (576 = 9 x 64) ----
-        # A runtime loop, not static_range: unrolled, the compiler hoists all of q (64 heads x 576,
-        # loop-invariant) into registers and spills (measured: 255 regs + 816 B stack on sm_90 for
-        # BLOCK_H=64, BLOCK_DV=256, 8 warps; 0 B with this loop). q chunks are re-read from L1/L2.
-        s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-        k_head = KV + g.to(tl.int64) * stride_kh
-        for d0 in range(0, DQK, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < DQK
-            qc = tl.load(q_base + offs_d[None, :].to(tl.int64) * stride_qd, mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-            kc = _gather_t(k_head, k_row, offs_d, stride_kd, valid, d_mask, GATHER_ROWS)
-            if KV_QUANT:
-                kc = _dequantize(kc, ks_rows, d0, offs_d, valid, d_mask, stride_ksd, n_kscales, Q, SCALE_BLOCK,
-                                 BLOCK_D, False, True, F32_DOT)
-            s += _dot(qc, kc, F32_DOT)
-        if DR > 0:
-            kr_head = KVR + g.to(tl.int64) * stride_krh
-            for d0 in range(0, DR, BLOCK_DR):
-                offs_d = d0 + tl.arange(0, BLOCK_DR)
-                d_mask = offs_d < DR
-                qc = tl.load(qr_base + offs_d[None, :].to(tl.int64) * stride_qrd, mask=h_mask[:, None] & d_mask[None, :],
-                             other=0.0)
-                kc = _gather_t(kr_head, kr_row, offs_d, stride_krd, valid, d_mask, GATHER_ROWS)
-                s += _dot(qc, kc, F32_DOT)
+        s = _general_scores(q_base, qr_base, k_head, kr_head, page * stride_kp + row * stride_kr,
+                            page * stride_krp + row * stride_krr,
+                            KS + g.to(tl.int64) * stride_ksh + page * stride_ksp + row * stride_ksr, valid, h_mask, Q,
+                            n_kscales, stride_qd, stride_qrd, stride_kd, stride_krd, stride_ksd, DQK, DR, BLOCK_H,
+                            BLOCK_N, BLOCK_D, BLOCK_DR, GATHER_ROWS, KV_QUANT, SCALE_BLOCK, F32_DOT)
         p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
         # Masked load: a dropped row is never read, so NaN in an unused page cannot reach acc.
-        vt = tl.load(V + g.to(tl.int64) * stride_vh + v_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_vd,
-                     mask=valid[:, None] & dv_mask[None, :], other=0.0)
+        vt = load_rows(V + g.to(tl.int64) * stride_vh + page * stride_vp + row * stride_vr, offs_dv, valid, dv_mask,
+                       stride_vd)
         if V_QUANT:  # latent mode: V is KV and VS is KS
             vs_rows = VS + g.to(tl.int64) * stride_vsh + page * stride_vsp + row * stride_vsr
             vt = _dequantize(vt, vs_rows, dvb * BLOCK_DV, offs_dv, valid, dv_mask, stride_vsd, n_vscales, Q,
                              SCALE_BLOCK, BLOCK_DV, True, True, F32_DOT)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, F32_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(vt.dtype), vt, F32_DOT)
         m_i = m_new
 
     _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, dvb, SINK, OUT, LSE, OPART,
                   LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh, stride_ops, stride_opt, stride_oph,
                   stride_opd, stride_lps, stride_lpt, stride_lph, HAS_SINK, SPLIT, RTNE_BF16)
+
+
+@triton.jit
+def _latent_tile(k_row, kr_row, ks_rows, valid, offs_dv, dv_mask, q_nope, q_tail, q_rope, Q, n_kscales, stride_kd,
+                 stride_krd, stride_ksd, DQK: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DR: tl.constexpr, KV_QUANT: tl.constexpr,
+                 SCALE_BLOCK: tl.constexpr, F32_DOT: tl.constexpr):
+    """One gathered tile of the latent kernel: (scores [BLOCK_H, BLOCK_N] unscaled, k_nope [BLOCK_N, DV]).
+    k_nope is the value too (dequantized once when KV_QUANT): the caller's p . v reads the same tile.
+
+    Masked gathers: a dropped row is never read, so NaN in an unused page cannot reach acc. Scores
+    are computed transposed, [BLOCK_N, BLOCK_H] = k . q^T: with 32-row tiles this is an M=32 product
+    (mma.sync), which compiles for sm_90 without spilling on triton 3.6 and 3.9; q . k^T (a wgmma with
+    q's loop-invariant shared-memory descriptors held in registers) spills 96-168 B on 3.9
+    (docs/triton.md, compile budgets)."""
+    k_nope = load_rows(k_row, offs_dv, valid, dv_mask, stride_kd)
+    if KV_QUANT:
+        k_nope = _dequantize(k_nope, ks_rows, 0, offs_dv, valid, dv_mask, stride_ksd, n_kscales, Q, SCALE_BLOCK,
+                             BLOCK_DV, True, True, F32_DOT)
+    s = dot(k_nope, tl.trans(q_nope), F32_DOT)
+    if DQK > DV:
+        offs_dt = DV + tl.arange(0, BLOCK_DT)
+        dt_mask = offs_dt < DQK
+        k_tail = load_rows(k_row, offs_dt, valid, dt_mask, stride_kd)
+        if KV_QUANT:
+            k_tail = _dequantize(k_tail, ks_rows, DV, offs_dt, valid, dt_mask, stride_ksd, n_kscales, Q,
+                                 SCALE_BLOCK, BLOCK_DT, True, DV % BLOCK_DT == 0, F32_DOT)
+        s += dot(k_tail, tl.trans(q_tail), F32_DOT)
+    if DR > 0:
+        offs_dr = tl.arange(0, BLOCK_DR)
+        k_rope = load_rows(kr_row, offs_dr, valid, offs_dr < DR, stride_krd)
+        s += dot(k_rope, tl.trans(q_rope), F32_DOT)
+    return tl.trans(s), k_nope
 
 
 @triton.jit
@@ -417,8 +359,8 @@ def selective_attention_latent_kernel(
     One program = one query token x one kv head x one block of BLOCK_H query heads (x one split).
     Each tile of BLOCK_N selected rows is gathered once, as k_nope [BLOCK_N, DV] (the value, reused
     for P.V) and the tail k_tail [BLOCK_N, DQK - DV] (DeepSeek's 64 rope columns inside the 576-wide
-    row), plus the split rope part kv_rope when given. q is loaded once per program (loop
-    invariant). No value split: the [BLOCK_H, BLOCK_DV] float32 accumulator stays on chip, so the
+    row), plus the split rope part kv_rope when given (_latent_tile). q is loaded once per program
+    (load_q_parts). No value split: the [BLOCK_H, BLOCK_DV] float32 accumulator stays on chip, so the
     scores are computed once per tile. The tiles past the last kept candidate (the -1 padding of
     early causal tokens) are not run: a first pass over the indices (KEPT_CHUNK at a time) finds
     where the kept candidates end. The tile loop is software-pipelined NUM_STAGES deep, so the
@@ -427,34 +369,12 @@ def selective_attention_latent_kernel(
     products, as the unquantized tile does.
     """
     t = t_start + tl.program_id(0)  # t_start: the launcher splits grids over a device's program limit
-    pid1 = tl.program_id(1)
     pid_s = tl.program_id(2)
-    g = pid1 // NUM_HB
-    hb = pid1 % NUM_HB
-
-    b, base, L, q_pos, n_units = _sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN, HAS_CUK, PAGED,
-                                                 SEARCH_STEPS, BLOCK_SIZE)
-    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = offs_h < HG
-    heads = g * HG + offs_h
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_mask = offs_dv < DV
-
-    # ---- q, once: q_nope [BLOCK_H, DV], q_tail [BLOCK_H, DQK - DV], q_rope [BLOCK_H, DR] ----
-    q_base = Q + t.to(tl.int64) * stride_qt + heads[:, None].to(tl.int64) * stride_qh
-    q_nope = tl.load(q_base + offs_dv[None, :].to(tl.int64) * stride_qd, mask=h_mask[:, None] & dv_mask[None, :],
-                     other=0.0)
-    if DQK > DV:
-        offs_dt = DV + tl.arange(0, BLOCK_DT)
-        dt_mask = offs_dt < DQK
-        q_tail = tl.load(q_base + offs_dt[None, :].to(tl.int64) * stride_qd,
-                         mask=h_mask[:, None] & dt_mask[None, :], other=0.0)
-    if DR > 0:
-        offs_dr = tl.arange(0, BLOCK_DR)
-        dr_mask = offs_dr < DR
-        q_rope = tl.load(QR + t.to(tl.int64) * stride_qrt + heads[:, None].to(tl.int64) * stride_qrh
-                         + offs_dr[None, :].to(tl.int64) * stride_qrd, mask=h_mask[:, None] & dr_mask[None, :],
-                         other=0.0)
+    g, dvb, heads, h_mask, offs_dv, dv_mask = _program_block(tl.program_id(1), HG, DV, NUM_HB, 1, BLOCK_H, BLOCK_DV)
+    b, base, L, q_pos, n_units = sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN, HAS_CUK, PAGED,
+                                                SEARCH_STEPS, BLOCK_SIZE)
+    q_nope, q_tail, q_rope = load_q_parts(Q, QR, t, heads, h_mask, offs_dv, dv_mask, stride_qt, stride_qh, stride_qd,
+                                          stride_qrt, stride_qrh, stride_qrd, DQK, DV, DR, BLOCK_DT, BLOCK_DR)
     idx_base = IDX + t.to(tl.int64) * stride_it + g.to(tl.int64) * stride_ig
     k_head = KV + g.to(tl.int64) * stride_kh
     kr_head = KVR + g.to(tl.int64) * stride_krh
@@ -472,41 +392,20 @@ def selective_attention_latent_kernel(
     # gather of tile i+1 is pipelined under the dots of tile i.
     c_stop = _kept_end(c_start, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE, CAUSAL, KEPT_CHUNK)
     for c0 in tl.range(c_start, c_stop, BLOCK_N, num_stages=NUM_STAGES):
-        valid, page, row = _candidate_rows(c0, c_stop, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
-                                           stride_btb, stride_btp, max_pages, num_pages, BLOCK_SIZE, PAGE_SIZE,
-                                           CAUSAL, PAGED, BLOCK_N)
+        valid, page, row = candidate_rows(c0, c_stop, idx_base, stride_ik, b, base, L, q_pos, n_units, BT,
+                                          stride_btb, stride_btp, max_pages, num_pages, BLOCK_SIZE, PAGE_SIZE,
+                                          CAUSAL, PAGED, BLOCK_N)
         n_kept += tl.sum(valid.to(tl.int32), 0)
-        k_row = k_head + page * stride_kp + row * stride_kr
-        # Masked gather: a dropped row is never read, so NaN in an unused page cannot reach acc.
-        k_nope = tl.load(k_row[:, None] + offs_dv[None, :].to(tl.int64) * stride_kd,
-                         mask=valid[:, None] & dv_mask[None, :], other=0.0)
-        if KV_QUANT:
-            ks_rows = ks_head + page * stride_ksp + row * stride_ksr
-            k_nope = _dequantize(k_nope, ks_rows, 0, offs_dv, valid, dv_mask, stride_ksd, n_kscales, Q, SCALE_BLOCK,
-                                 BLOCK_DV, True, True, F32_DOT)
-        # Scores transposed, [BLOCK_N, BLOCK_H] = k . q^T: with 32-row tiles this is an M=32 product
-        # (mma.sync), which compiles for sm_90 without spilling on triton 3.6 and 3.9; q . k^T
-        # (a wgmma with q's loop-invariant shared-memory descriptors held in registers) spills
-        # 96-168 B on 3.9 (docs/triton.md, compile budgets).
-        s = _dot(k_nope, tl.trans(q_nope), F32_DOT)
-        if DQK > DV:
-            k_tail = tl.load(k_row[:, None] + offs_dt[None, :].to(tl.int64) * stride_kd,
-                             mask=valid[:, None] & dt_mask[None, :], other=0.0)
-            if KV_QUANT:
-                k_tail = _dequantize(k_tail, ks_rows, DV, offs_dt, valid, dt_mask, stride_ksd, n_kscales, Q,
-                                     SCALE_BLOCK, BLOCK_DT, True, DV % BLOCK_DT == 0, F32_DOT)
-            s += _dot(k_tail, tl.trans(q_tail), F32_DOT)
-        if DR > 0:
-            kr_row = kr_head + page * stride_krp + row * stride_krr
-            k_rope = tl.load(kr_row[:, None] + offs_dr[None, :].to(tl.int64) * stride_krd,
-                             mask=valid[:, None] & dr_mask[None, :], other=0.0)
-            s += _dot(k_rope, tl.trans(q_rope), F32_DOT)
-        s = tl.trans(s)
+        s, k_nope = _latent_tile(k_head + page * stride_kp + row * stride_kr,
+                                 kr_head + page * stride_krp + row * stride_krr,
+                                 ks_head + page * stride_ksp + row * stride_ksr, valid, offs_dv, dv_mask, q_nope,
+                                 q_tail, q_rope, Q, n_kscales, stride_kd, stride_krd, stride_ksd, DQK, DV, DR,
+                                 BLOCK_DV, BLOCK_DT, BLOCK_DR, KV_QUANT, SCALE_BLOCK, F32_DOT)
         p, alpha, m_new, l_i = _online_softmax(s, valid, m_i, l_i, sm_scale_log2)
-        acc = acc * alpha[:, None] + _dot(p.to(k_nope.dtype), k_nope, F32_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(k_nope.dtype), k_nope, F32_DOT)
         m_i = m_new
 
-    _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, pid1 * 0, SINK, OUT, LSE, OPART,
+    _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_mask, dvb, SINK, OUT, LSE, OPART,
                   LPART, stride_ot, stride_oh, stride_od, stride_lt, stride_lh, stride_ops, stride_opt, stride_oph,
                   stride_opd, stride_lps, stride_lpt, stride_lph, HAS_SINK, SPLIT, RTNE_BF16)
 

@@ -24,7 +24,8 @@ import triton
 from ... import tuning
 from ...inputs import new_outputs, next_power_of_2
 from . import limits
-from .kernels import (LOG2E, selective_attention_combine_kernel, selective_attention_fwd_kernel,
+from .jit_common import LOG2E
+from .kernels import (selective_attention_combine_kernel, selective_attention_fwd_kernel,
                       selective_attention_latent_kernel)
 
 BACKEND_NAME = "triton"
@@ -284,8 +285,10 @@ def token_chunks(T: int, per_token: int, device: torch.device):
     return [(t0, min(n, T - t0)) for t0 in range(0, T, n)]
 
 
-def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
-    """(page, row, head, dim) strides of a kv-like tensor; zeros for an absent one."""
+def padded_strides(x: Optional[torch.Tensor], paged: bool, n: int):
+    """Strides of ``x`` as the kernels take them: a kv-like tensor's (page, row, head, dim), with page
+    stride 0 when the cache is contiguous (``n`` = 4); any other tensor's own; ``n`` zeros for an
+    absent one. Shared by the forward and backward launchers."""
     if x is None:
         return (0,) * n
     if n == 4:
@@ -293,9 +296,88 @@ def _strides(x: Optional[torch.Tensor], paged: bool, n: int):
     return tuple(x.stride())
 
 
-def _named(prefix: str, axes: str, strides) -> Dict[str, int]:
+def named_strides(prefix: str, axes: str, strides) -> Dict[str, int]:
     """{prefix + axis: stride}: the kernels name their strides stride_<tensor><axis>."""
     return {prefix + a: int(x) for a, x in zip(axes, strides)}
+
+
+def _kernel_args(inp, p: Dict, out, lse, opart, lpart) -> Dict:
+    """The arguments both forward kernels take, by their parameter names (the general kernel adds its
+    value tensor's): tensors (absent ones replaced by q, never read), sizes, strides, shape constants."""
+    q, kv, idx = inp.q, inp.kv, inp.indices
+    T, H, B = inp.num_tokens, inp.num_heads, inp.num_seqs
+    paged, split = inp.paged, p["num_splits"] > 1
+    on_cpu = inp.device.type == "cpu"
+    opt = lambda x: q if x is None else x  # noqa: E731
+    # The kernels index these small per-sequence / per-head tensors as dense vectors (a strided or
+    # expanded view, e.g. cu_seqlens[::2] or seqlens_k.expand(B), would be read wrongly or out of
+    # bounds): one tiny device copy when not contiguous, no sync.
+    cuq, cuk, seqk, sink = (None if x is None else x.contiguous()
+                            for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqlens_k, inp.attn_sink))
+    bt = inp.block_table
+    # A quantized kv (float8_e4m3fn / int8) comes with float32 tile scales of its leading shape
+    # (issue 16); the kernels dequantize each gathered tile. The scale block is a compile-time constant
+    # only where something is quantized, so unquantized calls share one compile whatever it is.
+    ks = inp.kv_scale
+    quantized = ks is not None or inp.v_scale is not None
+    return dict(
+        Q=q, KV=kv, QR=opt(inp.q_rope), KVR=opt(inp.kv_rope), IDX=idx, SINK=opt(sink), BT=opt(bt), CUQ=opt(cuq),
+        CUK=opt(cuk), SEQK=opt(seqk), OUT=out, LSE=lse, OPART=opart, LPART=lpart, KS=opt(ks),
+        sm_scale_log2=float(inp.sm_scale) * LOG2E, T=T, B=B, S_total=0 if paged else kv.shape[0],
+        num_pages=kv.shape[0] if paged else 0, max_pages=bt.shape[1] if bt is not None else 0,
+        n_cand=inp.topk * inp.block_size, cand_per_split=p["cand_per_split"],
+        n_kscales=ks.shape[-1] if ks is not None else 0,
+        **named_strides("stride_q", "thd", q.stride()),
+        **named_strides("stride_k", "prhd", padded_strides(kv, paged, 4)),
+        **named_strides("stride_ks", "prhd", padded_strides(ks, paged, 4)),
+        **named_strides("stride_qr", "thd", padded_strides(inp.q_rope, paged, 3)),
+        **named_strides("stride_kr", "prhd", padded_strides(inp.kv_rope, paged, 4)),
+        stride_it=idx.stride(0), stride_ig=0 if idx.shape[1] == 1 else idx.stride(1), stride_ik=idx.stride(2),
+        **named_strides("stride_bt", "bp", bt.stride() if bt is not None else (0, 0)),
+        **named_strides("stride_o", "thd", out.stride()), **named_strides("stride_l", "th", lse.stride()),
+        **named_strides("stride_op", "sthd", opart.stride() if split else (0, 0, 0, 0)),
+        **named_strides("stride_lp", "sth", lpart.stride() if split else (0, 0, 0)),
+        HG=H // inp.num_kv_heads, DQK=inp.head_dim, DV=inp.d_v, DR=inp.rope_dim, BLOCK_SIZE=inp.block_size,
+        PAGE_SIZE=inp.page_size if paged else 1, VARLEN=inp.cu_seqlens_q is not None,
+        HAS_CUK=inp.cu_seqlens_k is not None, PAGED=paged, CAUSAL=inp.causal, HAS_SINK=inp.attn_sink is not None,
+        SPLIT=split, SEARCH_STEPS=max(1, B.bit_length() + 1),
+        F32_DOT=on_cpu or inp.dtype == torch.float32,
+        # The interpreter truncates float32 -> bfloat16; the kernels then round by hand, as a GPU does.
+        RTNE_BF16=on_cpu and inp.dtype == torch.bfloat16,
+        NUM_HB=p["NUM_HB"], BLOCK_H=p["BLOCK_H"], BLOCK_DV=p["BLOCK_DV"], BLOCK_DR=p["BLOCK_DR"],
+        KV_QUANT=ks is not None, SCALE_BLOCK=inp.scale_block if quantized else 1,
+    )
+
+
+def _general_value_args(inp, p: Dict) -> Dict:
+    """What the general kernel takes beyond _kernel_args: its value tensor (latent mode: kv, whose
+    first d_v columns are the values) with its scales, and its value blocks and key gather."""
+    v = inp.kv if inp.v is None else inp.v
+    vs = inp.kv_scale if inp.v is None else inp.v_scale  # latent: the values are kv's columns, kv's scales
+    return dict(V=v, **named_strides("stride_v", "prhd", padded_strides(v, inp.paged, 4)), NUM_DVB=p["NUM_DVB"],
+                GATHER_ROWS=p["GATHER_ROWS"], VS=vs if vs is not None else inp.q,
+                n_vscales=vs.shape[-1] if vs is not None else 0,
+                **named_strides("stride_vs", "prhd", padded_strides(vs, inp.paged, 4)), V_QUANT=vs is not None)
+
+
+def _combine(inp, args: Dict, num_splits: int) -> None:
+    """Merge the splits' partial states (args' OPART / LPART) into out and lse."""
+    T, H = inp.num_tokens, inp.num_heads
+    opart, lpart, out, lse = args["OPART"], args["LPART"], args["OUT"], args["LSE"]
+    # Under the interpreter one program per token (fewer interpreted programs); on a GPU small
+    # tiles, many programs.
+    on_cpu = inp.device.type == "cpu"
+    bh = _p2(H) if on_cpu else min(16, _p2(H))
+    bdv = _p2(inp.d_v) if on_cpu else min(_p2(inp.d_v), 128)
+    cy, cz = triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv)
+    for t_start, tokens in token_chunks(T, cy * cz, inp.device):
+        selective_attention_combine_kernel[(tokens, cy, cz)](
+            OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=num_splits,
+            t_start=t_start, **named_strides("stride_op", "sthd", opart.stride()),
+            **named_strides("stride_lp", "sth", lpart.stride()), **named_strides("stride_o", "thd", out.stride()),
+            **named_strides("stride_l", "th", lse.stride()), DV=inp.d_v, HAS_SINK=inp.attn_sink is not None,
+            BLOCK_H=bh, BLOCK_DV=bdv, RTNE_BF16=args["RTNE_BF16"],
+        )
 
 
 def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = None):
@@ -306,74 +388,22 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
         return out, lse
     cfg, source = resolve_config(inp, override)
     p = plan(inp, cfg)
-    on_cpu = inp.device.type == "cpu"
     if autotune is None:
         # Opt-in: autotuning benchmarks on the first call of every shape key (seconds of compiles,
         # and syncs that would break a CUDA-graph capture); tuned store entries are the normal path.
-        autotune = (not on_cpu and source != "tuned"
+        autotune = (inp.device.type != "cpu" and source != "tuned"
                     and os.environ.get("ATTENTION_TRITON_AUTOTUNE", "0") not in ("0", ""))
-    q, kv, idx = inp.q, inp.kv, inp.indices
-    v = kv if inp.v is None else inp.v  # latent: values are the first d_v columns of the key rows
-    paged = inp.paged
-    # The kernels index these small per-sequence / per-head tensors as dense vectors (a strided or
-    # expanded view, e.g. cu_seqlens[::2] or seqlens_k.expand(B), would be read wrongly or out of
-    # bounds): one tiny device copy when not contiguous, no sync.
-    cuq, cuk, seqk, sink = (None if x is None else x.contiguous()
-                            for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqlens_k, inp.attn_sink))
-    dummy = q
-    B = inp.num_seqs
-    n = inp.topk * inp.block_size
     split = p["num_splits"] > 1
-    if split:
-        opart = torch.empty((p["num_splits"], T, H, inp.d_v), device=q.device, dtype=torch.float32)
-        lpart = torch.empty((p["num_splits"], T, H), device=q.device, dtype=torch.float32)
+    if split:  # each split's normalised partial output and base-2 LSE, in float32
+        opart = torch.empty((p["num_splits"], T, H, inp.d_v), device=inp.device, dtype=torch.float32)
+        lpart = torch.empty((p["num_splits"], T, H), device=inp.device, dtype=torch.float32)
     else:
-        opart, lpart = dummy, dummy
-    S_total = 0 if paged else kv.shape[0]
-    num_pages = kv.shape[0] if paged else 0
-    bt = inp.block_table
-    # The interpreter truncates float32 -> bfloat16; the kernels then round by hand, as a GPU does.
-    rtne_bf16 = on_cpu and inp.dtype == torch.bfloat16
-    # A quantized kv / v (float8_e4m3fn / int8) comes with float32 tile scales of its leading shape
-    # (issue 16); the kernels dequantize each gathered tile. The scale block is a compile-time constant
-    # only where something is quantized, so unquantized calls share one compile whatever it is.
-    ks = inp.kv_scale
-    vs = ks if inp.v is None else inp.v_scale  # latent: the values are kv's columns, kv's scales
-    scale_block = inp.scale_block if (ks is not None or vs is not None) else 1
-    # Arguments by name (the kernels' parameter names), shared by both forward kernels.
-    args = dict(
-        Q=q, KV=kv, QR=inp.q_rope if inp.q_rope is not None else dummy,
-        KVR=inp.kv_rope if inp.kv_rope is not None else dummy, IDX=idx, SINK=sink if sink is not None else dummy,
-        BT=bt if bt is not None else dummy, CUQ=cuq if cuq is not None else dummy,
-        CUK=cuk if cuk is not None else dummy, SEQK=seqk if seqk is not None else dummy,
-        OUT=out, LSE=lse, OPART=opart, LPART=lpart, KS=ks if ks is not None else dummy,
-        sm_scale_log2=float(inp.sm_scale) * LOG2E, T=T, B=B, S_total=S_total, num_pages=num_pages,
-        max_pages=bt.shape[1] if bt is not None else 0, n_cand=n, cand_per_split=p["cand_per_split"],
-        n_kscales=ks.shape[-1] if ks is not None else 0,
-        **_named("stride_q", "thd", q.stride()), **_named("stride_k", "prhd", _strides(kv, paged, 4)),
-        **_named("stride_ks", "prhd", _strides(ks, paged, 4)),
-        **_named("stride_qr", "thd", _strides(inp.q_rope, paged, 3)),
-        **_named("stride_kr", "prhd", _strides(inp.kv_rope, paged, 4)),
-        stride_it=idx.stride(0), stride_ig=0 if idx.shape[1] == 1 else idx.stride(1), stride_ik=idx.stride(2),
-        **_named("stride_bt", "bp", bt.stride() if bt is not None else (0, 0)),
-        **_named("stride_o", "thd", out.stride()), **_named("stride_l", "th", lse.stride()),
-        **_named("stride_op", "sthd", opart.stride() if split else (0, 0, 0, 0)),
-        **_named("stride_lp", "sth", lpart.stride() if split else (0, 0, 0)),
-        HG=H // inp.num_kv_heads, DQK=inp.head_dim, DV=inp.d_v, DR=inp.rope_dim, BLOCK_SIZE=inp.block_size,
-        PAGE_SIZE=inp.page_size if paged else 1, VARLEN=inp.cu_seqlens_q is not None,
-        HAS_CUK=inp.cu_seqlens_k is not None, PAGED=paged, CAUSAL=inp.causal, HAS_SINK=inp.attn_sink is not None,
-        SPLIT=split, SEARCH_STEPS=max(1, B.bit_length() + 1),
-        F32_DOT=on_cpu or inp.dtype == torch.float32, RTNE_BF16=rtne_bf16,
-        NUM_HB=p["NUM_HB"], BLOCK_H=p["BLOCK_H"], BLOCK_DV=p["BLOCK_DV"], BLOCK_DR=p["BLOCK_DR"],
-        KV_QUANT=ks is not None, SCALE_BLOCK=scale_block,
-    )
-    y = inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"]
+        opart, lpart = inp.q, inp.q  # not read
+    args = _kernel_args(inp, p, out, lse, opart, lpart)
     if p["kernel"] != "latent":
-        args.update(V=v, **_named("stride_v", "prhd", _strides(v, paged, 4)), NUM_DVB=p["NUM_DVB"],
-                    GATHER_ROWS=p["GATHER_ROWS"], VS=vs if vs is not None else dummy,
-                    n_vscales=vs.shape[-1] if vs is not None else 0,
-                    **_named("stride_vs", "prhd", _strides(vs, paged, 4)), V_QUANT=vs is not None)
-    for t_start, tokens in token_chunks(T, y * p["num_splits"], q.device):
+        args.update(_general_value_args(inp, p))
+    y = inp.num_kv_heads * p["NUM_HB"] * p["NUM_DVB"]
+    for t_start, tokens in token_chunks(T, y * p["num_splits"], inp.device):
         grid = (tokens, y, p["num_splits"])
         if p["kernel"] == "latent":
             # The loop's own pipelining (tl.range num_stages) is the ring of candidate tiles.
@@ -387,17 +417,5 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
                                                  BLOCK_D=p["BLOCK_D"], num_warps=p["num_warps"],
                                                  num_stages=p["num_stages"])
     if split:
-        # Under the interpreter one program per token (fewer interpreted programs); on a GPU small
-        # tiles, many programs.
-        bh = _p2(H) if on_cpu else min(16, _p2(H))
-        bdv = _p2(inp.d_v) if on_cpu else min(_p2(inp.d_v), 128)
-        cy, cz = triton.cdiv(H, bh), triton.cdiv(inp.d_v, bdv)
-        for t_start, tokens in token_chunks(T, cy * cz, q.device):
-            selective_attention_combine_kernel[(tokens, cy, cz)](
-                OPART=opart, LPART=lpart, SINK=args["SINK"], OUT=out, LSE=lse, H=H, num_splits=p["num_splits"],
-                t_start=t_start, **_named("stride_op", "sthd", opart.stride()),
-                **_named("stride_lp", "sth", lpart.stride()), **_named("stride_o", "thd", out.stride()),
-                **_named("stride_l", "th", lse.stride()), DV=inp.d_v, HAS_SINK=inp.attn_sink is not None,
-                BLOCK_H=bh, BLOCK_DV=bdv, RTNE_BF16=rtne_bf16,
-            )
+        _combine(inp, args, p["num_splits"])
     return out, lse

@@ -26,9 +26,7 @@ import triton
 import triton.language as tl
 
 from ...inputs import new_empty as _new
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from .jit_common import JIT_LN2, JIT_LOG2E
 
 
 @triton.jit
@@ -52,7 +50,7 @@ def merge_states_tile(
     for i in range(0, num_parts):
         l2 = tl.load(lp, mask=h_mask, other=float("-inf")).to(tl.float32)
         if not LSE_BASE2:
-            l2 = l2 * 1.4426950408889634
+            l2 = l2 * JIT_LOG2E
         # NaN-propagating max: a NaN part must poison the merge, as NaN does in the float64 formula.
         m = tl.where((l2 != l2) | (l2 > m), l2, m)
         lp += stride_lps
@@ -64,7 +62,7 @@ def merge_states_tile(
     for i in range(0, num_parts):
         l2 = tl.load(lp, mask=h_mask, other=float("-inf")).to(tl.float32)
         if not LSE_BASE2:
-            l2 = l2 * 1.4426950408889634
+            l2 = l2 * JIT_LOG2E
         w = tl.exp2(l2 - m_sub)
         # Masked on the part's emptiness: an empty part's output is never read (may be NaN-filled).
         o = tl.load(op, mask=h_mask[:, None] & dv_mask[None, :] & (l2 > float("-inf"))[:, None], other=0.0)
@@ -75,11 +73,11 @@ def merge_states_tile(
     empty = wsum == 0.0
     denom = wsum
     if HAS_SINK:
-        sink2 = tl.load(SINK + offs_h * stride_sink, mask=h_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        sink2 = tl.load(SINK + offs_h * stride_sink, mask=h_mask, other=0.0).to(tl.float32) * JIT_LOG2E
         denom = denom + tl.exp2(sink2 - m_sub)
     denom = tl.where(empty, 1.0, denom)  # acc is 0 there: out = 0
     out = acc / denom[:, None]
-    lse = tl.where(empty, float("-inf"), (m_sub + tl.log2(tl.where(empty, 1.0, wsum))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_sub + tl.log2(tl.where(empty, 1.0, wsum))) * JIT_LN2)
     return out, lse
 
 
