@@ -44,8 +44,10 @@ info: install
 verify: install
 	$(PY) -m attention.verify --device cpu --out out/verify
 
-# Type-check the AscendC device files against Huawei's open headers (asc-devkit checked out at
-# ASC_DEVKIT_DIR, see ../shared/ascendc-check/README.md). Not part of `make test`: CI cannot fetch it.
+# Type-check the AscendC device files against Huawei's open headers with ascendc-check, a checker kept
+# outside this repository (ASCENDC_CHECK: its check.sh), and an asc-devkit checkout at ASC_DEVKIT_DIR.
+# The defaults are the development machine's layout; elsewhere set both. Not part of `make test`: CI
+# cannot fetch either.
 ASC_DEVKIT_DIR ?= /tmp/asc-devkit
 ASCENDC_CHECK ?= ../shared/ascendc-check/check.sh
 ascendc-check:
