@@ -59,6 +59,7 @@ gpu-check:
 
 # Compile every CUDA source for sm_80 and sm_90 with nvcc; any error or warning fails.
 # Needs only nvcc (no GPU, no torch): kernels are raw-pointer .cu/.cuh files.
+# The objects are thrown away: each goes to a scratch file in /tmp, removed at the end.
 CUDA_CHECK_FLAGS ?= -std=c++17 -O2 --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
 cuda-check:
 	@test -n "$(NVCC)" || { echo "cuda-check: nvcc not found"; exit 1; }

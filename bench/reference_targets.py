@@ -1,4 +1,4 @@
-"""The CPU reference's performance targets (issue: foundation), measured in one run.
+"""The CPU reference's performance targets (docs/benchmarks/reference.md), measured in one run.
 
     python -m bench.reference_targets [--out DIR] [--repeats N] [--prefill-only | --dispatch-only]
 
