@@ -44,8 +44,10 @@ info: install
 verify: install
 	$(PY) -m attention.verify --device cpu --out out/verify
 
-# Type-check the AscendC device files against Huawei's open headers (asc-devkit checked out at
-# ASC_DEVKIT_DIR, see ../shared/ascendc-check/README.md). Not part of `make test`: CI cannot fetch it.
+# Type-check the AscendC device files against Huawei's open headers with ascendc-check, a checker kept
+# outside this repository (ASCENDC_CHECK: its check.sh), and an asc-devkit checkout at ASC_DEVKIT_DIR.
+# The defaults are the development machine's layout; elsewhere set both. Not part of `make test`: CI
+# cannot fetch either.
 ASC_DEVKIT_DIR ?= /tmp/asc-devkit
 ASCENDC_CHECK ?= ../shared/ascendc-check/check.sh
 ascendc-check:
@@ -57,6 +59,7 @@ gpu-check:
 
 # Compile every CUDA source for sm_80 and sm_90 with nvcc; any error or warning fails.
 # Needs only nvcc (no GPU, no torch): kernels are raw-pointer .cu/.cuh files.
+# The objects are thrown away: each goes to a scratch file in /tmp, removed at the end.
 CUDA_CHECK_FLAGS ?= -std=c++17 -O2 --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror
 cuda-check:
 	@test -n "$(NVCC)" || { echo "cuda-check: nvcc not found"; exit 1; }

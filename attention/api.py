@@ -45,7 +45,7 @@ def selective_attention(
     q [T, H, Dqk]; kv [S, Hkv, Dqk] (contiguous, with ``cu_seqlens_k``) or [P, page, Hkv, Dqk]
     (paged, with ``block_table`` and ``seqlens_k``); indices [T, Hkv or 1, K] int32/int64. Without
     ``v`` the value is ``kv[..., :d_v]`` (MLA latent mode). Returns out [T, H, Dv] in q's dtype, and
-    lse [T, H] float32 (natural log) with ``return_lse=True``. See SPEC.md section 1 / docs/contract.md.
+    lse [T, H] float32 (natural log) with ``return_lse=True``. See docs/spec.md section 1 / docs/contract.md.
 
     ``kv`` (and ``v``) may be stored quantized, float8_e4m3fn or int8, with ``kv_scale`` (``v_scale``):
     float32 [kv's leading shape, ceil(D / scale_block)], value = stored * scale of its tile (make them

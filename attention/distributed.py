@@ -7,7 +7,7 @@ same tensor on every rank; each rank
 1. keeps the candidates it owns and renumbers them to its local rows (-1 for the others, which are
    therefore never read), applying ``causal`` with the *global* query position;
 2. runs the public op ``attention.selective_attention`` on its shard (no sink, ``return_lse=True``);
-3. combines the partials with one collective pattern and ``merge_attention_states`` (SPEC.md
+3. combines the partials with one collective pattern and ``merge_attention_states`` (docs/spec.md
    section 6), which applies the sink once.
 
 Every rank returns the same full ``out``/``lse`` as a single-device call on the whole cache.
@@ -408,7 +408,7 @@ def selective_attention(
     check_ranks: Optional[bool] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Context-parallel ``attention.selective_attention``: same result on every rank as one device on the
-    whole cache (SPEC.md sections 1 and 6).
+    whole cache (docs/spec.md sections 1 and 6).
 
     q [T, H, Dqk], indices [T, Hkv or 1, K] (global positions, or global blocks with ``block_size``),
     ``cu_seqlens_q``, ``q_rope``, ``attn_sink``: the same tensors on every rank. kv_shard (and ``v``,

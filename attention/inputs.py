@@ -1,6 +1,6 @@
-"""One validated inputs object per call (STYLE.md rule 4: validate once, up front; kernels trust it).
+"""One validated inputs object per call (docs/style.md rule 4: validate once, up front; kernels trust it).
 
-Every shape, dtype, device and range rule of SPEC.md section 1 is checked here, before any kernel
+Every shape, dtype, device and range rule of docs/spec.md section 1 is checked here, before any kernel
 runs, and raises ``ValueError``/``TypeError`` naming the argument. Rules on tensor *contents*
 (monotone ``cu_seqlens_*``, table entries inside the cache, ``seqlens_k`` within the table) cost a
 device sync on a GPU/NPU, so they are checked always for CPU tensors and elsewhere only with
@@ -204,7 +204,7 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 def finite_float(name: str, x) -> float:
     """A Python float from an int/float argument that is finite *in float32* (negative allowed), else
-    TypeError/ValueError. Every backend computes in float32 (SPEC.md section 1), so 1e300 would become
+    TypeError/ValueError. Every backend computes in float32 (docs/spec.md section 1), so 1e300 would become
     inf there: rejected rather than silently different per backend."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
@@ -288,7 +288,7 @@ def is_fake(x: Tensor) -> bool:
 
 
 def validate(*args, check_contents: Optional[bool] = None, **kwargs) -> SelectiveAttentionInputs:
-    """Check every rule of SPEC.md section 1 and return the inputs object.
+    """Check every rule of docs/spec.md section 1 and return the inputs object.
 
     Takes the arguments of ``selective_attention`` (see ``attention.arguments.ARGS``: q, kv and indices,
     the rest positionally in the schema's order or by keyword). ``check_contents`` reads the sequence
@@ -317,7 +317,7 @@ validate.__signature__ = inspect.Signature(
 
 
 def _check_tensor_types(inp) -> None:
-    """Tensors are tensors, on q's device, with the dtypes SPEC.md section 1 allows."""
+    """Tensors are tensors, on q's device, with the dtypes docs/spec.md section 1 allows."""
     q, kv, indices = inp.q, inp.kv, inp.indices
     need_tensor("q", q)
     need_tensor("kv", kv)

@@ -1,4 +1,4 @@
-"""``merge_attention_states``: exact combination of partial results (SPEC.md section 6).
+"""``merge_attention_states``: exact combination of partial results (docs/spec.md section 6).
 
     lse = log sum_i exp(lse_i);  out = sum_i exp(lse_i) out_i / (exp(lse) + exp(sink) if sink else exp(lse))
 
@@ -138,7 +138,7 @@ def _fake(outs, lses, attn_sink=None, backend=None):
 def merge_attention_states(outs: Union[Tensor, Sequence[Tensor]], lses: Union[Tensor, Sequence[Tensor]], *,
                            attn_sink: Optional[Tensor] = None,
                            backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """Merge partial results over disjoint candidate sets of the same queries (SPEC.md section 6).
+    """Merge partial results over disjoint candidate sets of the same queries (docs/spec.md section 6).
 
     outs: [N, T, H, Dv] or a list of N [T, H, Dv] partial outputs (each normalised over its own
     candidates, computed without sink); lses: [N, T, H] or a list of [T, H] natural-log LSEs (-inf

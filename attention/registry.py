@@ -1,4 +1,4 @@
-"""One backend registry for every op (STYLE.md rule 3): attention, its backward, and the selection ops.
+"""One backend registry for every op (docs/style.md rule 3): attention, its backward, and the selection ops.
 
 A backend is a small class that *declares* what it has, opt-in (the default is nothing):
 

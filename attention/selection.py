@@ -1,4 +1,4 @@
-"""Selection (SPEC.md section 2): ``lightning_indexer``, ``topk_indices`` and the fused ``select``.
+"""Selection (docs/spec.md section 2): ``lightning_indexer``, ``topk_indices`` and the fused ``select``.
 
 Each call is validated once into a :class:`SelectionInputs` (errors name the argument) and handed to
 the backend the registry (attention/registry.py) chooses, the same one that chooses the attention
@@ -206,7 +206,7 @@ def validate_selection(op, q_idx, k_idx, weights, k=0, *, scale=None, cu_seqlens
                        block_table=None, seqlens_k=None, max_seqlen_k=None, causal=True, block_size=1,
                        block_reduce="max", q_idx_scale=None, k_idx_scale=None, cu_seqlen_ks=None,
                        cu_seqlen_ke=None, backend=None, check_contents: Optional[bool] = None) -> SelectionInputs:
-    """Every shape, dtype, device and range rule of SPEC.md section 2 (and section 1's for kv)."""
+    """Every shape, dtype, device and range rule of docs/spec.md section 2 (and section 1's for kv)."""
     sequence = (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("block_table", block_table),
                 ("seqlens_k", seqlens_k))
     T, Hi = _check_indexer_tensors(q_idx, k_idx, weights, sequence)
@@ -376,7 +376,7 @@ def lightning_indexer(q_idx: Tensor, k_idx: Tensor, weights: Tensor, *, scale: O
 
     I[t, s] = sum_j weights[t, j] * relu(scale * q_idx[t, j] . k_idx[s]); scale defaults to Di ** -0.5.
     k_idx is [S, Di] (contiguous, ``cu_seqlens_k``) or [P, page, Di] (paged, ``block_table`` +
-    ``seqlens_k``), laid out like ``kv`` in SPEC.md section 1. W = ``max_seqlen_k`` or the longest
+    ``seqlens_k``), laid out like ``kv`` in docs/spec.md section 1. W = ``max_seqlen_k`` or the longest
     sequence (a host read on a device: serving code passes ``max_seqlen_k``).
 
     Quantized inputs (DeepGEMM's ``fp8_mqa_logits``): float8_e4m3fn or int8 ``q_idx`` and ``k_idx``,

@@ -1,4 +1,4 @@
-"""The equivalence matrix: named cases of SPEC.md section 1, the float64 oracle, tolerances.
+"""The equivalence matrix: named cases of docs/spec.md section 1, the float64 oracle, tolerances.
 
 Shipped inside the package (not only in tests/) because ``python -m attention.verify`` runs it on a
 machine that only ``pip install``ed us. Every case builds its inputs deterministically from its name,
@@ -22,7 +22,7 @@ import python_ref
 
 from .inputs import dtype_name
 
-# SPEC.md section 4: max |out - ref| and max |lse - ref| per dtype.
+# docs/spec.md section 4: max |out - ref| and max |lse - ref| per dtype.
 TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
     torch.float32: (1e-4, 1e-4),
     torch.float16: (5e-3, 1e-2),
@@ -501,7 +501,7 @@ def sample_indices(p: Case, device, gen: torch.Generator) -> torch.Tensor:
 
 
 def oracle(args: Dict[str, object]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float64 evaluation of SPEC.md section 1 on the CPU from the same (rounded) inputs."""
+    """float64 evaluation of docs/spec.md section 1 on the CPU from the same (rounded) inputs."""
     a = dict(args)
     q, kv, idx = a.pop("q"), a.pop("kv"), a.pop("indices")
     a.pop("backend", None)
@@ -520,7 +520,7 @@ class CaseResult:
     message: str = ""
     skipped: bool = False
     # The vendors' own rules on out (attention/vendor_rules.py), reported beside max error; they do
-    # not decide ``ok`` (SPEC.md section 4 does).
+    # not decide ``ok`` (docs/spec.md section 4 does).
     cos_diff: float = float("nan")
     cann_percent: float = float("nan")
     cann_pass: Optional[bool] = None
@@ -532,7 +532,7 @@ class CaseResult:
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| where both are finite-equal; inf where one is non-finite and the other not.
 
-    Equal infinities and NaN where the oracle has NaN count as agreement (SPEC.md: a kept candidate
+    Equal infinities and NaN where the oracle has NaN count as agreement (docs/spec.md: a kept candidate
     holding NaN/inf propagates as in float64); NaN anywhere else is an infinite error.
     """
     x = x.detach().to("cpu", torch.float64)

@@ -2,8 +2,8 @@
 this machine.
 
 Runs every case of ``attention.testing.CASES`` (every feature) in every dtype a backend declares,
-for each backend available on the device, against the float64 evaluation of SPEC.md section 1
-computed on the CPU from the same rounded inputs, at SPEC.md section 4 tolerances, each case twice
+for each backend available on the device, against the float64 evaluation of docs/spec.md section 1
+computed on the CPU from the same rounded inputs, at docs/spec.md section 4 tolerances, each case twice
 (the two runs must agree bit for bit). Prints a pass/fail table with the worst error per cell,
 writes ``verify-<device>.json`` and ``verify-<device>.md`` to ``--out``, and exits 0 only when
 nothing failed (1: a case failed; 2: nothing could run, or a usage error).
@@ -357,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"torch {machine['torch']}, triton {machine['triton']}, TRITON_INTERPRET={machine['TRITON_INTERPRET'] or 'unset'}")
     print(header)
     tols = ", ".join(f"{d} {t[0]:g}" for d, t in _tolerances().items())
-    print(f"cells: max |out - float64 reference| (SPEC.md tolerances: {tols})")
+    print(f"cells: max |out - float64 reference| (docs/spec.md tolerances: {tols})")
     print(_text_table(rows))
     vendor_rows = render_vendor_table(results, columns, [c.name for c in cases])
     print(VENDOR_CAPTION)

@@ -75,7 +75,7 @@ def measure(soc: str, args: Dict[str, object]) -> Dict[str, object]:
     inp = attention.validate(**args)
     out, lse = ascendc.BACKEND.new_outputs(inp)
     rep = ascendc._twin.forward(**ascendc.AscendCBackend._args(inp), out=out, lse=lse, soc=soc)
-    # counts of a wrong result mean nothing: check against the float64 oracle first (SPEC.md section 4)
+    # counts of a wrong result mean nothing: check against the float64 oracle first (docs/spec.md section 4)
     want_out, want_lse = oracle(args)
     tol_out, tol_lse = TOLERANCES[inp.dtype]
     err_out, err_lse = max_error(out, want_out), max_error(lse, want_lse)

@@ -57,7 +57,7 @@ class BackendImpl(Impl):
 # ---------------------------------------------------------------------------------------------
 
 def dense_mask(inp: Inputs) -> torch.Tensor:
-    """[B, G, Lq, L] bool: True where the position is a kept candidate (SPEC.md section 1 rules)."""
+    """[B, G, Lq, L] bool: True where the position is a kept candidate (docs/spec.md section 1 rules)."""
     p = inp.problem
     B, Lq, L, bs = p.batch, p.q_per_seq, p.context, p.block_size
     idx = inp.indices.to(torch.int64)  # [T, G, K]

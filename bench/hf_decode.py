@@ -5,7 +5,7 @@
 
 One random model (built in code, nothing downloaded), two copies of its cache: each path prefills the
 same prompt (in chunks, so eager's dense [S, T] weights stay small), checks that its next-token logits
-agree with the other path (STYLE.md rule 9: correct before timed), then times single-token decode
+agree with the other path (docs/style.md rule 9: correct before timed), then times single-token decode
 steps. Reported: the whole model step and the attention modules alone (forward hooks), and the memory
 of the cache plus what HF eager materialises per layer per step (per-head K and V of the whole
 context, from `expand_kv`), all measured from the tensors themselves.

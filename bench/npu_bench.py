@@ -1,7 +1,7 @@
 """DeepSeek-shaped benchmark of the ascendc backend against torch_npu.npu_sparse_flash_attention.
 
 Run by bench/npu_check.sh on an Ascend machine (CANN + torch_npu). It has NEVER RUN: its authors had
-no NPU. Both kernels get the same inputs; outputs are compared before anything is timed (STYLE.md
+no NPU. Both kernels get the same inputs; outputs are compared before anything is timed (docs/style.md
 rule 9), and the table reports each time and the ratio measured in this one run.
 
 Shapes: MLA absorb form, one kv head, Dqk = 512 + 64 rope, Dv = 512, H query heads, K selected

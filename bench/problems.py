@@ -123,7 +123,7 @@ def check_tokens(p: Case, max_tokens: int = 32) -> List[int]:
 
 
 def expected_float64(inp: Inputs, tokens: List[int]):
-    """(out [n, H, Dv], lse [n, H]) float64 for the listed tokens, straight from SPEC.md section 1.
+    """(out [n, H, Dv], lse [n, H]) float64 for the listed tokens, straight from docs/spec.md section 1.
 
     Written independently of python_ref: it reads the *logical* cache (not the paged pool) and
     walks tokens and kv heads one at a time.

@@ -1,4 +1,4 @@
-"""The CPU reference's performance targets (issue: foundation), measured in one run.
+"""The CPU reference's performance targets (docs/benchmarks/reference.md), measured in one run.
 
     python -m bench.reference_targets [--out DIR] [--repeats N] [--prefill-only | --dispatch-only]
 
@@ -114,7 +114,7 @@ PREFILL_TARGET = 0.5 * 2**30  # extra peak bytes beyond the output
 
 
 def prefill_peak_memory(T: int, H: int, S: int, K: int) -> dict:
-    """Extra peak memory of one prefill beyond its output, in a fresh process (TRAPS.md)."""
+    """Extra peak memory of one prefill beyond its output, in a fresh process (docs/traps.md)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, "-c", _PREFILL_CHILD, str(T), str(H), str(S), str(K)],

@@ -3,7 +3,7 @@
 For each problem of the preset: build the inputs once; compute the expected output in float64 on the
 CPU from those same (rounded) inputs; then for each implementation (the package's registered
 backends that can run here, the dense SDPA baseline, peers when importable) run it once with
-outputs pre-filled with NaN and compare with the expected values at SPEC.md tolerances. Only an
+outputs pre-filled with NaN and compare with the expected values at docs/spec.md tolerances. Only an
 implementation that passes is timed; one that fails is reported as FAIL with its error and never
 with a speed. The device's own limits (matmul peak, copy bandwidth) are measured in the same run,
 so every figure is also a ratio that means something on a loaded or different machine.

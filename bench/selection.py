@@ -1,4 +1,4 @@
-"""The ``selection`` preset: DeepSeek-V3.2 lightning indexer + top-k (SPEC.md section 2).
+"""The ``selection`` preset: DeepSeek-V3.2 lightning indexer + top-k (docs/spec.md section 2).
 
 Implementations: ``attention.select`` (fused), ``attention.lightning_indexer`` +
 ``attention.topk_indices``, and the dense baseline a user would write: the full score matrix with

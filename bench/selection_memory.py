@@ -3,7 +3,7 @@ within 256 MB of extra peak memory, where the [T, W] float32 score matrix alone 
 
 Each measurement runs in a fresh process (docs/traps.md): the inputs are built, the peak is reset by
 writing 5 to /proc/self/clear_refs, the call runs, and extra peak = VmHWM - VmRSS before the call.
-Correctness first (STYLE.md rule 9): on a slice of the queries the fused result must equal
+Correctness first (docs/style.md rule 9): on a slice of the queries the fused result must equal
 ``topk_indices(lightning_indexer(...))``.
 
     PYTHONPATH=. python bench/selection_memory.py [--T 2048 --W 65536 --k 2048] [--unfused]

@@ -1,6 +1,6 @@
 """Timers, the device's own limits (matmul peak, copy bandwidth) and the machine description.
 
-Timing rules (STYLE.md rule 9): warm-up calls (autotuning, first-call allocation, lazy imports)
+Timing rules (docs/style.md rule 9): warm-up calls (autotuning, first-call allocation, lazy imports)
 are never timed; the runner takes the samples of the implementations of one problem in interleaved
 rounds, so a burst of load from another process lands on all of them rather than on one; a GPU is timed with CUDA events around the calls and synchronised once per
 sample; the CPU with ``time.perf_counter``. Each sample averages ``inner`` back-to-back calls, with

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the `attention` package's contract (SPEC.md).
+"""Pure-PyTorch reference of the `attention` package's contract (docs/spec.md).
 
 `selective_attention` is the fast, chunked reference (the CPU production path);
 `selective_attention_dense` is the float64 oracle the equivalence suite compares against.

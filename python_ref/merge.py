@@ -1,4 +1,4 @@
-"""Merging partial attention results over disjoint candidate sets (SPEC.md section 6).
+"""Merging partial attention results over disjoint candidate sets (docs/spec.md section 6).
 
 For parts i of the same query and head, each computed without sink:
 
@@ -55,7 +55,7 @@ def merge_attention_states(outs: Tensor, lses: Tensor, attn_sink: Optional[Tenso
 
 def merge_attention_states_dense(outs: Tensor, lses: Tensor, attn_sink: Optional[Tensor] = None,
                                  dtype: torch.dtype = torch.float64) -> Tuple[Tensor, Tensor]:
-    """The oracle: SPEC.md section 6 evaluated literally in ``dtype`` on the CPU."""
+    """The oracle: docs/spec.md section 6 evaluated literally in ``dtype`` on the CPU."""
     cpu = torch.device("cpu")
     o = outs.detach().to(cpu, dtype)
     lse_i = lses.detach().to(cpu, dtype)

@@ -1,4 +1,4 @@
-"""Selection (SPEC.md section 2) in pure PyTorch: the DeepSeek-V3.2 lightning indexer and top-k.
+"""Selection (docs/spec.md section 2) in pure PyTorch: the DeepSeek-V3.2 lightning indexer and top-k.
 
     I[t, s] = sum_j weights[t, j] * relu(scale * q_idx[t, j] . k_idx[s]),   scale default Di ** -0.5
 
@@ -24,7 +24,7 @@ kernel uses the same packing (csrc/cuda/topk.cuh), so every backend agrees bit f
 
 Arguments are trusted here (``attention.select`` and friends validate, with errors naming the
 argument). Nothing here syncs with the device except when ``max_seqlen_k`` is None and the tensors
-are not on the CPU (the width W then needs one host read of the lengths), which SPEC.md allows.
+are not on the CPU (the width W then needs one host read of the lengths), which docs/spec.md allows.
 """
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ def lightning_indexer_dense(
     k_idx_scale: Optional[Tensor] = None, cu_seqlen_ks: Optional[Tensor] = None,
     cu_seqlen_ke: Optional[Tensor] = None, dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """The oracle: SPEC.md section 2 in ``dtype`` on the CPU, one query at a time, on the dequantized
+    """The oracle: docs/spec.md section 2 in ``dtype`` on the CPU, one query at a time, on the dequantized
     q_idx / k_idx (scales [T, Hi] / k_idx.shape[:-1], a trailing 1 allowed), inside the key windows."""
     cpu = torch.device("cpu")
     q = q_idx.detach().to(cpu, dtype)

@@ -1,4 +1,4 @@
-"""The selective-attention contract (SPEC.md section 1) in pure PyTorch.
+"""The selective-attention contract (docs/spec.md section 1) in pure PyTorch.
 
 Two implementations of the same definition live here:
 
@@ -624,7 +624,7 @@ def _forward_split_k(call: _Call, q, q_rope, idx, c0, c1, k_piece, r_piece):
     ``span`` offsets ``r_piece`` at a time (gather path).
 
     Each slice gives a part (o_i = softmax-weighted values over its kept candidates, no sink; lse_i);
-    parts merge as in SPEC.md section 6: lse = log sum exp(lse_i), out = sum exp(lse_i - lse) o_i, then
+    parts merge as in docs/spec.md section 6: lse = log sum exp(lse_i), out = sum exp(lse_i - lse) o_i, then
     the sink scales out by exp(lse) / (exp(lse) + exp(sink)). A part without a kept candidate
     (lse_i = -inf) adds nothing; a NaN part makes lse and out NaN, as the one-piece path does.
     """
@@ -866,7 +866,7 @@ def selective_attention_dense(
     scale_block: int = 128,
     dtype: torch.dtype = torch.float64,
 ) -> Tuple[Tensor, Tensor]:
-    """The oracle: SPEC.md section 1 evaluated densely in ``dtype`` (float64 by default).
+    """The oracle: docs/spec.md section 1 evaluated densely in ``dtype`` (float64 by default).
 
     For every query, a multiplicity count C[p] of each logical position p of its sequence is built
     from the candidate multiset; then lse = log sum_p C[p] exp(s_p) and

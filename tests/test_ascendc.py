@@ -35,9 +35,9 @@ def _expected(case, dtype):
 @functools.lru_cache(maxsize=None)
 def _exact_rounded_cann_percent(case, dtype):
     """CANN's check_result rate of the float64 result rounded once to ``dtype``: what a kernel whose only
-    error is the final cast would score (issue 13 item 6). With a quantized cache the contract lets a
-    kernel round the dequantized values to q's dtype before the cube (docs/contract.md), so the baseline
-    is the float64 result on that rounded cache, rounded once."""
+    error is the final cast would score (docs/ascendc.md "bf16 accuracy under Huawei's rule"). With a
+    quantized cache the contract lets a kernel round the dequantized values to q's dtype before the cube
+    (docs/contract.md), so the baseline is the float64 result on that rounded cache, rounded once."""
     ref_out, _ = _expected(case, dtype)
     base = ref_out
     if case.kv_quant is not None:
@@ -251,7 +251,7 @@ def test_binding_accepts_good_arguments():
     (lambda a, o, l: a.update(soc="Ascend999"), "unknown SoC"),
     (lambda a, o, l: a.update(tiling=dict(mTile=24)), "mTile and nTile must be multiples of 16"),
     (lambda a, o, l: a.update(tiling=dict(bogus=16)), "unknown tiling override key"),
-    # quantized caches (issue 16): int8 only, with float32 scales of the right shape
+    # quantized caches: int8 only, with float32 scales of the right shape
     (lambda a, o, l: a.update(kv=a["kv"].to(torch.int8)), "an int8 kv needs kv_scale"),
     (lambda a, o, l: a.update(kv_scale=torch.ones(a["kv"].shape[:-1] + (1,))), "kv_scale is only for an int8 kv"),
     (lambda a, o, l: a.update(kv=a["kv"].to(torch.int8), kv_scale=torch.ones(a["kv"].shape[:-1] + (2,))),
@@ -295,7 +295,7 @@ def test_binding_rejects_wrong_outputs_and_paged_tables():
 
 # ---------------------------------------------------------------- registry, info, packaging
 def test_int8_declared_fp8_declined_with_the_reason():
-    """910B has no FP8: the backend declares kv_int8 only and says why it declines kv_fp8 (issue 16)."""
+    """910B has no FP8: the backend declares kv_int8 only and says why it declines kv_fp8."""
     from attention.backends.ascendc.backend import NO_FP8
 
     assert "kv_int8" in ascendc.BACKEND.ops["attention"] and "kv_fp8" not in ascendc.BACKEND.ops["attention"]

@@ -1,7 +1,7 @@
 """The kernel files the CPU twin compiles must also type-check against Huawei's open AscendC headers
-(shared/ascendc-check). Runs where the check and an asc-devkit checkout exist (ASC_DEVKIT_DIR and
-ASCENDC_CHECK, with the Makefile's defaults: /tmp/asc-devkit and ../shared/ascendc-check/check.sh beside
-the repository); skipped elsewhere.
+(`make ascendc-check`: ascendc-check, a checker kept outside this repository, and an asc-devkit checkout).
+Runs where both exist, found as the Makefile finds them (ASCENDC_CHECK and ASC_DEVKIT_DIR, with the
+Makefile's defaults, the development machine's layout); skipped elsewhere.
 """
 
 import os
@@ -17,7 +17,7 @@ DEVKIT = pathlib.Path(os.environ.get("ASC_DEVKIT_DIR", "/tmp/asc-devkit"))
 
 
 def test_kernel_folder_holds_no_twin_header():
-    """A kernel_operator.h beside the kernel would shadow Huawei's in the check (ASCEND.md)."""
+    """A kernel_operator.h beside the kernel would shadow Huawei's in the check."""
     assert not (KERNEL_DIR / "kernel_operator.h").exists()
     for f in KERNEL_DIR.iterdir():
         text = f.read_text()

@@ -1,4 +1,4 @@
-"""Planted-bug suite for the strict CPU twin (issue 14 item 7).
+"""Planted-bug suite for the strict CPU twin (docs/ascendc.md "The strict twin").
 
 The real kernel source (csrc/ascend/kernel) is compiled once per ``PlantedBug`` value with
 ``-DSELATTN_PLANTED_BUG=N``: each variant carries exactly one deliberate bug of the kinds that hang or

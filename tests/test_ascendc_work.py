@@ -1,7 +1,7 @@
-"""The twin's per-launch work counters (issue 14 item 8): busy blocks and the bytes each block's MTE2 reads
-from the kernel's inputs and from the workspace hand-over, for the main launch and the combine launch of
-a decode split, checked against counts made independently from the problem. bench/ascend_work.py reports
-them for DeepSeek shapes. Nothing here runs on an NPU.
+"""The twin's per-launch work counters (docs/ascendc.md "Work per core"): busy blocks and the bytes
+each block's MTE2 reads from the kernel's inputs and from the workspace hand-over, for the main launch and
+the combine launch of a decode split, checked against counts made independently from the problem.
+bench/ascend_work.py reports them for DeepSeek shapes. Nothing here runs on an NPU.
 """
 
 import pytest
@@ -73,7 +73,7 @@ def _deepseek_decode(T, K=2048, S=4096):
 
 @pytest.mark.parametrize("T", [1, 4])
 def test_deepseek_decode_uses_most_cores_and_reads_each_row_once(T):
-    """Issue 14 item 8 on a 910B2 (24 cube cores): the candidates of each token are split over the cores,
+    """The decode split on a 910B2 (24 cube cores): the candidates of each token are split over the cores,
     at least 20 of them do work, and every selected kv row is read from GM exactly once (the query rows once
     per split: every core that computes a head needs its q; docs/ascendc.md has the bound)."""
     args = _deepseek_decode(T)
@@ -117,7 +117,7 @@ def test_head_tiles_reuse_the_gathered_rows_when_a_split_fits_the_slots(splits, 
 
 @pytest.mark.parametrize("separate_v", [False, True], ids=["latent", "separate_v"])
 def test_int8_cache_reads_kept_rows_as_int8(separate_v):
-    """An int8 kv (and v) is gathered as int8 with its tile scales, only for kept candidates (issue 16):
+    """An int8 kv (and v) is gathered as int8 with its tile scales, only for kept candidates:
     Dqk bytes + ceil(Dqk / scale_block) float32 scales per kept row (+ the same for v), about half of the
     16-bit row."""
     from attention import quantize_kv

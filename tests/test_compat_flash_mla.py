@@ -502,7 +502,7 @@ def test_sparse_fwd_gradients_match_the_native_op():
 
 
 # ---------------------------------------------------------------------------------------------
-# The V3.2 FP8 record as the op's quantized-cache arguments (issue 16)
+# The V3.2 FP8 record as the op's quantized-cache arguments
 # ---------------------------------------------------------------------------------------------
 
 def test_unpack_fp8_kvcache_views_the_records_and_pack_inverts_it():
@@ -577,7 +577,7 @@ def test_pack_fp8_kvcache_errors_name_the_argument(bad, exc, words):
 
 
 # ---------------------------------------------------------------------------------------------
-# FlashMLA's MODEL1 FP8 cache (issue 13 item 4): d_qk = 512 (448 e4m3 in 7 tiles of 64 with e8m0
+# FlashMLA's MODEL1 FP8 cache: d_qk = 512 (448 e4m3 in 7 tiles of 64 with e8m0
 # scales, 64 bfloat16 rope), 584 bytes per token, blocks padded to a multiple of 576 bytes
 # ---------------------------------------------------------------------------------------------
 

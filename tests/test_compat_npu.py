@@ -30,7 +30,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 DT_IDS = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 HAVE_SELECTION = all(hasattr(attention, n) for n in ("select", "lightning_indexer", "topk_indices"))
 NEEDS_SELECTION = pytest.mark.skipif(
-    not HAVE_SELECTION, reason="attention.select / lightning_indexer / topk_indices (SPEC.md section 2) are not "
+    not HAVE_SELECTION, reason="attention.select / lightning_indexer / topk_indices (docs/spec.md section 2) are not "
                                "in this build yet: npu_lightning_indexer is implemented on them")
 
 
@@ -627,7 +627,7 @@ def test_sparse_flash_attention_gradients_match_the_native_op():
 
 
 # ---------------------------------------------------------------------------------------------
-# issue #13 items 1-2: Huawei's goldens, by hand, and the backend routing of the indexer
+# Huawei's goldens, by hand, and the backend routing of the indexer
 # ---------------------------------------------------------------------------------------------
 
 def _one_row(idx_row, sinks=None, sparse_mode=0, kv_len=8):

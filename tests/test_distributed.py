@@ -2,7 +2,7 @@
 
 Every rank builds the same whole problem from one seed, keeps only its shard of the cache (contiguous
 or paged with NaN garbage pages and -1 padded tables), runs attention.distributed, and checks the
-result against the float64 oracle of the whole cache (SPEC.md tolerances) and the single-device
+result against the float64 oracle of the whole cache (docs/spec.md tolerances) and the single-device
 call; selection must equal ``attention.select`` on the whole cache exactly. Many checks share one
 spawned group (spawning costs seconds per process here). A worker that hangs in a collective is
 killed at the deadline, so a hang fails the test instead of blocking the suite.

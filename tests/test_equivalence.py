@@ -1,5 +1,5 @@
 """The equivalence matrix: every registered backend x its devices here x its dtypes x every case,
-against the float64 oracle at SPEC.md tolerances, each case run twice (determinism).
+against the float64 oracle at docs/spec.md tolerances, each case run twice (determinism).
 
 Generated from the registry: a new backend gets these tests by registering itself.
 """
@@ -63,7 +63,7 @@ def test_oracle_catches_a_wrong_answer():
     try:
         case = CASES[0]
         assert run_case(b.name, case, torch.float32).ok
-        b.delta = 2e-4  # SPEC.md section 4: float32 out tolerance is 1e-4
+        b.delta = 2e-4  # docs/spec.md section 4: float32 out tolerance is 1e-4
         res = run_case(b.name, case, torch.float32)
         assert not res.ok and "max |out - ref|" in res.message
     finally:

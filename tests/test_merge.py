@@ -1,4 +1,4 @@
-"""merge_attention_states (SPEC.md section 6) against its float64 oracle, on every implementation this
+"""merge_attention_states (docs/spec.md section 6) against its float64 oracle, on every implementation this
 machine can run (reference; triton under TRITON_INTERPRET=1), plus the end-to-end property it exists
 for: merging the partials of disjoint candidate sets equals one selective_attention call.
 

@@ -200,7 +200,7 @@ def test_zero_query_tokens():
     assert out.shape == (0, 4, 8) and lse.shape == (0, 4)
 
 
-# ---------------------------------------------------------------- architecture (issue: one table, one registry)
+# ---------------------------------------------------------------- architecture: one argument table, one registry
 def test_argument_table_is_the_one_declaration():
     """Schema, dataclass, validator, public signature and reference keywords all follow attention.arguments."""
     import inspect

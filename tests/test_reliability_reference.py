@@ -4,7 +4,7 @@ Cases every backend can run live in the equivalence matrix (attention/testing.py
 "NaN / inf garbage kept by some tokens only"); this file holds what only the reference or the Python core
 can be asked: the chunk-union strategy against the gather one, the backward, memory/work bounds,
 argument validation and the selection functions. Every expectation is computed by the float64
-oracle (python_ref.selective_attention_dense / *_dense) or follows from SPEC.md's rules.
+oracle (python_ref.selective_attention_dense / *_dense) or follows from docs/spec.md's rules.
 """
 
 import sys
@@ -45,9 +45,9 @@ def _strategy(monkeypatch, strategy):
     return calls
 
 
-# ---------------------------------------------------------------- item 1: one bad row poisons nobody else
-def _issue_repro(poison):
-    """The issue's repro: two sequences of 4 queries over 16 keys each, every token selects arange(16)."""
+# ---------------------------------------------------------------- one bad row poisons nobody else
+def _poisoned_row_case(poison):
+    """Two sequences of 4 queries over 16 keys each, every token selects arange(16)."""
     g = torch.Generator().manual_seed(11)
     q = torch.randn(8, 4, 16, generator=g)
     kv = torch.randn(32, 1, 16, generator=g)
@@ -62,7 +62,7 @@ def _issue_repro(poison):
 @pytest.mark.parametrize("strategy", ["union", "gather"])
 def test_bad_row_reaches_only_the_tokens_that_keep_it(poison, strategy, monkeypatch):
     calls = _strategy(monkeypatch, strategy)
-    args = _issue_repro(poison)
+    args = _poisoned_row_case(poison)
     q, kv, idx, kw = _split(args)
     out, lse = python_ref.selective_attention(q, kv, idx, **kw)
     ref_out, ref_lse = oracle(args)
@@ -76,7 +76,7 @@ def test_bad_row_reaches_only_the_tokens_that_keep_it(poison, strategy, monkeypa
 
 def test_union_strategy_still_runs_on_finite_rows(monkeypatch):
     calls = _strategy(monkeypatch, "union")
-    args = _issue_repro(0.5)
+    args = _poisoned_row_case(0.5)
     q, kv, idx, kw = _split(args)
     out, lse = python_ref.selective_attention(q, kv, idx, **kw)
     _check(out, lse, *oracle(args))
@@ -113,7 +113,7 @@ def test_backward_bad_row_and_dropped_candidates_stay_local():
     assert max_error(dkv[clean], ref_dkv[clean]) <= 1e-4
 
 
-# ---------------------------------------------------------------- item 4: kept NaN/inf propagate; empty = by indices
+# ---------------------------------------------------------------- kept NaN/inf propagate; empty = by indices
 @pytest.mark.parametrize("key", [INF, -INF], ids=["score+inf", "score-inf"])
 @pytest.mark.parametrize("sink", [False, True])
 def test_kept_infinite_score_is_not_an_empty_row(key, sink):
@@ -141,7 +141,7 @@ def test_kept_infinite_score_is_not_an_empty_row(key, sink):
 def test_kept_nan_in_value_only_propagates_to_out(strategy, monkeypatch):
     """A NaN in a separate value row only (its key is finite): lse stays finite, out is NaN."""
     _strategy(monkeypatch, strategy)
-    args = _issue_repro(0.0)
+    args = _poisoned_row_case(0.0)
     args["v"] = torch.randn(32, 1, 4, generator=torch.Generator().manual_seed(5))
     args["v"][5] = NAN
     q, kv, idx, kw = _split(args)
@@ -151,7 +151,7 @@ def test_kept_nan_in_value_only_propagates_to_out(strategy, monkeypatch):
     assert bool(torch.isfinite(lse).all()) and bool(torch.isnan(out[:4, :, :4]).all())
 
 
-# ---------------------------------------------------------------- item 5: scales finite in float32
+# ---------------------------------------------------------------- scales finite in float32
 @pytest.mark.parametrize("value", [1e300, -1e39, 10 ** 400, 3.5e38])
 def test_sm_scale_outside_float32_is_rejected(value):
     args = CASES_BY_NAME["mqa_latent"].make()
@@ -173,7 +173,7 @@ def test_indexer_scale_outside_float32_is_rejected(fn):
         getattr(attention, fn)(q_idx, k_idx, w, *extra, scale=1e300)
 
 
-# ---------------------------------------------------------------- item 7: valid inputs the reference refused
+# ---------------------------------------------------------------- valid inputs the reference refused
 def test_indices_from_a_transposed_topk_forward_and_backward():
     g = torch.Generator().manual_seed(7)
     q = torch.randn(3, 4, 16, generator=g, requires_grad=True)
@@ -218,7 +218,7 @@ def test_indexer_and_select_on_a_table_without_columns(per_sequence):
     assert bool((python_ref.select(q_idx, k_idx, w, 3, **kw) == -1).all())
 
 
-# ---------------------------------------------------------------- item 9: work bounded by the kept positions
+# ---------------------------------------------------------------- work bounded by the kept positions
 @pytest.mark.parametrize("block_size", [2 ** 40, 2 ** 63 - 1])
 @pytest.mark.parametrize("paged", [False, True])
 def test_huge_block_size_over_a_tiny_cache(block_size, paged):
@@ -237,7 +237,7 @@ def test_huge_block_size_over_a_tiny_cache(block_size, paged):
     assert bool(torch.isneginf(lse[2]).all())  # blocks 2..5 start past the cache
 
 
-# ---------------------------------------------------------------- item 10: selection
+# ---------------------------------------------------------------- selection
 def test_block_scores_on_an_empty_batch():
     for reduce in ("max", "mean"):
         assert attention.block_scores(torch.empty(0, 7), 2, reduce).shape == (0, 4)
@@ -277,7 +277,7 @@ def test_selection_positions_must_fit_int32():
         attention.topk_indices(torch.empty(0, 2 ** 31), 2)
 
 
-# ---------------------------------------------------------------- item 15: working set within a byte budget
+# ---------------------------------------------------------------- working set within a byte budget
 SPLIT_CASES = ["paged_latent_rope_sink_causal", "block_causal_varlen", "gqa_separate_v", "sink_all_dropped",
                "duplicates", "poison_nan_rope_sink_few_candidates", "poison_inf_paged_gqa"]
 
@@ -285,7 +285,7 @@ SPLIT_CASES = ["paged_latent_rope_sink_causal", "block_causal_varlen", "gqa_sepa
 @pytest.mark.parametrize("name", SPLIT_CASES)
 def test_candidates_split_when_one_token_exceeds_the_budget(name, monkeypatch):
     """A budget smaller than one token's candidates: each token's indices are taken a few at a time
-    and the parts merged (SPEC.md section 6); the result is the oracle's, NaN pattern included."""
+    and the parts merged (docs/spec.md section 6); the result is the oracle's, NaN pattern included."""
     calls = []
     real = REF._forward_split_k
     monkeypatch.setattr(REF, "_forward_split_k", lambda *a, **k: calls.append(a[-2:]) or real(*a, **k))

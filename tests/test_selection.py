@@ -1,4 +1,4 @@
-"""Selection (SPEC.md section 2) against its float64 oracle, on every selection backend this machine
+"""Selection (docs/spec.md section 2) against its float64 oracle, on every selection backend this machine
 can run (reference; triton under TRITON_INTERPRET=1; the CUDA C++ top-k only on a GPU).
 
 Exactness: on inputs without near ties the indices must equal the oracle's exactly. Random float
@@ -181,7 +181,7 @@ def _cpu_backends(op):
 
 
 def _skip_unless_supported(backend, op, case, a):
-    """Unsupported combinations skip with the backend's own reason (STYLE.md rule 5)."""
+    """Unsupported combinations skip with the backend's own reason (docs/style.md rule 5)."""
     from attention.selection import validate_selection
 
     inp = validate_selection(op, a["q_idx"], a["k_idx"], a["weights"], case.k, block_size=case.block_size,

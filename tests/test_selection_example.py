@@ -35,5 +35,5 @@ def test_docs_decode_example_runs_and_is_right(capsys):
     assert (indices != exp).float().mean() < 0.01  # only a few near-tie swaps
     ref, _ = python_ref.selective_attention_dense(ns["q"], ns["kv_cache"], indices, d_v=512, sm_scale=192 ** -0.5,
                                                   causal=True, **ns["paged"])
-    assert (out.double() - ref).abs().max() <= 3e-2  # bfloat16 tolerance of SPEC.md section 4
+    assert (out.double() - ref).abs().max() <= 3e-2  # bfloat16 tolerance of docs/spec.md section 4
     assert "torch.Size([2, 16, 512]) [2048, 1500]" in capsys.readouterr().out

@@ -373,6 +373,18 @@ def test_npu_is_offered_only_with_triton_ascend_and_torch_npu(monkeypatch):
     assert "declined on npu: fp8 (" in info["triton-ascend"] and "kv_fp8 (" in info["triton-ascend"]
 
 
+def test_int8_latent_cache_is_declined_on_npu():
+    """The latent kernel over an int8 cache overflows Ascend's UB (275.2 KiB): declined on npu with the
+    reason; an int8 separate-v cache (the general kernel, compiled) and cuda are not."""
+    from types import SimpleNamespace
+
+    inp = SimpleNamespace(op="attention", features=frozenset({"kv_int8"}), v=None, device=SimpleNamespace(type="npu"),
+                          num_tokens=4, num_heads=128, num_kv_heads=1, d_v=512, topk=2048, block_size=1)
+    assert any("int8 latent cache on npu" in r and "275.2 KiB" in r for r in BACKEND.limit_reasons(inp))
+    assert BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "v": torch.empty(0)})) == []
+    assert BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "device": SimpleNamespace(type="cuda")})) == []
+
+
 @pytest.mark.parametrize("op,feature", [("attention", "kv_fp8"), ("select", "fp8"), ("lightning_indexer", "fp8")])
 def test_fp8_is_declined_on_npu_with_the_reason(op, feature):
     """A2/A3 have no FP8 type (triton-ascend: "unexpected type fp8"): fp8 caches and indexer inputs are
@@ -381,7 +393,7 @@ def test_fp8_is_declined_on_npu_with_the_reason(op, feature):
     from types import SimpleNamespace
 
     npu = SimpleNamespace(type="npu")
-    inp = SimpleNamespace(op=op, features=frozenset({feature}), device=npu, num_tokens=4, num_heads=128,
+    inp = SimpleNamespace(op=op, features=frozenset({feature}), device=npu, v=torch.empty(0), num_tokens=4, num_heads=128,
                           num_kv_heads=1, d_v=512, topk=2048, block_size=1, k=2048, quantized=True)
     assert any("no FP8 type" in r for r in BACKEND.limit_reasons(inp))
     assert BACKEND.limit_reasons(SimpleNamespace(**{**vars(inp), "device": SimpleNamespace(type="cuda")})) == []

@@ -99,7 +99,7 @@ CASES = [
     ("backend_type", base(backend=3), TypeError, ["backend"]),
     ("device_mismatch", base(indices=torch.zeros(3, 2, 5, dtype=i32, device="meta")), ValueError,
      ["indices", "device"]),
-    # quantized caches (issue 16): kv [20, 2, 16] int8 / float8_e4m3fn with kv_scale [20, 2, ceil(16 / b)]
+    # quantized caches: kv [20, 2, 16] int8 / float8_e4m3fn with kv_scale [20, 2, ceil(16 / b)]
     ("quant_kv_without_scale", base(kv=torch.zeros(20, 2, 16, dtype=torch.int8)), ValueError,
      ["kv_scale", "required", "(20, 2, 1)"]),
     ("quant_scale_with_float_kv", base(kv_scale=torch.ones(20, 2, 1)), ValueError, ["kv_scale", "quantized"]),

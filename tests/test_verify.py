@@ -93,7 +93,7 @@ def test_usage_errors_exit_two(capsys):
     assert "paged_latent_rope_sink_causal" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------ the vendors' rules (issue #13 item 7)
+# ------------------------------------------------------------------ the vendors' rules
 
 from attention.vendor_rules import cann_check_result, cosine_diff  # noqa: E402
 
@@ -172,7 +172,7 @@ def test_verify_reports_the_vendor_metrics(tmp_path, capsys):
 
 
 def test_verify_runs_the_quantized_cases(tmp_path):
-    """The matrix's fp8 / int8 cache cases run in verify like every other case (issue 16); a backend that
+    """The matrix's fp8 / int8 cache cases run in verify like every other case; a backend that
     does not declare kv_fp8 / kv_int8 is reported as skipped with its reason, not failed."""
     cases = ["fp8_paged_latent_rope_sink_causal", "int8_gqa_separate_v_paged"]
     argv = ["--device", "cpu", "--backend", "reference", "--backend", "triton", "--dtype", "bfloat16",

@@ -1,7 +1,7 @@
 """torch_npu's sparse-attention ops on top of this package.
 
 ``npu_sparse_flash_attention`` maps to ``attention.selective_attention`` and ``npu_lightning_indexer``
-to ``attention.select`` / ``attention.lightning_indexer`` + ``attention.topk_indices`` (SPEC.md sections
+to ``attention.select`` / ``attention.lightning_indexer`` + ``attention.topk_indices`` (docs/spec.md sections
 1-2), with torch_npu's documented argument names, layouts and return values (op-plugin
 docs/context/torch_npu-npu_sparse_flash_attention.md, torch_npu-npu_lightning_indexer.md,
 op_plugin/ops/opapi/*KernelNpuOpApi.cpp; CANN ops-transformer attention/*/README.md). torch_npu's
@@ -73,7 +73,7 @@ def _check_window(name: str, value) -> None:
 
 @dataclass
 class _Plan:
-    """How one torch_npu call maps onto the flat token layout of SPEC.md section 1."""
+    """How one torch_npu call maps onto the flat token layout of docs/spec.md section 1."""
 
     T: int  # flat query rows
     B: int  # batches
@@ -229,7 +229,7 @@ def _row_reach(plan: _Plan, causal: bool, dev) -> Tuple[Tensor, Tensor]:
 def _golden_indices(idx: Tensor, threshold: Tensor, block_size: int) -> Tensor:
     """``idx`` [T, N2, K] as Huawei's golden reads it: a row reads at most ceil(threshold / block_size)
     entries and stops at its first -1 (valid indices are packed first); entries it does not read
-    become -1. Everything the golden does read is then dropped or kept by SPEC.md's rules."""
+    become -1. Everything the golden does read is then dropped or kept by docs/spec.md's rules."""
     limit = torch.div(threshold.clamp_min(0) + block_size - 1, block_size, rounding_mode="floor")
     pos = torch.arange(idx.shape[-1], device=idx.device)
     before_stop = torch.cumsum((idx == -1).to(torch.int32), dim=-1) == 0
@@ -402,7 +402,7 @@ def _selection_api():
     missing = [n for n in ("select", "lightning_indexer", "topk_indices") if not hasattr(_attention(), n)]
     if missing:
         raise NotImplementedError(
-            f"npu_lightning_indexer needs the selection API of SPEC.md section 2 "
+            f"npu_lightning_indexer needs the selection API of docs/spec.md section 2 "
             f"(attention.{', attention.'.join(missing)} missing from this build)")
     return _attention()
 

@@ -6,7 +6,7 @@ values, the key *and* the value in latent mode) and its shared rope key (``rope_
 512 + 64 = 576 values for DeepSeek-V3/V3.2 instead of ``H * (qk_head_dim + v_head_dim)`` for per-head K
 and V.
 
-Layout (SPEC.md section 1, paged kv): ``kv [P, page_size, 1, kv_lora_rank]``,
+Layout (docs/spec.md section 1, paged kv): ``kv [P, page_size, 1, kv_lora_rank]``,
 ``kv_rope [P, page_size, 1, rope_dim]``, ``block_table [B, max_pages] int32`` (-1 = no page yet),
 ``seqlens_k [B] int32``. Pages come from one pool per cache; a sequence takes a new page only when
 its last one is full, so a batch of ragged sequences wastes at most ``page_size - 1`` rows each.

@@ -1,4 +1,4 @@
-"""Tuned-config store (STYLE.md rule 8: tuning is data).
+"""Tuned-config store (docs/style.md rule 8: tuning is data).
 
 Two layers, both JSON:
 

@@ -36,7 +36,7 @@ def _twin():
         sources=[_rel("twin_binding.cpp")] + KERNEL_SOURCES + HOST_SOURCES,
         include_dirs=[os.path.join(HERE, "twin"), os.path.join(HERE, "kernel"), os.path.join(HERE, "host")],
         # torch 2.13's headers need C++20 (bit-field initialisers); the kernel files are C++17-clean and
-        # are also checked as C++17 by shared/ascendc-check
+        # are also checked as C++17 by `make ascendc-check`
         extra_compile_args=["-O2", "-std=c++20"],
     )
 

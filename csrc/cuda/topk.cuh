@@ -1,7 +1,7 @@
 // Per-row top-k of float32 scores: coarse 12-bit histogram over several CTAs per row, then refinement
-// in shared memory (SPEC.md section 2: `topk_indices`; design in topk.cu and docs/selection.md).
+// in shared memory (docs/spec.md section 2: `topk_indices`; design in topk.cu and docs/selection.md).
 //
-// Raw pointers only, no torch headers (STYLE.md rule 1): the torch binding is topk_binding.cpp.
+// Raw pointers only, no torch headers (docs/style.md rule 1): the torch binding is topk_binding.cpp.
 //
 // Order contract, identical to python_ref.selection.pack_keys: valid (> -inf, not NaN) positions
 // first, by descending score, equal scores by ascending position, then -1 padding. NaN counts as

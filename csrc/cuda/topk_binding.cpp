@@ -46,7 +46,7 @@ torch::Tensor topk_indices(const torch::Tensor& scores, int64_t k, const c10::op
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "CUDA C++ histogram + shared-memory refinement top-k (SPEC.md section 2 topk_indices)";
+  m.doc() = "CUDA C++ histogram + shared-memory refinement top-k (docs/spec.md section 2 topk_indices)";
   m.def("topk_indices", &topk_indices,
         "scores [T, W] -> [T, 1, k] int32 (descending, ties to lower position, -1 pad); lengths [T]: row t ranks "
         "positions [0, lengths[t]) only",

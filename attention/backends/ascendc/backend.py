@@ -21,7 +21,7 @@ class AscendCBackend(Backend):
     name = "ascendc"
     description = "AscendC kernel (csrc/ascend): on cpu the CPU twin of the same source; on npu the chip build"
     priorities = {"npu": 10, "cpu": 60}  # first on npu; on cpu (the twin) after the reference
-    # all of SPEC.md section 1, and int8 caches (dequantized on the vector cores); no FP8 (NO_FP8)
+    # all of docs/spec.md section 1, and int8 caches (dequantized on the vector cores); no FP8 (NO_FP8)
     ops = {"attention": ATTENTION_FEATURES - {"kv_fp8"}}
     dtypes = frozenset(FLOAT_DTYPES)  # per SoC narrowed in limit_reasons (no bf16 / fp32 cube on some)
 

@@ -104,6 +104,10 @@ class TritonBackend(Backend):
             return ["merge not offered on npu"] if inp.device.type == "npu" else []
         declined = ([why for f, why in sorted(NPU_DECLINED.items()) if f in inp.features]
                     if inp.device.type == "npu" else [])
+        if inp.device.type == "npu" and inp.op != "select" and getattr(inp, "v", 0) is None and "kv_int8" in inp.features:
+            # make triton-ascend-check, dsv32-decode-64-int8 (bishengir-compile, 1068 s): "ub overflow"
+            declined.append("int8 latent cache on npu: the latent kernel with its dequantized 16 x 512 tile needs "
+                            "275.2 KiB of the 192 KiB UB")
         if inp.op in ("attention", "attention_backward"):
             from . import limits
 

@@ -11,8 +11,8 @@
 
 namespace selattn {
 
-// On-chip sizes of one SoC. Numbers from CANN's platform config files as summarised in
-// shared/ASCEND.md; on a real machine the NPU binding replaces them with the device's own report.
+// On-chip sizes of one SoC. Numbers from CANN's platform config files (the SoC table of
+// docs/ascendc.md); on a real machine the NPU binding replaces them with the device's own report.
 struct SocSpec {
     std::string name;
     std::string family;     // "A2" (910B), "A3" (910C dies), "310P"
@@ -63,7 +63,7 @@ struct TileChoice {
     uint32_t numSplits = 0;  // splits per (token, kv head); 0 = the planner's choice (SplitsFor)
 };
 
-// How the candidate tiles of a (token, kv head) are split over cores (issue 14 item 8).
+// How the candidate tiles of a (token, kv head) are split over cores (docs/ascendc.md "Work per core").
 struct SplitPlan {
     uint32_t numSplits = 1;   // 1 .. MAX_SPLITS, never more than the tiles
     uint64_t splitTiles = 0;  // the most tiles one split holds (splits differ by at most one tile)

@@ -1,7 +1,7 @@
 // Selective (sparse / latent) attention for Ascend A2/A3, written against the AscendC basic API.
 // Device code only: no host code, no torch. The same source compiles for the chip (bisheng, never
 // run yet: no NPU was available to us) and for the CPU twin (csrc/ascend/twin, -I only), and it
-// type-checks against Huawei's open AscendC headers (shared/ascendc-check).
+// type-checks against Huawei's open AscendC headers (`make ascendc-check`).
 //
 // Organisation (the way production sparse-MLA kernels on A2/A3 split work; written from scratch):
 // one work item = (query token t, kv head g, split s: a contiguous range of the candidate tiles). All
@@ -936,7 +936,7 @@ private:
 };
 
 // The combine launch (numSplits > 1): vector cores only, one step per (token, group of combineHeads
-// consecutive heads). SPEC.md section 6 over the splits, in split order whatever core ran them, so the
+// consecutive heads). docs/spec.md section 6 over the splits, in split order whatever core ran them, so the
 // result is deterministic: M = max_s m_s, w_s = exp(m_s - M), L = sum_s w_s l_s, out = sum_s w_s O_s /
 // (L + exp(sink - M)), lse = M + ln L. A split that kept nothing holds m = NEG_BIG, l = 0, O = 0 and adds
 // nothing; a head whose splits all kept nothing gets out = 0 and lse = -inf (decided by the kept flags).

@@ -63,7 +63,7 @@ struct SelectiveAttentionTiling {
     uint32_t vecSubBlocks;   // vector cores per cube core (2 on A2/A3): they split the heads of a tile
     uint32_t headTiles;      // ceil(headsPerKv / mTile)
     uint32_t blockDim;       // blocks launched (cube cores used)
-    // ---- decode split (issue 14 item 8; docs/ascendc.md "Work per core") ----
+    // ---- decode split (docs/ascendc.md "Work per core") ----
     // A work item is (token, kv head, split): split s owns a contiguous range of the candidate tiles and
     // loops over the head tiles itself, so its kv rows are gathered once for all query heads of the kv
     // head. With numSplits > 1 each item writes a partial result (unnormalised O, running max m and sum

@@ -8,7 +8,7 @@
 //
 // Rules this file keeps:
 // - Only what the kernel uses. Every function notes the real AscendC signature it mirrors; the
-//   conformance check (shared/ascendc-check) compiles the kernel against Huawei's real headers, so the
+//   conformance check (`make ascendc-check`) compiles the kernel against Huawei's real headers, so the
 //   kernel cannot use anything here that the real API lacks.
 // - It lives in its own folder, reached only by -I in the twin build: a twin header beside the kernel
 //   would shadow Huawei's in the conformance check.
@@ -215,7 +215,7 @@ struct Group {
     uint64_t mte2InputBytes[MAX_SLOTS] = {}, mte2WorkspaceBytes[MAX_SLOTS] = {};
     // the part of mte2InputBytes read from the query tensors (q, q_rope): every core that computes a head
     // needs its q, so splitting a token's candidates over cores replicates q but should not replicate kv
-    // rows; counting the two apart is what lets issue 14 item 8 be checked on the kv rows alone
+    // rows; counting the two apart is what lets "each selected kv row is read once" be checked on the kv rows alone
     struct Span {
         const uint8_t* base = nullptr;
         uint64_t size = 0;

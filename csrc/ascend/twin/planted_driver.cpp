@@ -68,7 +68,7 @@ Problem Make()
     return p;
 }
 
-// SPEC.md section 1 in float64 on the rounded inputs; "" when out and lse agree
+// docs/spec.md section 1 in float64 on the rounded inputs; "" when out and lse agree
 std::string Compare(const Problem& p)
 {
     double worst = 0.0;
@@ -166,7 +166,7 @@ int main(int argc, char** argv)
         std::fflush(stdout);
     }
     // the real kernel once more with the planner's decode split: items of a few tiles each on many cores,
-    // partial results and the combine launch (issue 14 item 8)
+    // partial results and the combine launch (docs/ascendc.md "Work per core")
     selattn::TileChoice split = tc;
     split.numSplits = 0;
     const selattn::SelectiveAttentionTiling splitTiling = selattn::MakeTiling(sh, split, *soc);

@@ -28,8 +28,9 @@ struct KernelArgs {
     // sizes in bytes of q and q_rope, for the twin's separate count of query reads (0: not counted apart)
     uint64_t qBytes = 0, qRopeBytes = 0;
 };
-// Per-launch counters of the twin (issue 14 item 8), per launched block: bytes its cores' MTE2 read from
-// the kernel's inputs in GM and from the workspace, and the part of the input bytes read from q / q_rope.
+// Per-launch counters of the twin (docs/ascendc.md "Work per core"), per launched block: bytes its
+// cores' MTE2 read from the kernel's inputs in GM and from the workspace, and the part of the input
+// bytes read from q / q_rope.
 struct LaunchCounters {
     std::vector<uint64_t> blockInputBytes, blockWorkspaceBytes, blockQueryBytes;
 };

@@ -1,5 +1,5 @@
-"""Issue 11 regressions on the AscendC backend (CPU twin): 64-bit candidate counts (item 3), NaN/inf in a
-kept candidate (item 4), the binding's own argument checks (item 6) and per-launch SoC limits (item 8).
+"""Reliability regressions on the AscendC backend (CPU twin): 64-bit candidate counts, NaN/inf in a
+kept candidate, the binding's own argument checks and per-launch SoC limits.
 Each test here failed on the code before its fix. Nothing here runs on an NPU.
 """
 
@@ -26,7 +26,7 @@ def _twin_call(args, soc="Ascend910B2", tiling=None, **kw):
     return out, lse
 
 
-# ---------------------------------------------------------------- item 3: K * block_size >= 2**41
+# ---------------------------------------------------------------- K * block_size >= 2**41
 def test_huge_block_count_does_not_wrap():
     """K * block_size = 2**41 + 2**20 candidate slots over a 1-row cache. The tile count used to be
     ceil(K * block_size / nTile) in 32 bits (2**32 + 2048 -> 2048 tiles of 512): every index but the
@@ -56,7 +56,7 @@ def test_plan_counts_candidate_tiles_in_64_bits():
     assert q["numTiles"] == -(-(2 ** 23 + 1) * 100 // q["nTile"])
 
 
-# ---------------------------------------------------------------- item 4: NaN / inf in a kept candidate
+# ---------------------------------------------------------------- NaN / inf in a kept candidate
 def _nonfinite_case(bad, latent=True):
     g = torch.Generator().manual_seed(4)
     T, S = 4, 12
@@ -100,7 +100,7 @@ def test_nonfinite_kept_candidate_propagates(soc, bad, latent):
     assert (lse[good].double() - ref_lse[good]).abs().max() <= tol_lse
 
 
-# ---------------------------------------------------------------- item 6: the binding checks its arguments
+# ---------------------------------------------------------------- the binding checks its arguments
 def _paged_args():
     case = next(c for c in CASES if c.name == "paged")
     inp = attention.validate(**case.make(torch.float32))
@@ -163,7 +163,7 @@ def test_binding_rejects_sm_scale_beyond_float32():
         twin.forward(**a, out=out, lse=lse, soc="Ascend910B2")
 
 
-# ---------------------------------------------------------------- item 8: SoC limits per launch
+# ---------------------------------------------------------------- SoC limits per launch
 def test_concurrent_launches_for_different_socs():
     """Two threads, one running the twin as Ascend310P3 with a tiling that needs its 1 MB L1, one as
     Ascend910B2 (512 KB L1). With process-global limits the 310P3 launch saw the 910B2 capacity and
