@@ -64,7 +64,7 @@ def sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN: tl.constexpr, HAS_C
         base = t * 0
         L = t * 0 + S_total
     # Positions, lengths and row numbers in int64: L + BLOCK_SIZE - 1, idx * BLOCK_SIZE and base + pos
-    # overflow int32 for caches near 2**31 rows (issue 11 item 3); pointer offsets are int64 too.
+    # overflow int32 for caches near 2**31 rows; pointer offsets are int64 too.
     L = L.to(tl.int64)
     q_pos = L - lq + (t - q_start)
     n_units = (L + BLOCK_SIZE - 1) // BLOCK_SIZE  # blocks (or tokens) that hold any position < L

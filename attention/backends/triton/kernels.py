@@ -40,7 +40,7 @@ def _kept_end(c_start, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE
 def _round_bf16(x):
     """float32 -> bfloat16 rounded to nearest even, on the bits. Triton 3.9's interpreter truncates in
     ``.to(tl.bfloat16)`` (and its "rtne" mode rounds ties up without carrying), where GPUs round to
-    nearest even; truncation biases bf16 outputs low (issue 13 item 5, docs/traps.md)."""
+    nearest even; truncation biases bf16 outputs low (docs/traps.md)."""
     b = x.to(tl.uint32, bitcast=True)
     r = b + 0x7FFF + ((b >> 16) & 1)
     r = tl.where(x != x, b | 0x400000, r)  # NaN stays a quiet NaN (the carry could reach the sign)
@@ -113,7 +113,7 @@ def _online_softmax(s, valid, m_i, l_i, sm_scale_log2):
 @triton.jit
 def _dequantize(x, s_rows, c0, offs_c, valid, c_mask, stride_sd, n_scales, LIKE, SCALE_BLOCK: tl.constexpr,
                 BLOCK_C: tl.constexpr, ROWS_FIRST: tl.constexpr, ALIGNED: tl.constexpr, F32_DOT: tl.constexpr):
-    """The values of a gathered tile of a quantized cache (issue 16): stored (float8_e4m3fn / int8)
+    """The values of a gathered tile of a quantized cache: stored (float8_e4m3fn / int8)
     times the float32 scale of each element's tile of SCALE_BLOCK columns, cast to LIKE's element
     type (q's: the dot's operand type, as FlashMLA rounds its dequantized fp8 to bf16) unless the dot
     runs in float32 (F32_DOT).
@@ -169,7 +169,7 @@ def _gather_t(head, rows, offs_d, stride_d, valid, d_mask, GATHER_ROWS: tl.const
     GATHER_ROWS loads it as rows [BLOCK_N, BLOCK_D] and transposes on chip. triton-ascend lowers that
     form to one contiguous row copy per candidate; the column form (the default, what the NVIDIA
     compiles and their budgets in docs/triton.md were measured with) becomes a scalar loop over the
-    feature dimension inside the candidate loop, one element per load (issue 19 item 3)."""
+    feature dimension inside the candidate loop, one element per load (docs/triton.md, "Ascend")."""
     if GATHER_ROWS:
         kc = tl.trans(tl.load(head + rows[:, None] + offs_d[None, :].to(tl.int64) * stride_d,
                               mask=valid[:, None] & d_mask[None, :], other=0.0))

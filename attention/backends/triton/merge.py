@@ -43,7 +43,7 @@ def merge_states_tile(
     """
     t64 = t.to(tl.int64)
     # Pointers advanced part by part (64-bit pointer arithmetic): i * stride_ops in int32 would wrap
-    # once parts * T * H * Dv passes 2**31 elements (issue 11 item 3).
+    # once parts * T * H * Dv passes 2**31 elements.
     lp0 = LPART + t64 * stride_lpt + offs_h * stride_lph
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lp = lp0
