@@ -1,7 +1,7 @@
 """Regressions found on the Triton backend, run on every registered backend that can run them.
 
 - strides: every tensor argument (attention and selection) may be a strided or expanded (stride 0)
-  view; kernels honour strides or copy on the host (SPEC.md section 1, "Argument rules").
+  view; kernels honour strides or copy on the host (docs/spec.md section 1, "Argument rules").
 - non-finite values: a NaN/inf in a *kept* candidate takes part in IEEE arithmetic as float64 would:
   NaN reaches out and lse; "empty row" is decided from indices and lengths, never from scores.
 - integer widths: block counts and positions of caches near 2**31 rows must not wrap in int32.

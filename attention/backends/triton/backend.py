@@ -66,7 +66,7 @@ class TritonBackend(Backend):
     # backend (10) stays first: this path is compile-checked only (docs/triton.md, "Ascend").
     priorities = {"cuda": 10, "cpu": 50, "npu": 20}
     ops = {
-        # All of SPEC.md section 1, quantized caches included (kv_fp8 / kv_int8: both forward kernels
+        # All of docs/spec.md section 1, quantized caches included (kv_fp8 / kv_int8: both forward kernels
         # dequantize the tiles they gather).
         "attention": ATTENTION_FEATURES,
         # backward.py; limits: backward.limit_reasons. Its kernels read float caches only: a quantized

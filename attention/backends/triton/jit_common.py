@@ -76,7 +76,7 @@ def candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, B
                          CAUSAL: tl.constexpr):
     """(kept mask, position) of candidates ``offs_c``, from the indices, the length and causality
     alone (a paged cache's table may still drop a kept one): candidate c is position
-    indices[c // b] * b + c % b (SPEC.md section 1). A dropped candidate's position is below b."""
+    indices[c // b] * b + c % b (docs/spec.md section 1). A dropped candidate's position is below b."""
     c_mask = offs_c < c_end
     if BLOCK_SIZE == 1:
         j = offs_c

@@ -1,4 +1,4 @@
-"""Triton kernels of the selective-attention forward (SPEC.md section 1).
+"""Triton kernels of the selective-attention forward (docs/spec.md section 1).
 
 One program = one query token x one kv head x one block of the query heads that share that kv head
 (x one block of value columns, x one split of the candidate list). Packing the heads of a kv group
@@ -66,7 +66,7 @@ def _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_ma
     partial (normalised output, base-2 LSE) of one split for the combine kernel.
 
     ``n_kept`` counts kept candidates from indices and lengths alone: a row is empty when it is 0,
-    never because of its scores (a NaN/inf in a kept row propagates to out and lse, SPEC.md).
+    never because of its scores (a NaN/inf in a kept row propagates to out and lse, docs/spec.md).
     Only the program of value block 0 (``dvb``) writes the LSE."""
     nonempty = (heads * 0 + n_kept) > 0
     write_lse = h_mask & ((heads * 0 + dvb) == 0)
@@ -272,7 +272,7 @@ def selective_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
     # Kept candidates counted from indices and lengths alone: a row is empty when this stays 0, never
-    # because of its scores (a NaN/inf in a kept row must propagate to out and lse, SPEC.md section 1).
+    # because of its scores (a NaN/inf in a kept row must propagate to out and lse, docs/spec.md section 1).
     n_kept = t * 0
 
     c_start = pid_s * cand_per_split
@@ -420,7 +420,7 @@ def selective_attention_combine_kernel(
     DV: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr,
     RTNE_BF16: tl.constexpr = False,
 ):
-    """Flash-decoding combine of the splits' partial (out, base-2 lse): SPEC.md section 6, computed by
+    """Flash-decoding combine of the splits' partial (out, base-2 lse): docs/spec.md section 6, computed by
     merge.py's ``merge_states_tile`` (the one merge of partial states, shared with
     ``merge_attention_states``), in a fixed split order (deterministic). The sink is contiguous [H]."""
     t = t_start + tl.program_id(0)

@@ -1,4 +1,4 @@
-"""Triton merge of partial attention results (SPEC.md section 6): the split-K combine as a reusable piece.
+"""Triton merge of partial attention results (docs/spec.md section 6): the split-K combine as a reusable piece.
 
 ``merge_states_tile`` is a ``@triton.jit`` function that any kernel can call for one (token, head
 block, value-column block) tile; ``merge_attention_states_kernel`` is the stand-alone kernel around

@@ -1,4 +1,4 @@
-"""Triton kernels for selection (SPEC.md section 2): the lightning-indexer scores and the fused select.
+"""Triton kernels for selection (docs/spec.md section 2): the lightning-indexer scores and the fused select.
 
 Layout: one program per query token. The indexer heads are the M dimension of the tile
 (``[Hi, Di] x [Di, BLOCK_N]``, DeepSeek-V3.2 has Hi = 64), so a program never mixes sequences and
