@@ -273,7 +273,7 @@ def measure_backward(p: Case, target: str, deterministic: bool = False) -> Dict[
 
 
 def check_targets(row: Dict[str, object]) -> List[str]:
-    """The forward's work targets at the DeepSeek shapes (docs/triton.md, "Counting executed work"):
+    """The forward's work targets at the DeepSeek shapes (docs/triton.md "Counting executed work"):
     FLOPs <= 1.05x useful, kv bytes <= 1.05x per 64-head block, q bytes <= 1.1x. Returns the misses."""
     miss = []
     if row["flops_ratio"] > 1.05:

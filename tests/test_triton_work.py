@@ -1,4 +1,4 @@
-"""bench.work's counter of executed work (docs/triton.md, "Counting executed work"), proven on cases
+"""bench.work's counter of executed work (docs/triton.md "Counting executed work"), proven on cases
 whose counts are known by hand, and the launch plan for a named target GPU (ATTENTION_TRITON_TARGET)
 on CPU tensors."""
 

@@ -169,7 +169,7 @@ def _gather_t(head, rows, offs_d, stride_d, valid, d_mask, GATHER_ROWS: tl.const
     GATHER_ROWS loads it as rows [BLOCK_N, BLOCK_D] and transposes on chip. triton-ascend lowers that
     form to one contiguous row copy per candidate; the column form (the default, what the NVIDIA
     compiles and their budgets in docs/triton.md were measured with) becomes a scalar loop over the
-    feature dimension inside the candidate loop, one element per load (docs/triton.md, "Ascend")."""
+    feature dimension inside the candidate loop, one element per load (docs/triton.md "Ascend")."""
     if GATHER_ROWS:
         kc = tl.trans(tl.load(head + rows[:, None] + offs_d[None, :].to(tl.int64) * stride_d,
                               mask=valid[:, None] & d_mask[None, :], other=0.0))

@@ -316,7 +316,7 @@ def _kernel_args(inp, p: Dict, out, lse, opart, lpart) -> Dict:
                             for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqlens_k, inp.attn_sink))
     bt = inp.block_table
     # A quantized kv (float8_e4m3fn / int8) comes with float32 tile scales of its leading shape
-    # (docs/contract.md, "Quantized caches"); the kernels dequantize each gathered tile. The scale block
+    # (docs/contract.md "Quantized caches"); the kernels dequantize each gathered tile. The scale block
     # is a compile-time constant only where something is quantized, so unquantized calls share one
     # compile whatever it is.
     ks = inp.kv_scale
