@@ -338,8 +338,8 @@ def _extra_problems():
         # One decode token: 8 programs of 16 heads on 20-24 AI cores, so the candidates are split and
         # the combine kernel runs (64 x 1 tokens fill the cores without a split).
         Problem("dsv32-decode-1", "attention", batch=1, q_per_seq=1, sink=True),
-        # The general kernel at DeepSeek widths with the split rope part (the overflowing case:
-        # separate V, Dqk 512 + rope 64, Dv 512): its rope chunk loop is sized by BLOCK_DR.
+        # The general kernel at DeepSeek widths with the split rope part (separate V, Dqk 512
+        # + rope 64, Dv 512; its 64-wide rope chunk overflowed UB): its rope chunk loop is sized by BLOCK_DR.
         Problem("rope-general-decode", "attention", batch=64, q_per_seq=1, Dqk=512, Dr=64, Dv=512, latent=False),
         # Quantized caches as Ascend runs them: the general kernel dequantizing int8 k and v
         # (tile scales of 128 columns).
