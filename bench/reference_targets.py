@@ -194,6 +194,36 @@ def dispatch_overhead(repeats: int = 3000, rounds: int = 30) -> dict:
     return res
 
 
+def _write(out, name, **record) -> None:
+    """``record`` with the machine and torch version as ``out/name`` (nothing without ``--out``)."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(dict(machine=platform.platform(), torch=torch.__version__, **record), f, indent=2)
+
+
+def _dispatch_only(out) -> int:
+    """Figure 5 alone: 0 when the api's ratio meets its target, else 2."""
+    _progress("dispatch overhead")
+    ovh = dispatch_overhead()
+    print(json.dumps({k: round(v, 3) for k, v in ovh.items()}))
+    _write(out, "dispatch_overhead.json", load_average=os.getloadavg(), dispatch=ovh)
+    return 0 if ovh["api_ratio"] <= 2 else 2
+
+
+def _prefill_only(out) -> int:
+    """Figure 4 alone (memory, no timings): 0 when every shape meets its target, else 2."""
+    mems = []
+    for shape in PREFILL_SHAPES:
+        _progress(f"prefill peak memory T={shape[0]} H={shape[1]} (fresh process)")
+        mems.append(prefill_peak_memory(*shape))
+    rows = _prefill_rows(mems)
+    _print_table(rows)
+    _write(out, "reference_prefill_memory.json", prefill=mems)
+    return 0 if all(r[3] for r in rows) else 2
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="directory for reference_targets.json")
@@ -205,28 +235,9 @@ def main(argv=None) -> int:
     import attention
 
     if args.dispatch_only:
-        _progress("dispatch overhead")
-        ovh = dispatch_overhead()
-        print(json.dumps({k: round(v, 3) for k, v in ovh.items()}))
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "dispatch_overhead.json"), "w") as f:
-                json.dump(dict(machine=platform.platform(), torch=torch.__version__, load_average=os.getloadavg(),
-                               dispatch=ovh), f, indent=2)
-        return 0 if ovh["api_ratio"] <= 2 else 2
-
+        return _dispatch_only(args.out)
     if args.prefill_only:
-        mems = []
-        for shape in PREFILL_SHAPES:
-            _progress(f"prefill peak memory T={shape[0]} H={shape[1]} (fresh process)")
-            mems.append(prefill_peak_memory(*shape))
-        rows = _prefill_rows(mems)
-        _print_table(rows)
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "reference_prefill_memory.json"), "w") as f:
-                json.dump(dict(machine=platform.platform(), torch=torch.__version__, prefill=mems), f, indent=2)
-        return 0 if all(r[3] for r in rows) else 2
+        return _prefill_only(args.out)
 
     T, H, D, DV, S, K = 4, 128, 576, 512, 32768, 2048
     flops = 2 * T * H * K * (D + DV)
@@ -277,13 +288,9 @@ def main(argv=None) -> int:
     _print_table(rows)
     print(f"\ndecode: {t32 * 1e3:.2f} ms float32 = {g32:.1f} GFLOP/s (FLOP model 2*T*H*K*(Dqk+Dv) = {flops / 1e9:.2f} GFLOP); "
           f"max |ours - dense SDPA| = {err:.2e}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "reference_targets.json"), "w") as f:
-            json.dump(dict(machine=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads(),
-                           mm_gflops=peak, decode_f32_s=t32, decode_bf16_s=t16, sdpa_s=tsd, decode_gflops=g32,
-                           prefill=mems, dispatch=ovh,
-                           results={r[0]: r[3] for r in rows}), f, indent=2)
+    _write(args.out, "reference_targets.json", threads=torch.get_num_threads(), mm_gflops=peak, decode_f32_s=t32,
+           decode_bf16_s=t16, sdpa_s=tsd, decode_gflops=g32, prefill=mems, dispatch=ovh,
+           results={r[0]: r[3] for r in rows})
     return 0 if all(r[3] is not False for r in rows) else 2
 
 

@@ -338,14 +338,14 @@ def _extra_problems():
         # One decode token: 8 programs of 16 heads on 20-24 AI cores, so the candidates are split and
         # the combine kernel runs (64 x 1 tokens fill the cores without a split).
         Problem("dsv32-decode-1", "attention", batch=1, q_per_seq=1, sink=True),
-        # The general kernel at DeepSeek widths with the split rope part (the issue's overflowing case:
-        # separate V, Dqk 512 + rope 64, Dv 512): its rope chunk loop is sized by BLOCK_DR.
+        # The general kernel at DeepSeek widths with the split rope part (separate V, Dqk 512
+        # + rope 64, Dv 512; its 64-wide rope chunk overflowed UB): its rope chunk loop is sized by BLOCK_DR.
         Problem("rope-general-decode", "attention", batch=64, q_per_seq=1, Dqk=512, Dr=64, Dv=512, latent=False),
-        # Quantized caches (issue 16) as Ascend runs them: the general kernel dequantizing int8 k and v
+        # Quantized caches as Ascend runs them: the general kernel dequantizing int8 k and v
         # (tile scales of 128 columns).
         Problem("separate-v-decode-int8", "attention", batch=64, q_per_seq=1, Dqk=256, Dv=256, latent=False,
                 kv_quant="int8"),
-        # The serving engines' int8 indexer inputs (issue 13) with scales and key windows.
+        # The serving engines' int8 indexer inputs with scales and key windows.
         Problem("dsv32-indexer-int8", "indexer", batch=1, q_per_seq=128, context=131072, H=64, Dqk=128, page_size=0,
                 kv_quant="int8"),
     ]}

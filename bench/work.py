@@ -179,7 +179,7 @@ WORK_PRESETS: Dict[str, List[Case]] = {
 }
 
 
-# Quantized caches (--kv-quant, issue 16): the cache stored by attention.quantize_kv in tiles of 128 columns.
+# Quantized caches (--kv-quant): the cache stored by attention.quantize_kv in tiles of 128 columns.
 KV_QUANT = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 SCALE_BLOCK = 128
 
@@ -245,9 +245,9 @@ def measure(p: Case, target: str, kv_quant: Optional[str] = None) -> Dict[str, o
 
 
 def measure_backward(p: Case, target: str, deterministic: bool = False) -> Dict[str, object]:
-    """Count the Triton backward (issue 17) of problem ``p``: executed dot FLOPs against the useful
-    backward, 2.5x the forward's useful FLOPs (recomputed scores, dP, dV, dq, dK); the forward that
-    produces (out, lse) runs outside the counter."""
+    """Count the Triton backward (attention/backends/triton/backward.py) of problem ``p``: executed dot
+    FLOPs against the useful backward, 2.5x the forward's useful FLOPs (recomputed scores, dP, dV, dq,
+    dK); the forward that produces (out, lse) runs outside the counter."""
     import attention
     from attention.backends.triton import backward, launch
 
@@ -273,8 +273,8 @@ def measure_backward(p: Case, target: str, deterministic: bool = False) -> Dict[
 
 
 def check_targets(row: Dict[str, object]) -> List[str]:
-    """Issue 15's targets at the DeepSeek shapes: FLOPs <= 1.05x useful, kv bytes <= 1.05x per
-    64-head block, q bytes <= 1.1x. Returns the misses."""
+    """The forward's work targets at the DeepSeek shapes (docs/triton.md "Counting executed work"):
+    FLOPs <= 1.05x useful, kv bytes <= 1.05x per 64-head block, q bytes <= 1.1x. Returns the misses."""
     miss = []
     if row["flops_ratio"] > 1.05:
         miss.append(f"FLOPs {row['flops_ratio']:.3f}x useful > 1.05x")
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backward", action="store_true",
                     help="count the Triton backward instead (default preset: dsv32-prefill-backward; goal <= 1.2x)")
     ap.add_argument("--kv-quant", choices=sorted(KV_QUANT),
-                    help="quantize the (latent) cache with attention.quantize_kv, tiles of 128 columns (issue 16)")
+                    help="quantize the (latent) cache with attention.quantize_kv, tiles of 128 columns")
     args = ap.parse_args(argv)
     from attention.backends.triton import launch
 

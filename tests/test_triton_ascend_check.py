@@ -1,6 +1,6 @@
-"""Issue 19, what runs without triton-ascend: bench/triton_ascend_check.py's reading of bishengir-compile's
-output and saved HIVM IR (planned UB/L1 bytes, chip sizes, overflow and retry diagnostics, scalar
-feature loops) and its verdicts; the shipped Ascend records; the row gather (GATHER_ROWS) and the
+"""The Ascend path of the Triton backend, what runs without triton-ascend: bench/triton_ascend_check.py's
+reading of bishengir-compile's output and saved HIVM IR (planned UB/L1 bytes, chip sizes, overflow and
+retry diagnostics, scalar feature loops) and its verdicts; the shipped Ascend records; the row gather (GATHER_ROWS) and the
 rope chunk size (BLOCK_DR) under the interpreter against the float64 oracle; the npu offer of the
 Triton backend; and that `make triton-ascend-check` skips cleanly without PyPI.
 

@@ -75,7 +75,7 @@ def test_launch_plans(case_name, override):
     _check(case_name, torch.float32, override=override)
 
 
-# Quantized caches (issue 16) through the paths the matrix's default plan does not take: the general
+# Quantized caches through the paths the matrix's default plan does not take: the general
 # kernel in latent mode (V = KV, dequantized with kv's scales), several value blocks (the second one
 # starting inside a scale tile's row), 16-column key chunks (one scale per chunk), the row gather of
 # the Ascend plan, and split-K. The scale blocks of these cases (8, 12, 16) cover each way
@@ -202,7 +202,7 @@ def _cast_rtne(X, Y, N: tl.constexpr):
 
 
 def test_interpreter_rounds_bfloat16_to_nearest_even():
-    """Issue 13 item 5: the kernels' float32 -> bfloat16 conversion rounds like a GPU (the interpreter's
+    """The kernels' float32 -> bfloat16 conversion rounds like a GPU (the interpreter's
     own .to(tl.bfloat16) truncates): bit-equal to torch's conversion, ties, inf, NaN and the top of
     the range included."""
     g = torch.Generator().manual_seed(5)
@@ -219,7 +219,7 @@ def test_interpreter_rounds_bfloat16_to_nearest_even():
 
 def test_bfloat16_output_meets_flash_mla_cosine_rule():
     """FlashMLA's test rule for bf16 outputs: 1 - 2 sum(x y) / (sum x^2 + sum y^2) < 5e-6 against the
-    float64 result. With the interpreter's truncation the bias fails it (issue 13 item 5)."""
+    float64 result. With the interpreter's truncation the bias fails it."""
     case = CASES_BY_NAME["deepseek_widths"]
     args = case.make(torch.bfloat16, DEVICE)
     out, _ = launch.forward(attention.validate(**args), autotune=False)

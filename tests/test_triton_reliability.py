@@ -1,9 +1,10 @@
-"""Issue 11 regressions found on the Triton backend, run on every registered backend that can run them.
+"""Regressions found on the Triton backend, run on every registered backend that can run them.
 
-- item 2: every tensor argument (attention and selection) may be a strided or expanded (stride 0) view;
-  kernels honour strides or copy on the host (SPEC.md section 1, "Argument rules").
-- item 4: a NaN/inf in a *kept* candidate takes part in IEEE arithmetic as float64 would: NaN reaches
-  out and lse; "empty row" is decided from indices and lengths, never from scores.
+- strides: every tensor argument (attention and selection) may be a strided or expanded (stride 0)
+  view; kernels honour strides or copy on the host (docs/spec.md section 1, "Argument rules").
+- non-finite values: a NaN/inf in a *kept* candidate takes part in IEEE arithmetic as float64 would:
+  NaN reaches out and lse; "empty row" is decided from indices and lengths, never from scores.
+- integer widths: block counts and positions of caches near 2**31 rows must not wrap in int32.
 
 Each test compares with the float64 oracle evaluated on contiguous copies of the same values.
 """
@@ -61,7 +62,7 @@ def _check(backend, device, args, contiguous_args):
     assert eo <= tol_out and el <= tol_lse, f"{backend}: out {eo:.3g} lse {el:.3g}"
 
 
-# ---- item 2: strided and expanded views of every tensor argument ----
+# ---- strided and expanded views of every tensor argument ----
 STRIDED_CASES = ["paged_latent_rope_sink_causal", "block_causal_varlen", "rope_separate_v", "paged_separate_v_gqa",
                  "varlen_empty_sequence"]
 
@@ -111,7 +112,7 @@ def test_every_tensor_argument_expanded(backend, device, paged):
     _check(backend, device, views, a)
 
 
-# ---- item 2 for the selection ops ----
+# ---- strided and expanded views for the selection ops ----
 def _sel_backends(op):
     out = []
     for b in selection_backends():
@@ -162,9 +163,9 @@ def test_selection_arguments_strided(op, paged):
             assert float((got.double() - ref)[fin].abs().max()) <= 1e-4, name
 
 
-# ---- item 4: NaN / inf in a kept candidate ----
+# ---- NaN / inf in a kept candidate ----
 # Backends whose fix is still pending (strict: the marker must go when the fix lands). None today:
-# the AscendC twin decides empty rows from its kept count since issue 11 item 4 (twin part).
+# the AscendC twin decides empty rows from its kept count, not from its scores.
 _NOT_FIXED_YET: dict = {}
 
 
@@ -215,7 +216,7 @@ def test_nonfinite_kept_candidate_propagates(backend, device, poison, where, spl
         f"{backend}: out {eo:.3g} lse {el:.3g}"
 
 
-# ---- item 3: integer arithmetic that must not wrap ----
+# ---- integer arithmetic that must not wrap ----
 def test_long_sequence_block_count_does_not_wrap():
     """A contiguous cache of 2**31 - 2 rows (one stored row, expanded: stride 0) read in blocks of 4:
     ceil(L / block_size) computed as (L + block_size - 1) // block_size in int32 wrapped negative and

@@ -131,7 +131,7 @@ GOOD = dict(BLOCK_H=16, BLOCK_N=16, BLOCK_D=32, BLOCK_DV=64, num_warps=1, num_st
     dict(num_stages=0), dict(num_splits=-1), dict(min_per_split=2 ** 40), dict(block_n=32), [32], None,
 ], ids=lambda b: json.dumps(b))
 def test_invalid_stored_config_is_ignored_with_one_warning(store, bad):
-    """issue #11 item 11: every loaded config is checked field by field; a bad entry is skipped (the
+    """Every loaded config is checked field by field; a bad entry is skipped (the
     next layer answers) with one warning, and never reaches the kernel."""
     _, inp = _inp()
     bucket = launch.shape_bucket(inp)
@@ -183,7 +183,7 @@ def _backups(store):
     "not json", "[1, 2]",
 ], ids=str)
 def test_save_moves_a_foreign_file_aside(store, other):
-    """issue #11 item 12: a file save_entries cannot merge into is kept as <name>.bak-<timestamp>."""
+    """A file save_entries cannot merge into is kept as <name>.bak-<timestamp>."""
     path = tuning.store_path(tuning.CPU_DEVICE)
     if isinstance(other, str):
         path.write_text(other)
@@ -214,7 +214,7 @@ def test_two_foreign_files_in_one_second_keep_both_copies(store):
 
 
 def test_lookup_rereads_a_replaced_file_of_equal_size_and_mtime(store):
-    """issue #11 item 13: the cache key is (inode, mtime_ns, size), not a number mixing mtime and size."""
+    """The cache key is (inode, mtime_ns, size), not a number mixing mtime and size."""
     _, inp = _inp()
     bucket = launch.shape_bucket(inp)
     path = _store_file({bucket: dict(config=dict(GOOD, BLOCK_N=16))})

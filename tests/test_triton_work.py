@@ -1,5 +1,6 @@
-"""bench.work's counter of executed work (issue 15 item 3), proven on cases whose counts are known by
-hand, and the launch plan for a named target GPU (ATTENTION_TRITON_TARGET) on CPU tensors."""
+"""bench.work's counter of executed work (docs/triton.md "Counting executed work"), proven on cases
+whose counts are known by hand, and the launch plan for a named target GPU (ATTENTION_TRITON_TARGET)
+on CPU tensors."""
 
 import os
 
@@ -144,7 +145,7 @@ def test_latent_kernel_runs_no_tile_past_the_last_kept_candidate(monkeypatch):
 
 @pytest.mark.parametrize("kv_quant", ["fp8", "int8"])
 def test_bench_work_counts_a_quantized_cache_by_hand(kv_quant):
-    """The 'tiny' preset with its cache quantized (issue 16): each kept row is read once as 32 one-byte
+    """The 'tiny' preset with its cache quantized: each kept row is read once as 32 one-byte
     values; its one float32 tile scale (32 columns < 128) is read twice, for the 16 value columns and
     for the 16-column tail, which share the tile (DeepSeek's 512 + 64 columns do not: tiles 0-3 and 4):
     40 B a row against 64 B in bfloat16. The H200 plan runs a quantized cache in 16-row tiles

@@ -63,11 +63,11 @@ class TritonBackend(Backend):
                    "(flash-decoding) for few queries over many candidates; cuda, npu with triton-ascend "
                    f"({NPU_STATUS}), or cpu under TRITON_INTERPRET=1")
     # On the CPU the reference (0) stays first: the interpreter is for tests only. On npu the AscendC
-    # backend (10) stays first: this path is compile-checked only (issue 19).
+    # backend (10) stays first: this path is compile-checked only (docs/triton.md "Ascend").
     priorities = {"cuda": 10, "cpu": 50, "npu": 20}
     ops = {
-        # All of SPEC.md section 1, quantized caches included (kv_fp8 / kv_int8: both forward kernels
-        # dequantize the tiles they gather, issue 16).
+        # All of docs/spec.md section 1, quantized caches included (kv_fp8 / kv_int8: both forward kernels
+        # dequantize the tiles they gather).
         "attention": ATTENTION_FEATURES,
         # backward.py; limits: backward.limit_reasons. Its kernels read float caches only: a quantized
         # kv / v (which gets no gradient) sends the backward to the reference.

@@ -64,7 +64,7 @@ def sequence_facts(t, CUQ, CUK, SEQK, T, B, S_total, VARLEN: tl.constexpr, HAS_C
         base = t * 0
         L = t * 0 + S_total
     # Positions, lengths and row numbers in int64: L + BLOCK_SIZE - 1, idx * BLOCK_SIZE and base + pos
-    # overflow int32 for caches near 2**31 rows (issue 11 item 3); pointer offsets are int64 too.
+    # overflow int32 for caches near 2**31 rows; pointer offsets are int64 too.
     L = L.to(tl.int64)
     q_pos = L - lq + (t - q_start)
     n_units = (L + BLOCK_SIZE - 1) // BLOCK_SIZE  # blocks (or tokens) that hold any position < L
@@ -76,7 +76,7 @@ def candidate_positions(offs_c, c_end, idx_base, stride_ik, L, q_pos, n_units, B
                          CAUSAL: tl.constexpr):
     """(kept mask, position) of candidates ``offs_c``, from the indices, the length and causality
     alone (a paged cache's table may still drop a kept one): candidate c is position
-    indices[c // b] * b + c % b (SPEC.md section 1). A dropped candidate's position is below b."""
+    indices[c // b] * b + c % b (docs/spec.md section 1). A dropped candidate's position is below b."""
     c_mask = offs_c < c_end
     if BLOCK_SIZE == 1:
         j = offs_c

@@ -1,4 +1,4 @@
-"""Triton kernels of the selective-attention forward (SPEC.md section 1).
+"""Triton kernels of the selective-attention forward (docs/spec.md section 1).
 
 One program = one query token x one kv head x one block of the query heads that share that kv head
 (x one block of value columns, x one split of the candidate list). Packing the heads of a kv group
@@ -40,7 +40,7 @@ def _kept_end(c_start, c_end, idx_base, stride_ik, L, q_pos, n_units, BLOCK_SIZE
 def _round_bf16(x):
     """float32 -> bfloat16 rounded to nearest even, on the bits. Triton 3.9's interpreter truncates in
     ``.to(tl.bfloat16)`` (and its "rtne" mode rounds ties up without carrying), where GPUs round to
-    nearest even; truncation biases bf16 outputs low (issue 13 item 5, docs/traps.md)."""
+    nearest even; truncation biases bf16 outputs low (docs/traps.md)."""
     b = x.to(tl.uint32, bitcast=True)
     r = b + 0x7FFF + ((b >> 16) & 1)
     r = tl.where(x != x, b | 0x400000, r)  # NaN stays a quiet NaN (the carry could reach the sign)
@@ -66,7 +66,7 @@ def _write_result(acc, m_i, l_i, n_kept, t, pid_s, heads, h_mask, offs_dv, dv_ma
     partial (normalised output, base-2 LSE) of one split for the combine kernel.
 
     ``n_kept`` counts kept candidates from indices and lengths alone: a row is empty when it is 0,
-    never because of its scores (a NaN/inf in a kept row propagates to out and lse, SPEC.md).
+    never because of its scores (a NaN/inf in a kept row propagates to out and lse, docs/spec.md).
     Only the program of value block 0 (``dvb``) writes the LSE."""
     nonempty = (heads * 0 + n_kept) > 0
     write_lse = h_mask & ((heads * 0 + dvb) == 0)
@@ -113,7 +113,7 @@ def _online_softmax(s, valid, m_i, l_i, sm_scale_log2):
 @triton.jit
 def _dequantize(x, s_rows, c0, offs_c, valid, c_mask, stride_sd, n_scales, LIKE, SCALE_BLOCK: tl.constexpr,
                 BLOCK_C: tl.constexpr, ROWS_FIRST: tl.constexpr, ALIGNED: tl.constexpr, F32_DOT: tl.constexpr):
-    """The values of a gathered tile of a quantized cache (issue 16): stored (float8_e4m3fn / int8)
+    """The values of a gathered tile of a quantized cache: stored (float8_e4m3fn / int8)
     times the float32 scale of each element's tile of SCALE_BLOCK columns, cast to LIKE's element
     type (q's: the dot's operand type, as FlashMLA rounds its dequantized fp8 to bf16) unless the dot
     runs in float32 (F32_DOT).
@@ -169,7 +169,7 @@ def _gather_t(head, rows, offs_d, stride_d, valid, d_mask, GATHER_ROWS: tl.const
     GATHER_ROWS loads it as rows [BLOCK_N, BLOCK_D] and transposes on chip. triton-ascend lowers that
     form to one contiguous row copy per candidate; the column form (the default, what the NVIDIA
     compiles and their budgets in docs/triton.md were measured with) becomes a scalar loop over the
-    feature dimension inside the candidate loop, one element per load (issue 19 item 3)."""
+    feature dimension inside the candidate loop, one element per load (docs/triton.md "Ascend")."""
     if GATHER_ROWS:
         kc = tl.trans(tl.load(head + rows[:, None] + offs_d[None, :].to(tl.int64) * stride_d,
                               mask=valid[:, None] & d_mask[None, :], other=0.0))
@@ -272,7 +272,7 @@ def selective_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
     # Kept candidates counted from indices and lengths alone: a row is empty when this stays 0, never
-    # because of its scores (a NaN/inf in a kept row must propagate to out and lse, SPEC.md section 1).
+    # because of its scores (a NaN/inf in a kept row must propagate to out and lse, docs/spec.md section 1).
     n_kept = t * 0
 
     c_start = pid_s * cand_per_split
@@ -420,7 +420,7 @@ def selective_attention_combine_kernel(
     DV: tl.constexpr, HAS_SINK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr,
     RTNE_BF16: tl.constexpr = False,
 ):
-    """Flash-decoding combine of the splits' partial (out, base-2 lse): SPEC.md section 6, computed by
+    """Flash-decoding combine of the splits' partial (out, base-2 lse): docs/spec.md section 6, computed by
     merge.py's ``merge_states_tile`` (the one merge of partial states, shared with
     ``merge_attention_states``), in a fixed split order (deterministic). The sink is contiguous [H]."""
     t = t_start + tl.program_id(0)

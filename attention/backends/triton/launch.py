@@ -116,7 +116,7 @@ def shape_bucket(inp) -> str:
     """Store key of a call's shape: exact widths and group size, power-of-two candidate count,
     and decode (few query tokens, where split-K matters) versus prefill. A decode bucket also holds
     the power-of-two number of query tokens: the split count that fills the GPU for 64 x 1 tokens
-    starves it for 4 x 1 (issue 15 item 2)."""
+    starves it for 4 x 1 (choose_splits)."""
     hg = inp.num_heads // inp.num_kv_heads
     n = inp.topk * inp.block_size
     phase = (f"decode-t{_p2(max(inp.num_tokens, 1))}" if inp.num_tokens * inp.num_kv_heads <= 128 else "prefill")
@@ -238,7 +238,7 @@ def plan(inp, cfg: Dict) -> Dict:
     bn = max(16, _p2(candidate_tile(inp, cfg, latent)))
     bd = max(16, min(_p2(cfg["BLOCK_D"]), _p2(inp.head_dim)))
     # The rope chunk has its own size where a config gives one (BLOCK_DR: Ascend's UB holds a 64-wide
-    # rope chunk of the general kernel only at small tiles, issue 19); else it follows BLOCK_D.
+    # rope chunk of the general kernel only at small tiles); else it follows BLOCK_D.
     bdr = max(16, min(_p2(cfg.get("BLOCK_DR", cfg["BLOCK_D"])), _p2(inp.rope_dim))) if inp.rope_dim else 16
     if latent:  # the whole value width and the whole tail in one tile each: no value split
         bdv = max(16, _p2(inp.d_v))
@@ -316,8 +316,9 @@ def _kernel_args(inp, p: Dict, out, lse, opart, lpart) -> Dict:
                             for x in (inp.cu_seqlens_q, inp.cu_seqlens_k, inp.seqlens_k, inp.attn_sink))
     bt = inp.block_table
     # A quantized kv (float8_e4m3fn / int8) comes with float32 tile scales of its leading shape
-    # (issue 16); the kernels dequantize each gathered tile. The scale block is a compile-time constant
-    # only where something is quantized, so unquantized calls share one compile whatever it is.
+    # (docs/contract.md "Quantized caches"); the kernels dequantize each gathered tile. The scale block
+    # is a compile-time constant only where something is quantized, so unquantized calls share one
+    # compile whatever it is.
     ks = inp.kv_scale
     quantized = ks is not None or inp.v_scale is not None
     return dict(

@@ -1,4 +1,4 @@
-"""Triton merge of partial attention results (SPEC.md section 6): the split-K combine as a reusable piece.
+"""Triton merge of partial attention results (docs/spec.md section 6): the split-K combine as a reusable piece.
 
 ``merge_states_tile`` is a ``@triton.jit`` function that any kernel can call for one (token, head
 block, value-column block) tile; ``merge_attention_states_kernel`` is the stand-alone kernel around
@@ -43,7 +43,7 @@ def merge_states_tile(
     """
     t64 = t.to(tl.int64)
     # Pointers advanced part by part (64-bit pointer arithmetic): i * stride_ops in int32 would wrap
-    # once parts * T * H * Dv passes 2**31 elements (issue 11 item 3).
+    # once parts * T * H * Dv passes 2**31 elements.
     lp0 = LPART + t64 * stride_lpt + offs_h * stride_lph
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     lp = lp0

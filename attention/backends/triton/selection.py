@@ -1,4 +1,4 @@
-"""Triton kernels for selection (SPEC.md section 2): the lightning-indexer scores and the fused select.
+"""Triton kernels for selection (docs/spec.md section 2): the lightning-indexer scores and the fused select.
 
 Layout: one program per query token. The indexer heads are the M dimension of the tile
 (``[Hi, Di] x [Di, BLOCK_N]``, DeepSeek-V3.2 has Hi = 64), so a program never mixes sequences and
@@ -20,7 +20,7 @@ Dots: float32 inputs use ``input_precision="ieee"`` (TF32 would reorder near-equ
 the reference); float16/bfloat16 use their native tensor-core dot on the GPU and are upcast under
 ``TRITON_INTERPRET=1`` because the interpreter's bfloat16 ``tl.dot`` is wrong (docs/traps.md).
 
-Serving engines' inputs (issue 13): float8_e4m3fn / int8 ``q_idx`` and ``k_idx`` enter the dot as
+Serving engines' inputs: float8_e4m3fn / int8 ``q_idx`` and ``k_idx`` enter the dot as
 stored (bfloat16 on the GPU, exact for both formats; float32 under the interpreter) and their float32
 per-row scales multiply the logits before the relu (selection_kernels._score_tile); per-token key
 windows ``[cu_seqlen_ks, cu_seqlen_ke)`` mask positions, and select starts at the window's first chunk.

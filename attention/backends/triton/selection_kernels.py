@@ -157,6 +157,32 @@ def _pair_network(s, p, LOG_N: tl.constexpr, LOG_FIRST: tl.constexpr, DESC: tl.c
     return s, p
 
 @triton.jit
+def _slot_scores(s, SUB: tl.constexpr, BS: tl.constexpr, MEAN: tl.constexpr):
+    """A score tile's slot scores: the positions' own (BS == 1), or per NSA block of BS positions their
+    max, or with MEAN the mean over the block's valid positions (as python_ref.block_scores)."""
+    if BS > 1:
+        s2 = tl.reshape(s, [SUB, BS])
+        if MEAN:
+            ok = s2 > float("-inf")
+            cnt = tl.sum(ok.to(tl.float32), axis=1)
+            tot = tl.sum(tl.where(ok, s2, 0.0), axis=1)
+            s = tl.where(cnt > 0, tot / tl.maximum(cnt, 1.0), float("-inf"))
+        else:
+            s = tl.max(s2, axis=1)
+    return s
+
+
+@triton.jit
+def _store_best(out_ptr, t, sp, k, j, best, pos, valid, SPLITS: tl.constexpr, K_PAD: tl.constexpr):
+    """One program's result: with one split, token t's k positions (-1 where no valid candidate); with
+    SPLITS > 1, split sp's packed top-K_PAD keys, which the host merges."""
+    if SPLITS == 1:
+        tl.store(out_ptr + t * k + j, tl.where(valid, pos, -1), mask=j < k)
+    else:
+        tl.store(out_ptr + (t * SPLITS + sp) * K_PAD + j, best)
+
+
+@triton.jit
 def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, base_ptr, seq_ptr, table_ptr,
                    qs_ptr, ks_ptr, wlo_ptr, whi_ptr,
                    stride_qt, stride_qh, stride_k, stride_wt, stride_tb, stride_qst, stride_qsh,
@@ -210,16 +236,7 @@ def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, b
             s, pos = _score_tile(q, w, qs, k_ptr, stride_k, ks_ptr, stride_ks0, stride_ks1, table_ptr, stride_tb,
                                  seq, L, q_pos, base, lo, hi, (c0 + sub) * BS, num_pages, page_size, max_pages, Di,
                                  scale, CAUSAL, PAGED, UPCAST, IEEE, QUANT, QSCALE, WINDOW, BLOCK_N, BLOCK_D)
-            if BS > 1:
-                s2 = tl.reshape(s, [SUB, BS])
-                if MEAN:  # mean over the block's valid positions, as python_ref.block_scores
-                    ok = s2 > float("-inf")
-                    cnt = tl.sum(ok.to(tl.float32), axis=1)
-                    tot = tl.sum(tl.where(ok, s2, 0.0), axis=1)
-                    s = tl.where(cnt > 0, tot / tl.maximum(cnt, 1.0), float("-inf"))
-                else:
-                    s = tl.max(s2, axis=1)
-            tl.store(row + sub + tl.arange(0, SUB), s)
+            tl.store(row + sub + tl.arange(0, SUB), _slot_scores(s, SUB, BS, MEAN))
         tl.debug_barrier()  # the chunk's scores, written by every thread, are read back below
         if PAIRS:
             cs = tl.load(row + j)
@@ -242,13 +259,10 @@ def _select_kernel(q_ptr, k_ptr, w_ptr, out_ptr, scratch_ptr, L_ptr, qpos_ptr, b
                 srt = tl.sort(keys, descending=True)
                 best = tl.sort(tl.maximum(best, tl.flip(srt, 0)), descending=True)
     if PAIRS:
-        if SPLITS == 1:
-            tl.store(out_ptr + t * k + j, tl.where(best_s > float("-inf"), best_p.to(tl.int32), -1), mask=j < k)
-        else:  # the host merges packed keys (an empty slot packs to an invalid key)
-            tl.store(out_ptr + (t * SPLITS + sp) * K_PAD + j, _pack(best_s, best_p.to(tl.int64)))
-    elif SPLITS == 1:
-        pos = 4294967295 - (best & 4294967295)
-        res = tl.where(best > invalid_max, pos, -1).to(tl.int32)
-        tl.store(out_ptr + t * k + j, res, mask=j < k)
+        best = _pack(best_s, best_p.to(tl.int64))  # only stored with SPLITS > 1 (an empty slot: an invalid key)
+        pos = best_p.to(tl.int32)
+        valid = best_s > float("-inf")
     else:
-        tl.store(out_ptr + (t * SPLITS + sp) * K_PAD + j, best)
+        pos = (4294967295 - (best & 4294967295)).to(tl.int32)
+        valid = best > invalid_max
+    _store_best(out_ptr, t, sp, k, j, best, pos, valid, SPLITS, K_PAD)
