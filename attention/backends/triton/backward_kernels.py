@@ -230,7 +230,7 @@ def selective_attention_bwd_kernel(
                 vt = load_rows(V + g64 * stride_vh + page * stride_vp + row * stride_vr, offs_dv, valid, dv_mask,
                                stride_vd)
             ds, pp = _bwd_dscores(p, keep, vt, do, delta, p_share, dlse, sm_scale, HAS_DO, HAS_DLSE, BLOCK_H,
-                                     BLOCK_N, F32_DOT)
+                                  BLOCK_N, F32_DOT)
             dq_k += dot(ds.to(k_k.dtype), k_k, F32_DOT)
             dsT = tl.trans(ds)
             dk_k = dot(dsT.to(q_k.dtype), q_k, F32_DOT)
