@@ -1,4 +1,4 @@
-"""The Triton backward (issue 17): gradients of every differentiable input against autograd through the
+"""The Triton backward: gradients of every differentiable input against autograd through the
 float64 oracle, the deterministic mode's repeats, exact zeros for storage no candidate names,
 finite differences, and a compiled training step.
 

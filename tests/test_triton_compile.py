@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ATTENTION = ("dsv32-decode-64", "dsv32-decode-4", "dsv32-prefill", "separate-v-decode", "nsa-prefill", "dsv32-indexer")
 # The fused select compiles a 2048-key sort network: minutes of ptxas on a loaded 2-core machine.
 SELECT = ("dsv32-select-decode",)
-# Quantized caches (issue 16): the latent kernel on an FP8 and an INT8 (split) decode, the general kernel
+# Quantized caches (docs/contract.md "Quantized caches"): the latent kernel on an FP8 and an INT8 (split) decode, the general kernel
 # dequantizing k and v.
 QUANT = ("dsv32-decode-64-fp8", "dsv32-decode-4-int8", "separate-v-decode-fp8")
 
@@ -57,7 +57,7 @@ def test_launched_kernels_compile_for_sm90():
 
 def test_shipped_configs_do_not_spill():
     """A spill costs more than any tile win: no kernel of the shipped plan may use stack. The latent
-    kernel (64 heads x 512 float32 accumulator, issue 15 item 1) spilled 536-1008 B until its tile
+    kernel (64 heads x 512 float32 accumulator) spilled 536-1008 B until its tile
     loop lost its per-tile branch and its tile went to 32 rows (docs/triton.md, compile budgets)."""
     spills = [(x["kernel"], x["problems"], x["regs"], x["stack"]) for x in _budget(ATTENTION) if x["stack"]]
     assert not spills, spills
@@ -69,7 +69,7 @@ def test_shared_memory_fits_and_the_estimate_does_not_undercount():
     rows = _budget(ATTENTION)
     assert all(x["shared"] <= x["max_shared"] for x in rows), rows
     estimated = [x for x in rows if x.get("smem_estimate") is not None]
-    # separate-v-decode: the shipped 64 x 256 tile (issue 15 reported 48 KiB estimated vs 64 KiB; with
+    # separate-v-decode: the shipped 64 x 256 tile (smem_estimate once said 48 KiB against 64 KiB compiled; with
     # the JIT's specialization the compile allocates 24 KiB: docs/triton.md, compile budgets)
     assert any("separate-v-decode" in x["problems"] for x in estimated), estimated
     for x in estimated:

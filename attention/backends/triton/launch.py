@@ -48,7 +48,7 @@ KEPT_CHUNK = 1024
 TARGET_ENV = "ATTENTION_TRITON_TARGET"
 # Ascend SoCs (triton-ascend, docs/ascendc.md "Two Ascend paths"): a program runs on one AI core (a cube
 # core with its two vector cores for the mixed attention kernels), so the count is the AIC count of
-# CANN's platform files (shared/ASCEND.md); compile-checked only, never run.
+# CANN's platform files (docs/ascendc.md, SoC table); compile-checked only, never run.
 SM_COUNTS = (("H200", 132), ("H100", 132), ("H800", 132), ("H20", 78), ("A100", 108), ("A800", 108),
              ("L40S", 142), ("L40", 142), ("RTX 4090", 128),
              ("Ascend910B1", 24), ("Ascend910B2", 24), ("Ascend910B3", 20), ("Ascend910B4", 20),
