@@ -140,7 +140,7 @@ class _Derived:
     def describe(self) -> str:
         return (f"T={self.num_tokens} H={self.num_heads} Hkv={self.num_kv_heads} Dqk={self.head_dim} "
                 f"Dv={self.d_v} Dr={self.rope_dim} K={self.topk} block={self.block_size} "
-                f"dtype={str(self.dtype).replace('torch.', '')} {'paged' if self.paged else 'contiguous'}"
+                f"dtype={dtype_name(self.dtype)} {'paged' if self.paged else 'contiguous'}"
                 + "".join(f" {n}={dtype_name(x.dtype)}" for n, x in (("kv", self.kv), ("v", self.v))
                           if x is not None and x.dtype in QUANT_DTYPES))
 

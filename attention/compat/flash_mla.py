@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..api import quantize_kv, selective_attention
+from ..inputs import dtype_name
 from ._common import max_logits as _max_logits
 from ._common import need_int_tensor, need_rank, need_tensor
 
@@ -285,7 +286,7 @@ def _check_fp8_layout(name: str, cache: Tensor) -> None:
         raise ValueError(f"{name} with is_fp8_kvcache=True must be one of FlashMLA's FP8 layouts of 1-byte elements: "
                          f"V3.2 [num_blocks, page_block_size, 1, {_FP8_RECORD}] or MODEL1 [num_blocks, "
                          f"page_block_size, 1, {_M1_RECORD}], got {tuple(cache.shape)} "
-                         f"{str(cache.dtype).replace('torch.', '')}")
+                         f"{dtype_name(cache.dtype)}")
     if cache.stride(3) != 1:
         raise ValueError(f"{name}: the bytes of a record must be contiguous (last stride 1), got strides "
                          f"{tuple(cache.stride())}")
@@ -358,7 +359,7 @@ def pack_fp8_kvcache(kv_q: Tensor, kv_scale: Tensor, kv_rope: Tensor) -> Tensor:
         need_tensor(name, x)
         need_rank(name, x, 4, f"[num_blocks, page_block_size, 1, {w}]")
         if x.dtype != dt:
-            raise TypeError(f"{name} must be {str(dt).replace('torch.', '')}, got {str(x.dtype).replace('torch.', '')}")
+            raise TypeError(f"{name} must be {dtype_name(dt)}, got {dtype_name(x.dtype)}")
         if x.shape[2] != 1 or x.shape[3] != w or tuple(x.shape[:2]) != tuple(kv_q.shape[:2]):
             raise ValueError(f"{name} must have shape ({kv_q.shape[0]}, {kv_q.shape[1]}, 1, {w}), got {tuple(x.shape)}")
     out = torch.empty(*kv_q.shape[:3], _FP8_RECORD, dtype=torch.float8_e4m3fn, device=kv_q.device)

@@ -52,6 +52,16 @@ NPU_DECLINED = {
 }
 
 
+def _npu_declined(inp) -> list:
+    """Why the npu path declines these inputs: NPU_DECLINED's features, and a latent int8 cache."""
+    declined = [why for f, why in sorted(NPU_DECLINED.items()) if f in inp.features]
+    if inp.op != "select" and getattr(inp, "v", 0) is None and "kv_int8" in inp.features:
+        # make triton-ascend-check, dsv32-decode-64-int8 (bishengir-compile, 1068 s): "ub overflow"
+        declined.append("int8 latent cache on npu: the latent kernel with its dequantized 16 x 512 tile needs "
+                        "275.2 KiB of the 192 KiB UB")
+    return declined
+
+
 def interpreting() -> bool:
     """Triton decides at import time whether @triton.jit functions run in the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -102,12 +112,7 @@ class TritonBackend(Backend):
         # candidate list are int32) and the selection kernels' block/k limits.
         if inp.op == "merge":  # the reference merges there: this kernel is checked on cuda only
             return ["merge not offered on npu"] if inp.device.type == "npu" else []
-        declined = ([why for f, why in sorted(NPU_DECLINED.items()) if f in inp.features]
-                    if inp.device.type == "npu" else [])
-        if inp.device.type == "npu" and inp.op != "select" and getattr(inp, "v", 0) is None and "kv_int8" in inp.features:
-            # make triton-ascend-check, dsv32-decode-64-int8 (bishengir-compile, 1068 s): "ub overflow"
-            declined.append("int8 latent cache on npu: the latent kernel with its dequantized 16 x 512 tile needs "
-                            "275.2 KiB of the 192 KiB UB")
+        declined = _npu_declined(inp) if inp.device.type == "npu" else []
         if inp.op in ("attention", "attention_backward"):
             from . import limits
 

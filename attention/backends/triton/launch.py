@@ -22,7 +22,7 @@ import torch
 import triton
 
 from ... import tuning
-from ...inputs import new_outputs, next_power_of_2
+from ...inputs import dtype_name, env_value, new_outputs, next_power_of_2
 from . import limits
 from .jit_common import LOG2E
 from .kernels import (selective_attention_combine_kernel, selective_attention_fwd_kernel,
@@ -120,10 +120,10 @@ def shape_bucket(inp) -> str:
     hg = inp.num_heads // inp.num_kv_heads
     n = inp.topk * inp.block_size
     phase = (f"decode-t{_p2(max(inp.num_tokens, 1))}" if inp.num_tokens * inp.num_kv_heads <= 128 else "prefill")
-    dt = str(inp.dtype).replace("torch.", "")
+    dt = dtype_name(inp.dtype)
     # A quantized cache compiles another kernel with other register needs: its own bucket, so a config
     # tuned on a bfloat16 cache is not applied to it (and the reverse).
-    quant = "".join(f"-{name}{str(x.dtype).replace('torch.', '')}" for name, x, s in
+    quant = "".join(f"-{name}{dtype_name(x.dtype)}" for name, x, s in
                     (("kv", inp.kv, inp.kv_scale), ("v", inp.v, inp.v_scale)) if s is not None)
     return (f"hg{_p2(hg)}-dqk{inp.head_dim}-dv{inp.d_v}-dr{inp.rope_dim}-n{_p2(max(n, 1))}-"
             f"{'paged' if inp.paged else 'contig'}-{phase}-{dt}{quant}")
@@ -393,7 +393,7 @@ def forward(inp, override: Optional[Dict] = None, autotune: Optional[bool] = Non
         # Opt-in: autotuning benchmarks on the first call of every shape key (seconds of compiles,
         # and syncs that would break a CUDA-graph capture); tuned store entries are the normal path.
         autotune = (inp.device.type != "cpu" and source != "tuned"
-                    and os.environ.get("ATTENTION_TRITON_AUTOTUNE", "0") not in ("0", ""))
+                    and env_value("ATTENTION_TRITON_AUTOTUNE") not in ("0", ""))
     split = p["num_splits"] > 1
     if split:  # each split's normalised partial output and base-2 LSE, in float32
         opart = torch.empty((p["num_splits"], T, H, inp.d_v), device=inp.device, dtype=torch.float32)
